@@ -1,0 +1,216 @@
+"""``bnnslim binarize``: turn the user's model into a (trained) binary main network.
+
+1. import the model file and build the model (``bnnslim.model_source``);
+2. optionally load starting weights (safetensors; a PyTorch checkpoint only when
+   the user names one, read with ``weights_only=True``);
+3. choose the binary convs (first and last layers stay real by default) and swap
+   them for ``BinaryConv2d`` under the chosen scheme;
+4. check that torch-pruning still traces the binary model;
+5. with a dataset, train it (``bnnslim.train``), checkpointing every epoch;
+6. write the run directory (manifest + ``binary.safetensors``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnnslim.binary.convert import BinarizePlan, apply_binarization, plan_binarization
+from bnnslim.errors import BnnslimError
+from bnnslim.graph import build_graph
+from bnnslim.model_source import ModelSource, load_model_source
+from bnnslim.plugin_types import DatasetSpec, DatasetSplits
+from bnnslim.plugins import get_dataset, get_scheme
+from bnnslim.rundir import RunDir, load_state, load_tensors, save_weights
+from bnnslim.train import Checkpoint, EpochRecord, StepEvent, TrainConfig, evaluate, fit
+
+DEFAULT_SCHEME = "xnor"
+
+
+@dataclass
+class BinarizeOptions:
+    model: str  # FILE[:NAME]
+    run: Path = Path("bnnslim-run")
+    data: str | None = None
+    data_root: Path | None = None
+    scheme: str = DEFAULT_SCHEME
+    real: Sequence[str] = ()
+    binary: Sequence[str] = ()
+    keep_first_last_real: bool = True
+    input_shape: tuple[int, ...] | None = None
+    weights: Path | None = None
+    train: TrainConfig | None = None  # None: convert only
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "cpu"
+
+
+@dataclass
+class BinarizeResult:
+    run: RunDir
+    plan: BinarizePlan
+    model: nn.Module
+    history: list[EpochRecord] = field(default_factory=list)
+    test_accuracy: float | None = None
+    seconds: float = 0.0
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """``"3,32,32"`` or ``"3x32x32"`` -> (3, 32, 32)."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts if p.strip())
+    except ValueError:
+        shape = ()
+    if len(shape) < 1 or any(d <= 0 for d in shape):
+        raise BnnslimError(f"bad input shape '{text}'", "give it without the batch size, e.g. 3,32,32")
+    return shape
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BnnslimError(f"device '{name}' requested but no CUDA GPU is available", "use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise BnnslimError(f"unknown device '{name}'", "use cpu, cuda, cuda:N or auto") from exc
+
+
+def load_weights_into(model: nn.Module, path: Path) -> None:
+    """Starting weights: safetensors, or a PyTorch checkpoint (weights only) the user named."""
+    if not path.is_file():
+        raise BnnslimError(f"weights file '{path}' not found", "check the --weights path")
+    if path.suffix == ".safetensors":
+        load_state(model, load_tensors(path), path)
+        return
+    if path.suffix not in (".pt", ".pth", ".bin", ".ckpt"):
+        raise BnnslimError(f"unknown weights format '{path.suffix}'", "give a .safetensors, .pt or .pth file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BnnslimError(f"'{path}' could not be read as a weights-only PyTorch checkpoint ({exc})",
+                           "save a state_dict (torch.save(model.state_dict(), ...)) or use safetensors") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BnnslimError(f"'{path}' holds no state_dict", "save a state_dict")
+    load_state(model, state, path)
+
+
+def _check_forward(model: nn.Module, shape: tuple[int, ...], source: ModelSource) -> torch.Tensor:
+    example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as exc:
+        raise BnnslimError(
+            f"the model rejects inputs of shape {tuple(shape)}: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+            "give the right shape with --input-shape C,H,W (or INPUT_SHAPE in the model file), or another --data",
+        ) from exc
+    finally:
+        model.train(was)
+    return example
+
+
+def _num_classes(spec: DatasetSpec, splits: DatasetSplits | None) -> int | None:
+    if spec.num_classes:
+        return spec.num_classes
+    classes = getattr(splits.train, "classes", None) if splits is not None else None
+    return len(classes) if classes else None
+
+
+def _check_run_dir(run: RunDir, source: ModelSource, opts: BinarizeOptions) -> None:
+    if not run.path.exists() or opts.overwrite:
+        return
+    if run.path.is_file():
+        raise BnnslimError(f"run directory '{run.path}' is a file", "choose another --run DIR")
+    if not run.exists():
+        if any(run.path.iterdir()):
+            raise BnnslimError(f"'{run.path}' exists and is not a bnnslim run directory",
+                               "choose another --run DIR, or an empty one")
+        return
+    old = run.read_manifest()["model"]
+    if old.get("sha256") != source.sha256 or Path(old.get("source", "")) != source.path:
+        raise BnnslimError(
+            f"run directory '{run.path}' belongs to another model ({old.get('source')})",
+            "use --run DIR for a new run, or --overwrite to replace it",
+        )
+
+
+def binarize(opts: BinarizeOptions, on_step: Callable[[StepEvent], None] | None = None,
+             on_epoch: Callable[[EpochRecord], None] | None = None) -> BinarizeResult:
+    """Run the binarize stage end to end (see the module docstring)."""
+    started = time.perf_counter()
+    run = RunDir(Path(opts.run))
+    source = load_model_source(opts.model)
+    scheme = get_scheme(opts.scheme)
+    spec = get_dataset(opts.data) if opts.data else None
+    _check_run_dir(run, source, opts)
+    if opts.resume and not (run.exists() and (run.checkpoints / "train.safetensors").is_file()):
+        raise BnnslimError(f"nothing to resume in '{run.path}'", "run the same command without --resume")
+    if opts.resume and opts.train is None:
+        raise BnnslimError("--resume needs --data: only training can be resumed", "add the --data of the first run")
+    splits = spec.build(opts.data_root) if (spec is not None and opts.train is not None) else None
+    num_classes = _num_classes(spec, splits) if spec else None
+    in_channels = spec.input_shape[0] if spec else None
+    shape = opts.input_shape or (spec.input_shape if spec else None) or source.input_shape
+    if shape is None:
+        raise BnnslimError("the input shape is unknown",
+                           "pass --input-shape C,H,W, a --data set, or set INPUT_SHAPE in the model file")
+    if in_channels is None:
+        in_channels = shape[0]
+
+    model = source.build(num_classes=num_classes, in_channels=in_channels)
+    if opts.weights is not None:
+        load_weights_into(model, opts.weights)
+    example = _check_forward(model, shape, source)
+    plan = plan_binarization(model, example, opts.real, opts.binary, opts.keep_first_last_real)
+    if not plan.binary:
+        reasons = "; ".join(f"{n}: {r}" for n, r in plan.real.items()) or "it has no Conv2d layer"
+        raise BnnslimError(f"nothing to binarize in {source.path.name} ({reasons})",
+                           "binarize needs a conv between the first and last layers, or name layers with --binary")
+    apply_binarization(model, plan.binary, scheme)
+    build_graph(model, example)
+
+    manifest: dict[str, Any] = {
+        "model": {"source": str(source.path), "name": source.name, "sha256": source.sha256,
+                  "num_classes": num_classes, "in_channels": in_channels},
+        "input_shape": list(shape),
+        "scheme": scheme.name,
+        "layers": {"binary": plan.binary, "real": plan.real},
+        "dataset": {"name": spec.name, "root": str(opts.data_root) if opts.data_root else None} if spec else None,
+        "binarize": {"trained": False},
+    }
+    result = BinarizeResult(run=run, plan=plan, model=model)
+    if opts.train is not None and splits is not None:
+        device = resolve_device(opts.device)
+        model.to(device)
+        checkpoint = Checkpoint(run.checkpoints / "train.safetensors", opts.train)
+        if not opts.resume:
+            run.path.mkdir(parents=True, exist_ok=True)
+            run.write_manifest(manifest)  # the run exists from the first epoch on, so it can be resumed
+        trained = fit(model, splits.train, splits.test, opts.train, device, checkpoint, opts.resume,
+                      on_step=on_step, on_epoch=on_epoch)
+        model.to("cpu")
+        result.history = trained.history
+        result.test_accuracy = trained.history[-1].test_accuracy if trained.history else (
+            evaluate(model, splits.test, torch.device("cpu")).accuracy)
+        manifest["binarize"] = {"trained": True, "train": asdict(opts.train),
+                                "history": [asdict(h) for h in trained.history],
+                                "test_accuracy": result.test_accuracy}
+    result.seconds = time.perf_counter() - started
+    manifest["binarize"]["seconds"] = round(result.seconds, 2)
+    run.path.mkdir(parents=True, exist_ok=True)
+    save_weights(run.binary_weights, model, kind="binary-latent")
+    run.write_manifest(manifest)
+    return result

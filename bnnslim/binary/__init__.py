@@ -1,0 +1,1 @@
+"""Binary layers, the straight-through estimators they use, and model conversion."""

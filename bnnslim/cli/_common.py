@@ -1,0 +1,39 @@
+"""What every command shares: consoles, option types and error handling."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from bnnslim.errors import BnnslimError
+
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+RunOption = Annotated[Path, typer.Option("--run", help="Run directory shared by bnnslim's commands.")]
+DEFAULT_RUN = Path("bnnslim-run")
+
+
+def friendly_errors(fn: F) -> F:
+    """Turn expected errors into one line on stderr and exit code 1; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BnnslimError as exc:
+            err_console.print(f"[bold red]error:[/] {exc.one_line()}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]: files written so far are intact; "
+                              "rerun with --resume to continue", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,35 @@
+"""The ``bnnslim`` Typer application."""
+
+from __future__ import annotations
+
+import typer
+
+from bnnslim import __version__
+from bnnslim.cli import binarize, info
+
+app = typer.Typer(
+    name="bnnslim",
+    help="Make binary neural networks small: binarize a PyTorch model, learn which filters to keep, slim and export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("binarize")(binarize.binarize_command)
+app.command("info")(info.info_command)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"bnnslim {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Make binary neural networks small."""
+
+
+def main() -> None:
+    app()

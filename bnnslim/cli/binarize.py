@@ -1,0 +1,73 @@
+"""``bnnslim binarize MODEL.py``: convert (and with --data, train) the binary main network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bnnslim.cli._common import DEFAULT_RUN, RunOption, console, friendly_errors
+
+
+@friendly_errors
+def binarize_command(
+    model: Annotated[str, typer.Argument(help="Model file, FILE.py or FILE.py:NAME (see README: loading a model).")],
+    run: RunOption = DEFAULT_RUN,
+    data: Annotated[Optional[str], typer.Option(help="Dataset to train on (see `bnnslim info --datasets`). Without it: convert only.")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="Where the dataset lives (for datasets that need files).")] = None,
+    scheme: Annotated[str, typer.Option(help="Binarization scheme: xnor, sign, bireal, or one from a plugin.")] = "xnor",
+    real: Annotated[Optional[list[str]], typer.Option(help="Keep convs matching this name pattern real (repeatable).")] = None,
+    binary: Annotated[Optional[list[str]], typer.Option(help="Make convs matching this pattern binary, even first/last (repeatable).")] = None,
+    binarize_first_last: Annotated[bool, typer.Option("--binarize-first-last", help="Binarize the first and last layers too.")] = False,
+    input_shape: Annotated[Optional[str], typer.Option(help="Input shape without batch, e.g. 3,32,32.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Starting weights: .safetensors, or a .pt/.pth state_dict (loaded weights-only).")] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs (with --data).")] = 10,
+    lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate (cosine schedule).")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size per process.")] = 128,
+    steps_per_epoch: Annotated[Optional[int], typer.Option(min=1, help="Cap on batches per epoch (quick runs).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    workers: Annotated[int, typer.Option(min=0, help="Data-loading worker processes.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted training run.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run directory that belongs to another model.")] = False,
+) -> None:
+    """Binarize MODEL's convs (first and last stay real) and, with --data, train the binary network."""
+    from bnnslim.binarize import BinarizeOptions, binarize, parse_input_shape
+    from bnnslim.train import TrainConfig
+
+    train = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                        steps_per_epoch=steps_per_epoch, workers=workers) if data else None
+    opts = BinarizeOptions(
+        model=model, run=run, data=data, data_root=data_root, scheme=scheme, real=real or (),
+        binary=binary or (), keep_first_last_real=not binarize_first_last,
+        input_shape=parse_input_shape(input_shape) if input_shape else None, weights=weights,
+        train=train, resume=resume, overwrite=overwrite, device=device,
+    )
+    with Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}"),
+                  TimeElapsedColumn(), console=console, transient=True, disable=train is None) as progress:
+        task = progress.add_task("train", total=None, epoch=0, loss=0.0, acc=0.0)
+
+        def on_step(ev):  # type: ignore[no-untyped-def]
+            progress.update(task, completed=ev.step, total=ev.steps, epoch=ev.epoch + 1, loss=ev.loss, acc=ev.accuracy)
+
+        def on_epoch(rec):  # type: ignore[no-untyped-def]
+            progress.console.print(f"epoch {rec.epoch}: train loss {rec.train_loss:.3f} acc {rec.train_accuracy:.1%}"
+                                   f" | test loss {rec.test_loss:.3f} acc {rec.test_accuracy:.1%}")
+
+        result = binarize(opts, on_step=on_step, on_epoch=on_epoch)
+
+    table = Table(title=f"binarized {model}", show_lines=False)
+    table.add_column("layer")
+    table.add_column("kept as")
+    for name in result.plan.binary:
+        table.add_row(name, "binary")
+    for name, why in result.plan.real.items():
+        table.add_row(name, f"real ({why})")
+    console.print(table)
+    if result.test_accuracy is not None:
+        console.print(f"binary test accuracy: [bold]{result.test_accuracy:.2%}[/] after {len(result.history)} epochs")
+    console.print(f"run directory: {result.run.path} ({result.seconds:.1f} s)")

@@ -1,0 +1,1 @@
+"""bnnslim's own plugins, registered the same way as third-party ones."""

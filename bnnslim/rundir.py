@@ -1,0 +1,113 @@
+"""The run directory that bnnslim's commands share (default ``./bnnslim-run``).
+
+Layout::
+
+    manifest.json          what the run is: model source and hash, scheme, binary
+                           layers, input shape, dataset, metrics per stage
+    binary.safetensors     latent weights of the binarized (main) network
+    checkpoints/           state to resume an interrupted stage
+
+Every file is written atomically. Weights are safetensors only (no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnnslim import __version__
+from bnnslim._atomic import save_tensors, write_json
+from bnnslim.errors import BnnslimError
+
+DEFAULT_RUN = Path("bnnslim-run")
+MANIFEST_FORMAT = "bnnslim-run"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths inside one run directory, and reading/writing its manifest."""
+
+    path: Path
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    @property
+    def binary_weights(self) -> Path:
+        return self.path / "binary.safetensors"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def read_manifest(self) -> dict[str, Any]:
+        """The manifest; a clear error when there is none or it is not bnnslim's."""
+        if not self.manifest_path.is_file():
+            raise BnnslimError(f"no bnnslim run in '{self.path}' (no manifest.json)",
+                               "run `bnnslim binarize MODEL.py` first, or point --run at the run directory")
+        try:
+            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BnnslimError(f"'{self.manifest_path}' is not valid JSON: {exc}",
+                               "restore it or start a new run with --run DIR") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+            raise BnnslimError(f"'{self.manifest_path}' is not a bnnslim manifest",
+                               "point --run at a directory made by `bnnslim binarize`")
+        return manifest
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        manifest = {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, **manifest,
+                    "bnnslim_version": __version__}
+        write_json(self.manifest_path, manifest)
+
+    def update_manifest(self, **sections: Any) -> dict[str, Any]:
+        """Replace top-level sections of the manifest and write it back."""
+        manifest = self.read_manifest()
+        manifest.update(sections)
+        self.write_manifest(manifest)
+        return manifest
+
+
+def save_weights(path: Path, model: nn.Module, kind: str, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Save a model's state dict (plus ``extra`` tensors) as safetensors, atomically."""
+    tensors = dict(model.state_dict())
+    if extra:
+        tensors.update(extra)
+    save_tensors(path, tensors, metadata={"format": "bnnslim-weights", "kind": kind, "bnnslim_version": __version__})
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a clear error if it is missing or damaged."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise BnnslimError(f"weights file '{path}' not found", "check the path or rerun the stage that writes it")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BnnslimError(f"'{path}' is not a readable safetensors file ({exc})",
+                           "the file is damaged or truncated: rerun the stage that writes it") from exc
+
+
+def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], origin: Path) -> None:
+    """Load ``tensors`` into ``model`` strictly, with a clear error on a mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in tensors]
+    wrong = [k for k in own if k in tensors and tuple(tensors[k].shape) != tuple(own[k].shape)]
+    if missing or wrong:
+        detail = (f"missing {missing[:3]}" if missing else
+                  f"shape of {wrong[0]} is {tuple(tensors[wrong[0]].shape)}, the model has {tuple(own[wrong[0]].shape)}")
+        raise BnnslimError(f"weights in '{origin}' do not fit the model: {detail}",
+                           "use weights saved from the same model (and the same run)")
+    model.load_state_dict({k: tensors[k] for k in own}, strict=True)
