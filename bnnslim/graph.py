@@ -29,7 +29,9 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+            # verbose=True: torch-pruning only reports unwrapped parameters through this warning
+            # (and unknown ops); every warning is caught here, none reaches the user.
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=True)
     except BnnslimError:
         raise
     except Exception as exc:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import pluggy
 
-from bnnslim.plugin_types import DatasetSpec, SchemeSpec
+from bnnslim.plugin_types import DatasetSpec, SchemeSpec, StrategySpec
 
 PROJECT = "bnnslim"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -58,5 +58,25 @@ class BnnslimSpecs:
                 yield SchemeSpec(name="xnor-clone", description="XNOR-Net again",
                                  binarize_input=ste_sign, binarize_weight=ste_sign,
                                  scale=mean_abs_scale)
+        """
+        raise NotImplementedError
+
+    @hookspec
+    def bnnslim_strategies(self) -> Iterable[StrategySpec]:
+        """Filter selection strategies selectable with ``bnnslim prune --strategy NAME``.
+
+        Example::
+
+            import torch
+            from bnnslim.hookspecs import hookimpl
+            from bnnslim.plugin_types import Selection, StrategySpec
+
+            def last_first(ctx):
+                # keep the filters with the highest index
+                return Selection(scores=torch.arange(ctx.group.size, dtype=torch.float32))
+
+            @hookimpl
+            def bnnslim_strategies():
+                yield StrategySpec(name="last-first", description="keeps late filters", select=last_first)
         """
         raise NotImplementedError

@@ -7,14 +7,18 @@ bnnslim but this module to describe what it offers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
     import torch
+    from torch import nn
     from torch.utils.data import Dataset
+
+    from bnnslim.prune.groups import PrunableGroup
+    from bnnslim.prune.masking import MaskController
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,8 @@ class DatasetSpec:
 
     ``build(root)`` returns the splits; ``root`` is ``--data-root`` (``None`` when
     the user gave none). It must raise :class:`bnnslim.errors.BnnslimError` with a
-    fix when the data is missing or in the wrong layout.
+    fix when the data is missing or in the wrong layout. ``num_classes == 0``
+    means "found from the data": the built train split then has ``.classes``.
     """
 
     name: str
@@ -63,3 +68,54 @@ class SchemeSpec:
     binarize_input: Callable[["torch.Tensor"], "torch.Tensor"]
     binarize_weight: Callable[["torch.Tensor"], "torch.Tensor"]
     scale: Callable[["torch.Tensor", "torch.Tensor | None"], "torch.Tensor | None"]
+
+
+@dataclass
+class SelectionContext:
+    """What a selection strategy sees when it is asked about one group.
+
+    ``model`` is the main network with the masks of the groups decided so far
+    applied (later groups unmasked). A strategy that learns a mask installs it
+    with ``masks.set_source(group.id, fn)``; the framework removes it afterwards.
+    ``batches`` yields ``(x, y)`` training batches on ``device`` forever, in a
+    seeded order; ``heldout`` is one fixed batch the training stream never yields.
+    """
+
+    model: "nn.Module"
+    group: "PrunableGroup"
+    masks: "MaskController"
+    suggested_keep: int  # the group's uniform share of the remaining budget
+    batches: Iterator[tuple["torch.Tensor", "torch.Tensor"]]
+    heldout: tuple["torch.Tensor", "torch.Tensor"]
+    steps: int  # --select-steps
+    lr: float  # --select-lr
+    penalty: float  # --penalty (budget-aware sparsity weight)
+    generator: "torch.Generator"
+    device: "torch.device"
+
+
+@dataclass
+class Selection:
+    """A strategy's answer for one group.
+
+    ``scores`` has one value per channel of the group's root; higher means keep.
+    ``keep`` is the count the strategy would like (``None``: the suggested share);
+    the budget turns it into the nearest feasible count and the top-``k`` scores
+    are kept. ``state`` holds tensors worth saving (e.g. learned selectors).
+    """
+
+    scores: "torch.Tensor"
+    keep: int | None = None
+    state: dict[str, "torch.Tensor"] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """A selection strategy that ``bnnslim prune --strategy NAME`` selects.
+
+    ``select(ctx) -> Selection`` is called once per prunable group, bottom-up.
+    """
+
+    name: str
+    description: str
+    select: Callable[[SelectionContext], Selection]

@@ -19,11 +19,12 @@ import pluggy
 
 from bnnslim import hookspecs
 from bnnslim.errors import BnnslimError
-from bnnslim.plugin_types import DatasetSpec, SchemeSpec
+from bnnslim.plugin_types import DatasetSpec, SchemeSpec, StrategySpec
 
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "bnnslim.default_plugins.datasets",
     "bnnslim.default_plugins.schemes",
+    "bnnslim.default_plugins.strategies",
 )
 DISABLE_EXTERNAL_ENV = "BNNSLIM_DISABLE_EXTERNAL_PLUGINS"
 
@@ -125,6 +126,15 @@ def datasets() -> dict[str, Provided]:
 def schemes() -> dict[str, Provided]:
     """All binarization schemes, by name."""
     return collect("bnnslim_schemes", SchemeSpec)
+
+
+def strategies() -> dict[str, Provided]:
+    """All selection strategies, by name."""
+    return collect("bnnslim_strategies", StrategySpec)
+
+
+def get_strategy(name: str) -> StrategySpec:
+    return choose("strategy", name, strategies())
 
 
 def get_dataset(name: str) -> DatasetSpec:

@@ -16,7 +16,7 @@ def block(cin: int, cout: int) -> nn.Sequential:
 
 
 def build_model(num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> nn.Module:
-    c = [max(4, int(n * width)) for n in (32, 64, 128, 128)]
+    c = [max(4, int(n * width)) for n in (16, 32, 64, 64)]
     return nn.Sequential(
         block(in_channels, c[0]),
         block(c[0], c[1]),
@@ -31,5 +31,5 @@ def build_model(num_classes: int = 10, in_channels: int = 1, width: float = 1.0)
 
 
 def tiny(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
-    """A quarter-width variant for fast tests."""
-    return build_model(num_classes, in_channels, width=0.25)
+    """A half-width variant for fast tests."""
+    return build_model(num_classes, in_channels, width=0.5)

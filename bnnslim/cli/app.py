@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from bnnslim import __version__
-from bnnslim.cli import binarize, info
+from bnnslim.cli import binarize, info, prune
 
 app = typer.Typer(
     name="bnnslim",
@@ -15,6 +15,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("binarize")(binarize.binarize_command)
+app.command("prune")(prune.prune_command)
 app.command("info")(info.info_command)
 
 

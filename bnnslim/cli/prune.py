@@ -1,0 +1,74 @@
+"""``bnnslim prune --keep F``: learn which filters to keep, layer by layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bnnslim.cli._common import DEFAULT_RUN, RunOption, console, friendly_errors
+
+
+@friendly_errors
+def prune_command(
+    keep: Annotated[float, typer.Option(help="Fraction of the prunable binary filters to keep, in (0, 1].")],
+    run: RunOption = DEFAULT_RUN,
+    strategy: Annotated[str, typer.Option(help="subsidiary (learned, default), l1, alpha, bn, random, greedy, or a plugin's.")] = "subsidiary",
+    data: Annotated[Optional[str], typer.Option(help="Dataset (default: the one the run was trained on).")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="Where the dataset lives.")] = None,
+    min_keep: Annotated[float, typer.Option(min=0.0, max=1.0, help="Floor: every group keeps at least this fraction (and 1 filter).")] = 0.1,
+    round_to: Annotated[int, typer.Option(min=1, help="Keep channel counts multiples of N (or the full count).")] = 1,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="Never prune layers matching this name pattern (repeatable).")] = None,
+    select_steps: Annotated[int, typer.Option(min=0, help="Steps of selector learning per group (step a).")] = 50,
+    select_lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate of the selectors.")] = 0.01,
+    penalty: Annotated[float, typer.Option(min=0.0, help="Weight of the budget-aware sparsity penalty.")] = 1.0,
+    retrain_steps: Annotated[int, typer.Option(min=0, help="Steps of retraining per group (step b).")] = 100,
+    lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate when retraining.")] = 5e-4,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 128,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    resume: Annotated[bool, typer.Option(help="Continue after the last finished group of an interrupted run.")] = False,
+) -> None:
+    """Learn a filter selection for every prunable group, bottom-up, and retrain after each (Xu et al., CVPR 2019)."""
+    from bnnslim.prune.schedule import PruneOptions, prune
+
+    opts = PruneOptions(keep=keep, strategy=strategy, data=data, data_root=str(data_root) if data_root else None,
+                        min_keep=min_keep, round_to=round_to, exclude=tuple(exclude or ()),
+                        select_steps=select_steps, select_lr=select_lr, penalty=penalty,
+                        retrain_steps=retrain_steps, lr=lr, batch_size=batch_size, seed=seed, device=device)
+    with Progress(TextColumn("[bold]{task.fields[group]}"), TextColumn("{task.fields[phase]}"), BarColumn(),
+                  MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.0%}"),
+                  TextColumn("kept {task.fields[kept]}"), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        overall = progress.add_task("groups", total=None, group="groups", phase="", loss=0.0, acc=0.0, kept="")
+        step_task = progress.add_task("step", total=None, group="", phase="", loss=0.0, acc=0.0, kept="")
+
+        def on_event(ev):  # type: ignore[no-untyped-def]
+            progress.update(overall, total=ev.groups, completed=ev.index + (ev.phase == "done"),
+                            kept=str(ev.kept_filters))
+            if ev.phase == "done":
+                progress.console.print(f"group {ev.index + 1}/{ev.groups} {ev.group}: done, "
+                                       f"{ev.kept_filters} filters kept so far")
+                return
+            progress.update(step_task, group=ev.group, phase=ev.phase, completed=ev.step, total=ev.steps,
+                            loss=ev.loss, acc=ev.accuracy, kept=str(ev.kept_filters))
+
+        result = prune(run, opts, resume=resume, on_event=on_event)
+
+    table = Table(title=f"bnnslim prune --keep {keep} --strategy {strategy}")
+    for col in ("layer", "filters before", "after", "kept"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for layer, (before, after) in result.layer_counts.items():
+        table.add_row(layer, str(before), str(after), f"{after / before:.0%}")
+    table.add_section()
+    table.add_row("total", str(result.total_filters), str(result.kept_filters),
+                  f"{result.kept_filters / result.total_filters:.1%}", style="bold")
+    console.print(table)
+    if result.kept_filters != result.requested_filters:
+        console.print(f"[yellow]note[/]: {result.requested_filters} filters were requested; "
+                      f"{result.kept_filters} is the nearest count the layer sizes allow")
+    console.print(f"test accuracy: {result.accuracy_before:.2%} before, [bold]{result.accuracy_after:.2%}[/] after "
+                  f"({result.seconds:.1f} s)")

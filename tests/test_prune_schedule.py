@@ -1,0 +1,185 @@
+"""The layer-wise schedule end to end on the bundled data (tiny budgets)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from bnnslim.binarize import BinarizeOptions, binarize
+from bnnslim.cli.app import app
+from bnnslim.prune.schedule import PruneOptions, prune
+from bnnslim.rundir import RunDir
+from bnnslim.train import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONCAT_FILE = '''
+import torch
+from torch import nn
+
+class ConcatNet(nn.Module):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Hardtanh())
+        self.a = nn.Sequential(nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.Hardtanh())
+        self.b = nn.Sequential(nn.Conv2d(8, 10, 1, bias=False), nn.BatchNorm2d(10), nn.Hardtanh())
+        self.mix = nn.Sequential(nn.Conv2d(16, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.Hardtanh())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(48, num_classes))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(self.mix(torch.cat([self.a(x), self.b(x)], 1)))
+'''
+QUICK = dict(select_steps=3, retrain_steps=3, batch_size=32, heldout=64)
+
+
+def make_run(tmp_path_factory: pytest.TempPathFactory, spec: str, name: str) -> Path:
+    run = tmp_path_factory.mktemp(name) / "run"
+    binarize(BinarizeOptions(model=spec, run=run, data="fashion-mnist-mini",
+                             train=TrainConfig(epochs=1, steps_per_epoch=5, batch_size=32)))
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    concat = tmp_path_factory.mktemp("src") / "concat.py"
+    concat.write_text(CONCAT_FILE)
+    return {
+        "plain": make_run(tmp_path_factory, str(REPO / "examples/small_cnn.py:tiny"), "plain"),
+        "residual": make_run(tmp_path_factory, str(REPO / "examples/resnet18.py:tiny"), "residual"),
+        "concat": make_run(tmp_path_factory, str(concat), "concat"),
+    }
+
+
+def fresh(runs: dict[str, Path], arch: str, tmp_path: Path) -> Path:
+    target = tmp_path / arch
+    shutil.copytree(runs[arch], target)
+    return target
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("arch", ["plain", "residual", "concat"])
+@pytest.mark.parametrize("keep", [0.3, 0.5, 0.8])
+def test_kept_filter_count_is_exact(runs, tmp_path, arch: str, keep: float) -> None:
+    run = fresh(runs, arch, tmp_path)
+    result = prune(run, PruneOptions(keep=keep, strategy="random", **QUICK))
+    assert result.kept_filters == round(keep * result.total_filters)
+    counted = sum(int(result.masks[g.id].sum()) * len(g.producers) for g in result.groups)
+    assert counted == result.kept_filters
+    assert all(int(m.sum()) >= 1 for m in result.masks.values()), "a layer was emptied"
+    manifest = RunDir(run).read_manifest()
+    assert manifest["prune"]["filters_kept"] == result.kept_filters
+    saved = load_file(str(run / "pruned.safetensors"))
+    for g in result.groups:
+        assert torch.equal(saved[f"mask.{g.id}"], result.masks[g.id])
+
+
+def test_subsidiary_learns_a_split_and_saves_selectors(runs, tmp_path) -> None:
+    run = fresh(runs, "plain", tmp_path)
+    result = prune(run, PruneOptions(keep=0.5, **QUICK))
+    assert result.kept_filters == round(0.5 * result.total_filters)
+    saved = load_file(str(run / "pruned.safetensors"))
+    for g in result.groups:
+        selector = saved[f"state.selector.{g.id}"]
+        kept = saved[f"mask.{g.id}"].bool()
+        assert selector.shape == (g.size,)
+        if 0 < int(kept.sum()) < g.size:  # the kept filters are the top selectors
+            assert selector[kept].min() >= selector[~kept].max()
+
+
+def test_groups_are_processed_bottom_up_on_a_residual_model(runs, tmp_path) -> None:
+    run = fresh(runs, "residual", tmp_path)
+    seen: list[str] = []
+    prune(run, PruneOptions(keep=0.7, strategy="l1", **QUICK),
+          on_event=lambda ev: seen.append(ev.group) if ev.phase == "done" else None)
+    assert seen == ["layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.0.conv2", "layer2.1.conv1",
+                    "layer3.0.conv1", "layer3.0.conv2", "layer3.1.conv1", "layer4.0.conv1", "layer4.0.conv2",
+                    "layer4.1.conv1"]
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(runs, tmp_path) -> None:
+    opts = PruneOptions(keep=0.5, **QUICK)
+    full_run = fresh(runs, "plain", tmp_path / "a")
+    full = prune(full_run, opts)
+
+    cut_run = fresh(runs, "plain", tmp_path / "b")
+
+    def stop_after_first_group(ev) -> None:
+        if ev.phase == "done" and ev.index == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prune(cut_run, opts, on_event=stop_after_first_group)
+    resumed = prune(cut_run, opts, resume=True)
+    assert resumed.resumed_after == 1
+    for g in full.groups:
+        assert torch.equal(full.masks[g.id], resumed.masks[g.id])
+    a = load_file(str(full_run / "pruned.safetensors"))
+    b = load_file(str(cut_run / "pruned.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed.accuracy_after == full.accuracy_after
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--keep", "0"], "outside (0, 1]"),
+    (["--keep", "1.5"], "outside (0, 1]"),
+    (["--keep", "0.02"], "every layer must keep at least"),
+    (["--keep", "0.5", "--strategy", "nope"], "choose one of: alpha, bn, greedy, l1, random, subsidiary"),
+    (["--keep", "0.5", "--exclude", "*"], "no prunable group"),
+    (["--keep", "0.5", "--resume"], "nothing to resume"),
+])
+def test_bad_prune_input_is_one_clear_line_and_leaves_the_run_intact(runs, tmp_path, args, message) -> None:
+    run = fresh(runs, "plain", tmp_path)
+    before = tree_digest(run)
+    result = cli("prune", "--run", str(run), *args)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert tree_digest(run) == before
+
+
+def test_prune_without_a_binarized_model_says_what_to_run(tmp_path) -> None:
+    result = cli("prune", "--keep", "0.5", "--run", str(tmp_path / "empty"))
+    assert result.exit_code == 1
+    assert "bnnslim binarize" in result.output
+
+
+def test_resume_with_changed_options_is_refused(runs, tmp_path) -> None:
+    run = fresh(runs, "plain", tmp_path)
+
+    def stop(ev) -> None:
+        if ev.phase == "done":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prune(run, PruneOptions(keep=0.5, **QUICK), on_event=stop)
+    before = tree_digest(run)
+    result = cli("prune", "--run", str(run), "--keep", "0.6", "--resume", "--select-steps", "3",
+                 "--retrain-steps", "3", "--batch-size", "32")
+    assert result.exit_code == 1
+    assert "different options" in result.output
+    assert tree_digest(run) == before
+
+
+def test_prune_command_prints_the_per_layer_report(runs, tmp_path) -> None:
+    run = fresh(runs, "plain", tmp_path)
+    result = cli("prune", "--run", str(run), "--keep", "0.5", "--select-steps", "2", "--retrain-steps", "2",
+                 "--batch-size", "32")
+    assert result.exit_code == 0, result.output
+    assert "filters before" in result.output and "total" in result.output
+    assert "test accuracy" in result.output
