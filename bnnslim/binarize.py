@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -96,13 +97,23 @@ def load_weights_into(model: nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise BnnslimError(f"'{path}' could not be read as a weights-only PyTorch checkpoint ({exc})",
+        raise BnnslimError(f"'{path}' could not be read as a weights-only PyTorch checkpoint ({_load_failure(exc)})",
                            "save a state_dict (torch.save(model.state_dict(), ...)) or use safetensors") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise BnnslimError(f"'{path}' holds no state_dict", "save a state_dict")
     load_state(model, state, path)
+
+
+def _load_failure(exc: Exception) -> str:
+    """The one line of torch.load's (many-line) error that says why, e.g. the pickled class it refused."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:  # the lines before it are torch's general advice, among it to load unsafely
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0].split(" was not an allowed global")[0] if lines else type(exc).__name__
 
 
 def _check_forward(model: nn.Module, shape: tuple[int, ...], source: ModelSource) -> torch.Tensor:
@@ -147,6 +158,22 @@ def _check_run_dir(run: RunDir, source: ModelSource, opts: BinarizeOptions) -> N
         )
 
 
+RESUME_MUST_MATCH = ("model", "input_shape", "scheme", "layers", "dataset")
+
+
+def _check_resume_matches(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """``--resume`` continues the run in the manifest: the model and binarization must be the same."""
+    for key in RESUME_MUST_MATCH:
+        now = json.loads(json.dumps(new[key]))  # as the manifest stores it (tuples become lists)
+        if old.get(key) != now:
+            was_text, now_text = (json.dumps(v)[:120] for v in (old.get(key), now))
+            raise BnnslimError(
+                f"--resume with different options than the interrupted run: {key} was {was_text}, now {now_text}",
+                "use the same model, --data, --input-shape, --scheme and layer options as before, "
+                "or start again without --resume",
+            )
+
+
 def binarize(opts: BinarizeOptions, on_step: Callable[[StepEvent], None] | None = None,
              on_epoch: Callable[[EpochRecord], None] | None = None) -> BinarizeResult:
     """Run the binarize stage end to end (see the module docstring)."""
@@ -170,6 +197,7 @@ def binarize(opts: BinarizeOptions, on_step: Callable[[StepEvent], None] | None 
     if in_channels is None:
         in_channels = shape[0]
 
+    torch.manual_seed(opts.train.seed if opts.train is not None else 0)  # the same command, the same initial weights
     model = source.build(num_classes=num_classes, in_channels=in_channels)
     if opts.weights is not None:
         load_weights_into(model, opts.weights)
@@ -196,7 +224,12 @@ def binarize(opts: BinarizeOptions, on_step: Callable[[StepEvent], None] | None 
         device = resolve_device(opts.device)
         model.to(device)
         checkpoint = Checkpoint(run.checkpoints / "train.safetensors", opts.train)
-        if not opts.resume:
+        if opts.resume:
+            _check_resume_matches(run.read_manifest(), manifest)
+        else:
+            # a fresh run replaces the old one: its checkpoint and weights must not pass for the new run's
+            checkpoint.path.unlink(missing_ok=True)
+            run.binary_weights.unlink(missing_ok=True)
             run.path.mkdir(parents=True, exist_ok=True)
             run.write_manifest(manifest)  # the run exists from the first epoch on, so it can be resumed
         trained = fit(model, splits.train, splits.test, opts.train, device, checkpoint, opts.resume,

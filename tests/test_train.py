@@ -1,0 +1,177 @@
+"""Training the binary main network: it learns, it resumes exactly, its state round-trips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from bnnslim._state import load_optimizer_state, optimizer_state
+from bnnslim.binary.convert import apply_binarization, binary_convs, plan_binarization
+from bnnslim.errors import BnnslimError
+from bnnslim.model_source import load_model_source
+from bnnslim.train import Checkpoint, EpochRecord, StepEvent, TrainConfig, evaluate, fit, make_loader
+from conftest import SMALL_CNN, builtin_scheme, toy_splits
+
+CPU = torch.device("cpu")
+
+
+def binary_tiny_cnn() -> nn.Module:
+    """examples/small_cnn.py:tiny for 1x28x28, 10 classes, binarized with xnor."""
+    source = load_model_source(f"{SMALL_CNN}:tiny")
+    model = source.build(num_classes=10, in_channels=1)
+    plan = plan_binarization(model, torch.zeros(2, 1, 28, 28))
+    return apply_binarization(model, plan.binary, builtin_scheme("xnor"))
+
+
+def binary_toy_net(seed: int = 0) -> nn.Module:
+    """For 1x8x8 toy data, 4 classes; with dropout so that resuming must restore the RNG."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Hardtanh(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Hardtanh(),
+        nn.Dropout(0.2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )
+    return apply_binarization(model, ["3"], builtin_scheme("xnor"))
+
+
+def test_training_on_bundled_data_lowers_loss_and_beats_chance(bundled_splits) -> None:
+    """40 steps of 32 images of the bundled Fashion-MNIST subset (10 classes: chance is 10%)."""
+    torch.manual_seed(0)
+    model = binary_tiny_cnn()
+    before = evaluate(model, bundled_splits.test, CPU)
+    steps: list[StepEvent] = []
+    cfg = TrainConfig(epochs=1, lr=5e-3, batch_size=32, steps_per_epoch=40, seed=0)
+    result = fit(model, bundled_splits.train, bundled_splits.test, cfg, CPU, on_step=steps.append)
+    assert len(steps) == 40 and steps[-1].steps == 40
+    first, last = [s.loss for s in steps[:5]], [s.loss for s in steps[-5:]]
+    assert sum(last) / 5 < sum(first) / 5 - 0.2
+    record = result.history[-1]
+    assert record.test_loss < before.loss - 0.3
+    assert record.test_accuracy > 0.25 > before.accuracy + 0.05
+    for conv in binary_convs(model).values():  # latent weights stay clipped to [-1, 1]
+        assert conv.weight.abs().max() <= 1.0
+
+
+def test_evaluate_counts_top1_accuracy_and_keeps_mode() -> None:
+    x = torch.zeros(10, 3)
+    y = torch.tensor([0, 0, 0, 1, 2, 0, 1, 2, 2, 0])
+    model = nn.Linear(3, 3)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))  # always predicts class 0
+    model.train()
+    metrics = evaluate(model, TensorDataset(x, y), CPU, batch_size=4)
+    assert metrics.accuracy == pytest.approx(0.5) and metrics.count == 10
+    expected_loss = torch.nn.functional.cross_entropy(model(x), y).item()
+    assert metrics.loss == pytest.approx(expected_loss)
+    assert model.training
+    with pytest.raises(BnnslimError, match="evaluation set is empty"):
+        evaluate(model, TensorDataset(x[:0], y[:0]), CPU)
+
+
+def test_data_order_depends_only_on_seed_and_epoch() -> None:
+    data = TensorDataset(torch.arange(50))
+
+    def order(seed: int, epoch: int) -> list[int]:
+        torch.manual_seed(seed * 7 + epoch + 123)  # the global RNG must not matter
+        return [int(v) for (b,) in make_loader(data, 10, seed, epoch, shuffle=True) for v in b]
+
+    assert order(0, 1) == order(0, 1)
+    assert sorted(order(0, 1)) == list(range(50))
+    assert order(0, 1) != order(0, 2) and order(0, 1) != order(1, 1)
+
+
+def run(tmp_path: Path, name: str, cfg: TrainConfig, model: nn.Module, resume: bool = False,
+        stop_after: int | None = None) -> list[EpochRecord]:
+    splits = toy_splits()
+    checkpoint = Checkpoint(tmp_path / name / "train.safetensors", cfg)
+
+    def on_epoch(rec: EpochRecord) -> None:
+        if stop_after is not None and rec.epoch == stop_after:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C after this epoch's checkpoint
+
+    return fit(model, splits.train, splits.test, cfg, CPU, checkpoint, resume, on_epoch=on_epoch).history
+
+
+def test_resume_equals_uninterrupted_training(tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=32, seed=3)
+    straight = binary_toy_net(seed=0)
+    history = run(tmp_path, "straight", cfg, straight)
+
+    interrupted = binary_toy_net(seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "resumed", cfg, interrupted, stop_after=1)
+    torch.rand(100)  # a new process: the global RNG is elsewhere
+    resumed = binary_toy_net(seed=1)  # and the model starts from other weights
+    resumed_history = run(tmp_path, "resumed", cfg, resumed, resume=True)
+
+    assert resumed_history == history  # epoch 1 from the checkpoint, epoch 2 trained again
+    for key, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    assert not torch.equal(straight.state_dict()["3.weight"], binary_toy_net(seed=0).state_dict()["3.weight"])
+
+
+def test_resume_with_changed_options_is_an_error(tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=32)
+    run(tmp_path, "r", cfg, binary_toy_net())
+    with pytest.raises(BnnslimError, match="--resume with different training options") as err:
+        run(tmp_path, "r", TrainConfig(epochs=1, lr=2e-2, batch_size=32), binary_toy_net(), resume=True)
+    assert '"lr": 0.01' in str(err.value)  # the fix names the options of the first run
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(BnnslimError, match="nothing to resume"):
+        run(tmp_path, "none", TrainConfig(epochs=1), binary_toy_net(), resume=True)
+
+
+def test_checkpoint_is_safetensors_with_json_metadata(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=64, steps_per_epoch=2)
+    history = run(tmp_path, "c", cfg, binary_toy_net())
+    with safe_open(str(tmp_path / "c" / "train.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+    assert meta["epoch"] == "2"
+    assert json.loads(meta["config"])["lr"] == 0.01
+    assert [EpochRecord(**h) for h in json.loads(meta["history"])] == history
+    assert "model.3.weight" in keys and "rng.torch" in keys and any(k.startswith("optim.") for k in keys)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.8, 0.95)),
+    lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, nesterov=True),
+], ids=["adam", "sgd-momentum"])
+def test_optimizer_state_round_trip(make, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from bnnslim._atomic import save_tensors
+
+    torch.manual_seed(0)
+    a = nn.Linear(4, 3)
+    b = nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    opt_a, opt_b = make(a.parameters()), make(b.parameters())
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        opt_a.zero_grad()
+        a(x).square().sum().backward()
+        opt_a.step()
+    tensors, meta = optimizer_state(opt_a)
+    assert isinstance(meta, str) and json.loads(meta)  # plain JSON, no pickle
+    assert all(isinstance(t, torch.Tensor) for t in tensors.values())
+    save_tensors(tmp_path / "opt.safetensors", tensors, {"optimizer": meta})  # through a file, as a checkpoint does
+    b.load_state_dict(a.state_dict())
+    load_optimizer_state(opt_b, load_file(str(tmp_path / "opt.safetensors")), meta)
+    assert opt_b.param_groups[0]["lr"] == opt_a.param_groups[0]["lr"]
+    for _ in range(2):  # the restored optimizer continues exactly like the original
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
