@@ -8,3 +8,20 @@ real and save it as safetensors.
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def load(path: str | Path, model_file: str | Path | None = None) -> "nn.Module":
+    """Rebuild a model saved by ``bnnslim export`` (plain or packed), without pickle.
+
+    ``model_file`` overrides the model source recorded in the file; its content
+    must be unchanged since export. See :func:`bnnslim.model_file.load`.
+    """
+    from bnnslim.model_file import load as _load
+
+    return _load(path, model_file)

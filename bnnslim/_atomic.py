@@ -16,13 +16,19 @@ from typing import Any
 
 import torch
 
+from bnnslim.errors import BnnslimError
+
 
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path in ``target``'s folder; rename it onto ``target`` on success."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise BnnslimError(f"cannot write '{target}': {exc.strerror or exc}",
+                           "choose a writable location") from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -81,3 +81,18 @@ MODELS: dict[str, Callable[[], Binarized]] = {
     "residual": lambda: binarized(example_factory("resnet18.py"), (1, 28, 28)),
     "concat": lambda: binarized(ConcatNet),
 }
+
+
+def torchvision_model(name: str) -> Callable[..., nn.Module]:
+    """A torchvision classifier with 10 classes (random weights)."""
+    import torchvision
+
+    extra = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
+
+    def build(in_channels: int = 3) -> nn.Module:
+        return getattr(torchvision.models, name)(num_classes=10, **extra)
+
+    return build
+
+
+TORCHVISION = ["resnet18", "resnet50", "vgg11_bn", "densenet121", "mobilenet_v2", "googlenet"]

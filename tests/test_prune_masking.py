@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from _models import MODELS
+from _models import MODELS, TORCHVISION, binarized, torchvision_model
 
 from bnnslim.prune.masking import MaskController
 from bnnslim.slim import slim
@@ -74,3 +74,20 @@ def test_masks_of_several_groups_meeting_in_one_consumer_combine() -> None:
     controller.remove()
     assert mask is not None
     assert mask.tolist() == [0.0] * 6 + [1.0] * 10
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_torchvision_masked_model_equals_slimmed_model(name: str) -> None:
+    b = binarized(torchvision_model(name), (3, 32, 32))
+    assert b.groups, f"{name} has no prunable group"
+    masks = random_masks(b.groups)
+    controller = MaskController(b.model, b.groups)
+    for gid, m in masks.items():
+        controller.set_fixed(gid, m)
+    with torch.no_grad():
+        masked_out = b.model(b.example)
+    controller.remove()
+    slim(b.model, b.groups, masks, b.example)
+    with torch.no_grad():
+        slim_out = b.model(b.example)
+    torch.testing.assert_close(slim_out, masked_out, rtol=1e-4, atol=1e-4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from bnnslim import __version__
-from bnnslim.cli import binarize, info, prune
+from bnnslim.cli import binarize, export, info, prune
 
 app = typer.Typer(
     name="bnnslim",
@@ -16,6 +16,7 @@ app = typer.Typer(
 )
 app.command("binarize")(binarize.binarize_command)
 app.command("prune")(prune.prune_command)
+app.command("export")(export.export_command)
 app.command("info")(info.info_command)
 
 

@@ -16,7 +16,10 @@ def info_command(
     path: Annotated[Optional[Path], typer.Argument(help="Run directory (default: --run).")] = None,
     run: Annotated[Path, typer.Option("--run", help="Run directory shared by bnnslim's commands.")] = DEFAULT_RUN,
 ) -> None:
-    """Show a run directory: model, scheme, dataset, metrics, and every layer."""
+    """Show a run directory (model, scheme, dataset, metrics, every layer) or a model file from `bnnslim export`."""
+    if path is not None and path.is_file():
+        _file_info(path)
+        return
     from bnnslim.run_model import load_run_model
     from bnnslim.rundir import RunDir
     from bnnslim.summary import layer_rows
@@ -39,4 +42,42 @@ def info_command(
     for row in layer_rows(loaded.model):
         style = "bold" if row.kind == "binary conv" else None
         table.add_row(row.name, row.kind, str(row.in_channels), str(row.out_channels), f"{row.params:,}", style=style)
+    console.print(table)
+
+
+def _file_info(path: Path) -> None:
+    import json
+
+    from safetensors import safe_open
+
+    from bnnslim.model_file import read_header
+
+    meta = read_header(path)
+    model = json.loads(meta["model"])
+    metrics = json.loads(meta.get("metrics", "{}"))
+    head = Table(show_header=False, title=f"bnnslim model file {path}")
+    head.add_row("form", meta["form"] + (" (1-bit binary weights)" if meta["form"] == "packed" else ""))
+    head.add_row("size on disk", f"{path.stat().st_size:,} bytes")
+    head.add_row("model", f"{model['source']}:{model['name']}")
+    head.add_row("sha256", model["sha256"][:16] + "...")
+    head.add_row("scheme", meta["scheme"])
+    head.add_row("input shape", "x".join(str(d) for d in json.loads(meta["input_shape"])))
+    for key, value in metrics.items():
+        head.add_row(key, f"{value:.2%}" if key == "accuracy" and value is not None else str(value))
+    head.add_row("bnnslim version", meta["bnnslim_version"])
+    console.print(head)
+    binary = set(json.loads(meta["binary_layers"]))
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    table = Table(title="layers")
+    for col in ("layer", "type", "in", "out (filters)", "stored as"):
+        table.add_column(col)
+    for name, shape in json.loads(meta["layers"]).items():
+        kind = "binary conv" if name in binary else ("batchnorm" if "features" in shape else
+                                                     "conv" if "groups" in shape else "linear")
+        stored = ", ".join(f"{k.rsplit('.', 1)[1]} {list(v)}" for k, v in shapes.items()
+                           if k.rsplit(".", 1)[0] == name and not k.endswith(("running_mean", "running_var",
+                                                                              "num_batches_tracked")))
+        table.add_row(name, kind, str(shape.get("in", shape.get("features"))),
+                      str(shape.get("out", shape.get("features"))), stored)
     console.print(table)

@@ -1,0 +1,192 @@
+"""``bnnslim export``: slim the pruned model for real and write deployable files.
+
+1. rebuild the run's binary model with its retrained weights and masks;
+2. remove the masked channels with torch-pruning (``bnnslim.slim``);
+3. check on a probe batch that the slim model computes what the masked model
+   computes (exactly what was trained); nothing is written if it does not, and
+   the error names the first layer that diverges;
+4. write the plain and/or packed model files (``bnnslim.model_file``), a JSON
+   report and a PNG chart of the filters kept per layer.
+
+A run that was never pruned exports its binary model as it is (and says so).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnnslim._atomic import write_json
+from bnnslim.errors import BnnslimError
+from bnnslim.graph import build_graph
+from bnnslim.model_file import write_model_file
+from bnnslim.plugins import get_dataset
+from bnnslim.prune.groups import PrunableGroup, find_groups
+from bnnslim.prune.masking import MaskController
+from bnnslim.report import compare, kept_chart, layer_costs
+from bnnslim.run_model import load_run_model
+from bnnslim.rundir import RunDir, load_tensors
+from bnnslim.slim import slim
+
+FORMATS = ("plain", "packed", "onnx")
+TOLERANCE = 1e-4
+
+
+@dataclass
+class ExportResult:
+    files: dict[str, Path]  # form -> path
+    sizes: dict[str, int]  # "fp32 original", form -> bytes on disk
+    rows: list[dict[str, Any]]
+    pruned: bool
+    max_difference: float
+    accuracy: float | None = None
+    report_path: Path | None = None
+    chart_path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def probe_batch(shape: tuple[int, ...], n: int = 8) -> torch.Tensor:
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(1234))
+
+
+def _outputs_by_layer(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    outs: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda _m, _i, o, n=n: outs.__setitem__(n, o.detach()))
+               for n, m in model.named_modules() if n and not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
+
+
+def first_divergence(masked: nn.Module, slim_model: nn.Module, groups: list[PrunableGroup],
+                     masks: dict[str, torch.Tensor], x: torch.Tensor) -> str:
+    """The first layer (in forward order) whose slim output differs from the masked one on kept channels."""
+    a, b = _outputs_by_layer(masked, x), _outputs_by_layer(slim_model, x)
+    kept_of: dict[str, torch.Tensor] = {}
+    for g in groups:
+        if g.id in masks:
+            for n in (*g.producers, *g.norms):
+                kept_of[n] = masks[g.id].nonzero().flatten()
+    for name, out in a.items():
+        other = b.get(name)
+        if other is None or not isinstance(out, torch.Tensor):
+            continue
+        if out.shape != other.shape:
+            if name not in kept_of or out.dim() < 2:
+                continue
+            out = out.index_select(1, kept_of[name])
+            if out.shape != other.shape:
+                return name
+        if not torch.allclose(out, other, rtol=TOLERANCE, atol=TOLERANCE):
+            return name
+    return "the model output"
+
+
+def export(run_path: Path, forms: tuple[str, ...] = ("plain", "packed"), output: Path | None = None,
+           evaluate_data: bool = True) -> ExportResult:
+    """Slim the run's pruned model and write the requested forms (module docstring)."""
+    for form in forms:
+        if form not in FORMATS:
+            raise BnnslimError(f"unknown format '{form}'", f"choose from {', '.join(FORMATS)}")
+    if output is not None and len(forms) != 1:
+        raise BnnslimError("-o/--output names one file", "give one --format with it")
+    run = RunDir(Path(run_path))
+    manifest = run.read_manifest()
+    prune_info = manifest.get("prune")
+    notes: list[str] = []
+    pruned_path = run.path / prune_info["weights"] if prune_info else None
+    loaded = load_run_model(run, weights=pruned_path)
+    model = loaded.model.eval()
+    example = probe_batch(loaded.input_shape)
+    before = layer_costs(model, example)
+    slim_model = copy.deepcopy(model)
+    max_diff = 0.0
+    if prune_info:
+        tensors = load_tensors(pruned_path)  # type: ignore[arg-type]
+        masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}
+        graph = build_graph(model, example)
+        groups = find_groups(model, graph, example, exclude=tuple(prune_info["options"].get("exclude", ()))).groups
+        unknown = set(masks) - {g.id for g in groups}
+        if unknown:
+            raise BnnslimError(f"masks for unknown groups {sorted(unknown)[:3]}",
+                               "the run directory does not match the model: rerun `bnnslim prune`")
+        controller = MaskController(model, groups)
+        for gid, m in masks.items():
+            controller.set_fixed(gid, m)
+        with torch.no_grad():
+            expected = model(example)
+        slim(slim_model, groups, masks, example)
+        slim_model.eval()
+        with torch.no_grad():
+            got = slim_model(example)
+        max_diff = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
+        if not torch.allclose(got, expected, rtol=TOLERANCE, atol=TOLERANCE):
+            layer = first_divergence(model, slim_model, groups, masks, example)
+            controller.remove()
+            raise BnnslimError(
+                f"the slimmed model differs from the masked model (max difference {max_diff:.3g}), first at layer "
+                f"'{layer}'; nothing was written",
+                "that layer mixes channels in a way torch-pruning cannot slice: exclude it with "
+                "`bnnslim prune --exclude`, or register a custom pruner for it through a plugin")
+        controller.remove()
+    else:
+        notes.append("the run was not pruned: exporting the binary model unslimmed")
+    after = layer_costs(slim_model, example)
+    rows = compare(before, after)
+    accuracy = None
+    dataset = (prune_info or {}).get("dataset") or manifest.get("dataset")
+    if evaluate_data and dataset:
+        from bnnslim.train import evaluate
+
+        data = get_dataset(dataset["name"]).build(Path(dataset["root"]) if dataset.get("root") else None)
+        accuracy = evaluate(slim_model, data.test, torch.device("cpu")).accuracy
+    metrics = {"accuracy": accuracy, "pruned": bool(prune_info),
+               "keep": prune_info["keep"] if prune_info else 1.0,
+               "strategy": prune_info["strategy"] if prune_info else None}
+    files: dict[str, Path] = {}
+    for form in forms:
+        target = output or run.path / {"plain": "model.safetensors", "packed": "model.bnn.safetensors",
+                                       "onnx": "model.onnx"}[form]
+        if form == "onnx":
+            _write_onnx(slim_model, example, target)
+        else:
+            write_model_file(target, slim_model, manifest, form, metrics)
+        files[form] = target
+    sizes = {"fp32 original": run.binary_weights.stat().st_size}
+    sizes.update({form: path.stat().st_size for form, path in files.items()})
+    result = ExportResult(files=files, sizes=sizes, rows=rows, pruned=bool(prune_info), max_difference=max_diff,
+                          accuracy=accuracy, notes=notes)
+    result.report_path = run.path / "export-report.json"
+    write_json(result.report_path, {"files": {k: str(v) for k, v in files.items()}, "sizes_bytes": sizes,
+                                    "max_difference_slim_vs_masked": max_diff, "accuracy": accuracy,
+                                    "layers": rows, "notes": notes, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    result.chart_path = run.path / "kept-filters.png"
+    kept_chart(rows, result.chart_path)
+    return result
+
+
+def _write_onnx(model: nn.Module, example: torch.Tensor, target: Path) -> None:
+    try:
+        import onnx  # noqa: F401
+    except ImportError as exc:
+        raise BnnslimError("--format onnx needs the onnx package", "pip install onnx onnxscript") from exc
+    from bnnslim._atomic import atomic_path
+
+    with atomic_path(target) as tmp:
+        torch.onnx.export(model, (example[:1],), str(tmp), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+
+
+def load_report(run_path: Path) -> dict[str, Any]:
+    return json.loads((Path(run_path) / "export-report.json").read_text())

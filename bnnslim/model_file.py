@@ -1,0 +1,186 @@
+"""bnnslim's model files: slim weights in safetensors, reloaded without pickle.
+
+Two forms, both one safetensors file whose header metadata (JSON strings) says
+how to rebuild the model:
+
+* **plain** (``model.safetensors``): every tensor of the slim model's state dict,
+  binary convs as latent real weights;
+* **packed** (``*.bnn.safetensors``): binary convs as 1-bit signs plus ``alpha``
+  (see :mod:`bnnslim.packing`), every other tensor as it is.
+
+Metadata keys: ``format`` ("bnnslim-model"), ``form`` ("plain" | "packed"),
+``bnnslim_version``, ``model`` (source file, name, sha256, num_classes,
+in_channels), ``scheme``, ``binary_layers``, ``layers`` (the slim shape of every
+conv, linear and batch norm: enough to rebuild the slim architecture from the
+unpruned model file), ``input_shape``, ``metrics``.
+
+Reloading builds the model from the user's file, binarizes the same layers,
+resizes every layer to its stored shape and loads the tensors strictly. A model
+file whose content changed since export is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnnslim import __version__
+from bnnslim._atomic import save_tensors
+from bnnslim.binary.convert import apply_binarization
+from bnnslim.binary.layers import BinaryConv2d
+from bnnslim.errors import BnnslimError
+from bnnslim.model_source import load_model_source
+from bnnslim.packing import pack_signs, unpack_signs
+from bnnslim.plugins import get_scheme
+
+FORMAT = "bnnslim-model"
+
+
+def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
+    """The channel sizes of every conv, linear and batch norm (what slimming changes)."""
+    shapes: dict[str, dict[str, int]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            shapes[name] = {"in": m.in_channels, "out": m.out_channels, "groups": m.groups}
+        elif isinstance(m, nn.Linear):
+            shapes[name] = {"in": m.in_features, "out": m.out_features}
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            shapes[name] = {"features": m.num_features}
+    return shapes
+
+
+def resize_layers(model: nn.Module, shapes: dict[str, dict[str, int]]) -> None:
+    """Give each layer of a freshly built model the stored slim sizes (uninitialised tensors)."""
+    modules = dict(model.named_modules())
+    for name, shape in shapes.items():
+        m = modules.get(name)
+        if m is None:
+            raise BnnslimError(f"the model file has no layer '{name}' that the weights file needs",
+                               "load with the model file the weights were exported from")
+        if isinstance(m, nn.Conv2d):
+            m.in_channels, m.out_channels, m.groups = shape["in"], shape["out"], shape["groups"]
+            m.weight = nn.Parameter(torch.empty(shape["out"], shape["in"] // shape["groups"], *m.kernel_size))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(shape["out"]))
+        elif isinstance(m, nn.Linear):
+            m.in_features, m.out_features = shape["in"], shape["out"]
+            m.weight = nn.Parameter(torch.empty(shape["out"], shape["in"]))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(shape["out"]))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = shape["features"]
+            m.num_features = n
+            if m.affine:
+                m.weight = nn.Parameter(torch.empty(n))
+                m.bias = nn.Parameter(torch.empty(n))
+            if m.track_running_stats:
+                m.running_mean = torch.zeros(n)
+                m.running_var = torch.ones(n)
+
+
+def header(manifest: dict[str, Any], model: nn.Module, form: str, metrics: dict[str, Any]) -> dict[str, str]:
+    return {
+        "format": FORMAT, "form": form, "bnnslim_version": __version__,
+        "model": json.dumps(manifest["model"]), "scheme": manifest["scheme"],
+        "binary_layers": json.dumps(manifest["layers"]["binary"]),
+        "layers": json.dumps(layer_shapes(model)), "input_shape": json.dumps(manifest["input_shape"]),
+        "metrics": json.dumps(metrics),
+    }
+
+
+def packed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state with every binary conv as sign bits + alpha (+ bias)."""
+    tensors = dict(model.state_dict())
+    for name, m in model.named_modules():
+        if not isinstance(m, BinaryConv2d):
+            continue
+        del tensors[f"{name}.weight"]
+        with torch.no_grad():
+            signs = m.scheme.binarize_weight(m.weight)
+            alpha = m.scheme.scale(m.weight, None)
+        tensors[f"{name}.weight_bits"] = pack_signs(signs)
+        if alpha is not None:
+            tensors[f"{name}.alpha"] = alpha.flatten().to(torch.float32)
+    return tensors
+
+
+def write_model_file(path: Path, model: nn.Module, manifest: dict[str, Any], form: str,
+                     metrics: dict[str, Any] | None = None) -> None:
+    """Write ``model`` (slim, binarized) as a plain or packed bnnslim model file, atomically."""
+    tensors = packed_tensors(model) if form == "packed" else dict(model.state_dict())
+    save_tensors(path, tensors, header(manifest, model, form, metrics or {}))
+
+
+def read_header(path: Path) -> dict[str, str]:
+    """The metadata of a bnnslim model file, with clear errors for other files."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise BnnslimError(f"'{path}' not found", "give the path of a file written by `bnnslim export`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BnnslimError(f"'{path}' is not a readable safetensors file ({exc})",
+                           "it is truncated or corrupted: export it again") from exc
+    if meta.get("format") != FORMAT:
+        raise BnnslimError(f"'{path}' is a safetensors file but not a bnnslim model",
+                           "give a file written by `bnnslim export`")
+    return meta
+
+
+def load(path: str | Path, model_file: str | Path | None = None) -> nn.Module:
+    """Rebuild the slim model stored in ``path`` (plain or packed), in eval mode.
+
+    ``model_file`` overrides the model source recorded at export (``FILE`` or
+    ``FILE:NAME``); its content must be the one exported (same sha256).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_header(path)
+    info = json.loads(meta["model"])
+    spec = str(model_file) if model_file else f"{info['source']}:{info['name']}"
+    if model_file and ":" not in Path(str(model_file)).name:
+        spec = f"{model_file}:{info['name']}"
+    source = load_model_source(spec, expected_sha256=info["sha256"])
+    model = source.build(num_classes=info.get("num_classes"), in_channels=info.get("in_channels"))
+    apply_binarization(model, json.loads(meta["binary_layers"]), get_scheme(meta["scheme"]))
+    resize_layers(model, json.loads(meta["layers"]))
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BnnslimError(f"'{path}' is damaged ({exc})", "export it again") from exc
+    if meta.get("form") == "packed":
+        tensors = _unpack(model, tensors)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    if missing:
+        raise BnnslimError(f"'{path}' lacks tensors the model needs: {missing[:3]}", "export it again")
+    bad = [k for k in own if tuple(own[k].shape) != tuple(tensors[k].shape)]
+    if bad:
+        raise BnnslimError(f"'{path}': tensor {bad[0]} has shape {tuple(tensors[bad[0]].shape)}, "
+                           f"the rebuilt model expects {tuple(own[bad[0]].shape)}", "export it again")
+    model.load_state_dict({k: tensors[k] for k in own}, strict=True)
+    return model.eval()
+
+
+def _unpack(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Latent weights ``alpha * sign`` for every binary conv: the same sign and the same alpha."""
+    out = dict(tensors)
+    for name, m in model.named_modules():
+        if not isinstance(m, BinaryConv2d):
+            continue
+        bits = out.pop(f"{name}.weight_bits", None)
+        if bits is None:
+            raise BnnslimError(f"packed file lacks the bits of {name}", "export it again")
+        signs = unpack_signs(bits, m.in_channels // m.groups)
+        alpha = out.pop(f"{name}.alpha", None)
+        out[f"{name}.weight"] = signs if alpha is None else signs * alpha.view(-1, 1, 1, 1)
+    return out
