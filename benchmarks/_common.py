@@ -1,0 +1,42 @@
+"""Shared helpers for the benchmark scripts: machine description and result files."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def machine() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}, {platform.system()} {platform.machine()}")
+
+
+def command() -> str:
+    return "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:])
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def header(title: str) -> str:
+    return (f"# {title}\n\n- command: `{command()}`\n- machine: {machine()}\n- revision: {git_revision()}\n"
+            f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
