@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bnnslim import distributed as D
 from bnnslim.binary.convert import BinarizePlan, apply_binarization, plan_binarization
 from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
@@ -50,6 +51,7 @@ class BinarizeOptions:
     resume: bool = False
     overwrite: bool = False
     device: str = "cpu"
+    sync_bn: bool = False
 
 
 @dataclass
@@ -60,6 +62,30 @@ class BinarizeResult:
     history: list[EpochRecord] = field(default_factory=list)
     test_accuracy: float | None = None
     seconds: float = 0.0
+
+
+def wrap_for_training(model: nn.Module, device: torch.device, sync_bn: bool) -> nn.Module:
+    """The model as training sees it: DistributedDataParallel under torchrun (SyncBatchNorm if asked)."""
+    if not D.is_distributed():
+        return model
+    if sync_bn:
+        if device.type != "cuda":
+            raise BnnslimError("--sync-bn needs GPUs (SyncBatchNorm has no CPU implementation)",
+                               "drop --sync-bn on CPUs: each process then keeps its own batch statistics, "
+                               "averaged at every forward from rank 0")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap_sync_bn(model: nn.Module) -> nn.Module:
+    """Back to plain BatchNorm2d after SyncBatchNorm training (same state dict)."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.SyncBatchNorm):
+            bn = nn.BatchNorm2d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+            bn.load_state_dict(m.state_dict())
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, bn)
+    return model
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
@@ -226,24 +252,30 @@ def binarize(opts: BinarizeOptions, on_step: Callable[[StepEvent], None] | None 
         checkpoint = Checkpoint(run.checkpoints / "train.safetensors", opts.train)
         if opts.resume:
             _check_resume_matches(run.read_manifest(), manifest)
-        else:
+        elif D.is_main_process():
             # a fresh run replaces the old one: its checkpoint and weights must not pass for the new run's
             checkpoint.path.unlink(missing_ok=True)
             run.binary_weights.unlink(missing_ok=True)
             run.path.mkdir(parents=True, exist_ok=True)
             run.write_manifest(manifest)  # the run exists from the first epoch on, so it can be resumed
-        trained = fit(model, splits.train, splits.test, opts.train, device, checkpoint, opts.resume,
-                      on_step=on_step, on_epoch=on_epoch)
-        model.to("cpu")
+        D.barrier()
+        trained = fit(wrap_for_training(model, device, opts.sync_bn), splits.train, splits.test, opts.train,
+                      device, checkpoint, opts.resume, on_step=on_step, on_epoch=on_epoch)
+        model = unwrap_sync_bn(model).to("cpu")
+        result.model = model
+        D.check_same_on_all_ranks(model.state_dict(), "binary network weights")
         result.history = trained.history
         result.test_accuracy = trained.history[-1].test_accuracy if trained.history else (
             evaluate(model, splits.test, torch.device("cpu")).accuracy)
         manifest["binarize"] = {"trained": True, "train": asdict(opts.train),
                                 "history": [asdict(h) for h in trained.history],
-                                "test_accuracy": result.test_accuracy}
+                                "test_accuracy": result.test_accuracy,
+                                "processes": D.world_size()}
     result.seconds = time.perf_counter() - started
     manifest["binarize"]["seconds"] = round(result.seconds, 2)
-    run.path.mkdir(parents=True, exist_ok=True)
-    save_weights(run.binary_weights, model, kind="binary-latent")
-    run.write_manifest(manifest)
+    if D.is_main_process():
+        run.path.mkdir(parents=True, exist_ok=True)
+        save_weights(run.binary_weights, model, kind="binary-latent")
+        run.write_manifest(manifest)
+    D.barrier()
     return result

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from bnnslim import distributed as D
@@ -44,6 +44,8 @@ class TrainConfig:
     clip: float = 1.0
     steps_per_epoch: int | None = None  # cap on batches per epoch (quick runs, tests)
     workers: int = 0
+    amp: bool = False  # automatic mixed precision (bfloat16 autocast; GPUs)
+    channels_last: bool = False  # NHWC memory format (GPUs with tensor cores)
 
 
 @dataclass
@@ -81,10 +83,18 @@ class TrainResult:
 
 def make_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, shuffle: bool,
                 workers: int = 0) -> DataLoader:
-    """A loader whose order depends only on ``(seed, epoch)``; sharded under torch.distributed."""
-    if D.is_distributed():
-        sampler: torch.utils.data.Sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+    """A loader whose order depends only on ``(seed, epoch)``; sharded under torch.distributed.
+
+    Training shards use ``DistributedSampler`` (equal shares, padded); evaluation
+    shards take every ``world_size``-th item without padding, so that summed
+    metrics count each test item exactly once.
+    """
+    if D.is_distributed() and shuffle:
+        sampler: torch.utils.data.Sampler = DistributedSampler(dataset, shuffle=True, seed=seed)
         sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+    elif D.is_distributed():
+        dataset = Subset(dataset, range(D.rank(), len(dataset), D.world_size()))  # type: ignore[arg-type]
+        sampler = SequentialSampler(dataset)
     elif shuffle:
         g = torch.Generator()
         g.manual_seed(seed * 1_000_003 + epoch)
@@ -103,11 +113,16 @@ def limited(batches: Iterable, limit: int | None) -> Iterator:
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
-               clip: float | None) -> tuple[float, int]:
-    """One step of cross-entropy training; returns (loss, correct count)."""
+               clip: float | None, amp: bool = False) -> tuple[float, int]:
+    """One step of cross-entropy training; returns (loss, correct count).
+
+    With ``amp`` the forward pass runs under bfloat16 autocast (no loss scaling
+    needed); latent weights and the optimizer stay float32.
+    """
     optimizer.zero_grad(set_to_none=True)
-    logits = model(x)
-    loss = F.cross_entropy(logits, y)
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
     loss.backward()
     optimizer.step()
     if clip:
@@ -194,6 +209,8 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, cfg: TrainConfi
     wrapped module.
     """
     core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     torch.manual_seed(cfg.seed)
     optimizer = make_optimizer(model.parameters(), cfg)
     per_epoch = steps_in_epoch(train_set, cfg)
@@ -208,14 +225,17 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, cfg: TrainConfi
         loss_sum, correct, seen = 0.0, 0, 0
         loader = make_loader(train_set, cfg.batch_size, cfg.seed, epoch, shuffle=True, workers=cfg.workers)
         for step, (x, y) in enumerate(limited(loader, per_epoch)):
-            x, y = x.to(device), y.to(device)
-            loss, ok = train_step(model, x, y, optimizer, cfg.clip)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            loss, ok = train_step(model, x, y, optimizer, cfg.clip, cfg.amp)
             scheduler.step()
             loss_sum += loss * y.numel()
             correct += ok
             seen += y.numel()
             if on_step is not None:
                 on_step(StepEvent(epoch, step + 1, per_epoch, loss, ok / max(1, y.numel())))
+        D.broadcast_buffers(core)  # every rank evaluates and saves rank 0's BatchNorm statistics
         test = evaluate(core, test_set, device, batch_size=max(cfg.batch_size, 256))
         record = EpochRecord(epoch + 1, loss_sum / max(1, seen), correct / max(1, seen), test.loss, test.accuracy)
         result.history.append(record)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -13,8 +15,10 @@ from rich.markup import escape
 
 from bnnslim.errors import BnnslimError
 
-console = Console()
-err_console = Console(stderr=True)
+# Under torchrun only rank 0 speaks (RANK is set by torchrun before Python starts).
+IS_MAIN_PROCESS = int(os.environ.get("RANK", "0")) == 0
+console = Console(quiet=not IS_MAIN_PROCESS)
+err_console = Console(stderr=True, quiet=not IS_MAIN_PROCESS)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -37,5 +41,10 @@ def friendly_errors(fn: F) -> F:
             err_console.print("[yellow]interrupted[/]: files written so far are intact; "
                               "rerun with --resume to continue", highlight=False)
             raise typer.Exit(130) from None
+        finally:
+            if "torch.distributed" in sys.modules:
+                from bnnslim.distributed import shutdown
+
+                shutdown()
 
     return wrapper  # type: ignore[return-value]

@@ -32,23 +32,29 @@ def binarize_command(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     workers: Annotated[int, typer.Option(min=0, help="Data-loading worker processes.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted training run.")] = False,
+    sync_bn: Annotated[bool, typer.Option(help="Under torchrun on GPUs: synchronise BatchNorm statistics across processes.")] = False,
+    amp: Annotated[bool, typer.Option(help="Automatic mixed precision (bfloat16 autocast), for GPUs.")] = False,
+    channels_last: Annotated[bool, typer.Option(help="Channels-last memory format, for GPUs.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a run directory that belongs to another model.")] = False,
 ) -> None:
     """Binarize MODEL's convs (first and last stay real) and, with --data, train the binary network."""
     from bnnslim.binarize import BinarizeOptions, binarize, parse_input_shape
+    from bnnslim.distributed import init_from_env
     from bnnslim.train import TrainConfig
 
-    train = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                        steps_per_epoch=steps_per_epoch, workers=workers) if data else None
+    device = init_from_env(device)
+    train = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, steps_per_epoch=steps_per_epoch,
+                        workers=workers, amp=amp, channels_last=channels_last) if data else None
     opts = BinarizeOptions(
         model=model, run=run, data=data, data_root=data_root, scheme=scheme, real=real or (),
         binary=binary or (), keep_first_last_real=not binarize_first_last,
         input_shape=parse_input_shape(input_shape) if input_shape else None, weights=weights,
-        train=train, resume=resume, overwrite=overwrite, device=device,
+        train=train, resume=resume, overwrite=overwrite, device=device, sync_bn=sync_bn,
     )
     with Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}"),
-                  TimeElapsedColumn(), console=console, transient=True, disable=train is None) as progress:
+                  TimeElapsedColumn(), console=console, transient=True,
+                  disable=train is None or console.quiet) as progress:
         task = progress.add_task("train", total=None, epoch=0, loss=0.0, acc=0.0)
 
         def on_step(ev):  # type: ignore[no-untyped-def]

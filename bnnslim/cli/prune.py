@@ -33,7 +33,10 @@ def prune_command(
     resume: Annotated[bool, typer.Option(help="Continue after the last finished group of an interrupted run.")] = False,
 ) -> None:
     """Learn a filter selection for every prunable group, bottom-up, and retrain after each (Xu et al., CVPR 2019)."""
+    from bnnslim.distributed import init_from_env
     from bnnslim.prune.schedule import PruneOptions, prune
+
+    device = init_from_env(device)
 
     opts = PruneOptions(keep=keep, strategy=strategy, data=data, data_root=str(data_root) if data_root else None,
                         min_keep=min_keep, round_to=round_to, exclude=tuple(exclude or ()),
@@ -42,7 +45,7 @@ def prune_command(
     with Progress(TextColumn("[bold]{task.fields[group]}"), TextColumn("{task.fields[phase]}"), BarColumn(),
                   MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.0%}"),
                   TextColumn("kept {task.fields[kept]}"), TimeElapsedColumn(), console=console,
-                  transient=True) as progress:
+                  transient=True, disable=console.quiet) as progress:
         overall = progress.add_task("groups", total=None, group="groups", phase="", loss=0.0, acc=0.0, kept="")
         step_task = progress.add_task("step", total=None, group="", phase="", loss=0.0, acc=0.0, kept="")
 

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from bnnslim import distributed as D
 from bnnslim._atomic import save_tensors
 from bnnslim.binarize import resolve_device
 from bnnslim.binary.convert import clip_latent_weights
@@ -185,12 +186,14 @@ def retrain(model: nn.Module, group: PrunableGroup, order: dict[str, int], batch
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
                 loss.backward()
+                D.average_gradients(trainable)
                 optimizer.step()
                 scheduler.step()
                 clip_latent_weights(model)
                 loss_value = loss.item()
                 if on_step is not None:
                     on_step(step + 1, loss_value, float((logits.argmax(1) == y).float().mean()))
+        D.average_buffers(model)  # BatchNorm statistics agree on every rank
     finally:
         for p, flag in frozen_state:
             p.requires_grad_(flag)
@@ -248,7 +251,7 @@ def prune(run_path: Path, opts: PruneOptions, resume: bool = False,
     for gid, mask in masks.items():
         controller.set_fixed(gid, mask.to(device))
     train_set, heldout_set = _split_heldout(dataset.train, opts.heldout, opts.seed)
-    hx, hy = next(iter(make_loader(heldout_set, len(heldout_set), 0, 0, shuffle=False)))  # type: ignore[arg-type]
+    hx, hy = next(iter(DataLoader(heldout_set, batch_size=len(heldout_set))))  # type: ignore[arg-type]  # same on every rank
     order = forward_order(model, example.to(device))
     try:
         for i in range(start, len(groups)):
@@ -275,6 +278,7 @@ def prune(run_path: Path, opts: PruneOptions, resume: bool = False,
             proposed = selection.keep if selection.keep is not None else suggested
             k = budget.choose(proposed)
             masks[g.id] = top_k_mask(selection.scores, k)
+            D.check_same_on_all_ranks({"mask": masks[g.id]}, f"the masks of group {g.id}")
             controller.set_fixed(g.id, masks[g.id].to(device))
             for key, value in selection.state.items():
                 state[f"{key}.{g.id}"] = value.detach().cpu()
@@ -286,10 +290,13 @@ def prune(run_path: Path, opts: PruneOptions, resume: bool = False,
 
             loss = retrain(model, g, order, batches, opts.retrain_steps, opts.lr, on_step)
             records.append(GroupRecord(g.id, list(g.producers), g.size, k, proposed, suggested, loss))
-            _save_checkpoint(checkpoint_path, model, masks, state, records, opts, accuracy_before)
+            if D.is_main_process():
+                _save_checkpoint(checkpoint_path, model, masks, state, records, opts, accuracy_before)
+            D.barrier()
             if on_event:
                 on_event(PruneEvent("done", i, len(groups), g.id, kept_filters=budget.kept))
         accuracy_after = evaluate(model, dataset.test, device).accuracy
+        D.check_same_on_all_ranks({**model.state_dict(), **masks}, "retrained weights and masks")
     finally:
         controller.remove()
         model.to("cpu")
@@ -298,7 +305,9 @@ def prune(run_path: Path, opts: PruneOptions, resume: bool = False,
                          accuracy_before=accuracy_before, accuracy_after=accuracy_after,
                          seconds=time.perf_counter() - started, resumed_after=start,
                          layer_counts=_layer_counts(groups, masks))
-    _write_result(run, model, result, opts, state, data_name, data_root)
+    if D.is_main_process():
+        _write_result(run, model, result, opts, state, data_name, data_root)
+    D.barrier()
     return result
 
 

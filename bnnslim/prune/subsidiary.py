@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bnnslim.distributed import average_gradients
 from bnnslim.plugin_types import Selection, SelectionContext
 
 SELECTOR_INIT = 0.1  # every channel starts kept, inside the straight-through window
@@ -64,6 +65,7 @@ def select_subsidiary(ctx: SelectionContext) -> Selection:
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y) + ctx.penalty * torch.relu(selector_mask(selector).mean() - target)
             loss.backward()
+            average_gradients([selector])  # identical selectors on every rank under torchrun
             optimizer.step()
     finally:
         for p, flag in frozen:
