@@ -41,7 +41,12 @@ def model_file(tmp: Path, example: str, width: float) -> Path:
     return path
 
 
-def step_times(run: Path, steps: int = 20) -> tuple[float, float]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_times(run: Path, device: torch.device, steps: int = 20) -> tuple[float, float]:
     """Seconds per selector-learning step and per plain training step (same batch size)."""
     from bnnslim.graph import build_graph
     from bnnslim.prune.groups import find_groups
@@ -53,28 +58,35 @@ def step_times(run: Path, steps: int = 20) -> tuple[float, float]:
     loaded = load_run_model(RunDir(run))
     model, example = loaded.model, loaded.example()
     groups = find_groups(model, build_graph(model, example), example).groups
-    x = torch.randn(128, *loaded.input_shape)
-    y = torch.randint(0, 10, (128,))
+    model.to(device)
+    x = torch.randn(128, *loaded.input_shape, device=device)
+    y = torch.randint(0, 10, (128,), device=device)
 
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
     for _ in range(3):
         opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()  # noqa: E702
+    _sync(device)
     t = time.perf_counter()
     for _ in range(steps):
         opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()  # noqa: E702
+    _sync(device)
     plain = (time.perf_counter() - t) / steps
 
     controller = MaskController(model, groups)
-    s = torch.full((groups[0].size,), 0.1, requires_grad=True)
+    s = torch.full((groups[0].size,), 0.1, requires_grad=True, device=device)
     controller.set_source(groups[0].id, lambda: selector_mask(s))
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
     sopt = torch.optim.Adam([s], lr=0.01)
+    for _ in range(3):
+        sopt.zero_grad(); F.cross_entropy(model(x), y).backward(); sopt.step()  # noqa: E702
+    _sync(device)
     t = time.perf_counter()
     for _ in range(steps):
         sopt.zero_grad(); F.cross_entropy(model(x), y).backward(); sopt.step()  # noqa: E702
+    _sync(device)
     select = (time.perf_counter() - t) / steps
     controller.remove()
     return select, plain
@@ -91,6 +103,9 @@ def main() -> None:
     parser.add_argument("--retrain-steps", type=int, default=100)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bnnslim-bench-prune"))
     parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist-mini for a quick smoke run")
+    parser.add_argument("--data-root", type=Path, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=HERE / "prune_fashion_mnist.md")
     args = parser.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
@@ -98,15 +113,16 @@ def main() -> None:
            f"\nModels: the examples at width {args.width} (channels x {args.width}), 1x28x28 inputs. Binary main "
            f"network: {args.epochs} epochs, Adam lr 2e-3, batch 128, xnor. Pruning: every strategy with the same "
            f"schedule, {args.select_steps} selection steps and {args.retrain_steps} retraining steps per group, "
-           "batch 128, seed 0; accuracy on the 10,000 test images.\n"]
+           f"batch 128, seed 0; accuracy on the 10,000 test images. Device: {args.device}"
+           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "") + ".\n"]
     for example in args.models:
         base = args.work / Path(example).stem / "base"
         t = time.perf_counter()
         trained = binarize(BinarizeOptions(model=str(model_file(args.work, example, args.width)), run=base,
-                                           data=args.data,
+                                           data=args.data, data_root=args.data_root, device=args.device,
                                            train=TrainConfig(epochs=args.epochs, lr=2e-3, batch_size=128)))
         print(f"{example}: binary accuracy {trained.test_accuracy:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
-        select_t, plain_t = step_times(base)
+        select_t, plain_t = step_times(base, torch.device(args.device))
         out += [f"\n## {example} (width {args.width})\n",
                 f"Unpruned binary network: test accuracy **{trained.test_accuracy:.4f}**.\n",
                 f"One selector-learning step takes {select_t / plain_t:.2f}x the time of one plain training step "
@@ -119,13 +135,13 @@ def main() -> None:
                 shutil.copytree(base, run)
                 t = time.perf_counter()
                 r = prune(run, PruneOptions(keep=keep, strategy=strategy, select_steps=args.select_steps,
-                                            retrain_steps=args.retrain_steps))
+                                            retrain_steps=args.retrain_steps, device=args.device))
                 line = (f"| {keep} | {strategy} | {r.kept_filters}/{r.total_filters} | {r.accuracy_after:.4f} | "
                         f"{100 * (r.accuracy_after - trained.test_accuracy):+.2f} pt | {time.perf_counter() - t:.0f} |")
                 out.append(line)
                 print(example, line, flush=True)
-                (HERE / "prune_fashion_mnist.md").write_text("\n".join(out) + "\n\n(partial: still running)\n")
-    (HERE / "prune_fashion_mnist.md").write_text("\n".join(out) + "\n")
+                args.out.write_text("\n".join(out) + "\n\n(partial: still running)\n")
+    args.out.write_text("\n".join(out) + "\n")
     print("\n".join(out))
 
 

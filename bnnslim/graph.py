@@ -5,11 +5,16 @@ torch-pruning's ``DependencyGraph`` records which layers' channels are coupled
 flatten -> linear). bnnslim builds one graph per model and uses it to find
 prunable groups and to slim. This module turns torch-pruning's silent failure
 modes into errors (see ``shared/notes/torch-pruning.md`` in the project notes).
+
+Layers torch-pruning does not know get their pruner from plugins (the
+``bnnslim_pruners`` hook), passed as ``customized_pruners``; a layer that owns
+parameters no pruner covers is an error naming the layer and the hook.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import torch
 import torch_pruning as tp
@@ -18,20 +23,27 @@ from torch import nn
 from bnnslim.errors import BnnslimError
 
 
-def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+def build_graph(model: nn.Module, example: torch.Tensor,
+                pruners: Mapping[type, tp.pruner.BasePruningFunc] | None = None) -> tp.DependencyGraph:
     """Trace ``model`` on ``example`` (a batch) and return its dependency graph.
 
-    Raises when the model cannot be traced, or when a module owns a parameter that
-    torch-pruning does not know how to slice (it would slice it on a wrong
-    dimension and break the model later). The model's train/eval mode is kept.
+    ``pruners`` maps custom layer types to their torch-pruning pruner; by default
+    the ones plugins provide. Raises when the model cannot be traced, or when a
+    module owns a parameter that no pruner knows how to slice (torch-pruning would
+    slice it on a wrong dimension and break the model later). The model's
+    train/eval mode is kept.
     """
+    if pruners is None:
+        from bnnslim.plugins import customized_pruners
+
+        pruners = customized_pruners()
     was_training = model.training
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            # verbose=True: torch-pruning only reports unwrapped parameters through this warning
-            # (and unknown ops); every warning is caught here, none reaches the user.
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=True)
+        with warnings.catch_warnings():
+            # torch-pruning warns about unwrapped parameters (checked below) and unknown ops: none reaches the user
+            warnings.simplefilter("ignore")
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
+                                                          customized_pruners=dict(pruners))
     except BnnslimError:
         raise
     except Exception as exc:
@@ -42,12 +54,28 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
         ) from exc
     finally:
         model.train(was_training)
-    for w in caught:
-        text = str(w.message)
-        if text.startswith("Unwrapped parameters detected"):
-            names = text.split(":", 1)[1].split("\n", 1)[0].strip()
-            raise BnnslimError(
-                f"the model has parameters outside standard layers that torch-pruning cannot slice: {names}",
-                "wrap them in a standard layer, or keep that layer out of pruning",
-            )
+    if graph.unwrapped_parameters:  # found by torch-pruning; parameters without a dimension > 1 are not listed
+        raise _unwrapped_error(model, graph)
     return graph
+
+
+def _unwrapped_error(model: nn.Module, graph: tp.DependencyGraph) -> BnnslimError:
+    """Name the modules that own parameters torch-pruning cannot slice, and the hook that fixes it."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    owners: dict[str, list[str]] = {}
+    for up in graph.unwrapped_parameters:
+        name = names.get(id(up.parameters), "?")
+        module, _, _param = name.rpartition(".")
+        owners.setdefault(module, []).append(name)
+    modules = dict(model.named_modules())
+    parts = []
+    for module, params in owners.items():
+        kind = type(modules[module]).__name__ if module in modules else "?"
+        where = f"module '{module}' ({kind})" if module else f"the model itself ({kind})"
+        parts.append(f"{where} owns {', '.join(params)}")
+    types = sorted({type(modules[m]).__name__ for m in owners if m in modules})
+    return BnnslimError(
+        "torch-pruning does not know how to slice parameters outside standard layers: " + "; ".join(parts),
+        f"register a pruner for {' and '.join(types) or 'that layer'} with the bnnslim_pruners plugin hook "
+        "(docs/plugins.md), or build the layer from standard ones",
+    )

@@ -82,6 +82,20 @@ def resize_layers(model: nn.Module, shapes: dict[str, dict[str, int]]) -> None:
                 m.running_var = torch.ones(n)
 
 
+def resize_others(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Give any other parameter or buffer its stored shape (a custom layer that a plugin's pruner sliced)."""
+    for key, value in model.state_dict().items():
+        stored = tensors.get(key)
+        if stored is None or tuple(stored.shape) == tuple(value.shape):
+            continue
+        module_name, _, attr = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        if attr in module._parameters:
+            setattr(module, attr, nn.Parameter(torch.empty(stored.shape, dtype=value.dtype)))
+        elif attr in module._buffers:
+            module._buffers[attr] = torch.empty(stored.shape, dtype=value.dtype)
+
+
 def header(manifest: dict[str, Any], model: nn.Module, form: str, metrics: dict[str, Any]) -> dict[str, str]:
     return {
         "format": FORMAT, "form": form, "bnnslim_version": __version__,
@@ -159,6 +173,7 @@ def load(path: str | Path, model_file: str | Path | None = None) -> nn.Module:
         raise BnnslimError(f"'{path}' is damaged ({exc})", "export it again") from exc
     if meta.get("form") == "packed":
         tensors = _unpack(model, tensors)
+    resize_others(model, tensors)
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     if missing:

@@ -13,44 +13,65 @@ Fashion-MNIST (1 channel) and CIFAR-10 (3 channels).
 
 The file may set ``INPUT_SHAPE = (C, H, W)``: the shape of one input without the
 batch dimension, used when no dataset or ``--input-shape`` gives it.
+
+``PREFIX:NAME`` where ``PREFIX`` is a model source from a plugin (built in:
+``torchvision``) and no such file exists builds model ``NAME`` of that source
+(``bnnslim_model_sources`` hook). Its :class:`ModelSource` has ``path =
+Path(PREFIX)`` (relative, where a model file's is absolute), so ``f"{path}:{name}"``
+is the spec in both cases; its "sha256" hashes the source, the name and the
+providing plugin's distribution and version, so a run directory notices when the
+plugin changed.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import importlib.util
 import inspect
+import json
+import re
 import sys
 import traceback
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from bnnslim.errors import BnnslimError
 
+if TYPE_CHECKING:
+    from bnnslim.plugins import Provided
+
 DEFAULT_FACTORY = "build_model"
 DEFAULT_INSTANCE = "model"
+_SOURCE_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model comes from and how to build it."""
 
-    path: Path
-    name: str  # the attribute that builds the model
-    sha256: str  # of the file's bytes
-    input_shape: tuple[int, ...] | None  # INPUT_SHAPE from the file, if any
+    path: Path  # the model file; for a plugin's model, Path(PREFIX)
+    name: str  # the attribute that builds the model; for a plugin's model, NAME
+    sha256: str  # of the file's bytes; for a plugin's model, of its identity (see the module docstring)
+    input_shape: tuple[int, ...] | None  # INPUT_SHAPE from the file, or the source's default
     factory: Callable[..., nn.Module]
+    provider: str = ""  # the plugin that provides the model ("" for a file)
 
     @property
     def spec(self) -> str:
-        """``FILE:NAME`` as the command line accepts it."""
+        """``FILE:NAME`` (or ``PREFIX:NAME``) as the command line accepts it."""
         return f"{self.path}:{self.name}"
+
+    @property
+    def where(self) -> str:
+        """How messages name the model's origin: the file name, or the spec and its plugin."""
+        return f"{self.spec} (from {self.provider})" if self.provider else self.path.name
 
     def build(self, num_classes: int | None = None, in_channels: int | None = None) -> nn.Module:
         """Build a fresh model, passing ``num_classes``/``in_channels`` when the factory takes them."""
@@ -58,13 +79,15 @@ class ModelSource:
         kwargs = {k: v for k, v in offered.items() if v and _accepts(self.factory, k)}
         try:
             model = self.factory(**kwargs)
+        except BnnslimError:
+            raise
         except Exception as exc:
             raise BnnslimError(
                 f"building the model with {self.name}({_kwargs_text(kwargs)}) failed: {_user_frame(exc, self.path)}",
                 f"fix {self.path.name}",
             ) from exc
         if not isinstance(model, nn.Module):
-            raise BnnslimError(f"{self.name} in {self.path.name} returned {type(model).__name__}, not an nn.Module",
+            raise BnnslimError(f"{self.name} in {self.where} returned {type(model).__name__}, not an nn.Module",
                                "return the model from it")
         return model
 
@@ -82,9 +105,22 @@ def split_spec(spec: str) -> tuple[Path, str | None]:
 
 
 def load_model_source(spec: str, expected_sha256: str | None = None) -> ModelSource:
-    """Import ``FILE[:NAME]`` and find the model in it (rules in the module docstring)."""
+    """Import ``FILE[:NAME]`` and find the model in it, or build ``PREFIX:NAME`` from a plugin's model source."""
     path, name = split_spec(spec)
-    if not path.is_file():
+    if not path.is_file() and not Path(spec).is_file():
+        prefix, sep, rest = spec.partition(":")
+        if sep and _SOURCE_PREFIX.match(prefix):
+            from bnnslim.plugins import find_model_source, model_sources
+
+            provided = find_model_source(prefix)
+            if provided is not None:
+                return load_plugin_model(provided, rest, expected_sha256)
+            known = sorted(model_sources())
+            close = difflib.get_close_matches(prefix.lower(), known, n=1)
+            hint = f"did you mean {close[0]}:{rest}? " if close else ""
+            raise BnnslimError(f"'{spec}' is not a model file, and '{prefix}' is not a model source",
+                               f"{hint}give the path of a .py file, or PREFIX:NAME with a model source "
+                               f"({', '.join(known) or 'none installed'})")
         raise BnnslimError(f"model file '{path}' not found", "give the path of a .py file that builds your model")
     path = path.resolve()
     digest = file_sha256(path)
@@ -103,6 +139,61 @@ def load_model_source(spec: str, expected_sha256: str | None = None) -> ModelSou
             raise BnnslimError(f"INPUT_SHAPE in {path.name} must be a tuple of ints like (3, 32, 32)",
                                "fix it or remove it") from exc
     return ModelSource(path=path, name=name, sha256=digest, input_shape=input_shape, factory=factory)
+
+
+def plugin_model_identity(provided: Provided, model_name: str) -> str:
+    """What a run records for a plugin's model: source, name, providing distribution and versions, hashed."""
+    info = provided.info
+    identity = {"model_source": provided.spec.name, "model": model_name,
+                "distribution": info.distribution or info.name, "version": info.version,
+                "source_version": provided.spec.version}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def load_plugin_model(provided: Provided, model_name: str, expected_sha256: str | None = None) -> ModelSource:
+    """The :class:`ModelSource` of model ``model_name`` of the plugin model source ``provided``."""
+    source = provided.spec
+    model_name = model_name.strip()
+    spec = f"{source.name}:{model_name}"
+    if not model_name:
+        raise BnnslimError(f"no model name after '{source.name}:'", f"give one, e.g. {source.name}:NAME")
+    if source.list_models is not None:
+        try:
+            names = [str(n) for n in source.list_models()]
+        except BnnslimError:
+            raise
+        except Exception as exc:
+            raise BnnslimError(f"listing the models of '{source.name}' failed in {provided.provider}: "
+                               f"{type(exc).__name__}: {exc}", provided.info.fix) from exc
+        if model_name not in names:
+            close = difflib.get_close_matches(model_name, names, n=5)
+            raise BnnslimError(f"model source '{source.name}' has no model '{model_name}'",
+                               f"did you mean {', '.join(close)}?" if close else
+                               f"choose one of: {', '.join(names[:30])}{' ...' if len(names) > 30 else ''}")
+    digest = plugin_model_identity(provided, model_name)
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise BnnslimError(
+            f"model '{spec}' is now provided by {provided.provider} ({source.version or 'no source version'}), "
+            "which differs from the plugin the run directory was made with",
+            "install the plugin version the run was made with, or start a new run with --run DIR",
+        )
+
+    def factory(num_classes: int | None = None, in_channels: int | None = None) -> nn.Module:
+        try:
+            return source.build(model_name, num_classes, in_channels)
+        except BnnslimError:
+            raise
+        except Exception as exc:
+            raise BnnslimError(f"building '{spec}' failed in {provided.provider}: {type(exc).__name__}: {exc}",
+                               provided.info.fix) from exc
+
+    try:
+        input_shape = source.default_input_shape(model_name)
+    except Exception as exc:
+        raise BnnslimError(f"the input shape of '{spec}' from {provided.provider} is not a tuple of ints: {exc}",
+                           provided.info.fix) from exc
+    return ModelSource(path=Path(source.name), name=model_name, sha256=digest, input_shape=input_shape,
+                       factory=factory, provider=provided.provider)
 
 
 def _import_file(path: Path, digest: str) -> types.ModuleType:

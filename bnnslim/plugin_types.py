@@ -7,15 +7,16 @@ bnnslim but this module to describe what it offers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
     import torch
     from torch import nn
     from torch.utils.data import Dataset
+    from torch_pruning.pruner.function import BasePruningFunc
 
     from bnnslim.prune.groups import PrunableGroup
     from bnnslim.prune.masking import MaskController
@@ -119,3 +120,68 @@ class StrategySpec:
     name: str
     description: str
     select: Callable[[SelectionContext], Selection]
+
+
+@dataclass(frozen=True)
+class ModelSourceSpec:
+    """A model zoo that ``bnnslim binarize PREFIX:NAME`` reads from (``name`` is the prefix).
+
+    ``build(model_name, num_classes, in_channels)`` returns a fresh ``nn.Module``
+    (random weights, or whatever the source considers its default); ``num_classes``
+    and ``in_channels`` come from the dataset and are ``None`` when unknown, in
+    which case the source uses its own default. It raises
+    :class:`bnnslim.errors.BnnslimError` for a name it does not know.
+    ``list_models()`` (optional) returns the names it offers, so that a typo gets a
+    list of candidates. ``input_shape`` is the default ``(C, H, W)`` of one input,
+    for every model of the source or per model name (a callable returning ``None``
+    when unknown). ``version`` identifies what ``build`` makes (e.g. the zoo's
+    release); it is part of the identity a run directory records, with the
+    plugin's distribution and version.
+    """
+
+    name: str
+    description: str
+    build: Callable[[str, int | None, int | None], "nn.Module"]
+    list_models: Callable[[], Iterable[str]] | None = None
+    input_shape: tuple[int, ...] | Callable[[str], tuple[int, ...] | None] | None = None
+    version: str = ""
+
+    def default_input_shape(self, model_name: str) -> tuple[int, ...] | None:
+        """The input shape of ``model_name`` without the batch dimension, if the source knows it."""
+        shape = self.input_shape(model_name) if callable(self.input_shape) else self.input_shape
+        return tuple(int(d) for d in shape) if shape is not None else None
+
+
+@dataclass(frozen=True)
+class PrunerSpec:
+    """How torch-pruning slices a layer type it does not know.
+
+    ``pruner`` is an instance of ``torch_pruning.pruner.BasePruningFunc`` (e.g. a
+    subclass of ``torch_pruning.pruner.function.ConvPruner``); it is passed to
+    torch-pruning's ``build_dependency(..., customized_pruners={layer_type: pruner})``
+    whenever bnnslim traces a model. Keys are looked up by *exact* class, so each
+    subclass needs its own spec.
+    """
+
+    layer_type: type
+    pruner: "BasePruningFunc"
+
+    @property
+    def name(self) -> str:
+        """The layer type's qualified name (what ``bnnslim plugins`` shows)."""
+        kind = self.layer_type
+        return f"{getattr(kind, '__module__', '?')}.{getattr(kind, '__qualname__', repr(kind))}"
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """An extra ``bnnslim NAME`` command.
+
+    ``callback`` is a Typer command function (parameters annotated with
+    ``typer.Argument``/``typer.Option``); it is added to the app when ``bnnslim``
+    starts, so import heavy modules inside it, not at the plugin's top level.
+    """
+
+    name: str
+    help: str
+    callback: Callable[..., Any]

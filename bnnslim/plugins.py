@@ -3,33 +3,101 @@
 Built-in plugins are registered exactly like third-party ones, from the list
 :data:`BUILTIN_PLUGINS`; external ones come from the entry-point group
 ``bnnslim``. Set ``BNNSLIM_DISABLE_EXTERNAL_PLUGINS=1`` to load built-ins only.
-The manager is created on first use and cached.
+The manager is created on first use and cached (:func:`reset_plugin_manager`
+forgets it).
+
+Every failure a plugin can cause is a :class:`~bnnslim.errors.BnnslimError` that
+names the plugin and its distribution: failing to import or to register, an
+unknown hook name, raising inside a hook, returning the wrong type, a name that
+another plugin already provides, and (for strategies) raising or returning an
+invalid selection while ``bnnslim prune`` runs.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import importlib.metadata
+import inspect
 import os
-from dataclasses import dataclass
-from typing import Any, TypeVar
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
-from bnnslim import hookspecs
+from bnnslim import __version__, hookspecs
 from bnnslim.errors import BnnslimError
-from bnnslim.plugin_types import DatasetSpec, SchemeSpec, StrategySpec
+from bnnslim.plugin_types import (
+    CommandSpec,
+    DatasetSpec,
+    ModelSourceSpec,
+    PrunerSpec,
+    SchemeSpec,
+    Selection,
+    SelectionContext,
+    StrategySpec,
+)
+
+if TYPE_CHECKING:
+    from torch_pruning.pruner.function import BasePruningFunc
 
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "bnnslim.default_plugins.datasets",
     "bnnslim.default_plugins.schemes",
     "bnnslim.default_plugins.strategies",
+    "bnnslim.default_plugins.models",
 )
 DISABLE_EXTERNAL_ENV = "BNNSLIM_DISABLE_EXTERNAL_PLUGINS"
 
+#: Each hook and the type of the objects it returns.
+HOOKS: dict[str, type] = {
+    "bnnslim_datasets": DatasetSpec,
+    "bnnslim_schemes": SchemeSpec,
+    "bnnslim_strategies": StrategySpec,
+    "bnnslim_model_sources": ModelSourceSpec,
+    "bnnslim_pruners": PrunerSpec,
+    "bnnslim_commands": CommandSpec,
+}
+
 T = TypeVar("T")
-_DISTRIBUTIONS: dict[str, str] = {}  # entry-point name -> "distribution version"
+_PREFIX_RE = re.compile(r"^[a-z][a-z0-9_.-]*$")  # model source prefixes and command names
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """Who a registered plugin is: its name and the distribution that installed it."""
+
+    name: str  # entry-point name, built-in module name, or the name given to pm.register
+    distribution: str = ""  # "" for an object registered in code
+    version: str = ""
+    builtin: bool = False
+
+    @property
+    def label(self) -> str:
+        """How messages name the plugin."""
+        if self.builtin:
+            return "bnnslim (built-in)"
+        if self.distribution:
+            return f"plugin '{self.name}' ({self.distribution} {self.version})".replace(" )", ")")
+        return f"plugin '{self.name}'"
+
+    @property
+    def fix(self) -> str:
+        """What a user can do about a broken plugin."""
+        if self.builtin:
+            return "this is a bug in bnnslim: please report it"
+        what = self.distribution or self.name
+        return f"fix or uninstall {what}, or set {DISABLE_EXTERNAL_ENV}=1 to load built-in plugins only"
+
+
+_INFO: dict[str, PluginInfo] = {}  # registration name -> info, for the cached manager
+
+
+def external_plugins_disabled() -> bool:
+    """Whether ``BNNSLIM_DISABLE_EXTERNAL_PLUGINS`` blocks entry points."""
+    return os.environ.get(DISABLE_EXTERNAL_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 @functools.cache
@@ -37,33 +105,82 @@ def get_plugin_manager() -> pluggy.PluginManager:
     """The process-wide plugin manager (built-ins, then entry points)."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs.BnnslimSpecs)
+    _INFO.clear()
     for module_name in BUILTIN_PLUGINS:
-        pm.register(importlib.import_module(module_name), name=module_name)
-    if os.environ.get(DISABLE_EXTERNAL_ENV, "") not in ("", "0"):
-        return pm
+        info = PluginInfo(module_name, "bnnslim", __version__, builtin=True)
+        _register(pm, importlib.import_module(module_name), info)
+    if not external_plugins_disabled():
+        _load_entry_points(pm)
+    _check_hook_names(pm)
+    return pm
+
+
+def reset_plugin_manager() -> None:
+    """Forget the cached manager (tests use this after changing the environment)."""
+    get_plugin_manager.cache_clear()
+    _INFO.clear()
+
+
+def _dist_of(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return "", ""
+    return dist.name, dist.version
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
     for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
-        if pm.get_plugin(ep.name) is not None:
-            continue
+        dist, version = _dist_of(ep)
+        info = PluginInfo(ep.name, dist, version)
+        known = _INFO.get(ep.name)
+        if known is not None:
+            if known.distribution == dist:  # the same distribution found twice on sys.path
+                continue
+            raise BnnslimError(f"two distributions register a bnnslim plugin called '{ep.name}': "
+                               f"{known.distribution or known.name} and {dist or '?'}", "uninstall one of them")
         try:
             plugin = ep.load()
-        except Exception as exc:  # a broken third-party plugin must be named, not crash
-            dist = ep.dist.name if ep.dist else "?"
+        except Exception as exc:  # a broken third-party plugin must be named, not crash bnnslim
             raise BnnslimError(
-                f"plugin '{ep.name}' from distribution '{dist}' failed to import: {exc}",
-                f"uninstall or fix it, or set {DISABLE_EXTERNAL_ENV}=1 to load built-in plugins only",
+                f"plugin '{ep.name}' from distribution '{dist or '?'}' failed to import ({ep.value}): "
+                f"{type(exc).__name__}: {exc}",
+                info.fix,
             ) from exc
-        pm.register(plugin, name=ep.name)
-        _DISTRIBUTIONS[ep.name] = f"{ep.dist.name} {ep.dist.version}" if ep.dist else ep.name
-    pm.check_pending()
-    return pm
+        _register(pm, plugin, info)
+
+
+def _register(pm: pluggy.PluginManager, plugin: object, info: PluginInfo) -> None:
+    try:
+        pm.register(plugin, name=info.name)
+    except Exception as exc:  # pluggy.PluginValidationError (bad hook signature), ValueError (registered twice)
+        # pluggy's message spans lines, and for a second registration ends with a dict of every plugin
+        reason = " ".join(line.strip() for line in str(exc).splitlines() if not line.startswith("{"))
+        raise BnnslimError(f"{info.label} could not be registered: {reason}", info.fix) from exc
+    _INFO[info.name] = info
+
+
+def _check_hook_names(pm: pluggy.PluginManager) -> None:
+    """Like tox's ``check_pending``: a misspelled hook is an error naming the plugin and the hook."""
+    for _name, plugin in pm.list_name_plugin():
+        for caller in pm.get_hookcallers(plugin) or ():
+            if caller.name in HOOKS:
+                continue
+            close = difflib.get_close_matches(caller.name, HOOKS, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"bnnslim's hooks are {', '.join(HOOKS)}"
+            info = plugin_info(pm, plugin)
+            raise BnnslimError(f"{info.label} implements '{caller.name}', which is not a bnnslim hook",
+                               f"{hint} ({info.fix})")
+
+
+def plugin_info(pm: pluggy.PluginManager, plugin: object) -> PluginInfo:
+    """The :class:`PluginInfo` of a registered plugin (a bare name for objects registered in code)."""
+    name = pm.get_name(plugin) or repr(plugin)
+    return _INFO.get(name) or PluginInfo(name)
 
 
 def plugin_label(pm: pluggy.PluginManager, plugin: object) -> str:
     """A human name for a registered plugin: its distribution when it has one."""
-    name = pm.get_name(plugin) or repr(plugin)
-    if name in BUILTIN_PLUGINS:
-        return "bnnslim (built-in)"
-    return _DISTRIBUTIONS.get(name, name)
+    return plugin_info(pm, plugin).label
 
 
 @dataclass(frozen=True)
@@ -72,40 +189,74 @@ class Provided:
 
     spec: Any
     provider: str
+    info: PluginInfo = field(default_factory=lambda: PluginInfo("?"))
+
+
+def _check_item(item: Any) -> str | None:
+    """What is wrong with a returned spec beyond its type, or None."""
+    if isinstance(item, PrunerSpec) and not inspect.isclass(item.layer_type):
+        return f"a PrunerSpec whose layer_type is a {type(item.layer_type).__name__}, not a class"
+    name = getattr(item, "name", None)
+    if not isinstance(name, str) or not name.strip():
+        return f"a {type(item).__name__} without a name"
+    callables = {DatasetSpec: ("build",), SchemeSpec: ("binarize_input", "binarize_weight", "scale"),
+                 StrategySpec: ("select",), ModelSourceSpec: ("build",), CommandSpec: ("callback",)}
+    for attr in callables.get(type(item), ()):
+        if not callable(getattr(item, attr)):
+            return f"{type(item).__name__} '{name}' whose {attr} is not callable"
+    if isinstance(item, (ModelSourceSpec, CommandSpec)) and not _PREFIX_RE.match(name):
+        return f"{type(item).__name__} '{name}': the name must be lower-case letters, digits, '-', '_' or '.'"
+    if isinstance(item, PrunerSpec):
+        from torch_pruning.pruner.function import BasePruningFunc
+
+        if not isinstance(item.pruner, BasePruningFunc):
+            return (f"a PrunerSpec for {item.name} whose pruner is a {type(item.pruner).__name__}, "
+                    "not a torch_pruning BasePruningFunc instance")
+    return None
+
+
+def call_impl(pm: pluggy.PluginManager, impl: pluggy.HookImpl, hook_name: str, expected: type[T]) -> list[T]:
+    """Call one plugin's implementation of ``hook_name`` and check what it returns."""
+    info = plugin_info(pm, impl.plugin)
+    try:
+        result = impl.function()
+        if result is not None and (isinstance(result, (str, bytes)) or not hasattr(result, "__iter__")):
+            raise BnnslimError(f"{info.label} returned {type(result).__name__} from {hook_name}, expected an "
+                               f"iterable of {expected.__name__}", f"yield the specs ({info.fix})")
+        items = [] if result is None else list(result)  # a generator runs here
+    except BnnslimError:
+        raise
+    except Exception as exc:
+        raise BnnslimError(f"{info.label} raised in {hook_name}: {type(exc).__name__}: {exc}", info.fix) from exc
+    for item in items:
+        if not isinstance(item, expected):
+            raise BnnslimError(
+                f"{info.label} returned {type(item).__name__} from {hook_name}, expected {expected.__name__}",
+                info.fix)
+        problem = _check_item(item)
+        if problem:
+            raise BnnslimError(f"{info.label} returned {problem} from {hook_name}", info.fix)
+    return items
 
 
 def collect(hook_name: str, expected: type[T]) -> dict[str, Provided]:
-    """Call every implementation of ``hook_name`` and index the results by name.
+    """Call every implementation of ``hook_name`` and index the results by (lower-case) name.
 
-    Raises when a plugin returns something that is not an ``expected`` or when two
-    plugins provide the same name (naming both).
+    Raises when a plugin raises, returns something that is not an ``expected``, or
+    provides a name that another plugin already provides (naming both).
     """
     pm = get_plugin_manager()
-    hook = getattr(pm.hook, hook_name)
     found: dict[str, Provided] = {}
-    for impl in hook.get_hookimpls():
-        label = plugin_label(pm, impl.plugin)
-        try:
-            items = list(impl.function() or ())
-        except BnnslimError:
-            raise
-        except Exception as exc:
-            raise BnnslimError(
-                f"plugin {label} raised in {hook_name}: {exc}", "fix or uninstall that plugin"
-            ) from exc
-        for item in items:
-            if not isinstance(item, expected):
-                raise BnnslimError(
-                    f"plugin {label} returned {type(item).__name__} from {hook_name}, expected {expected.__name__}",
-                    "fix or uninstall that plugin",
-                )
-            name = item.name.strip().lower()
+    for impl in getattr(pm.hook, hook_name).get_hookimpls():
+        info = plugin_info(pm, impl.plugin)
+        for item in call_impl(pm, impl, hook_name, expected):
+            name = item.name.strip().lower()  # type: ignore[attr-defined]
             if name in found:
                 raise BnnslimError(
-                    f"'{name}' is provided twice by {hook_name}: by {found[name].provider} and by {label}",
+                    f"'{name}' is provided twice by {hook_name}: by {found[name].provider} and by {info.label}",
                     "uninstall one of the two",
                 )
-            found[name] = Provided(item, label)
+            found[name] = Provided(item, info.label, info)
     return found
 
 
@@ -133,8 +284,24 @@ def strategies() -> dict[str, Provided]:
     return collect("bnnslim_strategies", StrategySpec)
 
 
-def get_strategy(name: str) -> StrategySpec:
-    return choose("strategy", name, strategies())
+def model_sources() -> dict[str, Provided]:
+    """All model sources, by prefix."""
+    return collect("bnnslim_model_sources", ModelSourceSpec)
+
+
+def pruners() -> dict[str, Provided]:
+    """All custom-layer pruners, by the layer type's qualified name."""
+    return collect("bnnslim_pruners", PrunerSpec)
+
+
+def commands() -> dict[str, Provided]:
+    """All extra commands, by name."""
+    return collect("bnnslim_commands", CommandSpec)
+
+
+def customized_pruners() -> dict[type, BasePruningFunc]:
+    """``{layer_type: pruner}`` for torch-pruning's ``build_dependency(customized_pruners=...)``."""
+    return {p.spec.layer_type: p.spec.pruner for p in pruners().values()}
 
 
 def get_dataset(name: str) -> DatasetSpec:
@@ -145,8 +312,71 @@ def get_scheme(name: str) -> SchemeSpec:
     return choose("scheme", name, schemes())
 
 
-def reset_plugin_manager() -> None:
-    """Forget the cached manager (tests use this after registering plugins)."""
-    get_plugin_manager.cache_clear()
+def get_strategy(name: str) -> StrategySpec:
+    """The strategy called ``name``, its ``select`` guarded so that failures name the plugin."""
+    options = strategies()
+    spec: StrategySpec = choose("strategy", name, options)
+    return guard_strategy(spec, options[name.strip().lower()].info)
 
+
+def guard_strategy(spec: StrategySpec, info: PluginInfo) -> StrategySpec:
+    """``spec`` with a ``select`` that turns a crash or an invalid :class:`Selection` into an error naming the plugin.
+
+    A :class:`BnnslimError` the strategy raises itself passes through unchanged.
+    """
+    select = spec.select
+
+    def guarded(ctx: SelectionContext) -> Selection:
+        from bnnslim.prune.schedule import _validate
+
+        where = f"strategy '{spec.name}' from {info.label} on group {ctx.group.id}"
+        fix = info.fix if info.builtin else (
+            f"fix or uninstall {info.distribution or info.name}, or choose another --strategy")
+        try:
+            raw = select(ctx)
+        except BnnslimError:
+            raise
+        except Exception as exc:
+            raise BnnslimError(f"{where} failed: {type(exc).__name__}: {exc}", fix) from exc
+        try:
+            return _validate(raw, spec, ctx.group)
+        except BnnslimError as exc:
+            problem = exc.problem.replace(f"strategy '{spec.name}' on group {ctx.group.id}", where)
+            raise BnnslimError(problem, f"{exc.fix} ({fix})" if exc.fix else fix) from None
+
+    return StrategySpec(name=spec.name, description=spec.description, select=guarded)
+
+
+def find_model_source(prefix: str) -> Provided | None:
+    """The model source registered under ``prefix`` (case-insensitive), or None."""
+    return model_sources().get(prefix.strip().lower())
+
+
+@dataclass
+class PluginReport:
+    """One registered plugin and what it provides (for ``bnnslim plugins``)."""
+
+    info: PluginInfo
+    provides: dict[str, list[str]] = field(default_factory=dict)  # hook -> names
+    errors: dict[str, str] = field(default_factory=dict)  # hook -> error message
+
+
+def describe_plugins() -> list[PluginReport]:
+    """Every registered plugin with the names it provides per hook; a hook that fails is reported, not raised."""
+    pm = get_plugin_manager()
+    reports = []
+    for _name, plugin in pm.list_name_plugin():
+        report = PluginReport(plugin_info(pm, plugin))
+        for hook_name, expected in HOOKS.items():
+            for impl in getattr(pm.hook, hook_name).get_hookimpls():
+                if impl.plugin is not plugin:
+                    continue
+                try:
+                    items = call_impl(pm, impl, hook_name, expected)
+                except BnnslimError as exc:
+                    report.errors[hook_name] = exc.one_line()
+                    continue
+                report.provides[hook_name] = [item.name for item in items]  # type: ignore[attr-defined]
+        reports.append(report)
+    return reports
 

@@ -40,15 +40,30 @@ def build_binary_model(source: ModelSource, manifest: dict[str, Any]) -> nn.Modu
     return apply_binarization(model, manifest["layers"]["binary"], get_scheme(manifest["scheme"]))
 
 
+def load_run_source(info: dict[str, Any]) -> ModelSource:
+    """The model source a manifest's ``model`` entry records: a model file, or a plugin's ``PREFIX:NAME``.
+
+    A model file is recorded with its absolute path, a plugin's model with its
+    source's prefix (``torchvision``); ``f"{source}:{name}"`` loads either.
+    """
+    source_path = Path(info["source"])
+    if not source_path.is_file():
+        if source_path.is_absolute():
+            raise BnnslimError(f"the run's model file '{source_path}' no longer exists",
+                               "restore it at that path, or start a new run")
+        from bnnslim.plugins import find_model_source
+
+        if find_model_source(info["source"]) is None:
+            raise BnnslimError(f"the run's model '{info['source']}:{info['name']}' comes from a model source "
+                               f"'{info['source']}' that no installed plugin provides",
+                               "install the plugin the run was made with, or start a new run")
+    return load_model_source(f"{info['source']}:{info['name']}", expected_sha256=info["sha256"])
+
+
 def load_run_model(run: RunDir, weights: Path | None = None) -> RunModel:
     """The binarized model of ``run`` with its latent weights (``binary.safetensors`` by default)."""
     manifest = run.read_manifest()
-    info = manifest["model"]
-    source_path = Path(info["source"])
-    if not source_path.is_file():
-        raise BnnslimError(f"the run's model file '{source_path}' no longer exists",
-                           "restore it at that path, or start a new run")
-    source = load_model_source(f"{source_path}:{info['name']}", expected_sha256=info["sha256"])
+    source = load_run_source(manifest["model"])
     model = build_binary_model(source, manifest)
     path = weights or run.binary_weights
     load_state(model, load_tensors(path), path)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from bnnslim import __version__
 from bnnslim.cli import binarize, export, info, prune
+from bnnslim.cli import plugins as plugins_cli
 
 app = typer.Typer(
     name="bnnslim",
@@ -18,6 +21,7 @@ app.command("binarize")(binarize.binarize_command)
 app.command("prune")(prune.prune_command)
 app.command("export")(export.export_command)
 app.command("info")(info.info_command)
+app.command("plugins")(plugins_cli.plugins_command)
 
 
 def _version(value: bool) -> None:
@@ -34,4 +38,5 @@ def _root(
 
 
 def main() -> None:
+    plugins_cli.add_plugin_commands(app, sys.argv[1:])  # plugin commands (bnnslim_commands hook) join at startup
     app()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from bnnslim.data import builtin
 from bnnslim.hookspecs import hookimpl
 from bnnslim.plugin_types import DatasetSpec
 
@@ -18,6 +17,8 @@ FOUND_FROM_DATA = 0  # num_classes of a dataset whose classes are the folders fo
 
 @hookimpl
 def bnnslim_datasets() -> Iterator[DatasetSpec]:
+    from bnnslim.data import builtin  # torch: imported only when datasets are asked for
+
     yield DatasetSpec(
         name="fashion-mnist-mini",
         description="Fashion-MNIST subset bundled with bnnslim: 6000 train / 1000 test 28x28 grey images, "

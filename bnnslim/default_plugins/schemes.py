@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from bnnslim.binary.ste import approx_sign, mean_abs_scale, no_scale, ste_sign, ste_sign_weight
 from bnnslim.hookspecs import hookimpl
 from bnnslim.plugin_types import SchemeSpec
 
 
 @hookimpl
 def bnnslim_schemes() -> Iterator[SchemeSpec]:
+    from bnnslim.binary.ste import approx_sign, mean_abs_scale, no_scale, ste_sign, ste_sign_weight
+
     yield SchemeSpec(
         name="xnor",
         description="XNOR-Net (Rastegari 2016): sign weights x per-filter mean|W|, sign activations, clipped-identity STE",

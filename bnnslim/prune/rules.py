@@ -50,12 +50,12 @@ def select_random(ctx: SelectionContext) -> Selection:
     return Selection(scores=torch.rand(ctx.group.size, generator=ctx.generator))
 
 
-GREEDY_ROUNDS = 8
+GREEDY_ROUNDS = 4
 
 
 @torch.no_grad()
 def select_greedy(ctx: SelectionContext) -> Selection:
-    """Remove, in up to 8 rounds, the channels whose removal raises the held-out loss least.
+    """Remove, in up to 4 rounds, the channels whose removal raises the held-out loss least.
 
     Each round tries every remaining channel alone and removes the best
     ``ceil((kept - target) / rounds_left)``. Scores are the removal order

@@ -66,7 +66,7 @@ class PruneOptions:
     retrain_steps: int = 100
     lr: float = 5e-4
     batch_size: int = 128
-    heldout: int = 256
+    heldout: int = 128
     seed: int = 0
     device: str = "cpu"
 

@@ -1,0 +1,790 @@
+// bnnslim runtime: binary conv2d on packed weights and packed activations.
+//
+// Built once by bnnslim/runtime/build.py (torch.utils.cpp_extension, JIT) with
+// baseline x86-64 flags; the SIMD paths carry their own target attributes and
+// are chosen at run time with __builtin_cpu_supports, so one build runs on any
+// x86-64 CPU (and the portable scalar path on any other CPU).
+//
+// Packed activations (int64 words, op `pack_input`):
+//   [N, Hp, G*NWg, 2, SW, Wq]
+//   Hp, Wp   the zero-padded input size; NWg = ceil(Cg / 64) words per group
+//   plane 0  sign bits: bit k of word j = (x[c] > 0), c = g*Cg + 64*j + k
+//   plane 1  nonzero bits: (x[c] != 0); 0 for padding taps, padding channels,
+//            masked channels and exact zeros, so those contribute exactly 0
+//            (NaN inputs also get 0 here, where torch's sign() would give NaN)
+//   SW, Wq   columns split by phase for stride SW: padded column iw lives at
+//            [iw % SW][iw / SW]; Wq = ceil(Wp / SW) + 8 (slack for 8-wide loads)
+// Packed weights (int64 words, made by layers.py from the uint8 export format):
+//   [G, OBg, KH, KW, NWg, NB]   NB = 8 output channels per block, zero padded
+// Per output (o, p):  P = sum popcount((s ^ w) & nz),  V = sum popcount(nz),
+//   dot = V - 2 P  (= sum over nonzero inputs of sign(x) * sign(w), exactly),
+//   y = float(dot) * alpha[o] + bias[o]   (mul then add, as torch does).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define BNN_X86 1
+#include <immintrin.h>
+#else
+#define BNN_X86 0
+#endif
+
+namespace {
+
+constexpr int64_t NB = 8;  // output channels per weight block
+
+enum Isa : int64_t { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_POPCNT = 2, ISA_AVX2 = 3, ISA_AVX512 = 4 };
+
+bool cpu_has(int64_t isa) {
+#if BNN_X86
+  __builtin_cpu_init();
+  switch (isa) {
+    case ISA_SCALAR: return true;
+    case ISA_POPCNT: return __builtin_cpu_supports("popcnt");
+    case ISA_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+    case ISA_AVX512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("popcnt");
+    default: return false;
+  }
+#else
+  return isa == ISA_SCALAR;
+#endif
+}
+
+int64_t best_isa() {
+  for (int64_t isa : {ISA_AVX512, ISA_AVX2, ISA_POPCNT}) {
+    if (cpu_has(isa)) return isa;
+  }
+  return ISA_SCALAR;
+}
+
+int64_t resolve_isa(int64_t isa) {
+  if (isa == ISA_AUTO) return best_isa();
+  TORCH_CHECK(isa >= ISA_SCALAR && isa <= ISA_AVX512, "bnnslim runtime: unknown isa code ", isa);
+  TORCH_CHECK(cpu_has(isa), "bnnslim runtime: this CPU lacks the instruction set of kernel ", isa);
+  return isa;
+}
+
+const char* isa_name(int64_t isa) {
+  switch (isa) {
+    case ISA_AVX512: return "avx512_vpopcntdq";
+    case ISA_AVX2: return "avx2";
+    case ISA_POPCNT: return "popcnt";
+    default: return "scalar";
+  }
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Geo {
+  int64_t N, C, H, W;            // input
+  int64_t G, Cg, NWg, GW;        // groups, channels per group, words per group, G*NWg
+  int64_t O, Og, OBg;            // out channels, per group, weight blocks per group
+  int64_t KH, KW, SH, SW, DH, DW;
+  int64_t PT, PB, PL, PR;        // padding top, bottom, left, right
+  int64_t Hp, Wp, Wq, OH, OW;
+  int64_t plane;                 // words between the sign and the nonzero plane: SW * Wq
+  int64_t word_stride;           // words between consecutive packed words: 2 * plane
+  int64_t row_stride;            // words per padded input row: GW * word_stride
+  int64_t img_stride;            // Hp * row_stride
+};
+
+// ---------------------------------------------------------------- packing
+
+// Portable packer for any float layout; the row loop ("for k: for w") lets the
+// compiler vectorise over pixels when the input is NCHW.
+void pack_rows_generic(const Geo& g, const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
+                       const bool* mask, int64_t* out, int64_t task_begin, int64_t task_end) {
+  std::vector<uint64_t> ts(g.W), tz(g.W);
+  for (int64_t t = task_begin; t < task_end; ++t) {
+    const int64_t n = t / g.H, ih = t % g.H;
+    int64_t* row = out + n * g.img_stride + (ih + g.PT) * g.row_stride;
+    for (int64_t gi = 0; gi < g.G; ++gi) {
+      for (int64_t j = 0; j < g.NWg; ++j) {
+        std::fill(ts.begin(), ts.end(), 0);
+        std::fill(tz.begin(), tz.end(), 0);
+        const int64_t kmax = std::min<int64_t>(64, g.Cg - 64 * j);
+        for (int64_t k = 0; k < kmax; ++k) {
+          const int64_t c = gi * g.Cg + 64 * j + k;
+          if (mask != nullptr && !mask[c]) continue;
+          const float* xr = x + n * sN + c * sC + ih * sH;
+          for (int64_t w = 0; w < g.W; ++w) {
+            const float v = xr[w * sW];
+            ts[w] |= static_cast<uint64_t>(v > 0.0f) << k;
+            tz[w] |= static_cast<uint64_t>(v > 0.0f || v < 0.0f) << k;  // NaN: 0, as in the SIMD paths
+          }
+        }
+        int64_t* dst = row + (gi * g.NWg + j) * g.word_stride;
+        for (int64_t w = 0; w < g.W; ++w) {
+          const int64_t iw = w + g.PL;
+          const int64_t at = (iw % g.SW) * g.Wq + iw / g.SW;
+          dst[at] = static_cast<int64_t>(ts[w]);
+          dst[g.plane + at] = static_cast<int64_t>(tz[w]);
+        }
+      }
+    }
+  }
+}
+
+#if BNN_X86
+#define BNN_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512vpopcntdq,popcnt,bmi2")))
+#define BNN_AVX2 __attribute__((target("avx2,popcnt,bmi2")))
+#define BNN_POPCNT __attribute__((target("popcnt")))
+
+// NCHW rows (unit stride along W): 16 pixels per step; compare masks set bit k
+// of the low or high 32-bit half of 16 words, interleaved into words at the end.
+BNN_AVX512 void pack_rows_avx512_nchw(const Geo& g, const float* x, int64_t sN, int64_t sC, int64_t sH,
+                                      const bool* mask, int64_t* out, int64_t task_begin, int64_t task_end) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  alignas(64) int64_t ts[16], tz[16];
+  for (int64_t t = task_begin; t < task_end; ++t) {
+    const int64_t n = t / g.H, ih = t % g.H;
+    int64_t* row = out + n * g.img_stride + (ih + g.PT) * g.row_stride;
+    for (int64_t gi = 0; gi < g.G; ++gi) {
+      for (int64_t j = 0; j < g.NWg; ++j) {
+        const int64_t kmax = std::min<int64_t>(64, g.Cg - 64 * j);
+        const int64_t c0 = gi * g.Cg + 64 * j;
+        int64_t* dst = row + (gi * g.NWg + j) * g.word_stride;
+        for (int64_t w0 = 0; w0 < g.W; w0 += 16) {
+          const int64_t nw = std::min<int64_t>(16, g.W - w0);
+          const __mmask16 lm = static_cast<__mmask16>((1u << nw) - 1u);
+          __m512i half_s[2], half_z[2];
+          const float* xp = x + n * sN + c0 * sC + ih * sH + w0;
+          for (int h = 0; h < 2; ++h) {
+            __m512i hs = _mm512_setzero_si512(), hz = hs;
+            const int64_t kend = std::min<int64_t>(kmax, 32 * (h + 1));
+            for (int64_t k = 32 * h; k < kend; ++k) {
+              if (mask != nullptr && !mask[c0 + k]) continue;
+              const __m512 v = _mm512_maskz_loadu_ps(lm, xp + k * sC);
+              const __m512i bit = _mm512_set1_epi32(static_cast<int32_t>(1u << (k & 31)));
+              hs = _mm512_mask_or_epi32(hs, _mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), hs, bit);
+              hz = _mm512_mask_or_epi32(hz, _mm512_cmp_ps_mask(v, zero, _CMP_NEQ_OQ), hz, bit);
+            }
+            half_s[h] = hs;
+            half_z[h] = hz;
+          }
+          const __m512i s0 = _mm512_permutex2var_epi32(half_s[0], lo_idx, half_s[1]);
+          const __m512i s1 = _mm512_permutex2var_epi32(half_s[0], hi_idx, half_s[1]);
+          const __m512i z0 = _mm512_permutex2var_epi32(half_z[0], lo_idx, half_z[1]);
+          const __m512i z1 = _mm512_permutex2var_epi32(half_z[0], hi_idx, half_z[1]);
+          if (g.SW == 1) {
+            int64_t* d = dst + w0 + g.PL;
+            const __mmask8 m0 = static_cast<__mmask8>(lm), m1 = static_cast<__mmask8>(lm >> 8);
+            _mm512_mask_storeu_epi64(d, m0, s0);
+            _mm512_mask_storeu_epi64(d + 8, m1, s1);
+            _mm512_mask_storeu_epi64(d + g.plane, m0, z0);
+            _mm512_mask_storeu_epi64(d + g.plane + 8, m1, z1);
+          } else {
+            _mm512_store_si512(ts, s0);
+            _mm512_store_si512(ts + 8, s1);
+            _mm512_store_si512(tz, z0);
+            _mm512_store_si512(tz + 8, z1);
+            for (int64_t w = 0; w < nw; ++w) {
+              const int64_t iw = w0 + w + g.PL;
+              const int64_t at = (iw % g.SW) * g.Wq + iw / g.SW;
+              dst[at] = ts[w];
+              dst[g.plane + at] = tz[w];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Channels-last rows (unit stride along C): one 64-channel word per pixel from
+// four 16-float compares.
+BNN_AVX512 void pack_rows_avx512_nhwc(const Geo& g, const float* x, int64_t sN, int64_t sH, int64_t sW,
+                                      const bool* mask, const int64_t* maskw, int64_t* out,
+                                      int64_t task_begin, int64_t task_end) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t t = task_begin; t < task_end; ++t) {
+    const int64_t n = t / g.H, ih = t % g.H;
+    int64_t* row = out + n * g.img_stride + (ih + g.PT) * g.row_stride;
+    for (int64_t w = 0; w < g.W; ++w) {
+      const float* xp = x + n * sN + ih * sH + w * sW;
+      const int64_t iw = w + g.PL;
+      const int64_t at = (iw % g.SW) * g.Wq + iw / g.SW;
+      for (int64_t gi = 0; gi < g.G; ++gi) {
+        for (int64_t j = 0; j < g.NWg; ++j) {
+          const int64_t c0 = gi * g.Cg + 64 * j;
+          const int64_t kmax = std::min<int64_t>(64, g.Cg - 64 * j);
+          uint64_t s = 0, z = 0;
+          for (int64_t q = 0; q * 16 < kmax; ++q) {
+            const int64_t nk = std::min<int64_t>(16, kmax - q * 16);
+            const __mmask16 lm = static_cast<__mmask16>((1u << nk) - 1u);
+            const __m512 v = _mm512_maskz_loadu_ps(lm, xp + c0 + q * 16);
+            s |= static_cast<uint64_t>(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ)) << (16 * q);
+            z |= static_cast<uint64_t>(_mm512_cmp_ps_mask(v, zero, _CMP_NEQ_OQ)) << (16 * q);
+          }
+          if (mask != nullptr) z &= static_cast<uint64_t>(maskw[gi * g.NWg + j]);
+          s &= z;
+          int64_t* dst = row + (gi * g.NWg + j) * g.word_stride;
+          dst[at] = static_cast<int64_t>(s);
+          dst[g.plane + at] = static_cast<int64_t>(z);
+        }
+      }
+    }
+  }
+}
+
+// AVX2, NCHW rows: 8 pixels per step; the low and high 32 channels of each word
+// build up in two 8 x uint32 vectors, interleaved into 64-bit words at the end.
+BNN_AVX2 void pack_rows_avx2_nchw(const Geo& g, const float* x, int64_t sN, int64_t sC, int64_t sH,
+                                  const bool* mask, int64_t* out, int64_t task_begin, int64_t task_end) {
+  const __m256 zero = _mm256_setzero_ps();
+  alignas(32) int64_t ts[8], tz[8];
+  alignas(32) static const int32_t lane_idx[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+  const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_idx));
+  for (int64_t t = task_begin; t < task_end; ++t) {
+    const int64_t n = t / g.H, ih = t % g.H;
+    int64_t* row = out + n * g.img_stride + (ih + g.PT) * g.row_stride;
+    for (int64_t gi = 0; gi < g.G; ++gi) {
+      for (int64_t j = 0; j < g.NWg; ++j) {
+        const int64_t kmax = std::min<int64_t>(64, g.Cg - 64 * j);
+        int64_t* dst = row + (gi * g.NWg + j) * g.word_stride;
+        for (int64_t w0 = 0; w0 < g.W; w0 += 8) {
+          const int64_t nw = std::min<int64_t>(8, g.W - w0);
+          const __m256i lm = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(nw)), idx);
+          __m256i hs[2], hz[2];
+          const float* xp = x + n * sN + (gi * g.Cg + 64 * j) * sC + ih * sH + w0;
+          for (int h = 0; h < 2; ++h) {
+            __m256i as = _mm256_setzero_si256(), az = as;
+            const int64_t kend = std::min<int64_t>(kmax, 32 * (h + 1));
+            for (int64_t k = 32 * h; k < kend; ++k) {
+              if (mask != nullptr && !mask[gi * g.Cg + 64 * j + k]) continue;
+              const float* src = xp + k * sC;
+              const __m256 v = nw == 8 ? _mm256_loadu_ps(src) : _mm256_maskload_ps(src, lm);
+              const __m256i bit = _mm256_set1_epi32(static_cast<int32_t>(1u << (k & 31)));
+              as = _mm256_or_si256(as, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(v, zero, _CMP_GT_OQ)), bit));
+              az = _mm256_or_si256(az, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(v, zero, _CMP_NEQ_OQ)), bit));
+            }
+            hs[h] = as;
+            hz[h] = az;
+          }
+          const __m256i sl = hs[0], sh = hs[1], zl = hz[0], zh = hz[1];
+          // (lo, hi) pairs -> 64-bit words of pixels 0-3 and 4-7
+          const __m256i s_a = _mm256_unpacklo_epi32(sl, sh), s_b = _mm256_unpackhi_epi32(sl, sh);
+          const __m256i z_a = _mm256_unpacklo_epi32(zl, zh), z_b = _mm256_unpackhi_epi32(zl, zh);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(ts), _mm256_permute2x128_si256(s_a, s_b, 0x20));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(ts + 4), _mm256_permute2x128_si256(s_a, s_b, 0x31));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(tz), _mm256_permute2x128_si256(z_a, z_b, 0x20));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(tz + 4), _mm256_permute2x128_si256(z_a, z_b, 0x31));
+          for (int64_t w = 0; w < nw; ++w) {
+            const int64_t iw = w0 + w + g.PL;
+            const int64_t at = (iw % g.SW) * g.Wq + iw / g.SW;
+            dst[at] = ts[w];
+            dst[g.plane + at] = tz[w];
+          }
+        }
+      }
+    }
+  }
+}
+
+// AVX2, channels-last rows: one word per pixel from eight 8-float compares.
+BNN_AVX2 void pack_rows_avx2_nhwc(const Geo& g, const float* x, int64_t sN, int64_t sH, int64_t sW,
+                                  const int64_t* maskw, int64_t* out, int64_t task_begin, int64_t task_end) {
+  const __m256 zero = _mm256_setzero_ps();
+  alignas(32) float tail[8];
+  for (int64_t t = task_begin; t < task_end; ++t) {
+    const int64_t n = t / g.H, ih = t % g.H;
+    int64_t* row = out + n * g.img_stride + (ih + g.PT) * g.row_stride;
+    for (int64_t w = 0; w < g.W; ++w) {
+      const float* xp = x + n * sN + ih * sH + w * sW;
+      const int64_t iw = w + g.PL;
+      const int64_t at = (iw % g.SW) * g.Wq + iw / g.SW;
+      for (int64_t gi = 0; gi < g.G; ++gi) {
+        for (int64_t j = 0; j < g.NWg; ++j) {
+          const int64_t c0 = gi * g.Cg + 64 * j;
+          const int64_t kmax = std::min<int64_t>(64, g.Cg - 64 * j);
+          uint64_t s = 0, z = 0;
+          for (int64_t q = 0; q * 8 < kmax; ++q) {
+            const int64_t nk = std::min<int64_t>(8, kmax - q * 8);
+            const float* src = xp + c0 + q * 8;
+            if (nk < 8) {
+              std::fill(tail, tail + 8, 0.0f);
+              std::copy(src, src + nk, tail);
+              src = tail;
+            }
+            const __m256 v = _mm256_loadu_ps(src);
+            s |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ))) << (8 * q);
+            z |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_OQ))) << (8 * q);
+          }
+          if (maskw != nullptr) z &= static_cast<uint64_t>(maskw[gi * g.NWg + j]);
+          s &= z;
+          int64_t* dst = row + (gi * g.NWg + j) * g.word_stride;
+          dst[at] = static_cast<int64_t>(s);
+          dst[g.plane + at] = static_cast<int64_t>(z);
+        }
+      }
+    }
+  }
+}
+#endif  // BNN_X86
+
+Geo make_geo(const at::Tensor& x, int64_t out_channels, int64_t KH, int64_t KW, at::IntArrayRef stride,
+             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4, "bnnslim runtime: expected a 4-d NCHW input, got ", x.dim(), " dims");
+  TORCH_CHECK(stride.size() == 2 && dilation.size() == 2 && padding.size() == 4,
+              "bnnslim runtime: stride and dilation take 2 values, padding 4 (top, bottom, left, right)");
+  Geo g{};
+  g.N = x.size(0); g.C = x.size(1); g.H = x.size(2); g.W = x.size(3);
+  g.G = groups;
+  TORCH_CHECK(groups >= 1 && g.C % groups == 0 && out_channels % groups == 0,
+              "bnnslim runtime: channels not divisible by groups");
+  g.Cg = g.C / groups; g.NWg = ceil_div(g.Cg, 64); g.GW = g.G * g.NWg;
+  g.O = out_channels; g.Og = out_channels / groups; g.OBg = ceil_div(g.Og, NB);
+  g.KH = KH; g.KW = KW; g.SH = stride[0]; g.SW = stride[1]; g.DH = dilation[0]; g.DW = dilation[1];
+  g.PT = padding[0]; g.PB = padding[1]; g.PL = padding[2]; g.PR = padding[3];
+  TORCH_CHECK(g.SH >= 1 && g.SW >= 1 && g.DH >= 1 && g.DW >= 1 && g.PT >= 0 && g.PB >= 0 && g.PL >= 0 &&
+                  g.PR >= 0, "bnnslim runtime: bad stride, dilation or padding");
+  g.Hp = g.H + g.PT + g.PB; g.Wp = g.W + g.PL + g.PR;
+  g.OH = (g.Hp - g.DH * (KH - 1) - 1) / g.SH + 1;
+  g.OW = (g.Wp - g.DW * (KW - 1) - 1) / g.SW + 1;
+  TORCH_CHECK(g.OH > 0 && g.OW > 0, "bnnslim runtime: the kernel is larger than the padded input");
+  g.Wq = ceil_div(g.Wp, g.SW) + 8;
+  g.plane = g.SW * g.Wq;
+  g.word_stride = 2 * g.plane;
+  g.row_stride = g.GW * g.word_stride;
+  g.img_stride = g.Hp * g.row_stride;
+  return g;
+}
+
+at::Tensor pack_impl(const at::Tensor& x_in, const Geo& g, const c10::optional<at::Tensor>& in_mask, int64_t isa) {
+  TORCH_CHECK(x_in.device().is_cpu(), "bnnslim runtime: input must be on the CPU");
+  at::Tensor x = x_in.scalar_type() == at::kFloat ? x_in : x_in.to(at::kFloat);
+  const bool nhwc = x.stride(1) == 1 && x.size(1) > 1;
+  if (!nhwc && x.stride(3) != 1) x = x.contiguous();
+  at::Tensor out = at::zeros({g.N, g.Hp, g.GW, 2, g.SW, g.Wq}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor mask_t, maskw_t;
+  const bool* mask = nullptr;
+  const int64_t* maskw = nullptr;
+  if (in_mask.has_value() && in_mask->defined()) {
+    mask_t = in_mask->to(at::kBool).contiguous();
+    TORCH_CHECK(mask_t.numel() == g.C, "bnnslim runtime: input mask must have one value per input channel");
+    mask = mask_t.data_ptr<bool>();
+    maskw_t = at::zeros({g.GW}, at::TensorOptions().dtype(at::kLong));
+    auto* mw = maskw_t.data_ptr<int64_t>();
+    for (int64_t c = 0; c < g.C; ++c) {
+      if (mask[c]) {
+        const int64_t gi = c / g.Cg, k = c % g.Cg;
+        mw[gi * g.NWg + k / 64] |= static_cast<int64_t>(uint64_t{1} << (k % 64));
+      }
+    }
+    maskw = maskw_t.data_ptr<int64_t>();
+  }
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  const int64_t tasks = g.N * g.H;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.C * g.W));
+  at::parallel_for(0, tasks, grain, [&](int64_t b, int64_t e) {
+#if BNN_X86
+    if (isa == ISA_AVX512) {
+      if (nhwc) pack_rows_avx512_nhwc(g, xp, sN, sH, sW, mask, maskw, op, b, e);
+      else pack_rows_avx512_nchw(g, xp, sN, sC, sH, mask, op, b, e);
+      return;
+    }
+    if (isa == ISA_AVX2) {
+      if (nhwc) pack_rows_avx2_nhwc(g, xp, sN, sH, sW, maskw, op, b, e);
+      else pack_rows_avx2_nchw(g, xp, sN, sC, sH, mask, op, b, e);
+      return;
+    }
+#endif
+    (void)maskw;
+    pack_rows_generic(g, xp, sN, sC, sH, sW, mask, op, b, e);
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------- conv
+
+struct ConvArgs {
+  const Geo* g;
+  const int64_t* act;   // packed activations
+  const int64_t* wts;   // packed weights [G, OBg, KH, KW, NWg, NB]
+  const float* alpha;   // [O] or null
+  const float* bias;    // [O] or null
+  float* out;           // [N, O, OH, OW] float, or
+  int32_t* counts;      // [N, O, OH, OW] int32
+  const int64_t* offs;  // [KH*KW*NWg] word offset of each (tap, word), weight order
+  int64_t kk;           // KH*KW*NWg
+  bool nhwc;            // output in channels-last memory order (as the input was)
+};
+
+// Offset (in words) of tap (kh, kw), packed word j, relative to the word of
+// output pixel (oh, ow) at (oh*SH, ow) in the phase layout.
+inline int64_t tap_offset(const Geo& g, int64_t kh, int64_t kw, int64_t j) {
+  const int64_t cw = kw * g.DW;
+  return kh * g.DH * g.row_stride + j * g.word_stride + (cw % g.SW) * g.Wq + cw / g.SW;
+}
+
+inline void finish_one(const ConvArgs& a, int64_t n, int64_t o, int64_t pix, int64_t dot) {
+  const Geo& g = *a.g;
+  const int64_t at = a.nhwc ? (n * g.OH * g.OW + pix) * g.O + o : (n * g.O + o) * g.OH * g.OW + pix;
+  if (a.counts != nullptr) {
+    a.counts[at] = static_cast<int32_t>(dot);
+  } else {
+    float y = static_cast<float>(dot);
+    if (a.alpha != nullptr) y = y * a.alpha[o];
+    if (a.bias != nullptr) y = y + a.bias[o];
+    a.out[at] = y;
+  }
+}
+
+// Portable kernel: one output pixel at a time, NB channels of a weight block.
+// With HW_POPCNT the caller carries target("popcnt") and the builtin becomes one
+// instruction; without, a branch-free SWAR count (not a libgcc call).
+template <bool HW_POPCNT>
+__attribute__((always_inline)) inline int popc(uint64_t v) {
+  if constexpr (HW_POPCNT) {
+    return __builtin_popcountll(v);
+  } else {
+    v = v - ((v >> 1) & 0x5555555555555555ULL);
+    v = (v & 0x3333333333333333ULL) + ((v >> 2) & 0x3333333333333333ULL);
+    v = (v + (v >> 4)) & 0x0f0f0f0f0f0f0f0fULL;
+    return static_cast<int>((v * 0x0101010101010101ULL) >> 56);
+  }
+}
+
+template <bool HW_POPCNT>
+__attribute__((always_inline)) inline void conv_scalar_body(const ConvArgs& a, int64_t n, int64_t gi, int64_t pix_begin, int64_t pix_end) {
+  const Geo& g = *a.g;
+  const int64_t* img = a.act + n * g.img_stride + gi * g.NWg * g.word_stride;
+  for (int64_t pix = pix_begin; pix < pix_end; ++pix) {
+    const int64_t oh = pix / g.OW, ow = pix % g.OW;
+    const int64_t* base = img + oh * g.SH * g.row_stride + ow;
+    int64_t valid = 0;
+    for (int64_t i = 0; i < a.kk; ++i) valid += popc<HW_POPCNT>(static_cast<uint64_t>(base[a.offs[i] + g.plane]));
+    for (int64_t ob = 0; ob < g.OBg; ++ob) {
+      const int64_t* wb = a.wts + (gi * g.OBg + ob) * a.kk * NB;
+      int64_t acc[NB] = {0};
+      for (int64_t i = 0; i < a.kk; ++i, wb += NB) {
+        const uint64_t s = static_cast<uint64_t>(base[a.offs[i]]);
+        const uint64_t z = static_cast<uint64_t>(base[a.offs[i] + g.plane]);
+        for (int64_t l = 0; l < NB; ++l) acc[l] += popc<HW_POPCNT>((s ^ static_cast<uint64_t>(wb[l])) & z);
+      }
+      for (int64_t l = 0; l < NB && ob * NB + l < g.Og; ++l) {
+        finish_one(a, n, gi * g.Og + ob * NB + l, pix, valid - 2 * acc[l]);
+      }
+    }
+  }
+}
+
+void conv_scalar(const ConvArgs& a, int64_t n, int64_t gi, int64_t pb, int64_t pe) {
+  conv_scalar_body<false>(a, n, gi, pb, pe);
+}
+
+#if BNN_X86
+BNN_POPCNT void conv_popcnt(const ConvArgs& a, int64_t n, int64_t gi, int64_t pb, int64_t pe) {
+  conv_scalar_body<true>(a, n, gi, pb, pe);
+}
+
+// r[i][j] -> r[j][i] for an 8x8 block of floats
+BNN_AVX512 inline void transpose8x8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// ---- AVX-512 VPOPCNTDQ: lanes are 8 consecutive output pixels of a row; a
+// tile holds NP such vectors; a weight block gives 8 output channels.
+// Per (tap, word): 2*NP loads, 8 broadcasts, 8*NP x (ternlog, popcnt, add).
+template <int NP>
+BNN_AVX512 void tile_avx512(const ConvArgs& a, int64_t n, int64_t gi, int64_t v0) {
+  const Geo& g = *a.g;
+  const int64_t vpr = ceil_div(g.OW, 8);  // vectors per output row
+  const int64_t* img = a.act + n * g.img_stride + gi * g.NWg * g.word_stride;
+  const int64_t* offs = a.offs;
+  const int64_t kk = a.kk;
+  const int64_t* base[NP];
+  int64_t pix0[NP];
+  __mmask8 lanes[NP];
+  for (int p = 0; p < NP; ++p) {
+    const int64_t oh = (v0 + p) / vpr, ow0 = ((v0 + p) % vpr) * 8;
+    base[p] = img + oh * g.SH * g.row_stride + ow0;
+    pix0[p] = oh * g.OW + ow0;
+    lanes[p] = static_cast<__mmask8>((1u << std::min<int64_t>(8, g.OW - ow0)) - 1u);
+  }
+  // valid (nonzero) input count per output pixel, shared by all channel blocks
+  __m512i valid[NP];
+  for (int p = 0; p < NP; ++p) valid[p] = _mm512_setzero_si512();
+  for (int64_t i = 0; i < kk; ++i) {
+    const int64_t off = offs[i] + g.plane;
+    for (int p = 0; p < NP; ++p)
+      valid[p] = _mm512_add_epi64(valid[p], _mm512_popcnt_epi64(_mm512_loadu_si512(base[p] + off)));
+  }
+  const int64_t plane = g.plane;
+  for (int64_t ob = 0; ob < g.OBg; ++ob) {
+    const int64_t* wb = a.wts + (gi * g.OBg + ob) * kk * NB;
+    __m512i acc[NB][NP];
+    for (int o = 0; o < NB; ++o)
+      for (int p = 0; p < NP; ++p) acc[o][p] = _mm512_setzero_si512();
+    for (int64_t i = 0; i < kk; ++i, wb += NB) {
+      const int64_t off = offs[i];
+      __m512i s[NP], z[NP];
+      for (int p = 0; p < NP; ++p) {
+        s[p] = _mm512_loadu_si512(base[p] + off);
+        z[p] = _mm512_loadu_si512(base[p] + off + plane);
+      }
+      for (int o = 0; o < NB; ++o) {
+        const __m512i w = _mm512_set1_epi64(wb[o]);
+        for (int p = 0; p < NP; ++p) {
+          // (s ^ w) & z  ==  ternlog(s, w, z, 0x28)
+          const __m512i t = _mm512_ternarylogic_epi64(s[p], w, z[p], 0x28);
+          acc[o][p] = _mm512_add_epi64(acc[o][p], _mm512_popcnt_epi64(t));
+        }
+      }
+    }
+    const int64_t oc0 = gi * g.Og + ob * NB;
+    const int nvalid_o = static_cast<int>(std::min<int64_t>(NB, g.Og - ob * NB));
+    if (a.nhwc) {
+      // 8 channels x 8 pixels -> transpose -> 8 consecutive channels per pixel
+      const __mmask8 omask = static_cast<__mmask8>((1u << nvalid_o) - 1u);
+      for (int p = 0; p < NP; ++p) {
+        __m256 r[NB];
+        for (int o = 0; o < NB; ++o) {
+          const __m512i dot = _mm512_sub_epi64(valid[p], _mm512_slli_epi64(acc[o][p], 1));
+          if (a.counts != nullptr) {
+            r[o] = _mm256_castsi256_ps(_mm512_cvtepi64_epi32(dot));
+          } else {
+            __m256 y = _mm512_cvtepi64_ps(dot);
+            if (o < nvalid_o) {
+              if (a.alpha != nullptr) y = _mm256_mul_ps(y, _mm256_set1_ps(a.alpha[oc0 + o]));
+              if (a.bias != nullptr) y = _mm256_add_ps(y, _mm256_set1_ps(a.bias[oc0 + o]));
+            }
+            r[o] = y;
+          }
+        }
+        transpose8x8(r);
+        const int nl = __builtin_popcount(lanes[p]);
+        for (int l = 0; l < nl; ++l) {
+          const int64_t at = (n * g.OH * g.OW + pix0[p] + l) * g.O + oc0;
+          if (a.counts != nullptr) {
+            _mm256_mask_storeu_epi32(a.counts + at, omask, _mm256_castps_si256(r[l]));
+          } else {
+            _mm256_mask_storeu_ps(a.out + at, omask, r[l]);
+          }
+        }
+      }
+      continue;
+    }
+    for (int o = 0; o < nvalid_o; ++o) {
+      const int64_t oc = oc0 + o;
+      const int64_t at0 = (n * g.O + oc) * g.OH * g.OW;
+      for (int p = 0; p < NP; ++p) {
+        const __m512i dot = _mm512_sub_epi64(valid[p], _mm512_slli_epi64(acc[o][p], 1));
+        if (a.counts != nullptr) {
+          _mm256_mask_storeu_epi32(a.counts + at0 + pix0[p], lanes[p], _mm512_cvtepi64_epi32(dot));
+        } else {
+          __m256 y = _mm512_cvtepi64_ps(dot);
+          if (a.alpha != nullptr) y = _mm256_mul_ps(y, _mm256_set1_ps(a.alpha[oc]));
+          if (a.bias != nullptr) y = _mm256_add_ps(y, _mm256_set1_ps(a.bias[oc]));
+          _mm256_mask_storeu_ps(a.out + at0 + pix0[p], lanes[p], y);
+        }
+      }
+    }
+  }
+}
+
+constexpr int NP512 = 2;
+
+BNN_AVX512 void conv_avx512(const ConvArgs& a, int64_t n, int64_t gi, int64_t vb, int64_t ve) {
+  int64_t v = vb;
+  for (; v + NP512 <= ve; v += NP512) tile_avx512<NP512>(a, n, gi, v);
+  for (; v < ve; ++v) tile_avx512<1>(a, n, gi, v);
+}
+
+// ---- AVX2: lanes are 4 pixels; popcount by nibble lookup (pshufb) into byte
+// counters, folded into 64-bit counters with psadbw every 31 words.
+BNN_AVX2 inline __m256i popcnt_bytes_avx2(__m256i v) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, low));
+  const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+  return _mm256_add_epi8(lo, hi);
+}
+
+BNN_AVX2 void conv_avx2(const ConvArgs& a, int64_t n, int64_t gi, int64_t vb, int64_t ve) {
+  const Geo& g = *a.g;
+  const int64_t vpr = ceil_div(g.OW, 4);
+  const int64_t* img = a.act + n * g.img_stride + gi * g.NWg * g.word_stride;
+  const __m256i zero = _mm256_setzero_si256();
+  const int64_t kk = a.kk;
+  const int64_t* offs = a.offs;
+  for (int64_t v = vb; v < ve; ++v) {
+    const int64_t oh = v / vpr, ow0 = (v % vpr) * 4;
+    const int64_t* base = img + oh * g.SH * g.row_stride + ow0;
+    const int64_t pix0 = oh * g.OW + ow0;
+    const int nl = static_cast<int>(std::min<int64_t>(4, g.OW - ow0));
+    __m256i valid = zero, vbytes = zero;
+    for (int64_t i = 0; i < kk; ++i) {
+      vbytes = _mm256_add_epi8(vbytes, popcnt_bytes_avx2(_mm256_loadu_si256(
+                                           reinterpret_cast<const __m256i*>(base + offs[i] + g.plane))));
+      if ((i + 1) % 31 == 0 || i + 1 == kk) {
+        valid = _mm256_add_epi64(valid, _mm256_sad_epu8(vbytes, zero));
+        vbytes = zero;
+      }
+    }
+    alignas(32) int64_t vv[4], acc[NB][4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(vv), valid);
+    for (int64_t ob = 0; ob < g.OBg; ++ob) {
+      const int64_t* wb = a.wts + (gi * g.OBg + ob) * kk * NB;
+      for (int o = 0; o < NB; ++o) _mm256_store_si256(reinterpret_cast<__m256i*>(acc[o]), zero);
+      // byte counters hold at most 8 per word: fold them every 31 words
+      for (int64_t i0 = 0; i0 < kk; i0 += 31) {
+        const int64_t i1 = std::min<int64_t>(kk, i0 + 31);
+        __m256i bytes[NB];
+        for (int o = 0; o < NB; ++o) bytes[o] = zero;
+        for (int64_t i = i0; i < i1; ++i, wb += NB) {
+          const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + offs[i]));
+          const __m256i z = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + offs[i] + g.plane));
+          for (int o = 0; o < NB; ++o) {
+            const __m256i t = _mm256_and_si256(_mm256_xor_si256(s, _mm256_set1_epi64x(wb[o])), z);
+            bytes[o] = _mm256_add_epi8(bytes[o], popcnt_bytes_avx2(t));
+          }
+        }
+        for (int o = 0; o < NB; ++o) {
+          __m256i* at = reinterpret_cast<__m256i*>(acc[o]);
+          _mm256_store_si256(at, _mm256_add_epi64(_mm256_load_si256(at), _mm256_sad_epu8(bytes[o], zero)));
+        }
+      }
+      for (int o = 0; o < NB && ob * NB + o < g.Og; ++o) {
+        for (int l = 0; l < nl; ++l) finish_one(a, n, gi * g.Og + ob * NB + o, pix0 + l, vv[l] - 2 * acc[o][l]);
+      }
+    }
+  }
+}
+#endif  // BNN_X86
+
+at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& wwords,
+                     const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& bias, bool counts,
+                     bool nhwc, int64_t isa) {
+  TORCH_CHECK(wwords.device().is_cpu() && wwords.scalar_type() == at::kLong && wwords.is_contiguous() &&
+                  wwords.dim() == 6,
+              "bnnslim runtime: packed weights must be contiguous int64 [G, OBg, KH, KW, NWg, 8] on the CPU");
+  TORCH_CHECK(wwords.size(0) == g.G && wwords.size(1) == g.OBg && wwords.size(2) == g.KH &&
+                  wwords.size(3) == g.KW && wwords.size(4) == g.NWg && wwords.size(5) == NB,
+              "bnnslim runtime: packed weights ", wwords.sizes(), " do not match the layer (groups ", g.G,
+              ", ", g.Cg, " inputs per group, ", g.O, " outputs, kernel ", g.KH, "x", g.KW, ")");
+  at::Tensor a_t, b_t;
+  std::vector<int64_t> offs;
+  for (int64_t kh = 0; kh < g.KH; ++kh)
+    for (int64_t kw = 0; kw < g.KW; ++kw)
+      for (int64_t j = 0; j < g.NWg; ++j) offs.push_back(tap_offset(g, kh, kw, j));
+  ConvArgs args{&g,     packed.data_ptr<int64_t>(), wwords.data_ptr<int64_t>(), nullptr, nullptr, nullptr, nullptr,
+                offs.data(), static_cast<int64_t>(offs.size()), nhwc};
+  if (alpha.has_value() && alpha->defined()) {
+    a_t = alpha->to(at::kFloat).contiguous();
+    TORCH_CHECK(a_t.numel() == g.O, "bnnslim runtime: alpha must have one value per output channel");
+    args.alpha = a_t.data_ptr<float>();
+  }
+  if (bias.has_value() && bias->defined()) {
+    b_t = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(b_t.numel() == g.O, "bnnslim runtime: bias must have one value per output channel");
+    args.bias = b_t.data_ptr<float>();
+  }
+  const auto format = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor out = at::empty({g.N, g.O, g.OH, g.OW},
+                             at::TensorOptions().dtype(counts ? at::kInt : at::kFloat).memory_format(format));
+  if (counts) {
+    args.counts = out.data_ptr<int32_t>();
+  } else {
+    args.out = out.data_ptr<float>();
+  }
+  // Work items: (image, group, range of pixel vectors); each covers all output
+  // channels of its group so its packed rows stay in L1 while weights stream.
+  int64_t unit = 1;  // pixels per work unit
+#if BNN_X86
+  if (isa == ISA_AVX512) unit = 8;
+  if (isa == ISA_AVX2) unit = 4;
+#endif
+  const int64_t nvec = g.OH * ceil_div(g.OW, unit);
+  const int64_t chunk = std::min<int64_t>(nvec, 2 * NP512);
+  const int64_t items_per_img = ceil_div(nvec, chunk);
+  const int64_t total = g.N * g.G * items_per_img;
+  at::parallel_for(0, total, 1, [&](int64_t b, int64_t e) {
+    for (int64_t it = b; it < e; ++it) {
+      const int64_t n = it / (g.G * items_per_img);
+      const int64_t gi = (it / items_per_img) % g.G;
+      const int64_t c = it % items_per_img;
+      const int64_t vb = c * chunk, ve = std::min(nvec, vb + chunk);
+      switch (isa) {
+#if BNN_X86
+        case ISA_AVX512: conv_avx512(args, n, gi, vb, ve); break;
+        case ISA_AVX2: conv_avx2(args, n, gi, vb, ve); break;
+        case ISA_POPCNT: conv_popcnt(args, n, gi, vb, ve); break;
+#endif
+        default: conv_scalar(args, n, gi, vb, ve); break;
+      }
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------- ops
+
+at::Tensor pack_input_op(const at::Tensor& x, at::IntArrayRef padding, int64_t stride_w, int64_t groups,
+                         const c10::optional<at::Tensor>& in_mask, int64_t isa) {
+  isa = resolve_isa(isa);
+  // a 1x1 kernel geometry: only the packing fields are used
+  const std::vector<int64_t> stride{1, stride_w}, dil{1, 1};
+  const Geo g = make_geo(x, groups, 1, 1, stride, padding, dil, groups);
+  return pack_impl(x, g, in_mask, isa);
+}
+
+at::Tensor binary_conv2d_op(const at::Tensor& x, const at::Tensor& wwords, const c10::optional<at::Tensor>& alpha,
+                            const c10::optional<at::Tensor>& bias, int64_t out_channels, int64_t kh, int64_t kw,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                            int64_t groups, const c10::optional<at::Tensor>& in_mask, bool counts, int64_t isa) {
+  isa = resolve_isa(isa);
+  const Geo g = make_geo(x, out_channels, kh, kw, stride, padding, dilation, groups);
+  const at::Tensor packed = pack_impl(x, g, in_mask, isa);
+  // like torch's conv: the output keeps a channels-last input's memory format
+  const bool nhwc = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  return conv_impl(packed, g, wwords, alpha, bias, counts, nhwc, isa);
+}
+
+std::string isa_name_op(int64_t isa) { return isa_name(isa == ISA_AUTO ? best_isa() : isa); }
+bool cpu_has_op(int64_t isa) { return cpu_has(isa); }
+
+}  // namespace
+
+TORCH_LIBRARY(bnnslim_rt, m) {
+  m.def("pack_input(Tensor x, int[] padding, int stride_w, int groups, Tensor? in_mask, int isa) -> Tensor");
+  m.def("binary_conv2d(Tensor x, Tensor wwords, Tensor? alpha, Tensor? bias, int out_channels, int kh, int kw, "
+        "int[] stride, int[] padding, int[] dilation, int groups, Tensor? in_mask, bool counts, int isa) -> Tensor");
+  m.def("isa_name(int isa) -> str", &isa_name_op);
+  m.def("cpu_has(int isa) -> bool", &cpu_has_op);
+}
+
+TORCH_LIBRARY_IMPL(bnnslim_rt, CPU, m) {
+  m.impl("pack_input", pack_input_op);
+  m.impl("binary_conv2d", binary_conv2d_op);
+}

@@ -1,0 +1,410 @@
+"""The packed binary runtime: kernels equal the torch emulation exactly, layers and whole models equal BinaryConv2d."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnnslim.binary.convert import apply_binarization, plan_binarization
+from bnnslim.binary.layers import BinaryConv2d
+from bnnslim.errors import BnnslimError
+from bnnslim.packing import pack_signs
+from bnnslim.runtime import (
+    PackedBinaryConv2d,
+    RuntimeFallbackWarning,
+    ThreadsWarning,
+    available_cores,
+    build,
+    kernel_status,
+    runtime_plan,
+    set_threads,
+    to_runtime,
+    with_emulation,
+)
+from conftest import EXAMPLES, builtin_scheme
+
+ALL_ISAS = ["avx512", "avx2", "popcnt", "scalar"]
+
+
+@pytest.fixture(scope="module")
+def kernels() -> build.KernelStatus:
+    """The built kernels; skipped only where no compiler toolchain exists at all."""
+    status = kernel_status()
+    if not status.available:
+        if shutil.which("c++") is None or shutil.which("ninja") is None:
+            pytest.skip(f"no C++ toolchain to build the kernels: {status.reason}")
+        pytest.fail(f"the kernels did not build: {status.reason}")
+    return status
+
+
+def cpu_isas() -> list[str]:
+    status = kernel_status()
+    if not status.available:
+        return []
+    ops = build.ops()
+    return [name for name in ALL_ISAS if bool(ops.cpu_has(build.ISA_CODES[name]))]  # type: ignore[attr-defined]
+
+
+@pytest.fixture(params=ALL_ISAS)
+def isa(request: pytest.FixtureRequest, kernels: build.KernelStatus, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each kernel this CPU can run, forced through BNNSLIM_RUNTIME_ISA."""
+    if request.param not in cpu_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} kernel")
+    monkeypatch.setenv(build.ENV_ISA, request.param)
+    return str(request.param)
+
+
+def binary_conv(cin: int, cout: int, k: int, *, stride: int = 1, padding: int | str | tuple[int, int] = 0,
+                dilation: int = 1, groups: int = 1, bias: bool = True, scheme: str = "xnor",
+                padding_mode: str = "zeros") -> BinaryConv2d:
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
+                     padding_mode=padding_mode)
+    return BinaryConv2d.from_conv(conv, builtin_scheme(scheme)).eval()
+
+
+def reference_counts(layer: BinaryConv2d, x: torch.Tensor) -> torch.Tensor:
+    """sum sign(x) * sign(W) computed in float64 by torch: the exact integers."""
+    signs = layer.scheme.binarize_weight(layer.weight.detach()).double()
+    xb = torch.sign(x.double())
+    if layer.input_mask is not None:
+        xb = xb * layer.input_mask.double().view(1, -1, 1, 1)
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    xb = F.pad(xb, layer._reversed_padding_repeated_twice, mode=mode)  # sign() commutes with every padding mode
+    return F.conv2d(xb, signs, None, layer.stride, 0, layer.dilation, layer.groups).round().int()
+
+
+def check_layer(layer: BinaryConv2d, x: torch.Tensor, force_kernel: bool = False) -> None:
+    packed = PackedBinaryConv2d.from_binary_conv(layer)
+    if force_kernel:
+        packed.mode = "kernel"
+    assert packed._kernel_ready(x)
+    counts = packed.counts(x)
+    assert counts.dtype == torch.int32
+    assert torch.equal(counts, reference_counts(layer, x))
+    with torch.no_grad():
+        want = layer(x)
+    got = packed(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    emulated = packed.emulate(x)
+    assert torch.equal(got, emulated), "kernel and emulation must agree bit for bit"
+    assert got.stride() == emulated.stride(), "and on the memory format"
+
+
+# (cin, cout, k, stride, padding, H, W, batch, bias, scheme): channels off multiples of 64 and 8,
+# 1x1 / 3x3 / 5x5, stride 1 and 2, padding 0 / 1 / 2, batch 1 and 3, with and without alpha and bias
+SHAPES = [
+    (3, 8, 3, 1, 1, 9, 11, 1, True, "xnor"),
+    (13, 16, 3, 2, 1, 10, 7, 3, False, "xnor"),
+    (64, 64, 3, 1, 1, 8, 8, 1, True, "sign"),
+    (64, 24, 1, 1, 0, 7, 9, 3, False, "xnor"),
+    (100, 20, 5, 2, 2, 12, 13, 1, True, "xnor"),
+    (130, 17, 1, 2, 0, 6, 9, 3, True, "sign"),
+    (130, 9, 3, 1, 2, 5, 19, 1, False, "bireal"),
+    (70, 33, 5, 1, 0, 9, 9, 3, True, "xnor"),
+    (8, 8, 3, 2, 1, 16, 17, 1, False, "sign"),
+    (200, 12, 3, 2, 1, 7, 7, 3, True, "xnor"),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "c{}-o{}-k{}-s{}-p{}-{}x{}-n{}-{}-{}".format(
+    *s[:8], "bias" if s[8] else "nobias", s[9]))
+def test_layer_matches_binary_conv(shape: tuple[int, int, int, int, int, int, int, int, bool, str], isa: str) -> None:
+    cin, cout, k, stride, padding, h, w, n, bias, scheme = shape
+    layer = binary_conv(cin, cout, k, stride=stride, padding=padding, bias=bias, scheme=scheme)
+    check_layer(layer, torch.randn(n, cin, h, w))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("case", ["zeros", "mask", "dilation", "same", "asym", "reflect", "circular",
+                                  "groups", "depthwise", "channels_last", "channels_last_odd", "strided_view"])
+def test_layer_odd_cases(case: str, isa: str) -> None:
+    x = torch.randn(2, 72, 11, 10)
+    layer = binary_conv(72, 16, 3, padding=1)
+    force = False
+    if case == "zeros":  # exact zeros contribute 0, like the padding
+        x[x.abs() < 0.5] = 0.0
+    elif case == "mask":
+        layer.input_mask = (torch.rand(72) > 0.3).float()
+    elif case == "dilation":
+        layer = binary_conv(72, 16, 3, stride=2, padding=2, dilation=2)
+    elif case == "same":
+        layer = binary_conv(72, 16, 4, padding="same")
+    elif case == "asym":
+        layer = binary_conv(72, 16, (3, 5), padding=(0, 2))  # type: ignore[arg-type]
+    elif case in ("reflect", "circular"):
+        layer = binary_conv(72, 16, 3, padding=1, padding_mode=case)
+    elif case == "groups":
+        layer = binary_conv(72, 16, 3, stride=2, padding=1, groups=4)
+    elif case == "depthwise":  # emulated by default; the kernel must be right too
+        layer = binary_conv(72, 72, 3, padding=1, groups=72)
+        assert PackedBinaryConv2d.from_binary_conv(layer).mode == "emulation"
+        force = True
+    elif case == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif case == "channels_last_odd":  # an output-channel tail and stride 2 on the transposed store
+        layer = binary_conv(72, 13, 3, stride=2, padding=1)
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif case == "strided_view":
+        x = torch.randn(2, 72, 11, 20)[..., ::2]
+    check_layer(layer, x, force_kernel=force)
+    if case.startswith("channels_last"):  # like torch's conv, the output keeps the input's memory format
+        assert PackedBinaryConv2d.from_binary_conv(layer)(x).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_threads_give_the_same_result(kernels: build.KernelStatus) -> None:
+    layer = binary_conv(96, 40, 3, padding=1)
+    packed = PackedBinaryConv2d.from_binary_conv(layer)
+    x = torch.randn(3, 96, 14, 14)
+    one = packed(x)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(packed(x), one)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_packed_input_layout(kernels: build.KernelStatus) -> None:
+    """pack_input: sign and nonzero bits along channels, LSB first, zero padding, stride phases."""
+    x = torch.randn(1, 70, 3, 5)
+    x[0, 3, 1, 2] = 0.0
+    packed = build.ops().pack_input(x, [1, 0, 2, 1], 2, 1, None, 0)  # type: ignore[attr-defined]
+    hp, wp, wq = 4, 8, 4 + 8
+    assert packed.shape == (1, hp, 2, 2, 2, wq)
+    for c in (0, 3, 63, 64, 69):
+        for h in range(3):
+            for w in range(5):
+                iw = w + 2
+                word = packed[0, h + 1, c // 64, :, iw % 2, iw // 2]
+                bit = lambda v: (int(v) >> (c % 64)) & 1  # noqa: E731
+                assert bit(word[0]) == int(x[0, c, h, w] > 0)
+                assert bit(word[1]) == int(x[0, c, h, w] != 0)
+    assert int(packed[0, 0].abs().sum()) == 0  # the padding row
+    assert int(packed[0, :, 1, :, :, :].bitwise_and(~((1 << 6) - 1)).abs().sum()) == 0  # channels 70..127
+
+
+# ---------------------------------------------------------------- whole models
+
+
+def load_example(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def binary_example(name: str, trained_bn: bool = True, width: float | None = None,
+                   batch: int = 3) -> tuple[nn.Module, torch.Tensor, list[str]]:
+    example = load_example(name)
+    model = example.tiny() if width is None else example.build_model(width=width)
+    x = torch.randn(batch, *example.INPUT_SHAPE)
+    plan = plan_binarization(model, x[:1])
+    apply_binarization(model, plan.binary, builtin_scheme("xnor"))
+    if not trained_bn:
+        return model.eval(), x, plan.binary
+    # Trained-looking batch norms. With fresh ones (mean 0, shift 0) a binary
+    # conv's dot product of exactly 0 stays 0 in the runtime, but BinaryConv2d's
+    # float sum of +-alpha terms can leave +-1e-8, which the next sign() turns
+    # into +-1: the two models then part ways (see test_examples_equal_their_emulation).
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.2)
+    return model.eval(), x, plan.binary
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+@pytest.mark.parametrize("name", ["small_cnn", "nin", "vgg11", "resnet18"])
+def test_examples_convert_and_match(name: str, channels_last: bool, kernels: build.KernelStatus) -> None:
+    model, x, binary = binary_example(name)
+    runtime = to_runtime(model, channels_last=channels_last)
+    plan = runtime_plan(runtime)
+    assert sorted(plan.kernel) == sorted(binary) and not plan.emulated and not plan.unchanged
+    assert all(isinstance(runtime.get_submodule(n), PackedBinaryConv2d) for n in binary)
+    assert isinstance(model.get_submodule(binary[0]), BinaryConv2d), "the original model is left alone"
+    with torch.no_grad():
+        want = model(x)
+        got = runtime(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+@pytest.mark.parametrize("name", ["small_cnn", "nin", "vgg11", "resnet18"])
+def test_examples_equal_their_emulation(name: str, channels_last: bool, kernels: build.KernelStatus) -> None:
+    """Fresh batch norms (many exact-zero dot products, ties for sign()): runtime == packed emulation, bit for bit."""
+    model, x, binary = binary_example(name, trained_bn=False, width=0.25, batch=1)
+    runtime = to_runtime(model, channels_last=channels_last)
+    reference = with_emulation(runtime)
+    assert sorted(runtime_plan(reference).emulated) == sorted(binary)
+    with torch.no_grad():
+        assert torch.equal(runtime(x), reference(x))
+
+
+@pytest.mark.parametrize("name", ["nin", "resnet18"])
+def test_packed_file_tensors_are_used_as_exported(name: str, kernels: build.KernelStatus) -> None:
+    """bnnslim.load(..., runtime='packed'): the export's bits and alpha drive the kernels directly."""
+    from bnnslim.model_file import packed_tensors
+
+    model, x, binary = binary_example(name)
+    tensors = packed_tensors(model)
+    runtime = to_runtime(model, packed=tensors)
+    for layer in binary:
+        assert torch.equal(runtime.get_submodule(layer).weight_bits, tensors[f"{layer}.weight_bits"])
+    with torch.no_grad():
+        torch.testing.assert_close(runtime(x), model(x), rtol=1e-4, atol=1e-4)
+    damaged = dict(tensors)
+    damaged[f"{binary[0]}.weight_bits"] = tensors[f"{binary[0]}.weight_bits"][:, :, :, :1][:-1]
+    with pytest.raises(BnnslimError, match="packed weights of shape"):
+        to_runtime(model, packed=damaged)
+    del damaged[f"{binary[0]}.weight_bits"]
+    with pytest.raises(BnnslimError, match="lack"):
+        to_runtime(model, packed=damaged)
+    no_alpha = {k: v for k, v in tensors.items() if k != f"{binary[0]}.alpha"}
+    with pytest.raises(BnnslimError, match="alpha"):
+        to_runtime(model, packed=no_alpha)
+
+
+def test_scheme_that_is_not_sign_is_left_unchanged(kernels: build.KernelStatus) -> None:
+    from bnnslim.plugin_types import SchemeSpec
+
+    xnor = builtin_scheme("xnor")
+    ge0 = SchemeSpec("ge0", "x >= 0 -> +1", lambda t: torch.where(t >= 0, 1.0, -1.0), xnor.binarize_weight,
+                     xnor.scale)
+    model = nn.Sequential(binary_conv(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+    model[0].scheme = ge0
+    runtime = to_runtime(model)
+    assert isinstance(runtime[0], BinaryConv2d)
+    assert "sign" in runtime_plan(runtime).unchanged["0"]
+
+
+# ---------------------------------------------------------------- fallback, bad input, threads
+
+
+@pytest.fixture
+def fresh_build() -> Iterator[None]:
+    build.reset()
+    yield
+    build.reset()
+
+
+def test_forced_fallback_same_result_one_warning(kernels: build.KernelStatus, fresh_build: None,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x, binary = binary_example("small_cnn")
+    runtime = to_runtime(model)
+    with torch.no_grad():
+        fast = runtime(x)
+    build.reset()
+    monkeypatch.setenv(build.ENV_FALLBACK, "1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            slow = [runtime(x) for _ in range(3)]
+    fallback = [w for w in caught if issubclass(w.category, RuntimeFallbackWarning)]
+    assert len(fallback) == 1, [str(w.message) for w in caught]
+    assert build.ENV_FALLBACK in str(fallback[0].message)
+    assert not kernel_status().available and kernel_status().isa == "torch-emulation"
+    assert sorted(runtime_plan(runtime).emulated) == sorted(binary)
+    for y in slow:
+        assert torch.equal(y, fast)
+
+
+def test_failed_build_falls_back(fresh_build: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "_kernels.cpp"
+    broken.write_text("#error this source is broken on purpose\n", encoding="utf-8")
+    monkeypatch.setattr(build, "SOURCE", broken)
+    monkeypatch.setenv(build.ENV_CACHE, str(tmp_path / "cache"))
+    with pytest.warns(RuntimeFallbackWarning, match="emulation"):
+        status = kernel_status()
+    assert not status.available and status.reason
+    layer = binary_conv(20, 8, 3, padding=1)
+    x = torch.randn(1, 20, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        got = PackedBinaryConv2d.from_binary_conv(layer)(x)
+    torch.testing.assert_close(got, layer(x).detach(), rtol=1e-5, atol=1e-4)
+
+
+def test_stale_build_lock_is_cleared(kernels: build.KernelStatus, fresh_build: None) -> None:
+    """A build killed half-way leaves cpp_extension's lock file; later processes must not wait on it forever."""
+    assert kernels.library is not None
+    lock = kernels.library.parent / "lock"
+    lock.write_text("", encoding="utf-8")
+    old = time.time() - build.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    try:
+        build.reset()
+        assert kernel_status().available
+        assert not lock.exists()
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def test_unknown_or_missing_isa_is_an_error(kernels: build.KernelStatus, monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = PackedBinaryConv2d.from_binary_conv(binary_conv(8, 8, 3))
+    monkeypatch.setenv(build.ENV_ISA, "sse9")
+    with pytest.raises(BnnslimError, match="not a kernel"):
+        layer(torch.randn(1, 8, 5, 5))
+    missing = [n for n in ALL_ISAS if n not in cpu_isas()]
+    if missing:
+        monkeypatch.setenv(build.ENV_ISA, missing[0])
+        with pytest.raises(BnnslimError, match="lacks"):
+            layer(torch.randn(1, 8, 5, 5))
+
+
+def test_corrupt_packed_weights_are_refused() -> None:
+    signs = torch.where(torch.randn(4, 20, 3, 3) >= 0, 1.0, -1.0)
+    bits = pack_signs(signs)  # 3 bytes per tap
+    with pytest.raises(BnnslimError, match="bytes per tap"):
+        PackedBinaryConv2d(bits, 30)
+    with pytest.raises(BnnslimError, match="uint8"):
+        PackedBinaryConv2d(bits.float(), 20)
+    with pytest.raises(BnnslimError, match="alpha"):
+        PackedBinaryConv2d(bits, 20, alpha=torch.ones(3))
+    with pytest.raises(BnnslimError, match="groups"):
+        PackedBinaryConv2d(bits, 20, groups=3)
+    with pytest.raises(BnnslimError, match="NaN"):
+        PackedBinaryConv2d(bits, 20, alpha=torch.tensor([1.0, float("nan"), 1.0, 1.0]))
+    with pytest.raises(BnnslimError, match=r"\[N, 20, H, W\]"):  # never a silent wrong answer
+        PackedBinaryConv2d(bits, 20)(torch.randn(1, 24, 5, 5))
+
+
+def test_constructor_from_export_tensors_matches(kernels: build.KernelStatus) -> None:
+    """What bnnslim.load does: weight_bits + alpha + bias + hyper-parameters."""
+    layer = binary_conv(40, 12, 3, stride=2, padding=1)
+    w = layer.weight.detach()
+    alpha = w.abs().mean(dim=(1, 2, 3))
+    packed = PackedBinaryConv2d(pack_signs(torch.where(w >= 0, 1.0, -1.0)), 40, alpha=alpha,
+                                bias=layer.bias.detach(), stride=2, padding=1)
+    x = torch.randn(2, 40, 9, 9)
+    torch.testing.assert_close(packed(x), layer(x).detach(), rtol=1e-5, atol=1e-4)
+    assert set(packed.state_dict()) == {"weight_bits", "alpha", "bias"}
+
+
+def test_threads_above_cores_warn() -> None:
+    before = torch.get_num_threads()
+    try:
+        with pytest.warns(ThreadsWarning, match="above"):
+            set_threads(available_cores() + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            set_threads(1)
+        with pytest.raises(BnnslimError):
+            set_threads(0)
+    finally:
+        torch.set_num_threads(before)
