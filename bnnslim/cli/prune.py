@@ -23,8 +23,9 @@ def prune_command(
     round_to: Annotated[int, typer.Option(min=1, help="Keep channel counts multiples of N (or the full count).")] = 1,
     exclude: Annotated[Optional[list[str]], typer.Option(help="Never prune layers matching this name pattern (repeatable).")] = None,
     select_steps: Annotated[int, typer.Option(min=0, help="Steps of selector learning per group (step a).")] = 50,
-    select_lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate of the selectors.")] = 0.01,
-    penalty: Annotated[float, typer.Option(min=0.0, help="Weight of the budget-aware sparsity penalty.")] = 1.0,
+    select_lr: Annotated[float, typer.Option(min=0.0, help="Selector step size (about how far a typical selector moves per step).")] = 0.005,
+    penalty: Annotated[float, typer.Option(min=0.0, help="Weight of the budget-aware penalty (1 = calibrated per group).")] = 1.0,
+    max_shift: Annotated[float, typer.Option(min=0.0, help="A group's learned count stays within this fraction of its uniform share.")] = 0.5,
     retrain_steps: Annotated[int, typer.Option(min=0, help="Steps of retraining per group (step b).")] = 100,
     lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate when retraining.")] = 5e-4,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 128,
@@ -40,7 +41,7 @@ def prune_command(
 
     opts = PruneOptions(keep=keep, strategy=strategy, data=data, data_root=str(data_root) if data_root else None,
                         min_keep=min_keep, round_to=round_to, exclude=tuple(exclude or ()),
-                        select_steps=select_steps, select_lr=select_lr, penalty=penalty,
+                        select_steps=select_steps, select_lr=select_lr, penalty=penalty, max_shift=max_shift,
                         retrain_steps=retrain_steps, lr=lr, batch_size=batch_size, seed=seed, device=device)
     with Progress(TextColumn("[bold]{task.fields[group]}"), TextColumn("{task.fields[phase]}"), BarColumn(),
                   MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.0%}"),

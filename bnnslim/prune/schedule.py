@@ -61,8 +61,9 @@ class PruneOptions:
     round_to: int = 1
     exclude: tuple[str, ...] = ()
     select_steps: int = 50
-    select_lr: float = 0.01
+    select_lr: float = 0.005
     penalty: float = 1.0
+    max_shift: float = 0.5
     retrain_steps: int = 100
     lr: float = 5e-4
     batch_size: int = 128
@@ -148,6 +149,16 @@ def _validate(selection: Any, spec: StrategySpec, group: PrunableGroup) -> Selec
                            "propose a count between 0 and the group's size, or None")
     return Selection(scores=scores, keep=None if selection.keep is None else int(selection.keep),
                      state=dict(selection.state))
+
+
+def shifted(proposed: int, suggested: int, max_shift: float, size: int) -> int:
+    """The proposal, kept within ``max_shift`` (a fraction) of the group's uniform share.
+
+    Learned proposals that run far above or below the share would leave the last
+    groups to absorb the difference; this bound spreads it.
+    """
+    low, high = round(suggested * (1 - max_shift)), round(suggested * (1 + max_shift))
+    return max(0, min(size, max(low, min(high, proposed))))
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -276,7 +287,7 @@ def prune(run_path: Path, opts: PruneOptions, resume: bool = False,
                 controller.clear(g.id)
             selection = _validate(raw, spec, g)
             proposed = selection.keep if selection.keep is not None else suggested
-            k = budget.choose(proposed)
+            k = budget.choose(shifted(proposed, suggested, opts.max_shift, g.size))
             masks[g.id] = top_k_mask(selection.scores, k)
             D.check_same_on_all_ranks({"mask": masks[g.id]}, f"the masks of group {g.id}")
             controller.set_fixed(g.id, masks[g.id].to(device))

@@ -7,11 +7,15 @@ straight-through gradient ``d m / d M = 1{|M| < 1}``. While a group's selectors
 learn, the main network is frozen (weights and BatchNorm statistics). The loss
 is cross-entropy plus a budget-aware penalty
 
-    L = CE + lambda * relu(mean(m) - r)
+    L = CE + lambda * (mean(m) - r)^2
 
-where ``r`` is the group's share of the remaining budget: selectors are pushed
-down only while the group keeps more than its share, and cross-entropy pushes
-up those whose channels matter, so the learned count can differ from ``r``.
+where ``r`` is the group's share of the remaining budget. The penalty pulls the
+count towards ``r`` from both sides; cross-entropy pushes up the selectors of
+channels that matter and down those of channels that do not, so a layer whose
+channels matter more keeps more than its share, and one that matters less keeps
+fewer. ``lambda`` is calibrated per group from the cross-entropy gradients at the
+start (``penalty_weight``) so that the balance does not depend on the layer's
+width or the loss scale; ``--penalty`` multiplies it.
 (The authors' regularisers cannot aim at a ratio; the exact count is set
 afterwards by :mod:`bnnslim.prune.budget`.)
 """
@@ -46,6 +50,22 @@ def selector_mask(selector: torch.Tensor) -> torch.Tensor:
     return _StepSTE.apply(selector)
 
 
+REFERENCE_DEVIATION = 0.1
+
+
+def penalty_weight(mean_abs_grad: torch.Tensor, n: int) -> torch.Tensor:
+    """lambda such that keeping 10% of the group more than its share pushes each selector
+    as hard as a typical channel's cross-entropy gradient: 2 lambda 0.1 / n = mean |dCE/dm|."""
+    return mean_abs_grad.detach() * n / (2 * REFERENCE_DEVIATION)
+
+
+def average_gradients_value(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over ranks (the same penalty weight everywhere under torchrun)."""
+    from bnnslim.distributed import all_reduce_sum, world_size
+
+    return all_reduce_sum(value.reshape(1))[0] / world_size()
+
+
 def select_subsidiary(ctx: SelectionContext) -> Selection:
     """Learn the group's selectors with the main network frozen; score = selector value."""
     n = ctx.group.size
@@ -58,12 +78,21 @@ def select_subsidiary(ctx: SelectionContext) -> Selection:
         p.requires_grad_(False)
     model.eval()  # BatchNorm statistics stay fixed
     ctx.masks.set_source(ctx.group.id, lambda: selector_mask(selector))
-    optimizer = torch.optim.Adam([selector], lr=ctx.lr)
+    # SGD on the loss divided by the typical cross-entropy gradient: selectors move by about ``lr``
+    # per step, and channels keep their relative importance (Adam would give every selector the same
+    # step and make the whole group cross zero together).
+    optimizer = torch.optim.SGD([selector], lr=ctx.lr, momentum=0.9)
     try:
+        weight = scale = None
         for _ in range(ctx.steps):
             x, y = next(ctx.batches)
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y) + ctx.penalty * torch.relu(selector_mask(selector).mean() - target)
+            ce = F.cross_entropy(model(x), y)
+            if weight is None:  # calibrate on this group's cross-entropy gradients
+                (grad,) = torch.autograd.grad(ce, selector, retain_graph=True)
+                typical = average_gradients_value(grad.abs().mean()).clamp(min=1e-12)
+                weight, scale = ctx.penalty * penalty_weight(typical, n), 1.0 / typical
+            loss = (ce + weight * (selector_mask(selector).mean() - target) ** 2) * scale
             loss.backward()
             average_gradients([selector])  # identical selectors on every rank under torchrun
             optimizer.step()
