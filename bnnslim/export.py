@@ -180,7 +180,7 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, target: Path) -> None:
     try:
         import onnx  # noqa: F401
     except ImportError as exc:
-        raise BnnslimError("--format onnx needs the onnx package", "pip install onnx onnxscript") from exc
+        raise BnnslimError("--format onnx needs the onnx package", "pip install onnx (or bnnslim[onnx])") from exc
     from bnnslim._atomic import atomic_path
 
     with atomic_path(target) as tmp:

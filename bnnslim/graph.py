@@ -38,20 +38,16 @@ def build_graph(model: nn.Module, example: torch.Tensor,
 
         pruners = customized_pruners()
     was_training = model.training
+    graph = tp.DependencyGraph()
     try:
         with warnings.catch_warnings():
             # torch-pruning warns about unwrapped parameters (checked below) and unknown ops: none reaches the user
             warnings.simplefilter("ignore")
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
-                                                          customized_pruners=dict(pruners))
+            graph.build_dependency(model, example_inputs=example, verbose=False, customized_pruners=dict(pruners))
     except BnnslimError:
         raise
     except Exception as exc:
-        raise BnnslimError(
-            f"torch-pruning could not trace the model on an input of shape {tuple(example.shape)}: "
-            f"{type(exc).__name__}: {exc}",
-            "check that the model runs on that input (set --input-shape or INPUT_SHAPE in the model file)",
-        ) from exc
+        raise _trace_error(model, graph, example, exc) from exc
     finally:
         model.train(was_training)
     if graph.unwrapped_parameters:  # found by torch-pruning; parameters without a dimension > 1 are not listed
@@ -79,3 +75,43 @@ def _unwrapped_error(model: nn.Module, graph: tp.DependencyGraph) -> BnnslimErro
         f"register a pruner for {' and '.join(types) or 'that layer'} with the bnnslim_pruners plugin hook "
         "(docs/plugins.md), or build the layer from standard ones",
     )
+
+
+def _trace_error(model: nn.Module, graph: tp.DependencyGraph, example: torch.Tensor, exc: Exception) -> BnnslimError:
+    """Say whether the model itself fails on the input, or torch-pruning fails on a part of it."""
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except Exception as own:
+        return BnnslimError(
+            f"the model fails on an input of shape {tuple(example.shape)}: {type(own).__name__}: {own}",
+            "check that the model runs on that input (set --input-shape or INPUT_SHAPE in the model file)")
+    names = {m: n for n, m in model.named_modules()}
+    reshapes = [node for node in getattr(graph, "module2node", {}).values() if node.type == tp.ops.OPTYPE.RESHAPE]
+    after = sorted({n for node in reshapes for n in _named_producers(node, names)})
+    where = f" at a reshape after layer {', '.join(repr(a) for a in after[:3])} (a channel shuffle or view)" if after else ""
+    return BnnslimError(
+        f"torch-pruning {_tp_version()} cannot trace the channel dependencies of this model{where}: "
+        f"{type(exc).__name__}: {exc}",
+        "bnnslim cannot prune it as it is: replace that reshape by standard layers, or register a pruner for a "
+        "custom layer that wraps it with the bnnslim_pruners plugin hook (docs/plugins.md)")
+
+
+def _named_producers(node: object, names: dict[object, str], depth: int = 8) -> set[str]:
+    """The nearest named layers that feed ``node`` (through unnamed ops such as cat or transpose)."""
+    found: set[str] = set()
+    for i in getattr(node, "inputs", []):
+        if i.module in names:
+            found.add(names[i.module])
+        elif depth > 0:
+            found |= _named_producers(i, names, depth - 1)
+    return found
+
+
+def _tp_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch-pruning")  # tp.__version__ says 1.6.0 in the 1.6.1 wheel
+    except PackageNotFoundError:
+        return tp.__version__

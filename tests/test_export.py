@@ -243,3 +243,28 @@ def test_whole_chain_on_torchvision_models(tmp_path: Path, noise_plugin, name: s
     result = export(run, evaluate_data=False)
     assert result.max_difference < 1e-4
     slim_outputs_equal_loaded(result, torch.randn(2, 3, 32, 32))
+
+
+def test_a_model_torch_pruning_cannot_trace_gets_a_clear_error_naming_the_layer(tmp_path: Path) -> None:
+    """torchvision's shufflenet_v2: torch-pruning 1.6 fails on its channel shuffle (view/transpose/view)."""
+    src = tmp_path / "shuffle.py"
+    src.write_text("import torchvision\n\ndef build_model(num_classes=10):\n"
+                   "    return torchvision.models.shufflenet_v2_x0_5(num_classes=num_classes)\n")
+    result = cli("binarize", str(src), "--run", str(tmp_path / "run"), "--input-shape", "3,32,32")
+    bad(result, "cannot trace the channel dependencies")
+    assert "stage2.0.branch2" in result.output and "channel shuffle" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_onnx_export_computes_what_the_slim_model_computes(small_run: Path, tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    from onnx.reference import ReferenceEvaluator
+
+    run = copy_run(small_run, tmp_path)
+    result = cli("export", "--run", str(run), "-f", "onnx", "-o", str(tmp_path / "m.onnx"), "--no-evaluate")
+    assert result.exit_code == 0, result.output
+    slim_model = bnnslim.load(export(run, ("plain",), evaluate_data=False).files["plain"])
+    x = torch.randn(3, 1, 28, 28)
+    got = ReferenceEvaluator(onnx.load(str(tmp_path / "m.onnx"))).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), slim_model(x), rtol=1e-4, atol=1e-4)
