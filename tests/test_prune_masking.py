@@ -22,21 +22,26 @@ def random_masks(groups, seed: int = 0, keep: float = 0.5) -> dict[str, torch.Te
     return masks
 
 
-@pytest.mark.parametrize("arch", sorted(MODELS))
-def test_masked_model_equals_model_with_channels_removed(arch: str) -> None:
-    b = MODELS[arch]()
-    masks = random_masks(b.groups)
+def masked_and_slim(b, masks: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """Outputs of the masked model and of a slimmed copy, and the copy."""
     controller = MaskController(b.model, b.groups)
     for gid, m in masks.items():
         controller.set_fixed(gid, m)
     with torch.no_grad():
         masked_out = b.model(b.example)
     controller.remove()
-
     slim_model = copy.deepcopy(b.model)
     slim(slim_model, b.groups, masks, b.example)
     with torch.no_grad():
         slim_out = slim_model(b.example)
+    return masked_out, slim_out, slim_model
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_masked_model_equals_model_with_channels_removed(arch: str) -> None:
+    b = MODELS[arch]()
+    masks = random_masks(b.groups)
+    masked_out, slim_out, slim_model = masked_and_slim(b, masks)
     assert slim_out.shape == masked_out.shape
     torch.testing.assert_close(slim_out, masked_out, rtol=1e-4, atol=1e-4)
     # and the channels are really gone
@@ -80,14 +85,5 @@ def test_masks_of_several_groups_meeting_in_one_consumer_combine() -> None:
 def test_torchvision_masked_model_equals_slimmed_model(name: str) -> None:
     b = binarized(torchvision_model(name), (3, 32, 32))
     assert b.groups, f"{name} has no prunable group"
-    masks = random_masks(b.groups)
-    controller = MaskController(b.model, b.groups)
-    for gid, m in masks.items():
-        controller.set_fixed(gid, m)
-    with torch.no_grad():
-        masked_out = b.model(b.example)
-    controller.remove()
-    slim(b.model, b.groups, masks, b.example)
-    with torch.no_grad():
-        slim_out = b.model(b.example)
+    masked_out, slim_out, _ = masked_and_slim(b, random_masks(b.groups))
     torch.testing.assert_close(slim_out, masked_out, rtol=1e-4, atol=1e-4)

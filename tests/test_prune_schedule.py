@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from _models import ConcatNet
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -18,23 +20,7 @@ from bnnslim.rundir import RunDir
 from bnnslim.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-CONCAT_FILE = '''
-import torch
-from torch import nn
-
-class ConcatNet(nn.Module):
-    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Hardtanh())
-        self.a = nn.Sequential(nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.Hardtanh())
-        self.b = nn.Sequential(nn.Conv2d(8, 10, 1, bias=False), nn.BatchNorm2d(10), nn.Hardtanh())
-        self.mix = nn.Sequential(nn.Conv2d(16, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.Hardtanh())
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(48, num_classes))
-
-    def forward(self, x):
-        x = self.stem(x)
-        return self.head(self.mix(torch.cat([self.a(x), self.b(x)], 1)))
-'''
+CONCAT_FILE = "import torch\nfrom torch import nn\n\n\n" + inspect.getsource(ConcatNet)
 QUICK = dict(select_steps=3, retrain_steps=3, batch_size=32, heldout=64)
 
 

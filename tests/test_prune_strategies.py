@@ -12,7 +12,7 @@ from bnnslim.plugin_types import Selection, SelectionContext
 from bnnslim.plugins import get_strategy, strategies
 from bnnslim.prune.masking import MaskController
 from bnnslim.prune.schedule import _validate, retrain
-from bnnslim.prune.groups import forward_order
+from bnnslim.binary.convert import forward_order
 from bnnslim.prune.subsidiary import selector_mask
 from bnnslim.errors import BnnslimError
 

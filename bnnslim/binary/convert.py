@@ -29,24 +29,34 @@ class BinarizePlan:
     real: dict[str, str] = field(default_factory=dict)  # name -> reason
 
 
-def execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of the conv and linear modules in the order one forward pass calls them."""
-    order: list[str] = []
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            handles.append(module.register_forward_pre_hook(
-                lambda _m, _i, name=name: order.append(name) if name not in order else None))
-    was_training = model.training
+def forward_order(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Module name -> index of its first call in one forward pass (a topological order)."""
+    order: dict[str, int] = {}
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def record(_m: nn.Module, _inputs: object) -> None:
+            order.setdefault(name, len(order))
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
+               if n and not list(m.children())]
+    was = model.training
+    model.eval()
     try:
-        model.eval()
         with torch.no_grad():
             model(example)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        model.train(was)
     return order
+
+
+def execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the conv and linear modules in the order one forward pass calls them."""
+    order = forward_order(model, example)
+    modules = dict(model.named_modules())
+    return [n for n in sorted(order, key=order.__getitem__) if isinstance(modules[n], (nn.Conv2d, nn.Linear))]
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:

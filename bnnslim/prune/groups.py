@@ -27,6 +27,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from bnnslim.binary.convert import forward_order
 from bnnslim.binary.layers import BinaryConv2d
 
 _NORMS_ACROSS_CHANNELS = (tp.ops.OPTYPE.GN, tp.ops.OPTYPE.LN, tp.ops.OPTYPE.IN)
@@ -71,29 +72,6 @@ class GroupScan:
     @property
     def total_filters(self) -> int:
         return sum(g.filters for g in self.groups)
-
-
-def forward_order(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    """Module name -> index of its first call in one forward pass (a topological order)."""
-    order: dict[str, int] = {}
-
-    def hook(name: str):  # type: ignore[no-untyped-def]
-        def record(_m: nn.Module, _inputs: object) -> None:
-            order.setdefault(name, len(order))
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
-               if n and not list(m.children())]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    return order
 
 
 def find_groups(model: nn.Module, graph: tp.DependencyGraph, example: torch.Tensor,

@@ -33,13 +33,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from bnnslim import distributed as D
 from bnnslim._atomic import save_tensors
 from bnnslim.binarize import resolve_device
-from bnnslim.binary.convert import clip_latent_weights
+from bnnslim.binary.convert import clip_latent_weights, forward_order
 from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
 from bnnslim.plugin_types import Selection, SelectionContext, StrategySpec
 from bnnslim.plugins import get_dataset, get_strategy
 from bnnslim.prune.budget import Budget
-from bnnslim.prune.groups import PrunableGroup, find_groups, forward_order
+from bnnslim.prune.groups import PrunableGroup, find_groups
 from bnnslim.prune.masking import MaskController
 from bnnslim.run_model import load_run_model
 from bnnslim.rundir import RunDir, save_weights
