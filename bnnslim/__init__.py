@@ -16,12 +16,14 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-def load(path: str | Path, model_file: str | Path | None = None) -> "nn.Module":
+def load(path: str | Path, model_file: str | Path | None = None, runtime: str = "torch") -> "nn.Module":
     """Rebuild a model saved by ``bnnslim export`` (plain or packed), without pickle.
 
     ``model_file`` overrides the model source recorded in the file; its content
-    must be unchanged since export. See :func:`bnnslim.model_file.load`.
+    must be unchanged since export. ``runtime="packed"`` runs the binary convs on
+    bnnslim's XNOR-popcount runtime instead of torch's float emulation. See
+    :func:`bnnslim.model_file.load`.
     """
     from bnnslim.model_file import load as _load
 
-    return _load(path, model_file)
+    return _load(path, model_file, runtime)

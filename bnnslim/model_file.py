@@ -38,6 +38,8 @@ from bnnslim.packing import pack_signs, unpack_signs
 from bnnslim.plugins import get_scheme
 
 FORMAT = "bnnslim-model"
+#: what ``load(..., runtime=)`` accepts: torch's emulation (BinaryConv2d) or the packed runtime
+RUNTIMES = ("torch", "packed")
 
 
 def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
@@ -148,15 +150,23 @@ def read_header(path: Path) -> dict[str, str]:
     return meta
 
 
-def load(path: str | Path, model_file: str | Path | None = None) -> nn.Module:
+def load(path: str | Path, model_file: str | Path | None = None, runtime: str = "torch") -> nn.Module:
     """Rebuild the slim model stored in ``path`` (plain or packed), in eval mode.
 
     ``model_file`` overrides the model source recorded at export (``FILE`` or
     ``FILE:NAME``); its content must be the one exported (same sha256).
+
+    ``runtime="torch"`` (the default) gives binary convs as ``BinaryConv2d`` (torch's
+    float emulation); ``runtime="packed"`` gives them as
+    :class:`bnnslim.runtime.PackedBinaryConv2d` on the XNOR-popcount kernels: from a
+    packed file with its stored bits and alpha as they are, from a plain file packed
+    on load (see :func:`bnnslim.runtime.to_runtime`).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if runtime not in RUNTIMES:
+        raise BnnslimError(f"unknown runtime '{runtime}'", f"choose from {', '.join(RUNTIMES)}")
     path = Path(path)
     meta = read_header(path)
     info = json.loads(meta["model"])
@@ -171,6 +181,7 @@ def load(path: str | Path, model_file: str | Path | None = None) -> nn.Module:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise BnnslimError(f"'{path}' is damaged ({exc})", "export it again") from exc
+    stored = tensors
     if meta.get("form") == "packed":
         tensors = _unpack(model, tensors)
     resize_others(model, tensors)
@@ -183,6 +194,10 @@ def load(path: str | Path, model_file: str | Path | None = None) -> nn.Module:
         raise BnnslimError(f"'{path}': tensor {bad[0]} has shape {tuple(tensors[bad[0]].shape)}, "
                            f"the rebuilt model expects {tuple(own[bad[0]].shape)}", "export it again")
     model.load_state_dict({k: tensors[k] for k in own}, strict=True)
+    if runtime == "packed":
+        from bnnslim.runtime import to_runtime
+
+        model = to_runtime(model, inplace=True, packed=stored if meta.get("form") == "packed" else None)
     return model.eval()
 
 

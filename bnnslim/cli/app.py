@@ -7,7 +7,7 @@ import sys
 import typer
 
 from bnnslim import __version__
-from bnnslim.cli import binarize, export, info, prune
+from bnnslim.cli import bench, binarize, export, info, prune
 from bnnslim.cli import plugins as plugins_cli
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app.command("binarize")(binarize.binarize_command)
 app.command("prune")(prune.prune_command)
 app.command("export")(export.export_command)
 app.command("info")(info.info_command)
+app.command("bench")(bench.bench_command)
 app.command("plugins")(plugins_cli.plugins_command)
 
 

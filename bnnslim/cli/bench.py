@@ -1,0 +1,95 @@
+"""``bnnslim bench PATH``: latency of the packed runtime vs torch's float and binary models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from bnnslim.cli._common import console, err_console, friendly_errors
+
+if TYPE_CHECKING:
+    from bnnslim.bench import BenchPoint
+
+
+#: column titles: the float original, torch's binary emulation, bnnslim's packed runtime
+COLUMNS = {"float": "float", "torch_binary": "torch binary", "packed": "packed"}
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.3f}"
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+@friendly_errors
+def bench_command(
+    path: Annotated[Path, typer.Argument(help="A model file from `bnnslim export` (plain or packed), or a run directory (its exported model).")],
+    batch: Annotated[Optional[list[int]], typer.Option("--batch", "-b", help="Batch size; repeatable. Default: 1.")] = None,
+    threads: Annotated[Optional[list[int]], typer.Option("--threads", "-t", help="CPU threads; repeatable. Default: 1.")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed calls of each model per batch size and thread count (the median is reported).")] = 20,
+    warmup: Annotated[int, typer.Option(help="Untimed calls of each model first.")] = 5,
+    model_file: Annotated[Optional[Path], typer.Option("--model-file", help="The model file (FILE or FILE:NAME) if it moved since export; its content must be unchanged.")] = None,
+    layers: Annotated[bool, typer.Option(help="Time every conv and linear layer too (a second pass with hooks).")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Time the float original, torch's binary emulation and bnnslim's packed XNOR-popcount runtime on this CPU."""
+    from bnnslim.bench import MODELS, bench
+
+    if as_json:
+        result = bench(path, batch or [1], threads or [1], repeats, warmup, model_file, layers)
+        typer.echo(json.dumps(result.to_json(), indent=2))
+        return
+    with console.status("timing...") as status:
+        result = bench(path, batch or [1], threads or [1], repeats, warmup, model_file, layers,
+                       progress=lambda what: status.update(f"timing {what}..."))
+    head = Table(show_header=False, title=f"bnnslim bench {result.file}")
+    head.add_row("model", f"{result.model} ({result.form} file, input {'x'.join(map(str, result.input_shape))})")
+    head.add_row("CPU", f"{result.cpu}, {result.cores} cores available")
+    head.add_row("packed kernel", result.kernel + ("" if result.fast_popcount else " (no vector popcount)"))
+    plan = result.plan
+    head.add_row("binary convs", f"{len(plan['kernel'])} on the kernels, {len(plan['emulated'])} emulated, "
+                                 f"{len(plan['unchanged'])} not packed")
+    head.add_row("packed vs torch binary",
+                 f"max |difference| {result.max_abs_difference:.2g}; equals its own emulation: "
+                 f"{'yes' if result.matches_emulation else 'NO'}")
+    console.print(head)
+    table = Table(title=f"latency, median of {result.repeats} calls after {result.warmup} warm-up (ms)")
+    for col in ("batch", "threads", *(COLUMNS[m] for m in MODELS), "packed vs float", "packed vs torch binary"):
+        table.add_column(col, justify="right")
+    for p in result.points:
+        table.add_row(str(p.batch), str(p.threads), *(_ms(p.latency_ms[m]) for m in MODELS),
+                      f"[bold]{_x(p.speedup['packed_vs_float'])}[/]", _x(p.speedup["packed_vs_torch_binary"]))
+    console.print(table)
+    console.print("float: the original model, unpruned and real-valued (fresh weights); torch binary: the slim "
+                  "binary model in torch (`bnnslim.load(path)`); packed: the same on bnnslim's XNOR-popcount runtime "
+                  "(`bnnslim.load(path, runtime=\"packed\")`)", style="dim", highlight=False)
+    for p in result.points:
+        if p.layers:
+            console.print(_layer_table(p))
+    for note in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
+
+
+def _layer_table(point: BenchPoint) -> Table:
+    from bnnslim.bench import MODELS
+
+    table = Table(title=f"per layer, batch {point.batch}, {point.threads} thread{'s' if point.threads > 1 else ''} "
+                        "(median ms per call)")
+    table.add_column("layer")
+    table.add_column("kind")
+    for m in MODELS:
+        table.add_column(COLUMNS[m], justify="right")
+    table.add_column("packed vs float", justify="right")
+    for row in point.layers:
+        style = "bold" if row.kind == "binary conv" else ("dim" if row.kind == "other" else None)
+        name = "other (BN, pool, act.)" if row.kind == "other" else row.layer
+        table.add_row(name, "" if row.kind == "other" else row.kind, *(_ms(row.ms[m]) for m in MODELS),
+                      _x(row.speedup), style=style)
+    return table
