@@ -8,7 +8,7 @@ how to rebuild the model:
 * **packed** (``*.bnn.safetensors``): binary convs as 1-bit signs plus ``alpha``
   (see :mod:`bnnslim.packing`), every other tensor as it is.
 
-Metadata keys: ``format`` ("bnnslim-model"), ``form`` ("plain" | "packed"),
+Metadata keys: ``format`` ("bnnslim-model"), ``format_version``, ``form`` ("plain" | "packed"),
 ``bnnslim_version``, ``model`` (source file, name, sha256, num_classes,
 in_channels), ``scheme``, ``binary_layers``, ``layers`` (the slim shape of every
 conv, linear and batch norm: enough to rebuild the slim architecture from the
@@ -38,6 +38,8 @@ from bnnslim.packing import pack_signs, unpack_signs
 from bnnslim.plugins import get_scheme
 
 FORMAT = "bnnslim-model"
+#: Bumped when the file layout changes; a reader refuses versions it does not know.
+FORMAT_VERSION = "1"
 #: what ``load(..., runtime=)`` accepts: torch's emulation (BinaryConv2d) or the packed runtime
 RUNTIMES = ("torch", "packed")
 
@@ -100,7 +102,7 @@ def resize_others(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 
 def header(manifest: dict[str, Any], model: nn.Module, form: str, metrics: dict[str, Any]) -> dict[str, str]:
     return {
-        "format": FORMAT, "form": form, "bnnslim_version": __version__,
+        "format": FORMAT, "format_version": FORMAT_VERSION, "form": form, "bnnslim_version": __version__,
         "model": json.dumps(manifest["model"]), "scheme": manifest["scheme"],
         "binary_layers": json.dumps(manifest["layers"]["binary"]),
         "layers": json.dumps(layer_shapes(model)), "input_shape": json.dumps(manifest["input_shape"]),
@@ -147,6 +149,12 @@ def read_header(path: Path) -> dict[str, str]:
     if meta.get("format") != FORMAT:
         raise BnnslimError(f"'{path}' is a safetensors file but not a bnnslim model",
                            "give a file written by `bnnslim export`")
+    if meta.get("format_version") != FORMAT_VERSION or meta.get("form") not in ("plain", "packed"):
+        raise BnnslimError(
+            f"'{path}' was written by bnnslim {meta.get('bnnslim_version', '?')} in file format "
+            f"{meta.get('format_version', '?')} ({meta.get('form', '?')}); this bnnslim {__version__} reads format "
+            f"{FORMAT_VERSION} (plain or packed)",
+            "export it again with this version, or load it with the bnnslim that wrote it")
     return meta
 
 

@@ -268,3 +268,19 @@ def test_onnx_export_computes_what_the_slim_model_computes(small_run: Path, tmp_
     got = ReferenceEvaluator(onnx.load(str(tmp_path / "m.onnx"))).run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), slim_model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_file_from_another_format_version_is_refused(small_run: Path, tmp_path: Path) -> None:
+    run = copy_run(small_run, tmp_path)
+    good = export(run, ("packed",), evaluate_data=False).files["packed"]
+    from safetensors import safe_open
+
+    with safe_open(str(good), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.update(format_version="99", bnnslim_version="9.0.0")
+    future = tmp_path / "future.bnn.safetensors"
+    save_file(tensors, str(future), metadata=meta)
+    with pytest.raises(BnnslimError, match="written by bnnslim 9.0.0 in file format 99"):
+        bnnslim.load(future, runtime="packed")
+    bad(cli("info", str(future)), "file format 99")
