@@ -327,7 +327,7 @@ def guard_strategy(spec: StrategySpec, info: PluginInfo) -> StrategySpec:
     select = spec.select
 
     def guarded(ctx: SelectionContext) -> Selection:
-        from bnnslim.prune.schedule import _validate
+        from bnnslim.prune.schedule import validate_selection
 
         where = f"strategy '{spec.name}' from {info.label} on group {ctx.group.id}"
         fix = info.fix if info.builtin else (
@@ -339,7 +339,7 @@ def guard_strategy(spec: StrategySpec, info: PluginInfo) -> StrategySpec:
         except Exception as exc:
             raise BnnslimError(f"{where} failed: {type(exc).__name__}: {exc}", fix) from exc
         try:
-            return _validate(raw, spec, ctx.group)
+            return validate_selection(raw, spec, ctx.group)
         except BnnslimError as exc:
             problem = exc.problem.replace(f"strategy '{spec.name}' on group {ctx.group.id}", where)
             raise BnnslimError(problem, f"{exc.fix} ({fix})" if exc.fix else fix) from None

@@ -11,7 +11,7 @@ from _models import MODELS
 from bnnslim.plugin_types import Selection, SelectionContext
 from bnnslim.plugins import get_strategy, strategies
 from bnnslim.prune.masking import MaskController
-from bnnslim.prune.schedule import _validate, retrain
+from bnnslim.prune.schedule import validate_selection, retrain
 from bnnslim.binary.convert import forward_order
 from bnnslim.prune.subsidiary import selector_mask
 from bnnslim.errors import BnnslimError
@@ -85,7 +85,7 @@ def test_retraining_leaves_masks_and_lower_layers_alone() -> None:
 def test_every_builtin_strategy_returns_a_valid_selection(name: str, arch: str) -> None:
     b, ctx = _context(arch, group_index=1, steps=3)
     spec = get_strategy(name)
-    selection = _validate(spec.select(ctx), spec, ctx.group)
+    selection = validate_selection(spec.select(ctx), spec, ctx.group)
     assert selection.scores.shape == (ctx.group.size,)
     assert torch.isfinite(selection.scores).all()
     assert selection.keep is None or 0 <= selection.keep <= ctx.group.size
@@ -122,5 +122,5 @@ def test_invalid_selections_are_rejected_naming_the_strategy(bad, message: str) 
     b, ctx = _context("plain")
     spec = get_strategy("random")
     with pytest.raises(BnnslimError, match=message) as info:
-        _validate(bad, spec, ctx.group)
+        validate_selection(bad, spec, ctx.group)
     assert "strategy 'random'" in str(info.value)

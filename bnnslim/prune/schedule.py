@@ -134,7 +134,7 @@ def _split_heldout(train: Dataset, size: int, seed: int) -> tuple[Dataset, Datas
     return Subset(train, perm[size:]), Subset(train, perm[:size])
 
 
-def _validate(selection: Any, spec: StrategySpec, group: PrunableGroup) -> Selection:
+def validate_selection(selection: Any, spec: StrategySpec, group: PrunableGroup) -> Selection:
     where = f"strategy '{spec.name}' on group {group.id}"
     if not isinstance(selection, Selection):
         raise BnnslimError(f"{where} returned {type(selection).__name__}, not a Selection", "fix the strategy plugin")
@@ -285,7 +285,7 @@ def prune(run_path: Path, opts: PruneOptions, resume: bool = False,
                                    "fix the strategy plugin or choose another --strategy") from exc
             finally:
                 controller.clear(g.id)
-            selection = _validate(raw, spec, g)
+            selection = validate_selection(raw, spec, g)
             proposed = selection.keep if selection.keep is not None else suggested
             k = budget.choose(shifted(proposed, suggested, opts.max_shift, g.size))
             masks[g.id] = top_k_mask(selection.scores, k)
