@@ -48,6 +48,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "bnnslim.default_plugins.schemes",
     "bnnslim.default_plugins.strategies",
     "bnnslim.default_plugins.models",
+    "bnnslim.default_plugins.zoo",
 )
 DISABLE_EXTERNAL_ENV = "BNNSLIM_DISABLE_EXTERNAL_PLUGINS"
 
