@@ -408,3 +408,158 @@ def test_threads_above_cores_warn() -> None:
             set_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- fused binary blocks
+
+
+def _random_bn(model: nn.Module, seed: int) -> None:
+    """Batch norms with scales of both signs (a negative scale flips the threshold comparison)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(torch.randn(c, generator=g))
+                m.bias.copy_(torch.randn(c, generator=g) * 0.3)
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+
+
+def _consumer_inputs(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """The {-1, 0, +1} signs each named packed conv gets (unpacked when it reads bits)."""
+    from bnnslim.runtime.bits import unpack_ternary
+
+    got: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        layer = model.get_submodule(name)
+
+        def hook(m: nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
+            a = args[0]
+            got[name] = unpack_ternary(a, m.in_channels) if a.dtype == torch.int64 else torch.sign(a)
+        handles.append(layer.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return got
+
+
+# binary convs that hand bits on, in the tiny examples (the rest feed pooling, residual adds or real layers)
+FUSED_COUNTS = {"small_cnn": 2, "nin": 5, "vgg11": 6, "resnet18": 8}
+
+
+@pytest.mark.parametrize("name", list(FUSED_COUNTS))
+def test_fused_chains_are_exact(name: str, isa: str) -> None:
+    """Fused (bits between binary convs) == unfused: every binary conv gets the same signs; outputs agree."""
+    model, x, binary = binary_example(name, trained_bn=False)
+    _random_bn(model, seed=1)
+    plain = to_runtime(model, fuse=False)
+    fused = to_runtime(model)
+    plan = runtime_plan(fused)
+    assert len(plan.fused) == FUSED_COUNTS[name], plan.not_fused
+    assert all(fused.get_submodule(c).input_bits for c in plan.fused.values())
+    want = _consumer_inputs(plain, x, binary)
+    got = _consumer_inputs(fused, x, binary)
+    for layer in binary:
+        assert torch.equal(got[layer], want[layer]), layer
+    with torch.no_grad():
+        y_fused, y_plain, y_emul = fused(x), plain(x), with_emulation(fused)(x)
+    assert torch.equal(y_fused, y_emul), "fused kernels == their torch emulation, bit for bit"
+    torch.testing.assert_close(y_fused, y_plain, rtol=1e-5, atol=1e-5)  # only the memory format may differ
+
+
+def test_negative_scale_flips_thresholds(isa: str) -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(binary_conv(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.Hardtanh(),
+                          nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+                          binary_conv(24, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8)).eval()
+    _random_bn(model, seed=4)
+    with torch.no_grad():
+        model[1].weight[:12] = -model[1].weight[:12].abs() - 0.1  # half the channels decreasing
+        model[1].weight[12:] = model[1].weight[12:].abs() + 0.1
+    x = torch.randn(2, 16, 11, 13)
+    fused = to_runtime(model)
+    assert runtime_plan(fused).fused == {"0": "4"}
+    flips = fused[0].out_thresholds[:, 2]
+    assert bool(flips[:12].all()) and not bool(flips[12:].any())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), to_runtime(model, fuse=False)(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(fused(x), with_emulation(fused)(x))
+
+
+@pytest.mark.parametrize("case", ["avgpool", "hardswish", "pool_after_negative_bn", "shared", "functional"])
+def test_chains_that_cannot_fuse_stay_float(case: str, kernels: build.KernelStatus) -> None:
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = binary_conv(8, 8, 3, padding=1), binary_conv(8, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.clamp(self.a(x), -1, 1))
+
+    act = nn.Hardtanh()
+    layers: dict[str, list[nn.Module]] = {
+        "avgpool": [binary_conv(8, 8, 3, padding=1), nn.AvgPool2d(2), binary_conv(8, 8, 3, padding=1)],
+        "hardswish": [binary_conv(8, 8, 3, padding=1), nn.Hardswish(), binary_conv(8, 8, 3, padding=1)],
+        "pool_after_negative_bn": [binary_conv(8, 8, 3, padding=1), nn.MaxPool2d(2), nn.BatchNorm2d(8),
+                                   binary_conv(8, 8, 3, padding=1)],
+        "shared": [binary_conv(8, 8, 3, padding=1), act, binary_conv(8, 8, 3, padding=1), act],
+    }
+    model = Functional().eval() if case == "functional" else nn.Sequential(*layers[case]).eval()
+    _random_bn(model, seed=5)
+    if case == "pool_after_negative_bn":
+        with torch.no_grad():
+            model[2].weight[0] = -1.0
+    fused = to_runtime(model)
+    plan = runtime_plan(fused)
+    assert not plan.fused and plan.not_fused
+    x = torch.randn(1, 8, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fused(x), to_runtime(model, fuse=False)(x))
+
+
+@pytest.mark.parametrize("pool", [(2, 2, 0, False), (3, 2, 1, False), (3, 2, 1, True), (2, 1, 0, True)])
+def test_bits_max_pool_equals_torch(pool: tuple[int, int, int, bool], kernels: build.KernelStatus) -> None:
+    from bnnslim.runtime.bits import max_pool_emulated, pack_ternary, unpack_ternary
+
+    k, s, p, ceil = pool
+    g = torch.Generator().manual_seed(k * 10 + s)
+    values = torch.randint(-1, 2, (2, 70, 9, 7), generator=g).float()
+    bits = pack_ternary(values)
+    assert torch.equal(unpack_ternary(bits, 70), values)
+    got = build.ops().bits_max_pool2d(bits, [k, k], [s, s], [p, p], [1, 1], ceil)  # type: ignore[attr-defined]
+    want = F.max_pool2d(values, k, s, p, 1, ceil)
+    assert torch.equal(unpack_ternary(got, 70), want)
+    assert torch.equal(got, max_pool_emulated(bits, 70, (k, k), (s, s), (p, p), (1, 1), ceil))
+
+
+def test_compiler_flags_per_platform(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cflags, ldflags = build.compiler_flags("linux")
+    assert "-fopenmp" in cflags and "-fopenmp" in ldflags and "-O3" in cflags
+    cflags, ldflags = build.compiler_flags("win32")
+    assert "/O2" in cflags and "/openmp" in cflags and not any(f.startswith("-") for f in cflags + ldflags)
+    monkeypatch.setattr(build, "_libomp_prefix", lambda: None)
+    cflags, ldflags = build.compiler_flags("darwin")
+    assert "-fopenmp" not in " ".join(cflags + ldflags), "Apple clang has no OpenMP without libomp"
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "omp.h").write_text("", encoding="utf-8")
+    monkeypatch.setattr(build, "_libomp_prefix", lambda: tmp_path)
+    cflags, ldflags = build.compiler_flags("darwin")
+    assert "-fopenmp" in cflags and "-lomp" in ldflags
+
+
+@pytest.mark.slow
+def test_build_without_ninja(fresh_build: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                             capfd: pytest.CaptureFixture[str]) -> None:
+    """No ninja: one direct compiler call builds the same kernels, with a progress line, into the cache."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler")
+    monkeypatch.setenv(build.ENV_CACHE, str(tmp_path))
+    monkeypatch.setattr(build, "_ninja_available", lambda: False)
+    status = kernel_status()
+    assert status.available, status.reason
+    assert status.library is not None and status.library.is_relative_to(tmp_path)
+    err = capfd.readouterr().err
+    assert "compiling the packed binary kernels" in err and str(tmp_path) in err and "built in" in err

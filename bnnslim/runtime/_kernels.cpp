@@ -29,11 +29,18 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
+// The SIMD paths use GCC/Clang target attributes and CPU builtins; other
+// compilers (MSVC) build the portable scalar path only.
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define BNN_X86 1
 #include <immintrin.h>
 #else
 #define BNN_X86 0
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define BNN_INLINE __attribute__((always_inline)) inline
+#else
+#define BNN_INLINE __forceinline
 #endif
 
 namespace {
@@ -334,13 +341,12 @@ BNN_AVX2 void pack_rows_avx2_nhwc(const Geo& g, const float* x, int64_t sN, int6
 }
 #endif  // BNN_X86
 
-Geo make_geo(const at::Tensor& x, int64_t out_channels, int64_t KH, int64_t KW, at::IntArrayRef stride,
-             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(x.dim() == 4, "bnnslim runtime: expected a 4-d NCHW input, got ", x.dim(), " dims");
+Geo make_geo_dims(int64_t N, int64_t C, int64_t H, int64_t W, int64_t out_channels, int64_t KH, int64_t KW,
+                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   TORCH_CHECK(stride.size() == 2 && dilation.size() == 2 && padding.size() == 4,
               "bnnslim runtime: stride and dilation take 2 values, padding 4 (top, bottom, left, right)");
   Geo g{};
-  g.N = x.size(0); g.C = x.size(1); g.H = x.size(2); g.W = x.size(3);
+  g.N = N; g.C = C; g.H = H; g.W = W;
   g.G = groups;
   TORCH_CHECK(groups >= 1 && g.C % groups == 0 && out_channels % groups == 0,
               "bnnslim runtime: channels not divisible by groups");
@@ -360,6 +366,110 @@ Geo make_geo(const at::Tensor& x, int64_t out_channels, int64_t KH, int64_t KW, 
   g.row_stride = g.GW * g.word_stride;
   g.img_stride = g.Hp * g.row_stride;
   return g;
+}
+
+Geo make_geo(const at::Tensor& x, int64_t out_channels, int64_t KH, int64_t KW, at::IntArrayRef stride,
+             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4, "bnnslim runtime: expected a 4-d NCHW input, got ", x.dim(), " dims");
+  return make_geo_dims(x.size(0), x.size(1), x.size(2), x.size(3), out_channels, KH, KW, stride, padding, dilation,
+                       groups);
+}
+
+// Packed ternary activations ("bits", written by a conv with output thresholds
+// or by bits_max_pool2d): int64 [N, H, W, NW, 2], NW = ceil(C / 64); word j of a
+// pixel holds channels 64j..64j+63, plane 0 sign bits, plane 1 nonzero bits.
+// Copies them into a conv's padded, phase-split layout (groups must start on
+// word boundaries: one group, or a multiple of 64 channels per group).
+at::Tensor pack_from_bits(const at::Tensor& bits_in, const Geo& g, const c10::optional<at::Tensor>& in_mask) {
+  TORCH_CHECK(bits_in.device().is_cpu() && bits_in.scalar_type() == at::kLong && bits_in.dim() == 5 &&
+                  bits_in.size(3) == ceil_div(g.C, 64) && bits_in.size(4) == 2,
+              "bnnslim runtime: packed activations must be int64 [N, H, W, ceil(C/64), 2]");
+  TORCH_CHECK(g.G == 1 || g.Cg % 64 == 0, "bnnslim runtime: packed activations need groups of 64k channels");
+  const at::Tensor bits = bits_in.contiguous();
+  std::vector<uint64_t> maskw(g.GW, ~uint64_t{0});
+  if (in_mask.has_value() && in_mask->defined()) {
+    const at::Tensor m = in_mask->to(at::kBool).contiguous();
+    TORCH_CHECK(m.numel() == g.C, "bnnslim runtime: input mask must have one value per input channel");
+    const bool* mp = m.data_ptr<bool>();
+    for (int64_t c = 0; c < g.C; ++c)
+      if (!mp[c]) maskw[c / 64] &= ~(uint64_t{1} << (c % 64));
+  }
+  at::Tensor out = at::zeros({g.N, g.Hp, g.GW, 2, g.SW, g.Wq}, at::TensorOptions().dtype(at::kLong));
+  const int64_t* src = bits.data_ptr<int64_t>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, g.N * g.H, 8, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = t / g.H, ih = t % g.H;
+      int64_t* row = op + n * g.img_stride + (ih + g.PT) * g.row_stride;
+      const int64_t* in = src + t * g.W * g.GW * 2;
+      for (int64_t w = 0; w < g.W; ++w, in += g.GW * 2) {
+        const int64_t iw = w + g.PL;
+        const int64_t at = (iw % g.SW) * g.Wq + iw / g.SW;
+        for (int64_t j = 0; j < g.GW; ++j) {
+          const uint64_t z = static_cast<uint64_t>(in[2 * j + 1]) & maskw[j];
+          int64_t* dst = row + j * g.word_stride + at;
+          dst[0] = static_cast<int64_t>(static_cast<uint64_t>(in[2 * j]) & z);
+          dst[g.plane] = static_cast<int64_t>(z);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// Max pooling of packed ternary activations: max over a window of values in
+// {-1, 0, +1} is +1 if any is +1, else 0 if any is 0, else -1; so
+// sign = OR(sign), nonzero = OR(sign) | AND(nonzero). Padding taps are skipped
+// (torch pads max pooling with -inf).
+at::Tensor bits_max_pool2d_op(const at::Tensor& bits_in, at::IntArrayRef kernel, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
+  TORCH_CHECK(bits_in.scalar_type() == at::kLong && bits_in.dim() == 5 && bits_in.size(4) == 2,
+              "bnnslim runtime: packed activations must be int64 [N, H, W, NW, 2]");
+  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "bnnslim runtime: max pooling takes pairs");
+  const at::Tensor bits = bits_in.contiguous();
+  const int64_t N = bits.size(0), H = bits.size(1), W = bits.size(2), NW = bits.size(3);
+  auto out_size = [&](int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) {
+    const int64_t span = in + 2 * p - d * (k - 1) - 1;
+    int64_t o = (ceil_mode ? ceil_div(span, s) : span / s) + 1;
+    if (ceil_mode && (o - 1) * s >= in + p) --o;
+    return o;
+  };
+  const int64_t OH = out_size(H, kernel[0], stride[0], padding[0], dilation[0]);
+  const int64_t OW = out_size(W, kernel[1], stride[1], padding[1], dilation[1]);
+  TORCH_CHECK(OH > 0 && OW > 0, "bnnslim runtime: max pooling window larger than the input");
+  at::Tensor out = at::empty({N, OH, OW, NW, 2}, at::TensorOptions().dtype(at::kLong));
+  const int64_t* src = bits.data_ptr<int64_t>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  at::parallel_for(0, N * OH, 8, [&](int64_t b, int64_t e) {
+    std::vector<uint64_t> os(NW), az(NW);
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = t / OH, oh = t % OH;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        std::fill(os.begin(), os.end(), 0);
+        std::fill(az.begin(), az.end(), ~uint64_t{0});
+        for (int64_t kh = 0; kh < kernel[0]; ++kh) {
+          const int64_t ih = oh * stride[0] - padding[0] + kh * dilation[0];
+          if (ih < 0 || ih >= H) continue;
+          for (int64_t kw = 0; kw < kernel[1]; ++kw) {
+            const int64_t iw = ow * stride[1] - padding[1] + kw * dilation[1];
+            if (iw < 0 || iw >= W) continue;
+            const int64_t* in = src + ((n * H + ih) * W + iw) * NW * 2;
+            for (int64_t j = 0; j < NW; ++j) {
+              os[j] |= static_cast<uint64_t>(in[2 * j]);
+              az[j] &= static_cast<uint64_t>(in[2 * j + 1]);
+            }
+          }
+        }
+        int64_t* o = dst + ((n * OH + oh) * OW + ow) * NW * 2;
+        for (int64_t j = 0; j < NW; ++j) {
+          o[2 * j] = static_cast<int64_t>(os[j]);
+          o[2 * j + 1] = static_cast<int64_t>(os[j] | az[j]);
+        }
+      }
+    }
+  });
+  return out;
 }
 
 at::Tensor pack_impl(const at::Tensor& x_in, const Geo& g, const c10::optional<at::Tensor>& in_mask, int64_t isa) {
@@ -422,6 +532,9 @@ struct ConvArgs {
   const int64_t* offs;  // [KH*KW*NWg] word offset of each (tap, word), weight order
   int64_t kk;           // KH*KW*NWg
   bool nhwc;            // output in channels-last memory order (as the input was)
+  const int32_t* thr;   // [O, 3] (a, b, flip) output thresholds, or null (see finish_one)
+  int64_t* bits;        // [N, OH, OW, NWo, 2] packed ternary output when thr is set (zeroed)
+  int64_t NWo;          // words per output pixel: ceil(O / 64)
 };
 
 // Offset (in words) of tap (kh, kw), packed word j, relative to the word of
@@ -431,8 +544,21 @@ inline int64_t tap_offset(const Geo& g, int64_t kh, int64_t kw, int64_t j) {
   return kh * g.DH * g.row_stride + j * g.word_stride + (cw % g.SW) * g.Wq + cw / g.SW;
 }
 
+// Thresholded output: lo = dot < a, hi = dot >= b; the value is 0 between, and
+// outside it +1 on the hi side (flip = 0) or on the lo side (flip = 1). Bits:
+// nonzero = lo | hi, sign = flip ? lo : hi (see bnnslim/runtime/fuse.py).
 inline void finish_one(const ConvArgs& a, int64_t n, int64_t o, int64_t pix, int64_t dot) {
   const Geo& g = *a.g;
+  if (a.thr != nullptr) {
+    const int32_t* t = a.thr + 3 * o;
+    const bool lo = dot < t[0], hi = dot >= t[1];
+    const bool s = t[2] ? lo : hi;
+    int64_t* w = a.bits + ((n * g.OH * g.OW + pix) * a.NWo + o / 64) * 2;
+    const uint64_t bit = uint64_t{1} << (o % 64);
+    if (s) w[0] = static_cast<int64_t>(static_cast<uint64_t>(w[0]) | bit);
+    if (lo || hi) w[1] = static_cast<int64_t>(static_cast<uint64_t>(w[1]) | bit);
+    return;
+  }
   const int64_t at = a.nhwc ? (n * g.OH * g.OW + pix) * g.O + o : (n * g.O + o) * g.OH * g.OW + pix;
   if (a.counts != nullptr) {
     a.counts[at] = static_cast<int32_t>(dot);
@@ -448,19 +574,18 @@ inline void finish_one(const ConvArgs& a, int64_t n, int64_t o, int64_t pix, int
 // With HW_POPCNT the caller carries target("popcnt") and the builtin becomes one
 // instruction; without, a branch-free SWAR count (not a libgcc call).
 template <bool HW_POPCNT>
-__attribute__((always_inline)) inline int popc(uint64_t v) {
-  if constexpr (HW_POPCNT) {
-    return __builtin_popcountll(v);
-  } else {
-    v = v - ((v >> 1) & 0x5555555555555555ULL);
-    v = (v & 0x3333333333333333ULL) + ((v >> 2) & 0x3333333333333333ULL);
-    v = (v + (v >> 4)) & 0x0f0f0f0f0f0f0f0fULL;
-    return static_cast<int>((v * 0x0101010101010101ULL) >> 56);
-  }
+BNN_INLINE int popc(uint64_t v) {
+#if BNN_X86
+  if constexpr (HW_POPCNT) return __builtin_popcountll(v);
+#endif
+  v = v - ((v >> 1) & 0x5555555555555555ULL);
+  v = (v & 0x3333333333333333ULL) + ((v >> 2) & 0x3333333333333333ULL);
+  v = (v + (v >> 4)) & 0x0f0f0f0f0f0f0f0fULL;
+  return static_cast<int>((v * 0x0101010101010101ULL) >> 56);
 }
 
 template <bool HW_POPCNT>
-__attribute__((always_inline)) inline void conv_scalar_body(const ConvArgs& a, int64_t n, int64_t gi, int64_t pix_begin, int64_t pix_end) {
+BNN_INLINE void conv_scalar_body(const ConvArgs& a, int64_t n, int64_t gi, int64_t pix_begin, int64_t pix_end) {
   const Geo& g = *a.g;
   const int64_t* img = a.act + n * g.img_stride + gi * g.NWg * g.word_stride;
   for (int64_t pix = pix_begin; pix < pix_end; ++pix) {
@@ -490,6 +615,14 @@ void conv_scalar(const ConvArgs& a, int64_t n, int64_t gi, int64_t pb, int64_t p
 #if BNN_X86
 BNN_POPCNT void conv_popcnt(const ConvArgs& a, int64_t n, int64_t gi, int64_t pb, int64_t pe) {
   conv_scalar_body<true>(a, n, gi, pb, pe);
+}
+
+// bit 8i+j -> bit 8j+i (an 8x8 bit matrix, one row per byte)
+inline uint64_t transpose_bits8x8(uint64_t x) {
+  x = (x & 0xAA55AA55AA55AA55ULL) | ((x & 0x00AA00AA00AA00AAULL) << 7) | ((x >> 7) & 0x00AA00AA00AA00AAULL);
+  x = (x & 0xCCCC3333CCCC3333ULL) | ((x & 0x0000CCCC0000CCCCULL) << 14) | ((x >> 14) & 0x0000CCCC0000CCCCULL);
+  x = (x & 0xF0F0F0F00F0F0F0FULL) | ((x & 0x00000000F0F0F0F0ULL) << 28) | ((x >> 28) & 0x00000000F0F0F0F0ULL);
+  return x;
 }
 
 // r[i][j] -> r[j][i] for an 8x8 block of floats
@@ -563,6 +696,36 @@ BNN_AVX512 void tile_avx512(const ConvArgs& a, int64_t n, int64_t gi, int64_t v0
     }
     const int64_t oc0 = gi * g.Og + ob * NB;
     const int nvalid_o = static_cast<int>(std::min<int64_t>(NB, g.Og - ob * NB));
+    if (a.thr != nullptr) {
+      for (int p = 0; p < NP; ++p) {
+        const int nl = __builtin_popcount(lanes[p]);
+        if (oc0 % 8 != 0) {  // a block that straddles bytes (grouped outputs): bit by bit
+          alignas(64) int64_t d[8];
+          for (int o = 0; o < nvalid_o; ++o) {
+            _mm512_store_si512(d, _mm512_sub_epi64(valid[p], _mm512_slli_epi64(acc[o][p], 1)));
+            for (int l = 0; l < nl; ++l) finish_one(a, n, oc0 + o, pix0[p] + l, d[l]);
+          }
+          continue;
+        }
+        uint64_t ms = 0, mz = 0;  // byte o: channel o's bits over the 8 pixels
+        for (int o = 0; o < nvalid_o; ++o) {
+          const int32_t* t = a.thr + 3 * (oc0 + o);
+          const __m512i dot = _mm512_sub_epi64(valid[p], _mm512_slli_epi64(acc[o][p], 1));
+          const __mmask8 lo = _mm512_cmplt_epi64_mask(dot, _mm512_set1_epi64(t[0]));
+          const __mmask8 hi = _mm512_cmpge_epi64_mask(dot, _mm512_set1_epi64(t[1]));
+          ms |= static_cast<uint64_t>(t[2] ? lo : hi) << (8 * o);
+          mz |= static_cast<uint64_t>(lo | hi) << (8 * o);
+        }
+        ms = transpose_bits8x8(ms);  // byte l: pixel l's bits over the 8 channels
+        mz = transpose_bits8x8(mz);
+        for (int l = 0; l < nl; ++l) {
+          uint8_t* w = reinterpret_cast<uint8_t*>(a.bits + ((n * g.OH * g.OW + pix0[p] + l) * a.NWo + oc0 / 64) * 2);
+          w[(oc0 % 64) / 8] = static_cast<uint8_t>(ms >> (8 * l));
+          w[8 + (oc0 % 64) / 8] = static_cast<uint8_t>(mz >> (8 * l));
+        }
+      }
+      continue;
+    }
     if (a.nhwc) {
       // 8 channels x 8 pixels -> transpose -> 8 consecutive channels per pixel
       const __mmask8 omask = static_cast<__mmask8>((1u << nvalid_o) - 1u);
@@ -685,7 +848,7 @@ BNN_AVX2 void conv_avx2(const ConvArgs& a, int64_t n, int64_t gi, int64_t vb, in
 
 at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& wwords,
                      const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& bias, bool counts,
-                     bool nhwc, int64_t isa) {
+                     bool nhwc, int64_t isa, const c10::optional<at::Tensor>& thresholds) {
   TORCH_CHECK(wwords.device().is_cpu() && wwords.scalar_type() == at::kLong && wwords.is_contiguous() &&
                   wwords.dim() == 6,
               "bnnslim runtime: packed weights must be contiguous int64 [G, OBg, KH, KW, NWg, 8] on the CPU");
@@ -699,7 +862,7 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
     for (int64_t kw = 0; kw < g.KW; ++kw)
       for (int64_t j = 0; j < g.NWg; ++j) offs.push_back(tap_offset(g, kh, kw, j));
   ConvArgs args{&g,     packed.data_ptr<int64_t>(), wwords.data_ptr<int64_t>(), nullptr, nullptr, nullptr, nullptr,
-                offs.data(), static_cast<int64_t>(offs.size()), nhwc};
+                offs.data(), static_cast<int64_t>(offs.size()), nhwc, nullptr, nullptr, ceil_div(g.O, 64)};
   if (alpha.has_value() && alpha->defined()) {
     a_t = alpha->to(at::kFloat).contiguous();
     TORCH_CHECK(a_t.numel() == g.O, "bnnslim runtime: alpha must have one value per output channel");
@@ -710,13 +873,22 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
     TORCH_CHECK(b_t.numel() == g.O, "bnnslim runtime: bias must have one value per output channel");
     args.bias = b_t.data_ptr<float>();
   }
-  const auto format = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  at::Tensor out = at::empty({g.N, g.O, g.OH, g.OW},
-                             at::TensorOptions().dtype(counts ? at::kInt : at::kFloat).memory_format(format));
-  if (counts) {
-    args.counts = out.data_ptr<int32_t>();
+  at::Tensor thr_t, out;
+  if (thresholds.has_value() && thresholds->defined()) {
+    thr_t = thresholds->to(at::kInt).contiguous();
+    TORCH_CHECK(thr_t.numel() == 3 * g.O, "bnnslim runtime: thresholds must be int32 [out_channels, 3]");
+    args.thr = thr_t.data_ptr<int32_t>();
+    out = at::zeros({g.N, g.OH, g.OW, args.NWo, 2}, at::TensorOptions().dtype(at::kLong));
+    args.bits = out.data_ptr<int64_t>();
   } else {
-    args.out = out.data_ptr<float>();
+    const auto format = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    out = at::empty({g.N, g.O, g.OH, g.OW},
+                    at::TensorOptions().dtype(counts ? at::kInt : at::kFloat).memory_format(format));
+    if (counts) {
+      args.counts = out.data_ptr<int32_t>();
+    } else {
+      args.out = out.data_ptr<float>();
+    }
   }
   // Work items: (image, group, range of pixel vectors); each covers all output
   // channels of its group so its packed rows stay in L1 while weights stream.
@@ -762,13 +934,28 @@ at::Tensor pack_input_op(const at::Tensor& x, at::IntArrayRef padding, int64_t s
 at::Tensor binary_conv2d_op(const at::Tensor& x, const at::Tensor& wwords, const c10::optional<at::Tensor>& alpha,
                             const c10::optional<at::Tensor>& bias, int64_t out_channels, int64_t kh, int64_t kw,
                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                            int64_t groups, const c10::optional<at::Tensor>& in_mask, bool counts, int64_t isa) {
+                            int64_t groups, const c10::optional<at::Tensor>& in_mask, bool counts, int64_t isa,
+                            const c10::optional<at::Tensor>& thresholds) {
   isa = resolve_isa(isa);
   const Geo g = make_geo(x, out_channels, kh, kw, stride, padding, dilation, groups);
   const at::Tensor packed = pack_impl(x, g, in_mask, isa);
   // like torch's conv: the output keeps a channels-last input's memory format
   const bool nhwc = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  return conv_impl(packed, g, wwords, alpha, bias, counts, nhwc, isa);
+  return conv_impl(packed, g, wwords, alpha, bias, counts, nhwc, isa, thresholds);
+}
+
+at::Tensor binary_conv2d_bits_op(const at::Tensor& bits, int64_t in_channels, const at::Tensor& wwords,
+                                 const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& bias,
+                                 int64_t out_channels, int64_t kh, int64_t kw, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                 const c10::optional<at::Tensor>& in_mask, bool counts, int64_t isa,
+                                 const c10::optional<at::Tensor>& thresholds) {
+  isa = resolve_isa(isa);
+  TORCH_CHECK(bits.dim() == 5, "bnnslim runtime: packed activations must be int64 [N, H, W, NW, 2]");
+  const Geo g = make_geo_dims(bits.size(0), in_channels, bits.size(1), bits.size(2), out_channels, kh, kw, stride,
+                              padding, dilation, groups);
+  const at::Tensor packed = pack_from_bits(bits, g, in_mask);
+  return conv_impl(packed, g, wwords, alpha, bias, counts, /*nhwc=*/true, isa, thresholds);
 }
 
 std::string isa_name_op(int64_t isa) { return isa_name(isa == ISA_AUTO ? best_isa() : isa); }
@@ -779,7 +966,13 @@ bool cpu_has_op(int64_t isa) { return cpu_has(isa); }
 TORCH_LIBRARY(bnnslim_rt, m) {
   m.def("pack_input(Tensor x, int[] padding, int stride_w, int groups, Tensor? in_mask, int isa) -> Tensor");
   m.def("binary_conv2d(Tensor x, Tensor wwords, Tensor? alpha, Tensor? bias, int out_channels, int kh, int kw, "
-        "int[] stride, int[] padding, int[] dilation, int groups, Tensor? in_mask, bool counts, int isa) -> Tensor");
+        "int[] stride, int[] padding, int[] dilation, int groups, Tensor? in_mask, bool counts, int isa, "
+        "Tensor? thresholds) -> Tensor");
+  m.def("binary_conv2d_bits(Tensor bits, int in_channels, Tensor wwords, Tensor? alpha, Tensor? bias, "
+        "int out_channels, int kh, int kw, int[] stride, int[] padding, int[] dilation, int groups, Tensor? in_mask, "
+        "bool counts, int isa, Tensor? thresholds) -> Tensor");
+  m.def("bits_max_pool2d(Tensor bits, int[] kernel, int[] stride, int[] padding, int[] dilation, bool ceil_mode) "
+        "-> Tensor");
   m.def("isa_name(int isa) -> str", &isa_name_op);
   m.def("cpu_has(int isa) -> bool", &cpu_has_op);
 }
@@ -787,4 +980,6 @@ TORCH_LIBRARY(bnnslim_rt, m) {
 TORCH_LIBRARY_IMPL(bnnslim_rt, CPU, m) {
   m.impl("pack_input", pack_input_op);
   m.impl("binary_conv2d", binary_conv2d_op);
+  m.impl("binary_conv2d_bits", binary_conv2d_bits_op);
+  m.impl("bits_max_pool2d", bits_max_pool2d_op);
 }

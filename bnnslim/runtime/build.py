@@ -1,13 +1,17 @@
 """Build the runtime's C++ kernels once, pick the instruction set, or fall back.
 
 The kernels (``_kernels.cpp``) are compiled on first use with
-``torch.utils.cpp_extension.load`` (needs a C++ compiler and ninja) into
+``torch.utils.cpp_extension.load`` (a C++ compiler; with ninja where installed,
+else one direct compiler call) into
 ``$BNNSLIM_CACHE_DIR/torch_extensions/<name>`` (default ``~/.cache/bnnslim``),
 where ``<name>`` hashes the source, torch's version and Python's, so an edited
 source or another torch builds afresh and every later process loads the cached
 library in well under a second. The build uses baseline x86-64 flags: the
 AVX-512 and AVX2 functions carry their own target attributes and the library
 picks one at run time (``__builtin_cpu_supports``), so one build serves any CPU.
+Flags are per platform (:func:`compiler_flags`). A build prints one line on
+stderr when it starts (with the cache folder), one every 20 s while it runs and
+one when it ends; later processes load the cached library silently.
 
 When the build fails, or ``BNNSLIM_RUNTIME_FALLBACK=1`` is set, the runtime uses
 an exact torch emulation instead and warns once (:class:`RuntimeFallbackWarning`).
@@ -76,6 +80,7 @@ class KernelStatus:
 
 _lock = threading.Lock()
 _status: KernelStatus | None = None
+_isa_checked: dict[str, int] = {}  # BNNSLIM_RUNTIME_ISA value -> code, checked against the CPU once
 
 
 def cache_dir() -> Path:
@@ -89,7 +94,7 @@ def cache_dir() -> Path:
 def extension_name(source: Path = SOURCE) -> str:
     """The library's name: changes with the source, torch's version and Python's."""
     digest = hashlib.sha256(source.read_bytes())
-    digest.update(f"{torch.__version__}|{sys.version_info[:2]}|{sys.platform}".encode())
+    digest.update(f"{torch.__version__}|{sys.version_info[:2]}|{sys.platform}|{compiler_flags()}".encode())
     return f"bnnslim_rt_{digest.hexdigest()[:16]}"
 
 
@@ -131,6 +136,97 @@ def _quiet_cpp_extension() -> "contextlib.Generator[None, None, None]":
         logger.setLevel(level)
 
 
+def _libomp_prefix() -> Path | None:
+    """Homebrew's libomp (Apple clang has no OpenMP runtime of its own), or None."""
+    for prefix in (os.environ.get("LIBOMP_PREFIX", ""), "/opt/homebrew/opt/libomp", "/usr/local/opt/libomp"):
+        if prefix and (Path(prefix) / "include" / "omp.h").is_file():
+            return Path(prefix)
+    return None
+
+
+def compiler_flags(platform: str = sys.platform) -> tuple[list[str], list[str]]:
+    """(compile flags, link flags) for this platform's compiler.
+
+    GCC/Clang on Linux: ``-O3 -fopenmp``; MSVC: ``/O2 /openmp`` (it builds the
+    portable scalar kernel only: the SIMD paths need GCC/Clang attributes);
+    Apple clang: OpenMP only where Homebrew's libomp is found (else the kernels
+    run on one thread). ``-ffp-contract=off`` keeps ``count * alpha + bias`` a
+    multiply then an add, as torch's emulation computes it.
+    """
+    if platform == "win32":
+        return ["/O2", "/openmp", "/fp:strict", "/std:c++20"], []
+    if platform == "darwin":
+        omp = _libomp_prefix()
+        if omp is None:
+            return ["-O3", "-ffp-contract=off"], []
+        return (["-O3", "-ffp-contract=off", "-Xpreprocessor", "-fopenmp", f"-I{omp / 'include'}"],
+                [f"-L{omp / 'lib'}", "-lomp"])
+    return ["-O3", "-fopenmp", "-ffp-contract=off"], ["-fopenmp"]
+
+
+def _ninja_available() -> bool:
+    from torch.utils import cpp_extension
+
+    try:
+        return bool(cpp_extension.is_ninja_available())
+    except Exception:  # noqa: BLE001 - treat any probe failure as "no ninja"
+        return False
+
+
+def _compile_without_ninja(name: str, source: Path, build_dir: Path, cflags: list[str], ldflags: list[str]) -> Path:
+    """Compile and link the library with one compiler call (GCC/Clang; what cpp_extension does with ninja)."""
+    import subprocess
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    if sys.platform == "win32":
+        raise RuntimeError("ninja not found: building without ninja needs GCC or Clang (pip install ninja)")
+    compiler = os.environ.get("CXX", "c++")
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
+    target = build_dir / f"{name}.so"
+    partial = build_dir / f"{name}.so.partial"
+    cmd = [compiler, "-shared", "-fPIC", "-std=c++20", *cflags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+           f"-DTORCH_EXTENSION_NAME={name}", "-DTORCH_API_INCLUDE_EXTENSION_H",
+           *(f"-I{p}" for p in cpp_extension.include_paths()), f"-I{sysconfig.get_paths()['include']}",
+           str(source), "-o", str(partial),
+           *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-ltorch", *ldflags]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{compiler} failed: {done.stderr.strip() or done.stdout.strip()}")
+    partial.replace(target)  # atomic: another process sees the whole library or none
+    return target
+
+
+class _Progress:
+    """One line on stderr when a build starts, a line every ``every`` seconds while it runs, one when done."""
+
+    def __init__(self, where: Path, every: float = 20.0) -> None:
+        self.where, self.every = where, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+        self._started = time.perf_counter()
+
+    def _say(self, text: str) -> None:
+        print(f"bnnslim: {text}", file=sys.stderr, flush=True)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.every):
+            self._say(f"still compiling the packed kernels ({time.perf_counter() - self._started:.0f} s)")
+
+    def __enter__(self) -> "_Progress":
+        self._say(f"compiling the packed binary kernels once for this torch (about a minute, longer on a "
+                  f"busy machine); cached in {self.where}")
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        seconds = time.perf_counter() - self._started
+        self._say(f"kernels {'built' if exc_type is None else 'failed to build'} in {seconds:.0f} s")
+
+
 def _build(source: Path) -> KernelStatus:
     name = extension_name(source)
     build_dir = cache_dir() / "torch_extensions" / name
@@ -146,17 +242,16 @@ def _build(source: Path) -> KernelStatus:
             # built by an earlier process (and no build in progress): no compiler or ninja needed
             torch.ops.load_library(str(library))
         else:
-            from torch.utils import cpp_extension
+            cflags, ldflags = compiler_flags()
+            with _Progress(build_dir) if not library.exists() else contextlib.nullcontext():
+                if _ninja_available() and not os.environ.get("BNNSLIM_NO_NINJA"):
+                    from torch.utils import cpp_extension
 
-            cpp_extension.load(
-                name=name,
-                sources=[str(source)],
-                extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(build_dir),
-                is_python_module=False,
-                verbose=False,
-            )
+                    cpp_extension.load(name=name, sources=[str(source)], extra_cflags=cflags,
+                                       extra_ldflags=ldflags, build_directory=str(build_dir),
+                                       is_python_module=False, verbose=False)
+                else:
+                    torch.ops.load_library(str(_compile_without_ninja(name, source, build_dir, cflags, ldflags)))
     seconds = time.perf_counter() - started
     isa = str(getattr(torch.ops, OPS_NAMESPACE).isa_name(0))
     return KernelStatus(available=True, isa=isa, library=library, build_seconds=seconds)
@@ -202,6 +297,7 @@ def reset() -> None:
     global _status
     with _lock:
         _status = None
+        _isa_checked.clear()
 
 
 def ops() -> object:
@@ -216,12 +312,15 @@ def ops() -> object:
 def isa_code() -> int:
     """The kernel code to run: ``BNNSLIM_RUNTIME_ISA`` if set (checked against the CPU), else 0 (auto)."""
     name = os.environ.get(ENV_ISA, "auto").strip().lower() or "auto"
+    if name in _isa_checked:
+        return _isa_checked[name]
     if name not in ISA_CODES:
         raise BnnslimError(f"{ENV_ISA}={name} is not a kernel", f"use one of: {', '.join(ISA_CODES)}")
     code = ISA_CODES[name]
     if code and not bool(getattr(ops(), "cpu_has")(code)):
         raise BnnslimError(f"{ENV_ISA}={name}: this CPU lacks that instruction set",
                            f"unset {ENV_ISA} to let the runtime choose (this CPU: {kernel_status().isa})")
+    _isa_checked[name] = code
     return code
 
 

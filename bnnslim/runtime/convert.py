@@ -27,6 +27,8 @@ class RuntimePlan:
     """How each binary conv of a converted model runs."""
 
     kernel: list[str] = field(default_factory=list)           # packed, C++ kernel
+    fused: dict[str, str] = field(default_factory=dict)       # writes packed bits for this consumer
+    not_fused: dict[str, str] = field(default_factory=dict)   # on the kernels, float output: why
     emulated: dict[str, str] = field(default_factory=dict)    # packed, torch emulation: reason
     unchanged: dict[str, str] = field(default_factory=dict)   # left a BinaryConv2d: reason
 
@@ -49,7 +51,7 @@ def _inputs_to_channels_last(_module: nn.Module, args: tuple[object, ...]) -> tu
 
 
 def to_runtime(model: nn.Module, *, inplace: bool = False, channels_last: bool = True,
-               packed: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+               packed: Mapping[str, torch.Tensor] | None = None, fuse: bool = True) -> nn.Module:
     """A copy of ``model`` (or ``model`` itself) with every BinaryConv2d packed, in eval mode.
 
     ``packed`` is the tensors of a packed model file (``<layer>.weight_bits``,
@@ -67,6 +69,11 @@ def to_runtime(model: nn.Module, *, inplace: bool = False, channels_last: bool =
     write channels-last outputs, and torch's pooling and batch norm are much
     faster on CPU in that format. Values are the same either way; a 4-d output
     comes back channels-last (call ``.contiguous()`` for NCHW memory).
+
+    With ``fuse`` (the default) binary convs that feed other binary convs
+    through batch norm, activations and max pooling hand them packed bits
+    (:mod:`bnnslim.runtime.fuse`; exact, with per-channel integer thresholds).
+    The model is then for inference in eval mode only.
     """
     target = model if inplace else copy.deepcopy(model)
     for name, module in list(target.named_modules()):
@@ -97,7 +104,12 @@ def to_runtime(model: nn.Module, *, inplace: bool = False, channels_last: bool =
             if type(module) is nn.Conv2d:
                 module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
         target.register_forward_pre_hook(_inputs_to_channels_last)
-    return target.eval()
+    target.eval()
+    if fuse:
+        from bnnslim.runtime.fuse import fuse_binary_chains
+
+        fuse_binary_chains(target)
+    return target
 
 
 def with_emulation(model: nn.Module) -> nn.Module:
@@ -110,9 +122,11 @@ def with_emulation(model: nn.Module) -> nn.Module:
     dot product that is exactly 0 can come out as +-1e-8 there, and a following
     sign() may then differ.)
     """
+    from bnnslim.runtime.fuse import PackedMaxPool2d
+
     twin = copy.deepcopy(model)
     for module in twin.modules():
-        if isinstance(module, PackedBinaryConv2d):
+        if isinstance(module, (PackedBinaryConv2d, PackedMaxPool2d)):
             module.use_emulation("emulation requested")
     return twin
 
@@ -131,6 +145,10 @@ def runtime_plan(model: nn.Module) -> RuntimePlan:
                 plan.emulated[name] = f"kernels not available: {status.reason}"
             else:
                 plan.kernel.append(name)
+                if module.fused_into is not None:
+                    plan.fused[name] = module.fused_into
+                elif getattr(module, "fuse_reason", None):
+                    plan.not_fused[name] = str(module.fuse_reason)
         elif isinstance(module, BinaryConv2d):
             plan.unchanged[name] = str(getattr(module, "runtime_reason", "not converted"))
     return plan

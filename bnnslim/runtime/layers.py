@@ -34,6 +34,7 @@ from torch import nn
 from bnnslim.errors import BnnslimError
 from bnnslim.packing import BITS, unpack_signs
 from bnnslim.runtime import build
+from bnnslim.runtime.bits import apply_thresholds, unpack_ternary, words
 
 WORD_BITS = 64
 BLOCK = 8  # output channels per weight block of the kernels (NB in _kernels.cpp)
@@ -155,6 +156,12 @@ class PackedBinaryConv2d(nn.Module):
         self._signs: torch.Tensor | None = None  # float {-1, +1} weights, made on first emulation
         self.mode: Mode = "kernel"
         self.reason: str | None = None
+        # Fusion (bnnslim.runtime.fuse): with thresholds the layer writes packed
+        # ternary bits (bnnslim.runtime.bits) instead of floats; with input_bits
+        # it reads them. fused_into names the consumer, for the plan.
+        self.register_buffer("out_thresholds", None)
+        self.input_bits = False
+        self.fused_into: str | None = None
         if in_channels // groups == 1 and groups > 1:
             # one input bit per 64-bit word: the kernel would spend 64x the work
             # of a float depthwise conv, which is cheap already
@@ -207,7 +214,8 @@ class PackedBinaryConv2d(nn.Module):
     # -------------------------------------------------------------- forward
 
     def _kernel_ready(self, x: torch.Tensor) -> bool:
-        return (self.mode == "kernel" and x.device.type == "cpu" and x.dtype == torch.float32
+        return (self.mode == "kernel" and x.device.type == "cpu" and x.dtype == (torch.int64 if self.input_bits
+                                                                                  else torch.float32)
                 and self.kernel_words.device.type == "cpu"
                 and not (x.requires_grad and torch.is_grad_enabled()) and build.kernel_status().available)
 
@@ -218,12 +226,17 @@ class PackedBinaryConv2d(nn.Module):
         return F.pad(x, (left, r, t, b), mode=self.padding_mode), (0, 0, 0, 0)
 
     def _run_kernel(self, x: torch.Tensor, counts: bool) -> torch.Tensor:
+        thresholds = None if counts else self.out_thresholds
+        if self.input_bits:
+            return build.ops().binary_conv2d_bits(  # type: ignore[attr-defined]
+                x, self.in_channels, self.kernel_words, self.alpha, self.bias, self.out_channels,
+                self.kernel_size[0], self.kernel_size[1], list(self.stride), list(self.padding4),
+                list(self.dilation), self.groups, self.input_mask, counts, build.isa_code(), thresholds)
         x, pad = self._pad_input(x)
-        ops = build.ops()
-        return ops.binary_conv2d(  # type: ignore[attr-defined]
+        return build.ops().binary_conv2d(  # type: ignore[attr-defined]
             x, self.kernel_words, self.alpha, self.bias, self.out_channels, self.kernel_size[0],
             self.kernel_size[1], list(self.stride), list(pad), list(self.dilation), self.groups,
-            self.input_mask, counts, build.isa_code())
+            self.input_mask, counts, build.isa_code(), thresholds)
 
     def weight_signs(self) -> torch.Tensor:
         """The float {-1, +1} weights ``[out, in/groups, kh, kw]`` unpacked from ``weight_bits`` (cached)."""
@@ -236,6 +249,8 @@ class PackedBinaryConv2d(nn.Module):
 
     def _emulate_counts(self, x: torch.Tensor) -> torch.Tensor:
         """sum sign(x) * sign(W) per output as float (exact integers below 2^24)."""
+        if self.input_bits:
+            x = unpack_ternary(x, self.in_channels)
         x, (t, b, left, r) = self._pad_input(x)
         xb = torch.sign(x.detach().float())
         if self.input_mask is not None:
@@ -248,6 +263,8 @@ class PackedBinaryConv2d(nn.Module):
     def emulate(self, x: torch.Tensor) -> torch.Tensor:
         """The torch emulation of this layer (what the fallback runs); same numbers and memory format as the kernel."""
         y = self._emulate_counts(x)
+        if self.out_thresholds is not None:
+            return apply_thresholds(y.round().to(torch.int64), self.out_thresholds)
         if self.alpha is not None:
             y = y * self.alpha.to(y.device).view(1, -1, 1, 1)
         if self.bias is not None:
@@ -262,6 +279,11 @@ class PackedBinaryConv2d(nn.Module):
         return self._emulate_counts(x).round().to(torch.int32)
 
     def _check_input(self, x: torch.Tensor) -> None:
+        if self.input_bits:
+            if x.dtype != torch.int64 or x.dim() != 5 or x.shape[3] != words(self.in_channels):
+                raise BnnslimError(f"fused packed conv expects packed bits [N, H, W, {words(self.in_channels)}, 2], "
+                                   f"got {x.dtype} {list(x.shape)}", "call the whole model, not this layer alone")
+            return
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise BnnslimError(f"packed conv expects [N, {self.in_channels}, H, W] inputs, got {list(x.shape)}",
                                "the model and its input do not match")
@@ -281,4 +303,8 @@ class PackedBinaryConv2d(nn.Module):
         if self.groups != 1:
             parts.append(f"groups={self.groups}")
         parts += [f"alpha={self.alpha is not None}", f"bias={self.bias is not None}", f"mode={self.mode}"]
+        if self.input_bits:
+            parts.append("input=bits")
+        if self.fused_into is not None:
+            parts.append(f"output=bits for '{self.fused_into}'")
         return ", ".join(parts)

@@ -1,0 +1,264 @@
+"""Fused binary blocks: binary convs that hand packed bits to the next binary conv.
+
+In a runtime model, a packed binary conv P whose output reaches another packed
+binary conv C only through per-channel elementwise layers (batch norm in eval
+mode, Hardtanh, ReLU, ...) and at most one max pooling, each used once, gives C
+nothing but the signs of the result: C binarizes its input with sign(). Those
+signs are a function of P's integer dot product per channel, so they are
+computed exactly by running the very same torch layers on every possible dot
+product ``-K..K`` (``K`` = P's inputs per output) in the memory format the model
+runs, then reading off per-channel integer thresholds (a batch norm with
+negative scale gives a decreasing step: the comparison flips). P then writes
+packed bits (:mod:`bnnslim.runtime.bits`), the elementwise layers become
+:class:`FusedAway`, the pooling a :class:`PackedMaxPool2d` (an OR of bits), and
+C reads the bits: no float tensor, batch norm or re-packing in between.
+
+Max pooling commutes with the signs only where every layer before it is monotone
+per channel and the whole chain is monotone the same way; otherwise (or for a
+non-monotone activation, a shared layer, a functional call in between, a model
+torch.fx cannot trace) the chain is left as it is and the reason recorded.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from bnnslim.runtime import build
+from bnnslim.runtime.bits import max_pool_emulated, thresholds_ternary
+from bnnslim.runtime.layers import PackedBinaryConv2d
+
+#: layers that act on each element with per-channel parameters at most (exact types: a subclass may differ)
+ELEMENTWISE: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm2d, nn.Hardtanh, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Dropout, nn.Dropout2d,
+    nn.Tanh, nn.Sigmoid, nn.SiLU, nn.GELU, nn.ELU, nn.Softsign, nn.Hardsigmoid, nn.Hardswish, nn.Mish,
+)
+
+
+class FusedAway(nn.Module):
+    """A layer folded into a binary conv's output thresholds: passes the packed bits through."""
+
+    def __init__(self, original: nn.Module, into: str) -> None:
+        super().__init__()
+        self.into = into
+        object.__setattr__(self, "original", original)  # kept for inspection, not a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{type(self.original).__name__} folded into the thresholds of '{self.into}'"
+
+
+class PackedMaxPool2d(nn.Module):
+    """Max pooling of packed ternary bits (OR of sign bits); exact as torch's max pool on the values."""
+
+    def __init__(self, pool: nn.MaxPool2d, channels: int) -> None:
+        super().__init__()
+
+        def pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+            return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+        self.channels = channels
+        self.kernel_size = pair(pool.kernel_size)
+        self.stride = pair(pool.stride if pool.stride is not None else pool.kernel_size)
+        self.padding = pair(pool.padding)
+        self.dilation = pair(pool.dilation)
+        self.ceil_mode = bool(pool.ceil_mode)
+        self.mode = "kernel"
+
+    def use_emulation(self, reason: str) -> None:
+        """Pool through torch (unpack, max_pool2d, pack) from now on."""
+        self.mode = "emulation"
+        self.reason = reason
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "kernel" and build.kernel_status().available:
+            return build.ops().bits_max_pool2d(  # type: ignore[attr-defined]
+                x, list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation), self.ceil_mode)
+        return max_pool_emulated(x, self.channels, self.kernel_size, self.stride, self.padding, self.dilation,
+                                 self.ceil_mode)
+
+    def extra_repr(self) -> str:
+        return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"ceil_mode={self.ceil_mode}, on packed bits")
+
+
+@dataclass
+class FusionReport:
+    """Which binary convs hand bits to which, and why other chains were not fused."""
+
+    fused: dict[str, str]      # producer -> consumer
+    not_fused: dict[str, str]  # producer -> reason
+    traced: bool = True
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        from bnnslim.binary.layers import BinaryConv2d
+
+        return isinstance(m, (PackedBinaryConv2d, BinaryConv2d)) or super().is_leaf_module(m, qualname)
+
+
+def _monotone(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``t`` ``[O, L]``: (non-decreasing, non-increasing)."""
+    d = torch.diff(t, dim=1)
+    return (d >= 0).all(dim=1), (d <= 0).all(dim=1)
+
+
+def _thresholds(table: torch.Tensor, dots: torch.Tensor) -> torch.Tensor | None:
+    """Integer thresholds ``[O, 3]`` reproducing ``table`` (``[O, L]`` in {-1, 0, 1} over ``dots``), or None."""
+    up, down = _monotone(table)
+    if not bool((up | down).all()):
+        return None
+    big = int(dots[-1]) + 1
+    rows = []
+    for o in range(table.shape[0]):
+        row = table[o]
+        flip = bool(down[o]) and not bool(up[o])
+        first = (lambda mask: int(dots[mask.nonzero()[0, 0]]) if bool(mask.any()) else big)
+        if flip:
+            rows.append((first(row <= 0), first(row == -1), 1))
+        else:
+            rows.append((first(row >= 0), first(row == 1), 0))
+    thr = torch.tensor(rows, dtype=torch.int32)
+    if not torch.equal(thresholds_ternary(dots.view(1, -1).expand(table.shape[0], -1), thr), table):
+        return None
+    return thr
+
+
+def chain_thresholds(producer: PackedBinaryConv2d, before: list[nn.Module], pooled: bool,
+                     after: list[nn.Module], consumer: PackedBinaryConv2d) -> tuple[torch.Tensor | None, str]:
+    """Thresholds giving the consumer's input signs from the producer's dot products, or (None, why not)."""
+    kh, kw = producer.kernel_size
+    k = producer.in_channels // producer.groups * kh * kw
+    dots = torch.arange(-k, k + 1, dtype=torch.int64)
+    out = producer.out_channels
+    # every dot product for every channel, channels-last as the model runs (the same vector/tail code paths)
+    y = dots.to(torch.float32).view(1, 1, 1, -1).expand(1, out, 1, dots.numel())
+    y = y.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        if producer.alpha is not None:
+            y = y * producer.alpha.view(1, -1, 1, 1)
+        if producer.bias is not None:
+            y = y + producer.bias.view(1, -1, 1, 1)
+        for m in before:
+            y = m(y)
+        g = y.reshape(out, -1).clone()
+        for m in after:
+            y = m(y)
+    v = y.reshape(out, -1)
+    table = torch.sign(torch.nan_to_num(v, nan=0.0)).to(torch.int64)
+    if consumer.input_mask is not None:
+        table = table * consumer.input_mask.view(-1, 1).to(torch.int64)
+    if pooled:
+        g_up, g_down = _monotone(g)
+        t_up, t_down = _monotone(table)
+        if not bool(((g_up & t_up) | (g_down & t_down)).all()):
+            return None, "max pooling does not commute with the signs (a layer before it is not monotone per channel)"
+    thr = _thresholds(table, dots)
+    if thr is None:
+        return None, "the layers between are not monotone per channel (no integer thresholds)"
+    return thr, ""
+
+
+def _elementwise(m: nn.Module) -> bool:
+    if type(m) not in ELEMENTWISE:
+        return False
+    if isinstance(m, nn.BatchNorm2d):
+        return not m.training and m.running_mean is not None and m.running_var is not None
+    return not m.training or not isinstance(m, (nn.Dropout, nn.Dropout2d))
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)
+
+
+def fuse_binary_chains(model: nn.Module) -> FusionReport:
+    """Fuse every eligible chain of ``model`` (a runtime model, in eval mode) in place (module docstring)."""
+    report = FusionReport({}, {})
+    if not build.kernel_status().available:
+        report.traced = False
+        return report  # the torch emulation of bits is slower than floats: fuse only on the kernels
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure: run unfused
+        report.traced = False
+        for name, m in model.named_modules():
+            if isinstance(m, PackedBinaryConv2d):
+                report.not_fused[name] = f"torch.fx cannot trace the model ({type(exc).__name__})"
+        return report
+    modules = dict(model.named_modules(remove_duplicate=False))
+    calls = Counter(id(modules[n.target]) for n in graph.nodes if n.op == "call_module")
+    plans = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], PackedBinaryConv2d):
+            continue
+        name, producer = str(node.target), modules[node.target]
+        if calls[id(producer)] != 1:
+            report.not_fused[name] = "the layer is called more than once"
+            continue
+        before: list[tuple[str, nn.Module]] = []
+        after: list[tuple[str, nn.Module]] = []
+        pool: tuple[str, nn.MaxPool2d] | None = None
+        consumer: tuple[str, PackedBinaryConv2d] | None = None
+        cur, why = node, "its output is used by more than one layer or by a non-binary layer"
+        while len(cur.users) == 1:
+            nxt = next(iter(cur.users))
+            if nxt.op != "call_module" or nxt.args != (cur,) or nxt.kwargs:
+                why = f"'{nxt.name}' is not a layer called on the output alone"
+                break
+            m = modules[nxt.target]
+            if calls[id(m)] != 1:
+                why = f"'{nxt.target}' is called more than once"
+                break
+            if isinstance(m, PackedBinaryConv2d):
+                consumer = (str(nxt.target), m)
+                break
+            if _elementwise(m):
+                (after if pool else before).append((str(nxt.target), m))
+            elif type(m) is nn.MaxPool2d and pool is None and not m.return_indices:
+                pool = (str(nxt.target), m)
+            else:
+                why = f"'{nxt.target}' ({type(m).__name__}) needs real values"
+                break
+            cur = nxt
+        if consumer is None:
+            report.not_fused[name] = why
+            continue
+        cname, cons = consumer
+        if producer.mode != "kernel" or cons.mode != "kernel":
+            report.not_fused[name] = "a layer of the chain runs the torch emulation"
+            continue
+        if cons.padding_mode != "zeros":
+            report.not_fused[name] = f"'{cname}' pads with '{cons.padding_mode}' (needs real values)"
+            continue
+        if cons.groups > 1 and (cons.in_channels // cons.groups) % 64:
+            report.not_fused[name] = f"'{cname}' has groups of {cons.in_channels // cons.groups} channels (not 64k)"
+            continue
+        if cons.in_channels != producer.out_channels:
+            report.not_fused[name] = "channel counts differ along the chain"
+            continue
+        thr, reason = chain_thresholds(producer, [m for _, m in before], pool is not None, [m for _, m in after],
+                                       cons)
+        if thr is None:
+            report.not_fused[name] = reason
+            continue
+        plans.append((name, producer, before + after, pool, cname, cons, thr))
+    for name, producer, elementwise, pool, cname, cons, thr in plans:
+        producer.out_thresholds = thr
+        producer.fused_into = cname
+        cons.input_bits = True
+        for ename, m in elementwise:
+            _set_submodule(model, ename, FusedAway(m, name))
+        if pool is not None:
+            _set_submodule(model, pool[0], PackedMaxPool2d(pool[1], producer.out_channels))
+        report.fused[name] = cname
+    for name, reason in report.not_fused.items():
+        modules[name].fuse_reason = reason  # type: ignore[assignment]  # shown by runtime_plan
+    return report
