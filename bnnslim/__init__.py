@@ -15,15 +15,23 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from torch import nn
 
+    from bnnslim.trust import ModelArg
 
-def load(path: str | Path, model_file: str | Path | None = None, runtime: str = "torch") -> "nn.Module":
+
+def load(path: str | Path, model: ModelArg = None, *, runtime: str = "torch",
+         trust_source: bool = False) -> nn.Module:
     """Rebuild a model saved by ``bnnslim export`` (plain or packed), without pickle.
 
-    ``model_file`` overrides the model source recorded in the file; its content
-    must be unchanged since export. ``runtime="packed"`` runs the binary convs on
-    bnnslim's XNOR-popcount runtime instead of torch's float emulation. See
-    :func:`bnnslim.model_file.load`.
+    Loading never runs code because the file names it. ``model`` is the model code
+    you trust: ``"FILE[:NAME]"``, a plugin's ``"PREFIX:NAME"`` (e.g.
+    ``"torchvision:resnet18"``), or an ``nn.Module`` / factory in memory; a ``.py``
+    file must be the one exported (same sha256). Without ``model``, a plugin source
+    recorded in the file is used, and so is a model file recorded by this account's
+    bnnslim (signed at ``bnnslim binarize``); ``trust_source=True`` uses any other
+    recorded file path. ``runtime="packed"`` runs the binary convs on bnnslim's
+    XNOR-popcount runtime instead of torch's float emulation. Raises
+    :class:`bnnslim.errors.BnnslimError` for a bad file. See :mod:`bnnslim.trust`.
     """
     from bnnslim.model_file import load as _load
 
-    return _load(path, model_file, runtime)
+    return _load(path, model, runtime=runtime, trust_source=trust_source)

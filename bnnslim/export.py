@@ -34,6 +34,7 @@ from bnnslim.report import compare, kept_chart, layer_costs
 from bnnslim.run_model import load_run_model
 from bnnslim.rundir import RunDir, load_tensors
 from bnnslim.slim import slim
+from bnnslim.trust import ModelArg
 
 FORMATS = ("plain", "packed", "onnx")
 TOLERANCE = 1e-4
@@ -94,8 +95,12 @@ def first_divergence(masked: nn.Module, slim_model: nn.Module, groups: list[Prun
 
 
 def export(run_path: Path, forms: tuple[str, ...] = ("plain", "packed"), output: Path | None = None,
-           evaluate_data: bool = True) -> ExportResult:
-    """Slim the run's pruned model and write the requested forms (module docstring)."""
+           evaluate_data: bool = True, model: ModelArg = None, trust_source: bool = False) -> ExportResult:
+    """Slim the run's pruned model and write the requested forms (module docstring).
+
+    ``model`` / ``trust_source``: the model code, for a run this account did not
+    make (see :mod:`bnnslim.trust`).
+    """
     for form in forms:
         if form not in FORMATS:
             raise BnnslimError(f"unknown format '{form}'", f"choose from {', '.join(FORMATS)}")
@@ -106,7 +111,7 @@ def export(run_path: Path, forms: tuple[str, ...] = ("plain", "packed"), output:
     prune_info = manifest.get("prune")
     notes: list[str] = []
     pruned_path = run.path / prune_info["weights"] if prune_info else None
-    loaded = load_run_model(run, weights=pruned_path)
+    loaded = load_run_model(run, weights=pruned_path, model=model, trust_source=trust_source)
     model = loaded.model.eval()
     example = probe_batch(loaded.input_shape)
     before = layer_costs(model, example)

@@ -14,14 +14,16 @@ in_channels), ``scheme``, ``binary_layers``, ``layers`` (the slim shape of every
 conv, linear and batch norm: enough to rebuild the slim architecture from the
 unpruned model file), ``input_shape``, ``metrics``.
 
-Reloading builds the model from the user's file, binarizes the same layers,
-resizes every layer to its stored shape and loads the tensors strictly. A model
-file whose content changed since export is refused.
+Reloading builds the model from code the user trusts (:mod:`bnnslim.trust`:
+never code a file merely names), binarizes the same layers, resizes every
+layer to its stored shape and loads the tensors strictly. A model file whose
+content changed since export is refused; so is any damaged header field.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +35,18 @@ from bnnslim._atomic import save_tensors
 from bnnslim.binary.convert import apply_binarization
 from bnnslim.binary.layers import BinaryConv2d
 from bnnslim.errors import BnnslimError
-from bnnslim.model_source import load_model_source
+from bnnslim.model_source import ModelSource
 from bnnslim.packing import pack_signs, unpack_signs
 from bnnslim.plugins import get_scheme
+from bnnslim.trust import ModelArg, RecordedModel, model_source_for, recorded_model
 
 FORMAT = "bnnslim-model"
 #: Bumped when the file layout changes; a reader refuses versions it does not know.
 FORMAT_VERSION = "1"
 #: what ``load(..., runtime=)`` accepts: torch's emulation (BinaryConv2d) or the packed runtime
 RUNTIMES = ("torch", "packed")
+#: the largest channel count or input size a header may record (a damaged header must not allocate terabytes)
+MAX_COUNT = 1 << 20
 
 
 def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
@@ -101,13 +106,16 @@ def resize_others(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def header(manifest: dict[str, Any], model: nn.Module, form: str, metrics: dict[str, Any]) -> dict[str, str]:
-    return {
+    meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "form": form, "bnnslim_version": __version__,
         "model": json.dumps(manifest["model"]), "scheme": manifest["scheme"],
         "binary_layers": json.dumps(manifest["layers"]["binary"]),
         "layers": json.dumps(layer_shapes(model)), "input_shape": json.dumps(manifest["input_shape"]),
         "metrics": json.dumps(metrics),
     }
+    if manifest.get("model_signature"):
+        meta["model_signature"] = str(manifest["model_signature"])  # this account's, see bnnslim.trust
+    return meta
 
 
 def packed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -134,16 +142,19 @@ def write_model_file(path: Path, model: nn.Module, manifest: dict[str, Any], for
 
 
 def read_header(path: Path) -> dict[str, str]:
-    """The metadata of a bnnslim model file, with clear errors for other files."""
+    """The metadata of a bnnslim model file, checked field by field (clear errors for other or damaged files)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise BnnslimError(f"'{path}' is a directory, not a model file",
+                           "give the path of a file written by `bnnslim export`")
     if not path.is_file():
         raise BnnslimError(f"'{path}' not found", "give the path of a file written by `bnnslim export`")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise BnnslimError(f"'{path}' is not a readable safetensors file ({exc})",
                            "it is truncated or corrupted: export it again") from exc
     if meta.get("format") != FORMAT:
@@ -155,40 +166,119 @@ def read_header(path: Path) -> dict[str, str]:
             f"{meta.get('format_version', '?')} ({meta.get('form', '?')}); this bnnslim {__version__} reads format "
             f"{FORMAT_VERSION} (plain or packed)",
             "export it again with this version, or load it with the bnnslim that wrote it")
+    parse_header(meta, path)
     return meta
 
 
-def load(path: str | Path, model_file: str | Path | None = None, runtime: str = "torch") -> nn.Module:
-    """Rebuild the slim model stored in ``path`` (plain or packed), in eval mode.
+@dataclass(frozen=True)
+class Header:
+    """The parsed, validated metadata of a model file."""
 
-    ``model_file`` overrides the model source recorded at export (``FILE`` or
-    ``FILE:NAME``); its content must be the one exported (same sha256).
+    model: RecordedModel
+    scheme: str
+    binary_layers: list[str]
+    layers: dict[str, dict[str, int]]
+    input_shape: tuple[int, ...]
+    metrics: dict[str, Any]
+    signature: str | None
+
+
+def _field(meta: dict[str, str], key: str, path: Path, kind: type, required: bool = True) -> Any:
+    raw = meta.get(key)
+    if raw is None and not required:
+        return kind()
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else None
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, kind):
+        state = "missing" if raw is None else "damaged"
+        raise BnnslimError(f"'{path}': the header field '{key}' is {state} (not a JSON {kind.__name__})",
+                           "the file is damaged: export it again")
+    return value
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_COUNT
+
+
+def parse_header(meta: dict[str, str], path: Path) -> Header:
+    """Parse and check every header field that rebuilding the model reads."""
+    damaged = "the file is damaged: export it again"
+    model = recorded_model(_field(meta, "model", path, dict), f"'{path}'")
+    scheme = meta.get("scheme")
+    if not isinstance(scheme, str) or not scheme:
+        raise BnnslimError(f"'{path}': the header names no binarization scheme", damaged)
+    binary = _field(meta, "binary_layers", path, list)
+    if not all(isinstance(n, str) for n in binary):
+        raise BnnslimError(f"'{path}': the header field 'binary_layers' is not a list of layer names", damaged)
+    layers = _field(meta, "layers", path, dict)
+    for name, shape in layers.items():
+        keys = ({"in", "out", "groups"}, {"in", "out"}, {"features"})
+        if not isinstance(shape, dict) or set(shape) not in keys or not all(_count(v) for v in shape.values()) \
+                or shape.get("in", 1) % shape.get("groups", 1):
+            raise BnnslimError(f"'{path}': the header's shape of layer '{name}' is damaged ({shape!r})", damaged)
+    shape = _field(meta, "input_shape", path, list)
+    if not shape or len(shape) > 4 or not all(_count(d) for d in shape):
+        raise BnnslimError(f"'{path}': the header's input shape {shape!r} is not a list of positive sizes", damaged)
+    metrics = _field(meta, "metrics", path, dict, required=False)
+    return Header(model=model, scheme=scheme, binary_layers=binary, layers=layers, input_shape=tuple(shape),
+                  metrics=metrics, signature=meta.get("model_signature"))
+
+
+def load(path: str | Path, model: ModelArg = None, *, runtime: str = "torch", trust_source: bool = False) -> nn.Module:
+    """Rebuild the slim model stored in ``path`` (plain or packed), in eval mode, without pickle.
+
+    The model's code is what ``model`` names (``FILE[:NAME]``, ``PREFIX:NAME``, an
+    ``nn.Module`` or a factory), else what the file records when that is a plugin
+    source or a source signed by this account; ``trust_source=True`` uses a
+    recorded model file otherwise (see :mod:`bnnslim.trust`). A ``.py`` file must
+    have the sha256 recorded at export.
 
     ``runtime="torch"`` (the default) gives binary convs as ``BinaryConv2d`` (torch's
     float emulation); ``runtime="packed"`` gives them as
     :class:`bnnslim.runtime.PackedBinaryConv2d` on the XNOR-popcount kernels: from a
     packed file with its stored bits and alpha as they are, from a plain file packed
     on load (see :func:`bnnslim.runtime.to_runtime`).
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
+    Raises only :class:`BnnslimError` for a bad file.
+    """
     if runtime not in RUNTIMES:
         raise BnnslimError(f"unknown runtime '{runtime}'", f"choose from {', '.join(RUNTIMES)}")
     path = Path(path)
     meta = read_header(path)
-    info = json.loads(meta["model"])
-    spec = str(model_file) if model_file else f"{info['source']}:{info['name']}"
-    if model_file and ":" not in Path(str(model_file)).name:
-        spec = f"{model_file}:{info['name']}"
-    source = load_model_source(spec, expected_sha256=info["sha256"])
-    model = source.build(num_classes=info.get("num_classes"), in_channels=info.get("in_channels"))
-    apply_binarization(model, json.loads(meta["binary_layers"]), get_scheme(meta["scheme"]))
-    resize_layers(model, json.loads(meta["layers"]))
+    head = parse_header(meta, path)
+    source = model_source_for(head.model, f"'{path}'", model=model, trust_source=trust_source,
+                              signature=head.signature)
+    return rebuild(path, meta, head, source, runtime)
+
+
+def model_source_of(path: str | Path, model: ModelArg = None, *, trust_source: bool = False) -> ModelSource:
+    """The model code that :func:`load` would use for ``path`` (same rules)."""
+    path = Path(path)
+    head = parse_header(read_header(path), path)
+    return model_source_for(head.model, f"'{path}'", model=model, trust_source=trust_source,
+                            signature=head.signature)
+
+
+def rebuild(path: Path, meta: dict[str, str], head: Header, source: ModelSource, runtime: str) -> nn.Module:
+    """Build ``source``'s model, binarize and resize it as ``head`` says, and load ``path``'s tensors into it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    model = source.build(num_classes=head.model.num_classes, in_channels=head.model.in_channels)
+    modules = dict(model.named_modules())
+    for name in head.binary_layers:
+        if not isinstance(modules.get(name), nn.Conv2d):
+            raise BnnslimError(f"'{path}' binarizes layer '{name}', which {source.where} has no Conv2d for",
+                               "load with the model code the file was exported from")
     try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise BnnslimError(f"'{path}' is damaged ({exc})", "export it again") from exc
+    _check_layer_tensors(path, head.layers, tensors, meta.get("form") == "packed")
+    apply_binarization(model, head.binary_layers, get_scheme(head.scheme))
+    resize_layers(model, head.layers)
     stored = tensors
     if meta.get("form") == "packed":
         tensors = _unpack(model, tensors)
@@ -209,6 +299,32 @@ def load(path: str | Path, model_file: str | Path | None = None, runtime: str = 
     return model.eval()
 
 
+def _check_layer_tensors(path: Path, layers: dict[str, dict[str, int]], tensors: dict[str, torch.Tensor],
+                         packed: bool) -> None:
+    """The header's layer shapes agree with the stored tensors (so nothing larger than the file is allocated)."""
+    for name, shape in layers.items():
+        if "features" in shape:
+            got = next((tensors[f"{name}.{k}"] for k in ("weight", "running_mean") if f"{name}.{k}" in tensors), None)
+            ok = got is None or tuple(got.shape) == (shape["features"],)
+        elif "groups" in shape:
+            per_group = shape["in"] // shape["groups"]
+            got = tensors.get(f"{name}.weight")
+            bits = tensors.get(f"{name}.weight_bits") if packed else None
+            if got is None and bits is None:
+                ok = False
+            elif got is not None:
+                ok = got.dim() == 4 and tuple(got.shape[:2]) == (shape["out"], per_group)
+            else:
+                ok = (bits.dim() == 4 and bits.dtype == torch.uint8
+                      and (bits.shape[0], bits.shape[3]) == (shape["out"], (per_group + 7) // 8))
+        else:
+            got = tensors.get(f"{name}.weight")
+            ok = got is not None and tuple(got.shape) == (shape["out"], shape["in"])
+        if not ok:
+            raise BnnslimError(f"'{path}': the header's shape of layer '{name}' ({shape}) does not match its "
+                               "stored tensors", "the file is damaged: export it again")
+
+
 def _unpack(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Latent weights ``alpha * sign`` for every binary conv: the same sign and the same alpha."""
     out = dict(tensors)
@@ -220,5 +336,8 @@ def _unpack(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, tor
             raise BnnslimError(f"packed file lacks the bits of {name}", "export it again")
         signs = unpack_signs(bits, m.in_channels // m.groups)
         alpha = out.pop(f"{name}.alpha", None)
+        if alpha is not None and alpha.numel() != m.out_channels:
+            raise BnnslimError(f"packed file: alpha of {name} has {alpha.numel()} values for {m.out_channels} filters",
+                               "the file is damaged: export it again")
         out[f"{name}.weight"] = signs if alpha is None else signs * alpha.view(-1, 1, 1, 1)
     return out

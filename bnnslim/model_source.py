@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
-import importlib.util
 import inspect
 import json
 import re
@@ -81,6 +80,9 @@ class ModelSource:
             model = self.factory(**kwargs)
         except BnnslimError:
             raise
+        except SystemExit as exc:
+            raise BnnslimError(f"building the model with {self.name}() called sys.exit({exc.code!r})",
+                               f"return the model from {self.name} in {self.path.name} instead") from None
         except Exception as exc:
             raise BnnslimError(
                 f"building the model with {self.name}({_kwargs_text(kwargs)}) failed: {_user_frame(exc, self.path)}",
@@ -105,8 +107,16 @@ def split_spec(spec: str) -> tuple[Path, str | None]:
 
 
 def load_model_source(spec: str, expected_sha256: str | None = None) -> ModelSource:
-    """Import ``FILE[:NAME]`` and find the model in it, or build ``PREFIX:NAME`` from a plugin's model source."""
+    """Import ``FILE[:NAME]`` and find the model in it, or build ``PREFIX:NAME`` from a plugin's model source.
+
+    ``spec`` is what the user typed: a relative ``FILE`` is resolved against the
+    current directory. Never pass a spec that a file (a header, a manifest) names:
+    :mod:`bnnslim.trust` decides what such a file may make bnnslim run.
+    """
     path, name = split_spec(spec)
+    if path.is_dir() or (name is None and Path(spec).is_dir()):
+        raise BnnslimError(f"'{path}' is a directory, not a model file",
+                           "give the path of a .py file that builds your model")
     if not path.is_file() and not Path(spec).is_file():
         prefix, sep, rest = spec.partition(":")
         if sep and _SOURCE_PREFIX.match(prefix):
@@ -122,15 +132,38 @@ def load_model_source(spec: str, expected_sha256: str | None = None) -> ModelSou
                                f"{hint}give the path of a .py file, or PREFIX:NAME with a model source "
                                f"({', '.join(known) or 'none installed'})")
         raise BnnslimError(f"model file '{path}' not found", "give the path of a .py file that builds your model")
-    path = path.resolve()
-    digest = file_sha256(path)
+    return load_model_file(path, name, expected_sha256)
+
+
+def load_model_file(path: Path, name: str | None = None, expected_sha256: str | None = None, *,
+                    models_only: bool = False) -> ModelSource:
+    """Run the Python source file ``path`` (a ``.py`` file, nothing else) and find the model in it.
+
+    The bytes that are hashed are the bytes that run: the file is read once,
+    checked against ``expected_sha256`` (when given) and compiled from those
+    bytes, so no cached bytecode (``__pycache__``) and no later change to the
+    file can slip in. ``models_only`` (for a name that a file recorded rather than
+    the user typed) lets ``name`` pick only ``build_model``, an ``nn.Module``
+    subclass or an ``nn.Module`` instance: never another function.
+    """
+    path = Path(path).resolve()
+    if path.suffix != ".py":
+        raise BnnslimError(f"'{path}' is not a Python source file (.py)",
+                           "bnnslim imports model code only from .py files, never .pyc, .so or other files")
+    try:
+        code = path.read_bytes()
+    except OSError as exc:
+        raise BnnslimError(f"cannot read model file '{path}': {exc.strerror or exc}",
+                           "check the path and its permissions") from exc
+    digest = hashlib.sha256(code).hexdigest()
     if expected_sha256 is not None and digest != expected_sha256:
         raise BnnslimError(
-            f"model file '{path}' changed since the run directory was made (sha256 differs)",
+            f"model file '{path}' changed since the run directory was made or the model exported (its sha256 "
+            "differs from the recorded one)",
             "restore the file, or start a new run with --run DIR",
         )
-    module = _import_file(path, digest)
-    name, factory = _find_model(module, path, name)
+    module = _import_file(path, code, digest)
+    name, factory = _find_model(module, path, name, models_only)
     input_shape = getattr(module, "INPUT_SHAPE", None)
     if input_shape is not None:
         try:
@@ -196,26 +229,37 @@ def load_plugin_model(provided: Provided, model_name: str, expected_sha256: str 
                        factory=factory, provider=provided.provider)
 
 
-def _import_file(path: Path, digest: str) -> types.ModuleType:
-    module_name = f"bnnslim_user_model_{digest[:12]}"
+def _import_file(path: Path, code: bytes, digest: str) -> types.ModuleType:
+    """Run ``code`` (the bytes of ``path``) as a fresh module; the file's folder is importable meanwhile."""
+    module_name = f"bnnslim_user_model_{digest}"
     if module_name in sys.modules:
         return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise BnnslimError(f"cannot import '{path}'", "give a Python source file ending in .py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.parent))
     try:
-        spec.loader.exec_module(module)
+        compiled = compile(code, str(path), "exec", dont_inherit=True)
     except SyntaxError as exc:
         line = (exc.text or "").strip()
         raise BnnslimError(f"syntax error in {path.name} line {exc.lineno}: {exc.msg}: {line}",
                            "fix the model file") from exc
-    except Exception as exc:
+    except ValueError as exc:  # e.g. null bytes: not Python source
+        raise BnnslimError(f"'{path}' is not Python source ({exc})", "give the .py file that builds your model") from exc
+    module = types.ModuleType(module_name)
+    module.__file__ = str(path)
+    sys.modules[module_name] = module  # as importlib does: dataclasses and pickling look the module up
+    sys.path.insert(0, str(path.parent))
+    try:
+        exec(compiled, module.__dict__)  # noqa: S102 - the user named (or trusted) this file
+    except BaseException as exc:
+        del sys.modules[module_name]
+        if isinstance(exc, BnnslimError):
+            raise
+        if isinstance(exc, SystemExit):
+            raise BnnslimError(f"importing {path.name} called sys.exit({exc.code!r})",
+                               "guard the script part of the model file with `if __name__ == \"__main__\":`") from None
+        if not isinstance(exc, Exception):
+            raise
         raise BnnslimError(f"importing {path.name} failed: {_user_frame(exc, path)}", "fix the model file") from exc
     finally:
         sys.path.remove(str(path.parent))
-    sys.modules[module_name] = module
     return module
 
 
@@ -228,11 +272,19 @@ def _user_frame(exc: BaseException, path: Path) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
-def _find_model(module: types.ModuleType, path: Path, name: str | None) -> tuple[str, Callable[..., nn.Module]]:
+def _find_model(module: types.ModuleType, path: Path, name: str | None,
+                models_only: bool = False) -> tuple[str, Callable[..., nn.Module]]:
     if name is not None:
         if not hasattr(module, name):
-            raise BnnslimError(f"{path.name} has no '{name}'", f"candidates: {', '.join(_candidates(module, path)) or 'none'}")
-        return name, _as_factory(getattr(module, name), name, path)
+            raise BnnslimError(f"{path.name} has no '{name}'",
+                               f"candidates: {', '.join(_candidates(module, path, named=True)) or 'none'}")
+        obj = getattr(module, name)
+        if models_only and not (name == DEFAULT_FACTORY or isinstance(obj, nn.Module)
+                                or (inspect.isclass(obj) and issubclass(obj, nn.Module))):
+            raise BnnslimError(f"the name '{name}' that a file recorded picks a {type(obj).__name__} in {path.name}; "
+                               f"a recorded name may pick only {DEFAULT_FACTORY}, a model class or a model instance",
+                               f"name it yourself as {path.name}:{name} if that is the model you mean")
+        return name, _as_factory(obj, name, path)
     if callable(getattr(module, DEFAULT_FACTORY, None)):
         return DEFAULT_FACTORY, getattr(module, DEFAULT_FACTORY)
     if isinstance(getattr(module, DEFAULT_INSTANCE, None), nn.Module):
@@ -251,11 +303,30 @@ def _find_model(module: types.ModuleType, path: Path, name: str | None) -> tuple
     )
 
 
-def _candidates(module: types.ModuleType, path: Path) -> list[str]:
-    """nn.Module subclasses defined in the file itself that take no required arguments."""
+def _builds_models(module: types.ModuleType, obj: Any) -> bool:
+    """An ``nn.Module`` instance or subclass, or a function defined in ``module`` itself (not imported)."""
+    if isinstance(obj, nn.Module):
+        return True
+    if inspect.isclass(obj):
+        return issubclass(obj, nn.Module)
+    return inspect.isfunction(obj) and obj.__module__ == module.__name__
+
+
+def _candidates(module: types.ModuleType, path: Path, named: bool = False) -> list[str]:
+    """nn.Module subclasses defined in the file itself that take no required arguments.
+
+    ``named``: what ``FILE:NAME`` may name instead: every model class, function
+    and model instance defined in the file.
+    """
     names = []
     for attr, value in vars(module).items():
-        if (inspect.isclass(value) and issubclass(value, nn.Module) and value.__module__ == module.__name__
+        if named:
+            if attr.startswith("_"):
+                continue
+            defined_here = getattr(value, "__module__", None) == module.__name__
+            if isinstance(value, nn.Module) or (defined_here and _builds_models(module, value)):
+                names.append(attr)
+        elif (inspect.isclass(value) and issubclass(value, nn.Module) and value.__module__ == module.__name__
                 and _no_required_args(value)):
             names.append(attr)
     return names

@@ -66,15 +66,32 @@ class RunDir:
         return manifest
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
+        """Write a new run's manifest, its model entry signed with this account's key (:mod:`bnnslim.trust`).
+
+        Only for a manifest whose model entry comes from what the user named
+        (``bnnslim binarize``); :meth:`update_manifest` keeps the signature it read.
+        """
+        manifest = dict(manifest)
+        manifest.pop("model_signature", None)
+        if "model" in manifest:
+            from bnnslim.trust import recorded_model, sign
+
+            manifest["model_signature"] = sign(recorded_model(manifest["model"], f"run '{self.path}'"))
+        self.store_manifest(manifest)
+
+    def store_manifest(self, manifest: dict[str, Any]) -> None:
+        """Write ``manifest`` as it is (its signature, if any, unchanged)."""
         manifest = {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, **manifest,
                     "bnnslim_version": __version__}
         write_json(self.manifest_path, manifest)
 
     def update_manifest(self, **sections: Any) -> dict[str, Any]:
-        """Replace top-level sections of the manifest and write it back."""
+        """Replace top-level sections of the manifest and write it back (the model entry's signature unchanged)."""
         manifest = self.read_manifest()
+        if "model" in sections or "model_signature" in sections:
+            raise ValueError("update_manifest does not change the model entry")
         manifest.update(sections)
-        self.write_manifest(manifest)
+        self.store_manifest(manifest)
         return manifest
 
 

@@ -91,7 +91,7 @@ def test_an_existing_file_wins_over_a_model_source(toy_model_file: Path, zoo: Zo
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     (toy_model_file.parent / "myzoo").write_text("not python\n")
     monkeypatch.chdir(toy_model_file.parent)
-    with pytest.raises(BnnslimError, match=r"cannot import '.*/myzoo'\. give a Python source file"):
+    with pytest.raises(BnnslimError, match=r"'.*/myzoo' is not a Python source file \(\.py\)"):
         load_model_source("myzoo:tiny")  # the file named myzoo, not the zoo
 
 

@@ -79,7 +79,7 @@ def model_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     yield tmp_path / "net.py"
     # forget both modules: the next test's model must use the class its pruner plugin names
     sys.modules.pop("chanscale", None)
-    sys.modules.pop(f"bnnslim_user_model_{file_sha256(tmp_path / 'net.py')[:12]}", None)
+    sys.modules.pop(f"bnnslim_user_model_{file_sha256(tmp_path / 'net.py')}", None)
 
 
 @pytest.fixture

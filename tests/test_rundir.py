@@ -26,7 +26,9 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     run.write_manifest(content)
     assert run.exists()
     back = run.read_manifest()
+    signature = back.pop("model_signature")
     assert back == {"format": "bnnslim-run", "format_version": 1, **content, "bnnslim_version": __version__}
+    assert len(signature) == 64  # this account's signature of the model entry (bnnslim.trust)
     assert not list(run.path.glob(".*.tmp"))  # no temporary file left behind
 
 

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -24,6 +24,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 RunOption = Annotated[Path, typer.Option("--run", help="Run directory shared by bnnslim's commands.")]
 DEFAULT_RUN = Path("bnnslim-run")
+ModelOption = Annotated[Optional[str], typer.Option(
+    "--model", help="The model code you trust: FILE[:NAME] (the .py the model was made with; its sha256 must match) "
+                    "or PREFIX:NAME. Needed for a file or run that this account's bnnslim did not make.")]
+TrustSourceOption = Annotated[bool, typer.Option(
+    "--trust-source", help="Import the model file that the file or run records (only if you trust where it came from).")]
 
 
 def friendly_errors(fn: F) -> F:

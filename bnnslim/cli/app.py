@@ -7,7 +7,7 @@ import sys
 import typer
 
 from bnnslim import __version__
-from bnnslim.cli import bench, binarize, export, info, prune
+from bnnslim.cli import bench, binarize, export, info, prune, trust
 from bnnslim.cli import plugins as plugins_cli
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ app.command("export")(export.export_command)
 app.command("info")(info.info_command)
 app.command("bench")(bench.bench_command)
 app.command("plugins")(plugins_cli.plugins_command)
+app.command("trust")(trust.trust_command)
 
 
 def _version(value: bool) -> None:

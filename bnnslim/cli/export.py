@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from bnnslim.cli._common import DEFAULT_RUN, RunOption, console, friendly_errors
+from bnnslim.cli._common import DEFAULT_RUN, ModelOption, RunOption, TrustSourceOption, console, friendly_errors
 
 
 def _size(n: int) -> str:
@@ -21,11 +21,14 @@ def export_command(
     format: Annotated[Optional[list[str]], typer.Option("--format", "-f", help="plain, packed (1-bit) or onnx; repeatable. Default: plain and packed.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (with one --format).")] = None,
     evaluate: Annotated[bool, typer.Option(help="Measure the slim model's test accuracy on the run's dataset.")] = True,
+    model: ModelOption = None,
+    trust_source: TrustSourceOption = False,
 ) -> None:
     """Remove the pruned filters for real, check the slim model equals the masked one, and save it."""
     from bnnslim.export import export
 
-    result = export(run, tuple(format or ("plain", "packed")), output, evaluate_data=evaluate)
+    result = export(run, tuple(format or ("plain", "packed")), output, evaluate_data=evaluate, model=model,
+                    trust_source=trust_source)
     for note in result.notes:
         console.print(f"[yellow]note[/]: {note}")
     table = Table(title="slimmed model")

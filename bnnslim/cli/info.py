@@ -8,13 +8,15 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from bnnslim.cli._common import DEFAULT_RUN, console, friendly_errors
+from bnnslim.cli._common import DEFAULT_RUN, ModelOption, TrustSourceOption, console, friendly_errors
 
 
 @friendly_errors
 def info_command(
     path: Annotated[Optional[Path], typer.Argument(help="Run directory (default: --run).")] = None,
     run: Annotated[Path, typer.Option("--run", help="Run directory shared by bnnslim's commands.")] = DEFAULT_RUN,
+    model: ModelOption = None,
+    trust_source: TrustSourceOption = False,
 ) -> None:
     """Show a run directory (model, scheme, dataset, metrics, every layer) or a model file from `bnnslim export`."""
     if path is not None and path.is_file():
@@ -24,7 +26,7 @@ def info_command(
     from bnnslim.rundir import RunDir
     from bnnslim.summary import layer_rows
 
-    loaded = load_run_model(RunDir(path or run))
+    loaded = load_run_model(RunDir(path or run), model=model, trust_source=trust_source)
     m = loaded.manifest
     head = Table(show_header=False, title=f"run {path or run}")
     head.add_row("model", f"{m['model']['source']}:{m['model']['name']}")
