@@ -124,15 +124,13 @@ def resolve_model_path(path: Path) -> Path:
     return path
 
 
-def float_original(meta: dict[str, str], model_file: str | Path | None) -> nn.Module:
-    """The user's model as the file's recorded source builds it: unpruned, real-valued."""
-    from bnnslim.model_source import load_model_source
+def float_original(meta: dict[str, str], model_file: str | Path | None, path: Path,
+                   trust_source: bool = False) -> nn.Module:
+    """The user's model, from the code that ``bnnslim.load`` would trust for ``path``: unpruned, real-valued."""
+    from bnnslim.model_file import model_source_of
 
     info = json.loads(meta["model"])
-    spec = str(model_file) if model_file else f"{info['source']}:{info['name']}"
-    if model_file and ":" not in Path(str(model_file)).name:
-        spec = f"{model_file}:{info['name']}"
-    source = load_model_source(spec, expected_sha256=info["sha256"])
+    source = model_source_of(path, model_file, trust_source=trust_source)
     torch.manual_seed(0)
     return source.build(num_classes=info.get("num_classes"), in_channels=info.get("in_channels")).eval()
 
@@ -203,7 +201,7 @@ def median_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
 
 def bench(path: str | Path, batches: Sequence[int] = (1,), threads: Sequence[int] = (1,), repeats: int = 20,
           warmup: int = 5, model_file: str | Path | None = None, layers: bool = True,
-          progress: Callable[[str], None] | None = None) -> BenchResult:
+          progress: Callable[[str], None] | None = None, trust_source: bool = False) -> BenchResult:
     """Time the float original, the torch binary model and the packed runtime (module docstring)."""
     import bnnslim
     from bnnslim.model_file import read_header
@@ -235,9 +233,9 @@ def bench(path: str | Path, batches: Sequence[int] = (1,), threads: Sequence[int
         warnings.simplefilter("always")
         status = kernel_status()
         models: dict[str, nn.Module] = {
-            "float": float_original(meta, model_file),
-            "torch_binary": bnnslim.load(file, model_file),
-            "packed": bnnslim.load(file, model_file, runtime="packed"),
+            "float": float_original(meta, model_file, file, trust_source),
+            "torch_binary": bnnslim.load(file, model_file, trust_source=trust_source),
+            "packed": bnnslim.load(file, model_file, runtime="packed", trust_source=trust_source),
         }
         plan = runtime_plan(models["packed"])
         shape = [int(d) for d in json.loads(meta["input_shape"])]

@@ -35,7 +35,8 @@ def bench_command(
     threads: Annotated[Optional[list[int]], typer.Option("--threads", "-t", help="CPU threads; repeatable. Default: 1.")] = None,
     repeats: Annotated[int, typer.Option(help="Timed calls of each model per batch size and thread count (the median is reported).")] = 20,
     warmup: Annotated[int, typer.Option(help="Untimed calls of each model first.")] = 5,
-    model_file: Annotated[Optional[Path], typer.Option("--model-file", help="The model file (FILE or FILE:NAME) if it moved since export; its content must be unchanged.")] = None,
+    model_file: Annotated[Optional[str], typer.Option("--model", "--model-file", help="The model code you trust: FILE[:NAME] (its sha256 must match the export) or PREFIX:NAME; needed for a file this account's bnnslim did not export.")] = None,
+    trust_source: Annotated[bool, typer.Option("--trust-source", help="Import the model file the header records (only if you trust where the file came from).")] = False,
     layers: Annotated[bool, typer.Option(help="Time every conv and linear layer too (a second pass with hooks).")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
@@ -43,12 +44,13 @@ def bench_command(
     from bnnslim.bench import MODELS, bench
 
     if as_json:
-        result = bench(path, batch or [1], threads or [1], repeats, warmup, model_file, layers)
+        result = bench(path, batch or [1], threads or [1], repeats, warmup, model_file, layers,
+                       trust_source=trust_source)
         typer.echo(json.dumps(result.to_json(), indent=2))
         return
     with console.status("timing...") as status:
         result = bench(path, batch or [1], threads or [1], repeats, warmup, model_file, layers,
-                       progress=lambda what: status.update(f"timing {what}..."))
+                       progress=lambda what: status.update(f"timing {what}..."), trust_source=trust_source)
     head = Table(show_header=False, title=f"bnnslim bench {result.file}")
     head.add_row("model", f"{result.model} ({result.form} file, input {'x'.join(map(str, result.input_shape))})")
     head.add_row("CPU", f"{result.cpu}, {result.cores} cores available")
