@@ -3,7 +3,7 @@
 ``BinaryConv2d`` is an ``nn.Conv2d`` (so torch-pruning and every other tool sees
 a conv) whose forward computes
 
-    y = conv(sign(x) * m_in,  alpha * sign(W)) + b
+    y = alpha * conv(sign(x) * m_in, sign(W)) + b
 
 with ``W`` the real-valued latent weights that training updates, ``alpha`` the
 scheme's per-filter scale (XNOR-Net: mean |W_o| over the kept inputs) and
@@ -59,10 +59,24 @@ class BinaryConv2d(nn.Conv2d):
         return wb if alpha is None else wb * alpha
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``alpha * conv(sign(x) * m_in, sign(W)) + b``.
+
+        The scale is applied after the convolution, so the conv sums +-1 products
+        only: every output is ``alpha`` times an integer, computed exactly in
+        float whatever the summation order. A masked model and its slim copy
+        therefore agree exactly (a count of 0 stays 0, so the next ``sign`` sees
+        the same value), and so does an XNOR-popcount runtime.
+        """
         xb = self.scheme.binarize_input(x)
         if self.input_mask is not None:
             xb = xb * self.input_mask.view(1, -1, 1, 1).to(xb.dtype)
-        return self._conv_forward(xb, self.binary_weight(), self.bias)
+        y = self._conv_forward(xb, self.scheme.binarize_weight(self.weight), None)
+        alpha = self.scheme.scale(self.weight, self.kept_weight_inputs())
+        if alpha is not None:
+            y = y * alpha.reshape(1, -1, 1, 1)
+        if self.bias is not None:
+            y = y + self.bias.reshape(1, -1, 1, 1)
+        return y
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scheme={self.scheme.name}"
