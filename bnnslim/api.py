@@ -1,0 +1,116 @@
+"""The stages of bnnslim as functions on in-memory models.
+
+``bnnslim.binarize`` and ``bnnslim.slim`` live here; training
+(``bnnslim.fit``), mask learning (``bnnslim.learn_masks`` and the step-wise
+``bnnslim.PruneSchedule``) and loading (``bnnslim.load``) live with their
+algorithms and are re-exported by the package. Nothing here touches a run
+directory, prints, or reads a dataset: the caller brings the model, the example
+inputs and the data (see ``docs/api.md``). The ``bnnslim`` command line runs the
+same functions over a run directory (``bnnslim.binarize``/``bnnslim.prune.stage``/
+``bnnslim.export``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from bnnslim.binary.convert import BinarizePlan, apply_binarization, binary_convs, plan_binarization
+from bnnslim.errors import BnnslimError
+from bnnslim.graph import build_graph
+from bnnslim.plugin_types import SchemeSpec
+
+if TYPE_CHECKING:
+    from bnnslim.prune.groups import PrunableGroup
+
+#: Outputs of the slim and the masked model may differ by float rounding only.
+SLIM_TOLERANCE = 1e-4
+
+
+def binarize(model: nn.Module, example_inputs: torch.Tensor, scheme: str | SchemeSpec = "xnor", *,
+             real: Sequence[str] = (), binary: Sequence[str] = (), keep_first_last_real: bool = True,
+             inplace: bool = False) -> tuple[nn.Module, BinarizePlan]:
+    """Swap the model's convs for binary ones; returns ``(binary model, plan)``.
+
+    Every ``nn.Conv2d`` becomes a :class:`bnnslim.binary.layers.BinaryConv2d`
+    (sign weights with the scheme's per-filter scale, sign activations,
+    straight-through gradients) except the first conv and the last conv/linear
+    that ``example_inputs`` (one batch) runs through, which stay real unless
+    ``keep_first_last_real=False``; ``real``/``binary`` are shell-style name
+    patterns that force a layer either way. ``scheme`` is a scheme name
+    (``xnor``, ``sign``, ``bireal``, or a plugin's) or a ``SchemeSpec``. The
+    latent weights start from the model's weights. Raises
+    :class:`bnnslim.errors.BnnslimError` when torch-pruning cannot trace the
+    binary model (it could then not be pruned). ``plan.real`` says why each real
+    conv stayed real.
+    """
+    from bnnslim.plugins import get_scheme
+
+    spec = scheme if isinstance(scheme, SchemeSpec) else get_scheme(scheme)
+    target = model if inplace else copy.deepcopy(model)
+    plan = plan_binarization(target, example_inputs, real=real, binary=binary,
+                             keep_first_last_real=keep_first_last_real)
+    apply_binarization(target, plan.binary, spec)
+    build_graph(target, example_inputs)
+    return target, plan
+
+
+def slim(model: nn.Module, masks: Mapping[str, torch.Tensor], example_inputs: torch.Tensor, *,
+         exclude: Sequence[str] = ()) -> nn.Module:
+    """A copy of ``model`` without the filters whose mask is 0, nor anything coupled to them.
+
+    ``masks`` maps a prunable group (its root conv's name) to a 0/1 vector over
+    the root's channels, as :func:`bnnslim.learn_masks` returns them; the
+    filters go through torch-pruning's dependency graph (BatchNorm, consumers'
+    input channels, residual partners, concat offsets). The result is checked
+    on ``example_inputs``: it must compute what the masked model computes (each
+    removed channel masked at all its consumers, which is what mask learning
+    trained); otherwise :class:`bnnslim.errors.BnnslimError` names the first
+    layer that diverges. ``model`` itself is left as it was.
+    """
+    from bnnslim.export import first_divergence
+    from bnnslim.prune.groups import find_groups
+    from bnnslim.slim import slim as slim_in_place
+
+    was_training = model.training
+    model.eval()
+    try:
+        groups = find_groups(model, build_graph(model, example_inputs), example_inputs, exclude=exclude).groups
+        unknown = sorted(set(masks) - {g.id for g in groups})
+        if unknown:
+            raise BnnslimError(f"masks name '{unknown[0]}', which is not a prunable group of this model",
+                               "pass the masks that learn_masks returned for this model")
+        fixed = {k: torch.as_tensor(v).detach().flatten().cpu() for k, v in masks.items()}
+        with _masked(model, groups, fixed), torch.no_grad():
+            expected = model(example_inputs)
+        slim_model = copy.deepcopy(model)
+        slim_in_place(slim_model, groups, fixed, example_inputs)
+        with torch.no_grad():
+            got = slim_model(example_inputs)
+        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=SLIM_TOLERANCE, atol=SLIM_TOLERANCE):
+            with _masked(model, groups, fixed):
+                where = first_divergence(model, slim_model, groups, fixed, example_inputs)
+            raise BnnslimError(f"the slim model does not compute what the masked model computes (first at {where})",
+                               "report this with the model: pruning this layer is not exact")
+    finally:
+        model.train(was_training)
+    return slim_model
+
+
+@contextlib.contextmanager
+def _masked(model: nn.Module, groups: list[PrunableGroup], masks: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """``model`` with ``masks`` applied at every consumer of their groups, for the duration."""
+    from bnnslim.prune.masking import MaskController
+
+    controller = MaskController(model, groups)
+    try:
+        for gid, mask in masks.items():
+            controller.set_fixed(gid, mask)
+        yield
+    finally:
+        controller.remove()
