@@ -77,7 +77,7 @@ class PackedMaxPool2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "kernel" and build.kernel_status().available:
-            return build.ops().bits_max_pool2d(  # type: ignore[attr-defined]
+            return build.fast_ops().bits_max_pool2d(  # type: ignore[attr-defined]
                 x, list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation), self.ceil_mode)
         return max_pool_emulated(x, self.channels, self.kernel_size, self.stride, self.padding, self.dilation,
                                  self.ceil_mode)

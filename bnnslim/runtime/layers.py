@@ -25,6 +25,7 @@ Inputs must be finite: a NaN input counts as 0 (torch's sign() would give NaN).
 from __future__ import annotations
 
 import math
+import os
 from typing import Literal
 
 import torch
@@ -162,6 +163,7 @@ class PackedBinaryConv2d(nn.Module):
         self.register_buffer("out_thresholds", None)
         self.input_bits = False
         self.fused_into: str | None = None
+        self._fast: tuple[object, ...] | None = None  # see _make_fast
         if in_channels // groups == 1 and groups > 1:
             # one input bit per 64-bit word: the kernel would spend 64x the work
             # of a float depthwise conv, which is cheap already
@@ -288,9 +290,36 @@ class PackedBinaryConv2d(nn.Module):
             raise BnnslimError(f"packed conv expects [N, {self.in_channels}, H, W] inputs, got {list(x.shape)}",
                                "the model and its input do not match")
 
+    def _state(self) -> tuple[object, ...]:
+        """What the kernel call's arguments depend on (the fast path is rebuilt when it changes)."""
+        b = self._buffers
+        return (self.mode, self.input_bits, id(b["kernel_words"]), id(b["alpha"]), id(b["bias"]),
+                id(b["input_mask"]), id(b["out_thresholds"]), os.environ.get(build.ENV_ISA), id(build._status))
+
+    def _make_fast(self) -> None:
+        """Cache the op and its arguments (all but the input), to cut the per-call Python cost."""
+        ops = build.fast_ops()
+        tail = (self.alpha, self.bias, self.out_channels, self.kernel_size[0], self.kernel_size[1],
+                list(self.stride), list(self.padding4), list(self.dilation), self.groups, self.input_mask, False,
+                build.isa_code(), self.out_thresholds)
+        if self.input_bits:
+            op, args = ops.binary_conv2d_bits, (self.in_channels, self.kernel_words, *tail)  # type: ignore[attr-defined]
+            key = (torch.int64, 5, 3, words(self.in_channels))
+        else:
+            op, args = ops.binary_conv2d, (self.kernel_words, *tail)  # type: ignore[attr-defined]
+            key = (torch.float32, 4, 1, self.in_channels)
+        self._fast = (self._state(), key, op, args)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self.__dict__.get("_fast")
+        if fast is not None and not (x.requires_grad and torch.is_grad_enabled()) and x.device.type == "cpu":
+            state, (dtype, dim, axis, size), op, args = fast
+            if x.dtype == dtype and x.dim() == dim and x.shape[axis] == size and state == self._state():
+                return op(x, *args)
         self._check_input(x)
         if self._kernel_ready(x):
+            if self.padding_mode == "zeros" or self.padding4 == (0, 0, 0, 0):
+                self._make_fast()
             return self._run_kernel(x, counts=False)
         return self.emulate(x)
 
