@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -91,13 +92,19 @@ def resize_layers(model: nn.Module, shapes: dict[str, dict[str, int]]) -> None:
                 m.running_var = torch.ones(n)
 
 
-def resize_others(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Give any other parameter or buffer its stored shape (a custom layer that a plugin's pruner sliced)."""
+def resize_others(model: nn.Module, tensors: dict[str, torch.Tensor], sized: Iterable[str] = ()) -> None:
+    """Give any other parameter or buffer its stored shape (a custom layer that a plugin's pruner sliced).
+
+    Layers in ``sized`` (those the header gives shapes for) are left as they are.
+    """
+    sized = set(sized)
     for key, value in model.state_dict().items():
         stored = tensors.get(key)
         if stored is None or tuple(stored.shape) == tuple(value.shape):
             continue
         module_name, _, attr = key.rpartition(".")
+        if module_name in sized:
+            continue
         module = model.get_submodule(module_name)
         if attr in module._parameters:
             setattr(module, attr, nn.Parameter(torch.empty(stored.shape, dtype=value.dtype)))
@@ -282,7 +289,7 @@ def rebuild(path: Path, meta: dict[str, str], head: Header, source: ModelSource,
     stored = tensors
     if meta.get("form") == "packed":
         tensors = _unpack(model, tensors)
-    resize_others(model, tensors)
+    resize_others(model, tensors, head.layers)
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     if missing:
@@ -336,6 +343,11 @@ def _unpack(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, tor
             raise BnnslimError(f"packed file lacks the bits of {name}", "export it again")
         signs = unpack_signs(bits, m.in_channels // m.groups)
         alpha = out.pop(f"{name}.alpha", None)
+        with torch.no_grad():
+            scaled = m.scheme.scale(m.weight, None) is not None
+        if alpha is None and scaled:
+            raise BnnslimError(f"packed file lacks the alpha of {name} (scheme {m.scheme.name} scales its filters)",
+                               "the file is damaged: export it again")
         if alpha is not None and alpha.numel() != m.out_channels:
             raise BnnslimError(f"packed file: alpha of {name} has {alpha.numel()} values for {m.out_channels} filters",
                                "the file is damaged: export it again")
