@@ -563,3 +563,30 @@ def test_build_without_ninja(fresh_build: None, tmp_path: Path, monkeypatch: pyt
     assert status.library is not None and status.library.is_relative_to(tmp_path)
     err = capfd.readouterr().err
     assert "compiling the packed binary kernels" in err and str(tmp_path) in err and "built in" in err
+
+
+def test_plan_keeps_the_faster_version(kernels: build.KernelStatus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan times every binary conv; an unfused one whose float version is faster switches to it."""
+    from bnnslim.runtime import planner
+
+    model, x, binary = binary_example("resnet18", trained_bn=False, batch=1)
+    _random_bn(model, seed=6)
+    runtime = to_runtime(model)
+    fused = runtime_plan(runtime).fused
+    with torch.no_grad():
+        before = runtime(x)
+    choices = planner.plan_runtime(runtime, x, calls=1, rounds=1, apply=False)
+    assert sorted(c.layer for c in choices) == sorted(binary)
+    assert all(c.packed_ms > 0 and c.float_ms > 0 for c in choices)
+    monkeypatch.setattr(planner, "_median_ms", lambda fns, calls, rounds: {"packed": 2.0, "float": 1.0})
+    choices = {c.layer: c for c in planner.plan_runtime(runtime, x)}
+    unfused = [n for n in binary if n not in fused and n not in fused.values()]
+    assert unfused, "the residual blocks leave some binary convs unfused"
+    for name, c in choices.items():
+        if name in unfused:
+            assert c.runs == "float" and "float conv 1.000 ms < packed 2.000 ms" in c.why
+            assert runtime.get_submodule(name).mode == "emulation"
+        else:
+            assert c.runs == "packed" and c.why.startswith("fused")
+    with torch.no_grad():
+        assert torch.equal(runtime(x), before)

@@ -1,8 +1,9 @@
 """bnnslim's binary runtime: XNOR-popcount convolution on packed weights.
 
     from bnnslim.runtime import to_runtime, runtime_plan, kernel_status
-    fast = to_runtime(binary_model)      # every BinaryConv2d -> PackedBinaryConv2d
+    fast = to_runtime(binary_model)      # every BinaryConv2d -> PackedBinaryConv2d; chains fused
     y = fast(x)                          # same outputs as binary_model.eval()(x)
+    plan_runtime(fast, x)                # time each layer packed vs float; keep the faster
 
 Kernels are compiled on first use (see :mod:`bnnslim.runtime.build`); without a
 compiler the layers run an exact torch emulation after one warning.
@@ -21,11 +22,16 @@ from bnnslim.runtime.build import (
     set_threads,
 )
 from bnnslim.runtime.convert import RuntimePlan, runtime_plan, to_runtime, with_emulation
+from bnnslim.runtime.fuse import FusedAway, PackedMaxPool2d
 from bnnslim.runtime.layers import PackedBinaryConv2d, kernel_weights
+from bnnslim.runtime.planner import LayerChoice, plan_runtime
 
 __all__ = [
+    "FusedAway",
     "KernelStatus",
+    "LayerChoice",
     "PackedBinaryConv2d",
+    "PackedMaxPool2d",
     "RuntimeFallbackWarning",
     "RuntimePlan",
     "ThreadsWarning",
@@ -34,6 +40,7 @@ __all__ = [
     "cpu_model",
     "kernel_status",
     "kernel_weights",
+    "plan_runtime",
     "runtime_plan",
     "set_threads",
     "to_runtime",

@@ -997,6 +997,150 @@ at::Tensor binary_conv2d_bits_op(const at::Tensor& bits, int64_t in_channels, co
   return conv_impl(packed, g, wwords, alpha, bias, counts, /*nhwc=*/true, isa, thresholds);
 }
 
+// ---------------------------------------------------------------- peak microbenchmark
+//
+// XNOR-popcount throughput on L1-resident data: sum popcount((a ^ w) & z) over
+// `words` 64-bit words, `reps` times; returns the total (so the work is kept).
+// method 0: scalar popcnt; 1: AVX2 nibble lookup (pshufb, the conv kernel's
+// method); 2: AVX2 Harley-Seal (carry-save adders, one lookup per 16 vectors);
+// 3: AVX-512 VPOPCNTDQ. The caller times it (benchmarks/runtime_popcount_peak.py).
+#if BNN_X86
+BNN_POPCNT int64_t peak_scalar(const uint64_t* a, const uint64_t* w, const uint64_t* z, int64_t words,
+                               int64_t reps) {
+  int64_t total = 0;
+  for (int64_t r = 0; r < reps; ++r) {
+    int64_t t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+    for (int64_t i = 0; i + 4 <= words; i += 4) {
+      t0 += __builtin_popcountll((a[i] ^ w[i]) & z[i]);
+      t1 += __builtin_popcountll((a[i + 1] ^ w[i + 1]) & z[i + 1]);
+      t2 += __builtin_popcountll((a[i + 2] ^ w[i + 2]) & z[i + 2]);
+      t3 += __builtin_popcountll((a[i + 3] ^ w[i + 3]) & z[i + 3]);
+    }
+    total += t0 + t1 + t2 + t3;
+    asm volatile("" : : "r"(a) : "memory");
+  }
+  return total;
+}
+
+BNN_AVX2 inline __m256i xnor_avx2(const uint64_t* a, const uint64_t* w, const uint64_t* z, int64_t i) {
+  const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i));
+  const __m256i vw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i));
+  const __m256i vz = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(z + i));
+  return _mm256_and_si256(_mm256_xor_si256(va, vw), vz);
+}
+
+BNN_AVX2 inline int64_t hsum_avx2(__m256i v) {
+  alignas(32) int64_t t[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), v);
+  return t[0] + t[1] + t[2] + t[3];
+}
+
+BNN_AVX2 int64_t peak_pshufb(const uint64_t* a, const uint64_t* w, const uint64_t* z, int64_t words, int64_t reps) {
+  const __m256i zero = _mm256_setzero_si256();
+  int64_t total = 0;
+  for (int64_t r = 0; r < reps; ++r) {
+    __m256i acc = zero;
+    for (int64_t i0 = 0; i0 < words; i0 += 4 * 31) {
+      __m256i bytes = zero;
+      const int64_t i1 = std::min<int64_t>(words, i0 + 4 * 31);
+      for (int64_t i = i0; i + 4 <= i1; i += 4) bytes = _mm256_add_epi8(bytes, popcnt_bytes_avx2(xnor_avx2(a, w, z, i)));
+      acc = _mm256_add_epi64(acc, _mm256_sad_epu8(bytes, zero));
+    }
+    total += hsum_avx2(acc);
+    asm volatile("" : : "r"(a) : "memory");
+  }
+  return total;
+}
+
+BNN_AVX2 inline void csa_avx2(__m256i& h, __m256i& l, __m256i a, __m256i b, __m256i c) {
+  const __m256i u = _mm256_xor_si256(a, b);
+  h = _mm256_or_si256(_mm256_and_si256(a, b), _mm256_and_si256(u, c));
+  l = _mm256_xor_si256(u, c);
+}
+
+BNN_AVX2 inline __m256i popcnt64_avx2(__m256i v) {
+  return _mm256_sad_epu8(popcnt_bytes_avx2(v), _mm256_setzero_si256());
+}
+
+BNN_AVX2 int64_t peak_harley_seal(const uint64_t* a, const uint64_t* w, const uint64_t* z, int64_t words,
+                                  int64_t reps) {
+  int64_t total = 0;
+  for (int64_t r = 0; r < reps; ++r) {
+    __m256i acc = _mm256_setzero_si256(), ones = acc, twos = acc, fours = acc, eights = acc;
+    __m256i twosA, twosB, foursA, foursB, eightsA, eightsB, sixteens;
+    int64_t i = 0;
+    for (; i + 64 <= words; i += 64) {
+      csa_avx2(twosA, ones, ones, xnor_avx2(a, w, z, i), xnor_avx2(a, w, z, i + 4));
+      csa_avx2(twosB, ones, ones, xnor_avx2(a, w, z, i + 8), xnor_avx2(a, w, z, i + 12));
+      csa_avx2(foursA, twos, twos, twosA, twosB);
+      csa_avx2(twosA, ones, ones, xnor_avx2(a, w, z, i + 16), xnor_avx2(a, w, z, i + 20));
+      csa_avx2(twosB, ones, ones, xnor_avx2(a, w, z, i + 24), xnor_avx2(a, w, z, i + 28));
+      csa_avx2(foursB, twos, twos, twosA, twosB);
+      csa_avx2(eightsA, fours, fours, foursA, foursB);
+      csa_avx2(twosA, ones, ones, xnor_avx2(a, w, z, i + 32), xnor_avx2(a, w, z, i + 36));
+      csa_avx2(twosB, ones, ones, xnor_avx2(a, w, z, i + 40), xnor_avx2(a, w, z, i + 44));
+      csa_avx2(foursA, twos, twos, twosA, twosB);
+      csa_avx2(twosA, ones, ones, xnor_avx2(a, w, z, i + 48), xnor_avx2(a, w, z, i + 52));
+      csa_avx2(twosB, ones, ones, xnor_avx2(a, w, z, i + 56), xnor_avx2(a, w, z, i + 60));
+      csa_avx2(foursB, twos, twos, twosA, twosB);
+      csa_avx2(eightsB, fours, fours, foursA, foursB);
+      csa_avx2(sixteens, eights, eights, eightsA, eightsB);
+      acc = _mm256_add_epi64(acc, popcnt64_avx2(sixteens));
+    }
+    acc = _mm256_slli_epi64(acc, 4);
+    acc = _mm256_add_epi64(acc, _mm256_slli_epi64(popcnt64_avx2(eights), 3));
+    acc = _mm256_add_epi64(acc, _mm256_slli_epi64(popcnt64_avx2(fours), 2));
+    acc = _mm256_add_epi64(acc, _mm256_slli_epi64(popcnt64_avx2(twos), 1));
+    acc = _mm256_add_epi64(acc, popcnt64_avx2(ones));
+    for (; i + 4 <= words; i += 4) acc = _mm256_add_epi64(acc, popcnt64_avx2(xnor_avx2(a, w, z, i)));
+    total += hsum_avx2(acc);
+    asm volatile("" : : "r"(a) : "memory");
+  }
+  return total;
+}
+
+BNN_AVX512 int64_t peak_avx512(const uint64_t* a, const uint64_t* w, const uint64_t* z, int64_t words,
+                               int64_t reps) {
+  int64_t total = 0;
+  for (int64_t r = 0; r < reps; ++r) {
+    __m512i acc0 = _mm512_setzero_si512(), acc1 = acc0;
+    int64_t i = 0;
+    for (; i + 16 <= words; i += 16) {
+      const __m512i t0 = _mm512_ternarylogic_epi64(_mm512_loadu_si512(a + i), _mm512_loadu_si512(w + i),
+                                                   _mm512_loadu_si512(z + i), 0x28);
+      const __m512i t1 = _mm512_ternarylogic_epi64(_mm512_loadu_si512(a + i + 8), _mm512_loadu_si512(w + i + 8),
+                                                   _mm512_loadu_si512(z + i + 8), 0x28);
+      acc0 = _mm512_add_epi64(acc0, _mm512_popcnt_epi64(t0));
+      acc1 = _mm512_add_epi64(acc1, _mm512_popcnt_epi64(t1));
+    }
+    total += _mm512_reduce_add_epi64(_mm512_add_epi64(acc0, acc1));
+    asm volatile("" : : "r"(a) : "memory");
+  }
+  return total;
+}
+#endif
+
+int64_t popcount_peak_op(const at::Tensor& a, const at::Tensor& w, const at::Tensor& z, int64_t method,
+                         int64_t reps) {
+  TORCH_CHECK(a.scalar_type() == at::kLong && a.is_contiguous() && w.sizes() == a.sizes() && z.sizes() == a.sizes()
+                  && w.is_contiguous() && z.is_contiguous() && a.numel() % 64 == 0,
+              "bnnslim runtime: popcount_peak takes three contiguous int64 tensors of 64k words");
+  const auto* pa = reinterpret_cast<const uint64_t*>(a.data_ptr<int64_t>());
+  const auto* pw = reinterpret_cast<const uint64_t*>(w.data_ptr<int64_t>());
+  const auto* pz = reinterpret_cast<const uint64_t*>(z.data_ptr<int64_t>());
+#if BNN_X86
+  switch (method) {
+    case 0: TORCH_CHECK(cpu_has(ISA_POPCNT), "no popcnt"); return peak_scalar(pa, pw, pz, a.numel(), reps);
+    case 1: TORCH_CHECK(cpu_has(ISA_AVX2), "no avx2"); return peak_pshufb(pa, pw, pz, a.numel(), reps);
+    case 2: TORCH_CHECK(cpu_has(ISA_AVX2), "no avx2"); return peak_harley_seal(pa, pw, pz, a.numel(), reps);
+    case 3: TORCH_CHECK(cpu_has(ISA_AVX512), "no avx512 vpopcntdq"); return peak_avx512(pa, pw, pz, a.numel(), reps);
+    default: break;
+  }
+#endif
+  TORCH_CHECK(false, "bnnslim runtime: popcount_peak method ", method, " is not available on this CPU");
+  return 0;
+}
+
 std::string isa_name_op(int64_t isa) { return isa_name(isa == ISA_AUTO ? best_isa() : isa); }
 bool cpu_has_op(int64_t isa) { return cpu_has(isa); }
 
@@ -1030,4 +1174,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("binary_conv2d", &binary_conv2d_op);
   m.def("binary_conv2d_bits", &binary_conv2d_bits_op);
   m.def("bits_max_pool2d", &bits_max_pool2d_op);
+  m.def("popcount_peak", &popcount_peak_op);
 }

@@ -1,0 +1,209 @@
+"""bnnslim's packed runtime vs the engines users would pick instead (issue 13), batch 1, one thread.
+
+For NIN, VGG-11 and ResNet-18 (the examples, CIFAR form 3x32x32), slim at keep
+0.5: every prunable conv at half its filters (the examples built at width 0.5:
+what uniform keep-0.5 slimming gives), binarized as ``bnnslim binarize`` does
+(first and last layers real), batch norms with random statistics and scales of
+both signs. One interleaved run times, in round-robin rounds of ``--inner``
+calls each:
+
+* torch fp32: the float original (full width, as built) and the slim float model;
+* ONNX Runtime 1 thread: both float models exported to ONNX, fp32 and int8
+  (static QDQ quantization, per-channel weights);
+* Larq Compute Engine: the same slim binary architecture in larq, converted by
+  LCE, with and without its indirect BGEMM;
+* bnnslim: the slim binary model on the packed runtime, fused (bits between
+  binary convs: the default) and unfused (every binary conv back to float).
+
+Ratios are contender time / bnnslim fused time (> 1: bnnslim is faster), the
+median of per-round ratios. Each ISA runs in its own process: ``auto`` (this
+CPU's best) and ``avx2`` (``BNNSLIM_RUNTIME_ISA=avx2``, torch's
+``ATEN_CPU_CAPABILITY=avx2`` and ``ONEDNN_MAX_CPU_ISA=AVX2``; ONNX Runtime's
+MLAS and LCE pick their kernels themselves and cannot be capped).
+
+    BNNSLIM_ORT_PYTHON=/work/venvs/ort/bin/python BNNSLIM_LCE_PYTHON=/work/venvs/lce/bin/python \\
+        python benchmarks/runtime_vs_peers.py          # writes runtime_vs_peers.md beside it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ISA_ENV = {"auto": {}, "avx2": {"BNNSLIM_RUNTIME_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
+                                 "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+NETWORKS = ["nin", "vgg11", "resnet18"]
+REFERENCE = "bnnslim packed (fused)"
+LABELS = {
+    "torch_original": "torch fp32 (original)", "torch_slim": "torch fp32 (slim)",
+    "ort_fp32:original": "ORT fp32 (original)", "ort_int8:original": "ORT int8 (original)",
+    "ort_fp32:slim": "ORT fp32 (slim)", "ort_int8:slim": "ORT int8 (slim)",
+    "lce": "LCE (slim binary)", "lce_indirect_bgemm": "LCE indirect BGEMM (slim binary)",
+    "unfused": "bnnslim packed (unfused)", "fused": REFERENCE,
+}
+TARGETS = {"lce_indirect_bgemm": 1.5, "ort_int8:original": 3.0, "ort_int8:slim": 3.0, "torch_original": 8.0}
+
+
+def build_models(name: str) -> tuple[dict[str, object], object, object]:
+    """(float models by name, slim binary torch model, input) for one example."""
+    import importlib.util
+
+    import torch
+    from torch import nn
+
+    from bnnslim.binary.convert import apply_binarization, plan_binarization
+    from bnnslim.plugins import get_scheme
+
+    spec = importlib.util.spec_from_file_location(f"example_{name}", HERE.parent / "examples" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    torch.manual_seed(0)
+    original = example.build_model().eval()
+    slim = example.build_model(width=0.5).eval()
+    x = torch.randn(1, *example.INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
+    binary = example.build_model(width=0.5)
+    binary.load_state_dict(slim.state_dict())
+    plan = plan_binarization(binary, x)
+    apply_binarization(binary, plan.binary, get_scheme("xnor"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in binary.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(torch.randn(c, generator=g))
+                m.bias.copy_(torch.randn(c, generator=g) * 0.3)
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return {"original": original, "slim": slim}, binary.eval(), x
+
+
+def measure(isa: str, rounds: int, inner: int, networks: list[str]) -> dict[str, object]:
+    """One process, one ISA: every network's contenders, interleaved."""
+    import torch
+
+    from bnnslim.runtime import cpu_flags, cpu_model, kernel_status, runtime_plan, set_threads, to_runtime
+    from bnnslim.runtime.peers import start_peers
+
+    warnings.simplefilter("ignore")
+    set_threads(1)
+    out: dict[str, object] = {"isa": isa, "kernel": kernel_status().isa, "cpu": cpu_model(),
+                              "flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "popcnt"))),
+                              "networks": {}}
+    for name in networks:
+        floats, binary, x = build_models(name)
+        fused = to_runtime(binary)
+        local = {"torch_original": floats["original"], "torch_slim": floats["slim"],
+                 "unfused": to_runtime(binary, fuse=False), "fused": fused}
+        peers = start_peers(floats, binary, x, env=ISA_ENV[isa])  # type: ignore[arg-type]
+        with peers, torch.no_grad():
+            remote = peers.runners()
+            names = list(local) + list(remote)
+            times: dict[str, list[float]] = {n: [] for n in names}
+            for n, m in local.items():
+                for _ in range(5):
+                    m(x)
+            for n, w in remote.items():
+                w.time(n, 5)
+            for r in range(rounds):
+                for n in (names if r % 2 == 0 else names[::-1]):
+                    if n in local:
+                        start = time.perf_counter()
+                        for _ in range(inner):
+                            local[n](x)
+                        times[n].append((time.perf_counter() - start) / inner)
+                    else:
+                        times[n].append(remote[n].time(n, inner))
+            missing = dict(peers.missing)
+        plan = runtime_plan(fused)
+        out["networks"][name] = {  # type: ignore[index]
+            "median_ms": {n: statistics.median(t) * 1e3 for n, t in times.items()},
+            "ratio_vs_fused": {n: statistics.median(a / b for a, b in zip(t, times["fused"])) for n, t in times.items()},
+            "fused": len(plan.fused), "binary_convs": len(plan.kernel) + len(plan.emulated),
+            "missing": missing,
+        }
+        print(f"{isa} {name}: done", file=sys.stderr)
+    return out
+
+
+def report(results: list[dict[str, object]], args: argparse.Namespace, seconds: float, load: float) -> str:
+    sys.path.insert(0, str(HERE))
+    from _common import header
+
+    first = results[0]
+    lines = [header("bnnslim's packed runtime vs ONNX Runtime, Larq Compute Engine and torch (batch 1, one thread)"),
+             f"- CPU: {first['cpu']}; flags: {', '.join(first['flags'])}",  # type: ignore[arg-type]
+             "- models: the examples (3x32x32), slim = every prunable conv at half its filters (width 0.5), binarized "
+             "with the xnor scheme (first and last layers real), random batch-norm statistics with scales of both "
+             "signs; original = the float example at full width",
+             f"- timing: {args.rounds} interleaved round-robin rounds x {args.inner} calls per contender (alternating "
+             "order), after 5 warm-up calls; each engine in its own process, one at a time; ratios are medians of "
+             "per-round ratios",
+             f"- load average (1 min) at start {load:.1f}, at end {os.getloadavg()[0]:.1f} (a 2-core VM shared with "
+             f"other engineers' processes); whole run {seconds:.0f} s", ""]
+    for res in results:
+        lines += [f"## ISA: {res['isa']} (bnnslim kernel `{res['kernel']}`)", "",
+                  "Contender time / bnnslim fused time (> 1: bnnslim faster):", ""]
+        nets = res["networks"]  # type: ignore[assignment]
+        cols = [c for c in LABELS if c != "fused" and any(c in nets[n]["ratio_vs_fused"] for n in nets)]
+        lines += ["| network | " + " | ".join(LABELS[c] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+        for n, r in nets.items():
+            cells = []
+            for c in cols:
+                v = r["ratio_vs_fused"].get(c)
+                mark = "" if v is None or c not in TARGETS else (" ok" if v >= TARGETS[c] else f" (<{TARGETS[c]:g})")
+                cells.append("-" if v is None else f"{v:.2f}{mark}")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines += ["", "Median latency (ms):", "", "| network | " + " | ".join(LABELS[c] for c in cols + ["fused"])
+                  + " | binary convs fused |", "|---|" + "---|" * (len(cols) + 2)]
+        for n, r in nets.items():
+            lines.append(f"| {n} | " + " | ".join(f"{r['median_ms'][c]:.3f}" if c in r["median_ms"] else "-"
+                                                  for c in cols + ["fused"])
+                         + f" | {r['fused']} of {r['binary_convs']} |")
+        missing = {e: why for r in nets.values() for e, why in r["missing"].items()}
+        for e, why in missing.items():
+            lines.append(f"\n- {e} not timed: {why}")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--networks", nargs="*", default=NETWORKS)
+    parser.add_argument("--isas", nargs="*", default=["auto", "avx2"], choices=list(ISA_ENV))
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--inner", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=HERE / "runtime_vs_peers.md")
+    parser.add_argument("--one-isa", help=argparse.SUPPRESS)
+    parser.add_argument("--json-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one_isa:
+        result = measure(args.one_isa, args.rounds, args.inner, args.networks)
+        args.json_out.write_text(json.dumps(result), encoding="utf-8")
+        return
+    started, load = time.perf_counter(), os.getloadavg()[0]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for isa in args.isas:
+            out = Path(tmp) / f"{isa}.json"
+            # torch reads ATEN_CPU_CAPABILITY when it loads: a fresh process per ISA
+            subprocess.run([sys.executable, __file__, "--one-isa", isa, "--json-out", str(out), "--rounds",
+                            str(args.rounds), "--inner", str(args.inner), "--networks", *args.networks],
+                           env={**os.environ, "OMP_NUM_THREADS": "1", **ISA_ENV[isa]}, check=True)
+            results.append(json.loads(out.read_text(encoding="utf-8")))
+    text = report(results, args, time.perf_counter() - started, load)
+    print(text)
+    args.out.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
