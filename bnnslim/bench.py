@@ -30,6 +30,7 @@ can flip: small differences there are expected).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 import warnings
@@ -87,6 +88,8 @@ class BenchResult:
     matches_emulation: bool  # packed == its own torch emulation, bit for bit
     points: list[BenchPoint] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    layer_plan: list[dict[str, Any]] = field(default_factory=list)  # plan_runtime's choices, per binary conv
+    compare: dict[str, Any] | None = None  # other engines (--compare), see compare_engines
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -102,6 +105,8 @@ class BenchResult:
                             for t in p.layers]}
                 for p in self.points
             ],
+            "layer_plan": self.layer_plan,
+            "compare": self.compare,
             "warnings": self.warnings,
         }
 
@@ -201,8 +206,17 @@ def median_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
 
 def bench(path: str | Path, batches: Sequence[int] = (1,), threads: Sequence[int] = (1,), repeats: int = 20,
           warmup: int = 5, model_file: str | Path | None = None, layers: bool = True,
-          progress: Callable[[str], None] | None = None, trust_source: bool = False) -> BenchResult:
-    """Time the float original, the torch binary model and the packed runtime (module docstring)."""
+          progress: Callable[[str], None] | None = None, trust_source: bool = False, plan_layers: bool = True,
+          compare: bool = False) -> BenchResult:
+    """Time the float original, the torch binary model and the packed runtime (module docstring).
+
+    With ``plan_layers`` each packed binary conv is first timed packed and as a
+    float conv on its real input shape, and unfused ones where float wins run
+    float (:func:`bnnslim.runtime.plan_runtime`). With ``compare`` the float
+    original in ONNX Runtime (fp32, int8) and the binary model in Larq Compute
+    Engine are timed too, at the first batch size and one thread
+    (:func:`compare_engines`).
+    """
     import bnnslim
     from bnnslim.model_file import read_header
     from bnnslim.runtime import (
@@ -211,6 +225,7 @@ def bench(path: str | Path, batches: Sequence[int] = (1,), threads: Sequence[int
         available_cores,
         cpu_model,
         kernel_status,
+        plan_runtime,
         runtime_plan,
         set_threads,
         with_emulation,
@@ -237,10 +252,16 @@ def bench(path: str | Path, batches: Sequence[int] = (1,), threads: Sequence[int
             "torch_binary": bnnslim.load(file, model_file, trust_source=trust_source),
             "packed": bnnslim.load(file, model_file, runtime="packed", trust_source=trust_source),
         }
-        plan = runtime_plan(models["packed"])
         shape = [int(d) for d in json.loads(meta["input_shape"])]
         try:
             x0 = torch.randn(batches[0], *shape, generator=torch.Generator().manual_seed(0))
+            choices = []
+            if plan_layers and status.available:
+                if progress:
+                    progress("planning (each binary conv packed vs float)")
+                set_threads(threads[0])
+                choices = [asdict(c) for c in plan_runtime(models["packed"], x0)]
+            plan = runtime_plan(models["packed"])
             with torch.no_grad():
                 y_packed = models["packed"](x0)
                 y_torch = models["torch_binary"](x0)
@@ -264,6 +285,12 @@ def bench(path: str | Path, batches: Sequence[int] = (1,), threads: Sequence[int
                     if layers:
                         point.layers = _layer_rows(models, per_layer_times(models, x, repeats), latency)
                     points.append(point)
+            compared = None
+            if compare:
+                if progress:
+                    progress("timing ONNX Runtime and Larq Compute Engine")
+                set_threads(1)
+                compared = compare_engines(models, x0, repeats, warmup)
         finally:
             torch.set_num_threads(previous_threads)
     for w in caught:
@@ -283,6 +310,10 @@ def bench(path: str | Path, batches: Sequence[int] = (1,), threads: Sequence[int
     elif not status.fast_popcount:
         notes.append(f"this CPU has no vector popcount (AVX-512 VPOPCNTDQ or AVX2; kernel: {status.isa}): "
                      "expect small speed-ups from the packed runtime")
+    emulated = {n: r for n, r in emulated.items() if not r.startswith("plan:")}  # shown in the plan
+    if max(threads) > 1 and os.environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE":
+        notes.append("OpenMP threads spin while they wait, which on a loaded machine makes several threads much "
+                     "slower than one: set OMP_WAIT_POLICY=PASSIVE before Python starts (`bnnslim bench` does)")
     for reason, names in _by_reason(emulated).items():
         notes.append(f"the packed runtime fell back to torch's emulation for {_layers(names)}: {reason}")
     for reason, names in _by_reason(plan.unchanged).items():
@@ -294,7 +325,44 @@ def bench(path: str | Path, batches: Sequence[int] = (1,), threads: Sequence[int
         file=file, form=meta.get("form", "?"), model=f"{info['source']}:{info['name']}", input_shape=shape,
         cpu=cpu_model(), cores=available_cores(), kernel=status.isa, fast_popcount=status.fast_popcount,
         repeats=repeats, warmup=warmup, plan=asdict(plan), max_abs_difference=max_diff, matches_emulation=exact,
-        points=points, warnings=notes)
+        points=points, warnings=notes, layer_plan=choices, compare=compared)
+
+
+#: what compare_engines times, as shown
+ENGINES = {"ort_fp32:original": "ONNX Runtime fp32 (float original)",
+           "ort_int8:original": "ONNX Runtime int8, static (float original)",
+           "lce": "Larq Compute Engine (binary model)",
+           "lce_indirect_bgemm": "Larq Compute Engine, indirect BGEMM (binary model)"}
+
+
+def compare_engines(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int) -> dict[str, Any]:
+    """The packed model vs ONNX Runtime (float original, fp32 and int8) and LCE (the binary model), interleaved.
+
+    Engines run in worker processes (:mod:`bnnslim.runtime.peers`); one that
+    cannot start is listed under ``missing`` with the reason.
+    """
+    from bnnslim.runtime.peers import start_peers
+
+    with start_peers({"original": models["float"]}, models["torch_binary"], x) as peers, torch.no_grad():
+        remote = peers.runners()
+        times: dict[str, list[float]] = {"packed": [], **{n: [] for n in remote}}
+        for _ in range(warmup):
+            models["packed"](x)
+        for n, w in remote.items():
+            w.time(n, max(1, warmup))
+        for r in range(repeats):
+            for n in (list(times) if r % 2 == 0 else list(times)[::-1]):
+                if n == "packed":
+                    start = time.perf_counter()
+                    models["packed"](x)
+                    times[n].append(time.perf_counter() - start)
+                else:
+                    times[n].append(remote[n].time(n, 1))
+        missing = dict(peers.missing)
+    return {"batch": int(x.shape[0]), "threads": 1,
+            "latency_ms": {n: statistics.median(t) * 1e3 for n, t in times.items()},
+            "packed_speedup": {n: median_ratio(times, n, "packed") for n in remote},
+            "missing": missing}
 
 
 def _by_reason(layers: dict[str, str]) -> dict[str, list[str]]:

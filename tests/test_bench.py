@@ -217,3 +217,50 @@ def test_bench_cli_bad_input(run: Path, cli: Callable[..., Result], tmp_path: Pa
         target = run
     args = ["--threads", "0"] if case == "zero threads" else []
     assert_clean_error(cli("bench", target, *args, "--repeats", "1"), *words)
+
+
+# ---------------------------------------------------------------- plan, fusion, other engines
+
+
+def test_bench_plans_every_binary_conv(run: Path) -> None:
+    result = bench(run, **QUICK, layers=False)
+    doc = result.to_json()
+    binary = result.plan["kernel"] + list(result.plan["emulated"])
+    assert sorted(c["layer"] for c in doc["layer_plan"]) == sorted(binary)
+    for c in doc["layer_plan"]:
+        assert c["runs"] in ("packed", "float") and c["why"] and c["packed_ms"] > 0 and c["float_ms"] > 0
+        if c["layer"] in result.plan["fused"] or c["layer"] in result.plan["fused"].values():
+            assert c["runs"] == "packed" and c["why"].startswith("fused")
+    assert result.plan["fused"], "the small CNN's first binary conv hands bits to the second"
+    assert result.matches_emulation
+    assert bench(run, **QUICK, layers=False, plan_layers=False).layer_plan == []
+
+
+def test_bench_compare_says_why_an_engine_is_missing(run: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     cli: Callable[..., Result]) -> None:
+    """An engine whose Python lacks it is listed as not timed, with the worker's reason; the rest still runs."""
+    import sys
+
+    monkeypatch.setenv("BNNSLIM_ORT_PYTHON", sys.executable)  # this Python, which may lack onnxruntime
+    monkeypatch.setenv("BNNSLIM_LCE_PYTHON", sys.executable)
+    result = bench(run, **QUICK, layers=False, plan_layers=False, compare=True)
+    assert result.compare is not None and result.compare["latency_ms"]["packed"] > 0
+    timed = set(result.compare["packed_speedup"])
+    assert timed | set(result.compare["missing"]) >= {"lce"}
+    if "lce" in result.compare["missing"]:
+        assert result.compare["missing"]["lce"]  # a reason, e.g. "ModuleNotFoundError: No module named ..."
+    for name, ratio in result.compare["packed_speedup"].items():
+        assert ratio > 0 and result.compare["latency_ms"][name] > 0
+    out = cli("bench", run, "--compare", "--no-plan", "--no-layers", "--repeats", "2", "--warmup", "0")
+    assert out.exit_code == 0, out.output
+    assert "other engines" in out.stdout and "bnnslim packed runtime" in out.stdout
+
+
+def test_bench_compare_with_onnxruntime(run: Path) -> None:
+    from bnnslim.runtime.peers import engine_python
+
+    if engine_python("ort")[0] is None:
+        pytest.skip("no Python with onnxruntime (pip install bnnslim[compare] or set BNNSLIM_ORT_PYTHON)")
+    result = bench(run, **QUICK, layers=False, plan_layers=False, compare=True)
+    assert result.compare is not None
+    assert {"ort_fp32:original", "ort_int8:original"} <= set(result.compare["packed_speedup"])

@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,8 @@ def graph_spec(model: nn.Module, input_shape: list[int]) -> dict[str, Any]:
 
 def export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> None:
     """The float model as ONNX (TorchScript exporter, opset 17)."""
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
         torch.onnx.export(model.eval(), (x,), str(path), input_names=["input"], output_names=["output"],
                           opset_version=17, dynamo=False)
 
