@@ -6,7 +6,11 @@
    computes (exactly what was trained); nothing is written if it does not, and
    the error names the first layer that diverges;
 4. write the plain and/or packed model files (``bnnslim.model_file``), a JSON
-   report and a PNG chart of the filters kept per layer.
+   report and a PNG chart of the filters kept per layer (not for ``-o FILE``,
+   which writes that one file and leaves the run's report describing its files).
+
+The run directory is locked meanwhile (:mod:`bnnslim.runlock`), and the pruned
+weights must be the file the manifest recorded (same sha256).
 
 A run that was never pruned exports its binary model as it is (and says so).
 """
@@ -33,6 +37,7 @@ from bnnslim.prune.masking import MaskController
 from bnnslim.report import compare, kept_chart, layer_costs
 from bnnslim.run_model import load_run_model
 from bnnslim.rundir import RunDir, load_tensors
+from bnnslim.runlock import run_lock
 from bnnslim.slim import slim
 from bnnslim.trust import ModelArg
 
@@ -106,11 +111,21 @@ def export(run_path: Path, forms: tuple[str, ...] = ("plain", "packed"), output:
             raise BnnslimError(f"unknown format '{form}'", f"choose from {', '.join(FORMATS)}")
     if output is not None and len(forms) != 1:
         raise BnnslimError("-o/--output names one file", "give one --format with it")
+    if output is not None and Path(output).is_dir():
+        raise BnnslimError(f"-o/--output '{output}' is a directory", "give the path of the file to write")
     run = RunDir(Path(run_path))
+    with run_lock(run.path, "export"):
+        return _export(run, forms, output, evaluate_data, model, trust_source)
+
+
+def _export(run: RunDir, forms: tuple[str, ...], output: Path | None, evaluate_data: bool, model: ModelArg,
+            trust_source: bool) -> ExportResult:
     manifest = run.read_manifest()
     prune_info = manifest.get("prune")
     notes: list[str] = []
     pruned_path = run.path / prune_info["weights"] if prune_info else None
+    if pruned_path is not None:
+        run.check_weights(pruned_path, prune_info.get("weights_sha256"))
     loaded = load_run_model(run, weights=pruned_path, model=model, trust_source=trust_source)
     model = loaded.model.eval()
     example = probe_batch(loaded.input_shape)
@@ -172,6 +187,8 @@ def export(run_path: Path, forms: tuple[str, ...] = ("plain", "packed"), output:
     sizes.update({form: path.stat().st_size for form, path in files.items()})
     result = ExportResult(files=files, sizes=sizes, rows=rows, pruned=bool(prune_info), max_difference=max_diff,
                           accuracy=accuracy, notes=notes)
+    if output is not None:  # one file elsewhere: the run's report keeps describing the run's own files
+        return result
     result.report_path = run.path / "export-report.json"
     write_json(result.report_path, {"files": {k: str(v) for k, v in files.items()}, "sizes_bytes": sizes,
                                     "max_difference_slim_vs_masked": max_diff, "accuracy": accuracy,

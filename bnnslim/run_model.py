@@ -14,6 +14,7 @@ from bnnslim.errors import BnnslimError
 from bnnslim.model_source import ModelSource, file_sha256
 from bnnslim.plugins import get_scheme
 from bnnslim.rundir import RunDir, load_state, load_tensors
+from bnnslim.runlock import run_lock
 from bnnslim.trust import ModelArg, RecordedModel, model_source_for, recorded_model, sign
 
 
@@ -90,6 +91,8 @@ def load_run_model(run: RunDir, weights: Path | None = None, model: ModelArg = N
     source = load_run_source(run, manifest, model, trust_source)
     built = build_binary_model(source, manifest)
     path = weights or run.binary_weights
+    if weights is None:
+        run.check_weights(path, manifest.get("binary_sha256"))
     load_state(built, load_tensors(path), path)
     return RunModel(model=built, manifest=manifest, source=source)
 
@@ -99,18 +102,19 @@ def trust_run(run: RunDir) -> RecordedModel:
 
     Nothing is imported. Afterwards commands on the run use the file without ``--model``.
     """
-    manifest = run.read_manifest()
-    recorded = recorded_model(manifest.get("model"), f"run '{run.path}'")
-    if not recorded.is_plugin:
-        path = Path(recorded.source)
-        if not path.is_absolute() or path.suffix != ".py":
-            raise BnnslimError(f"run '{run.path}' records the model file '{recorded.source}', not an absolute "
-                               ".py path", "start a new run with `bnnslim binarize`")
-        if not path.is_file():
-            raise BnnslimError(f"the run's model file '{path}' no longer exists", "restore it at that path")
-        if file_sha256(path) != recorded.sha256:
-            raise BnnslimError(f"model file '{path}' changed since the run directory was made (sha256 differs)",
-                               "restore the file, or start a new run with --run DIR")
-    manifest["model_signature"] = sign(recorded)
-    run.store_manifest(manifest)
+    with run_lock(run.path, "trust"):
+        manifest = run.read_manifest()
+        recorded = recorded_model(manifest.get("model"), f"run '{run.path}'")
+        if not recorded.is_plugin:
+            path = Path(recorded.source)
+            if not path.is_absolute() or path.suffix != ".py":
+                raise BnnslimError(f"run '{run.path}' records the model file '{recorded.source}', not an absolute "
+                                   ".py path", "start a new run with `bnnslim binarize`")
+            if not path.is_file():
+                raise BnnslimError(f"the run's model file '{path}' no longer exists", "restore it at that path")
+            if file_sha256(path) != recorded.sha256:
+                raise BnnslimError(f"model file '{path}' changed since the run directory was made (sha256 differs)",
+                                   "restore the file, or start a new run with --run DIR")
+        manifest["model_signature"] = sign(recorded)
+        run.store_manifest(manifest)
     return recorded

@@ -12,6 +12,7 @@ Every file is written atomically. Weights are safetensors only (no pickle).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,9 @@ class RunDir:
             from bnnslim.trust import recorded_model, sign
 
             manifest["model_signature"] = sign(recorded_model(manifest["model"], f"run '{self.path}'"))
+        manifest.pop("binary_sha256", None)
+        if self.binary_weights.is_file():
+            manifest["binary_sha256"] = file_digest(self.binary_weights)
         self.store_manifest(manifest)
 
     def store_manifest(self, manifest: dict[str, Any]) -> None:
@@ -86,13 +90,40 @@ class RunDir:
         write_json(self.manifest_path, manifest)
 
     def update_manifest(self, **sections: Any) -> dict[str, Any]:
-        """Replace top-level sections of the manifest and write it back (the model entry's signature unchanged)."""
+        """Replace top-level sections of the manifest and write it back (the model entry's signature unchanged).
+
+        A section that names a ``weights`` file in the run gets that file's
+        ``weights_sha256``, so that later stages can tell it belongs to this manifest.
+        """
         manifest = self.read_manifest()
         if "model" in sections or "model_signature" in sections:
             raise ValueError("update_manifest does not change the model entry")
+        for section in sections.values():
+            if isinstance(section, dict) and isinstance(section.get("weights"), str) \
+                    and (self.path / section["weights"]).is_file():
+                section["weights_sha256"] = file_digest(self.path / section["weights"])
         manifest.update(sections)
         self.store_manifest(manifest)
         return manifest
+
+    def check_weights(self, path: Path, recorded: Any) -> None:
+        """``path`` is the weights file the manifest recorded (same sha256), when the manifest recorded one."""
+        if not isinstance(recorded, str) or not Path(path).is_file():
+            return
+        if file_digest(Path(path)) != recorded:
+            raise BnnslimError(
+                f"'{path}' does not belong to run '{self.path}': its sha256 differs from the one recorded in the "
+                "manifest when it was written (another command replaced it, or it was copied in)",
+                "rerun the stage that writes it (`bnnslim binarize` or `bnnslim prune`), or restore the file")
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 of a file, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_weights(path: Path, model: nn.Module, kind: str, extra: dict[str, torch.Tensor] | None = None) -> None:

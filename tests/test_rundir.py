@@ -109,6 +109,9 @@ def test_load_run_model_rebuilds_the_same_model(converted) -> None:
         for p in converted.model.parameters():
             p.add_(0.25)
     save_weights(converted.run.binary_weights, converted.model, kind="binary-latent")
+    with pytest.raises(BnnslimError, match="does not belong to run"):  # not the weights the manifest recorded
+        load_run_model(converted.run)
+    converted.run.write_manifest(converted.run.read_manifest())  # as binarize does after saving them
     loaded = load_run_model(converted.run)
     assert isinstance(loaded.model.get_submodule("3"), BinaryConv2d)
     assert not isinstance(loaded.model.get_submodule("0"), BinaryConv2d)

@@ -53,3 +53,19 @@ def friendly_errors(fn: F) -> F:
                 shutdown()
 
     return wrapper  # type: ignore[return-value]
+
+
+def locks_run(command: str) -> Callable[[F], F]:
+    """Hold the lock of the command's ``--run`` directory while it runs (:mod:`bnnslim.runlock`)."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            from bnnslim.runlock import run_lock
+
+            with run_lock(Path(kwargs.get("run") or DEFAULT_RUN), command):
+                return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

@@ -54,4 +54,5 @@ def export_command(
         console.print(f"slim == masked on a probe batch (max difference {result.max_difference:.2g})")
     if result.accuracy is not None:
         console.print(f"slim model test accuracy: [bold]{result.accuracy:.2%}[/]")
-    console.print(f"report: {result.report_path}, chart: {result.chart_path}")
+    if result.report_path is not None:
+        console.print(f"report: {result.report_path}, chart: {result.chart_path}")
