@@ -9,10 +9,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bnnslim.cli._common import DEFAULT_RUN, RunOption, console, friendly_errors
+from bnnslim.cli._common import DEFAULT_RUN, RunOption, console, friendly_errors, locks_run
 
 
 @friendly_errors
+@locks_run("binarize")
 def binarize_command(
     model: Annotated[str, typer.Argument(help="Model file, FILE.py or FILE.py:NAME (see README: loading a model).")],
     run: RunOption = DEFAULT_RUN,
@@ -35,13 +36,16 @@ def binarize_command(
     sync_bn: Annotated[bool, typer.Option(help="Under torchrun on GPUs: synchronise BatchNorm statistics across processes.")] = False,
     amp: Annotated[bool, typer.Option(help="Automatic mixed precision (bfloat16 autocast), for GPUs.")] = False,
     channels_last: Annotated[bool, typer.Option(help="Channels-last memory format, for GPUs.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace a run directory that belongs to another model.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run directory that belongs to another model, or holds trained, pruned or exported work.")] = False,
 ) -> None:
     """Binarize MODEL's convs (first and last stay real) and, with --data, train the binary network."""
     from bnnslim.binarize import BinarizeOptions, binarize, parse_input_shape
     from bnnslim.distributed import init_from_env
     from bnnslim.train import TrainConfig
 
+    from bnnslim.checks import refuse_replacing_work
+
+    refuse_replacing_work(run, overwrite, resume)
     device = init_from_env(device)
     train = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, steps_per_epoch=steps_per_epoch,
                         workers=workers, amp=amp, channels_last=channels_last) if data else None

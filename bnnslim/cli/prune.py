@@ -9,10 +9,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bnnslim.cli._common import DEFAULT_RUN, RunOption, console, friendly_errors
+from bnnslim.cli._common import DEFAULT_RUN, RunOption, console, friendly_errors, locks_run
 
 
 @friendly_errors
+@locks_run("prune")
 def prune_command(
     keep: Annotated[float, typer.Option(help="Fraction of the prunable binary filters to keep, in (0, 1].")],
     run: RunOption = DEFAULT_RUN,
@@ -25,24 +26,31 @@ def prune_command(
     select_steps: Annotated[int, typer.Option(min=0, help="Steps of selector learning per group (step a).")] = 50,
     select_lr: Annotated[float, typer.Option(min=0.0, help="Selector step size (about how far a typical selector moves per step).")] = 0.005,
     penalty: Annotated[float, typer.Option(min=0.0, help="Weight of the budget-aware penalty (1 = calibrated per group).")] = 1.0,
-    max_shift: Annotated[float, typer.Option(min=0.0, help="A group's learned count stays within this fraction of its uniform share.")] = 0.5,
+    max_shift: Annotated[float, typer.Option(min=0.0, help="Every group keeps within this fraction of its uniform share (0: uniform split).")] = 0.25,
+    budget: Annotated[str, typer.Option(help="What --keep counts: filters, ops (binary operations) or params, as the export report counts them.")] = "filters",
     retrain_steps: Annotated[int, typer.Option(min=0, help="Steps of retraining per group (step b).")] = 100,
     lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate when retraining.")] = 5e-4,
+    finetune_steps: Annotated[int, typer.Option(min=0, help="Steps of whole-network fine-tuning after the last group, masks fixed (step c).")] = 300,
+    finetune_lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate when fine-tuning.")] = 5e-4,
+    distill: Annotated[float, typer.Option(min=0.0, help="Weight of distillation from the unpruned network (CE + w T^2 KL); 0 = off.")] = 1.0,
+    temperature: Annotated[float, typer.Option(min=0.01, help="Distillation temperature T.")] = 4.0,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 128,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     resume: Annotated[bool, typer.Option(help="Continue after the last finished group of an interrupted run.")] = False,
 ) -> None:
-    """Learn a filter selection for every prunable group, bottom-up, and retrain after each (Xu et al., CVPR 2019)."""
+    """Learn a filter selection for every prunable group, bottom-up, retrain after each, then fine-tune (Xu et al., CVPR 2019)."""
     from bnnslim.distributed import init_from_env
-    from bnnslim.prune.schedule import PruneOptions, prune
+    from bnnslim.prune.stage import PruneOptions, prune
 
     device = init_from_env(device)
 
     opts = PruneOptions(keep=keep, strategy=strategy, data=data, data_root=str(data_root) if data_root else None,
                         min_keep=min_keep, round_to=round_to, exclude=tuple(exclude or ()),
                         select_steps=select_steps, select_lr=select_lr, penalty=penalty, max_shift=max_shift,
-                        retrain_steps=retrain_steps, lr=lr, batch_size=batch_size, seed=seed, device=device)
+                        budget=budget, retrain_steps=retrain_steps, lr=lr, finetune_steps=finetune_steps,
+                        finetune_lr=finetune_lr, distill=distill, temperature=temperature,
+                        batch_size=batch_size, seed=seed, device=device)
     with Progress(TextColumn("[bold]{task.fields[group]}"), TextColumn("{task.fields[phase]}"), BarColumn(),
                   MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.0%}"),
                   TextColumn("kept {task.fields[kept]}"), TimeElapsedColumn(), console=console,
@@ -71,7 +79,12 @@ def prune_command(
     table.add_row("total", str(result.total_filters), str(result.kept_filters),
                   f"{result.kept_filters / result.total_filters:.1%}", style="bold")
     console.print(table)
-    if result.kept_filters != result.requested_filters:
+    measure = result.budget.get("measure", "filters")
+    if measure != "filters":
+        what = "binary operations" if measure == "ops" else "parameters"
+        console.print(f"{what} per image: {result.budget['total']:,} before, {result.budget['kept']:,} after "
+                      f"({result.budget['kept'] / result.budget['total']:.1%}; asked for {keep:.1%})")
+    elif result.kept_filters != result.requested_filters:
         console.print(f"[yellow]note[/]: {result.requested_filters} filters were requested; "
                       f"{result.kept_filters} is the nearest count the layer sizes allow")
     console.print(f"test accuracy: {result.accuracy_before:.2%} before, [bold]{result.accuracy_after:.2%}[/] after "
