@@ -6,11 +6,15 @@ Built-in plugins are registered exactly like third-party ones, from the list
 The manager is created on first use and cached (:func:`reset_plugin_manager`
 forgets it).
 
-Every failure a plugin can cause is a :class:`~bnnslim.errors.BnnslimError` that
-names the plugin and its distribution: failing to import or to register, an
-unknown hook name, raising inside a hook, returning the wrong type, a name that
-another plugin already provides, and (for strategies) raising or returning an
-invalid selection while ``bnnslim prune`` runs.
+A broken plugin does not disable the others. A plugin that fails to import or
+to register, or implements an unknown hook, is left out; one whose hook raises
+or returns the wrong type contributes nothing to that hook; a name that two
+plugins provide is ambiguous. Each problem is recorded (:func:`problems`,
+``bnnslim plugins`` lists it, naming the plugin and its distribution) and
+becomes a :class:`~bnnslim.errors.BnnslimError` only for a command that needs
+it: choosing an ambiguous name, or a name no working plugin provides (the error
+then lists the problems). Strategies that raise or return an invalid selection
+while ``bnnslim prune`` runs are errors naming the plugin.
 """
 
 from __future__ import annotations
@@ -96,6 +100,25 @@ class PluginInfo:
 _INFO: dict[str, PluginInfo] = {}  # registration name -> info, for the cached manager
 
 
+@dataclass(frozen=True)
+class PluginProblem:
+    """A plugin that failed to load (``hook`` is "") or whose hook failed."""
+
+    info: PluginInfo
+    message: str  # one line, naming the plugin
+    hook: str = ""
+
+
+_BROKEN: list[PluginProblem] = []  # plugins left out while loading, for the cached manager
+_HOOK_FAILURES: dict[tuple[str, str], PluginProblem] = {}  # (plugin name, hook) -> problem, as last collected
+
+
+def problems() -> list[PluginProblem]:
+    """Plugins left out while loading, then hooks that failed the last time they were called."""
+    get_plugin_manager()
+    return [*_BROKEN, *_HOOK_FAILURES.values()]
+
+
 def external_plugins_disabled() -> bool:
     """Whether ``BNNSLIM_DISABLE_EXTERNAL_PLUGINS`` blocks entry points."""
     return os.environ.get(DISABLE_EXTERNAL_ENV, "").strip().lower() not in ("", "0", "false", "no")
@@ -107,6 +130,8 @@ def get_plugin_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs.BnnslimSpecs)
     _INFO.clear()
+    _BROKEN.clear()
+    _HOOK_FAILURES.clear()
     for module_name in BUILTIN_PLUGINS:
         info = PluginInfo(module_name, "bnnslim", __version__, builtin=True)
         _register(pm, importlib.import_module(module_name), info)
@@ -120,6 +145,8 @@ def reset_plugin_manager() -> None:
     """Forget the cached manager (tests use this after changing the environment)."""
     get_plugin_manager.cache_clear()
     _INFO.clear()
+    _BROKEN.clear()
+    _HOOK_FAILURES.clear()
 
 
 def _dist_of(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
@@ -130,24 +157,33 @@ def _dist_of(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Register every entry point that loads; record (and leave out) each one that does not."""
     for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
         dist, version = _dist_of(ep)
         info = PluginInfo(ep.name, dist, version)
-        known = _INFO.get(ep.name)
-        if known is not None:
-            if known.distribution == dist:  # the same distribution found twice on sys.path
-                continue
-            raise BnnslimError(f"two distributions register a bnnslim plugin called '{ep.name}': "
-                               f"{known.distribution or known.name} and {dist or '?'}", "uninstall one of them")
         try:
-            plugin = ep.load()
-        except Exception as exc:  # a broken third-party plugin must be named, not crash bnnslim
-            raise BnnslimError(
-                f"plugin '{ep.name}' from distribution '{dist or '?'}' failed to import ({ep.value}): "
-                f"{type(exc).__name__}: {exc}",
-                info.fix,
-            ) from exc
-        _register(pm, plugin, info)
+            _load_entry_point(pm, ep, info)
+        except BnnslimError as exc:
+            _BROKEN.append(PluginProblem(info, exc.one_line()))
+
+
+def _load_entry_point(pm: pluggy.PluginManager, ep: importlib.metadata.EntryPoint, info: PluginInfo) -> None:
+    known = _INFO.get(ep.name)
+    if known is not None:
+        if known.distribution == info.distribution:  # the same distribution found twice on sys.path
+            return
+        raise BnnslimError(f"two distributions register a bnnslim plugin called '{ep.name}': "
+                           f"{known.distribution or known.name} and {info.distribution or '?'}; the second is "
+                           "not loaded", "uninstall one of them")
+    try:
+        plugin = ep.load()
+    except Exception as exc:  # a broken third-party plugin must be named, not crash bnnslim
+        raise BnnslimError(
+            f"plugin '{ep.name}' from distribution '{info.distribution or '?'}' failed to import ({ep.value}): "
+            f"{type(exc).__name__}: {exc}",
+            info.fix,
+        ) from exc
+    _register(pm, plugin, info)
 
 
 def _register(pm: pluggy.PluginManager, plugin: object, info: PluginInfo) -> None:
@@ -161,16 +197,21 @@ def _register(pm: pluggy.PluginManager, plugin: object, info: PluginInfo) -> Non
 
 
 def _check_hook_names(pm: pluggy.PluginManager) -> None:
-    """Like tox's ``check_pending``: a misspelled hook is an error naming the plugin and the hook."""
-    for _name, plugin in pm.list_name_plugin():
+    """Like tox's ``check_pending``: a plugin with a misspelled hook is left out, with a problem naming the hook."""
+    for _name, plugin in list(pm.list_name_plugin()):
         for caller in pm.get_hookcallers(plugin) or ():
             if caller.name in HOOKS:
                 continue
             close = difflib.get_close_matches(caller.name, HOOKS, n=1)
             hint = f"did you mean {close[0]}?" if close else f"bnnslim's hooks are {', '.join(HOOKS)}"
             info = plugin_info(pm, plugin)
-            raise BnnslimError(f"{info.label} implements '{caller.name}', which is not a bnnslim hook",
-                               f"{hint} ({info.fix})")
+            problem = BnnslimError(f"{info.label} implements '{caller.name}', which is not a bnnslim hook",
+                                   f"{hint} ({info.fix})")
+            if info.builtin:
+                raise problem
+            pm.unregister(plugin)
+            _BROKEN.append(PluginProblem(info, problem.one_line()))
+            break
 
 
 def plugin_info(pm: pluggy.PluginManager, plugin: object) -> PluginInfo:
@@ -191,6 +232,7 @@ class Provided:
     spec: Any
     provider: str
     info: PluginInfo = field(default_factory=lambda: PluginInfo("?"))
+    conflict: str = ""  # the providers, when more than one plugin provides this name
 
 
 def _check_item(item: Any) -> str | None:
@@ -250,23 +292,50 @@ def collect(hook_name: str, expected: type[T]) -> dict[str, Provided]:
     found: dict[str, Provided] = {}
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
         info = plugin_info(pm, impl.plugin)
-        for item in call_impl(pm, impl, hook_name, expected):
+        _HOOK_FAILURES.pop((info.name, hook_name), None)
+        try:
+            items = call_impl(pm, impl, hook_name, expected)
+        except BnnslimError as exc:
+            if info.builtin:
+                raise
+            _HOOK_FAILURES[(info.name, hook_name)] = PluginProblem(info, exc.one_line(), hook_name)
+            continue
+        for item in items:
             name = item.name.strip().lower()  # type: ignore[attr-defined]
             if name in found:
-                raise BnnslimError(
-                    f"'{name}' is provided twice by {hook_name}: by {found[name].provider} and by {info.label}",
-                    "uninstall one of the two",
-                )
+                first = found[name]
+                conflict = first.conflict or f"by {first.provider}"
+                found[name] = Provided(first.spec, first.provider, first.info,
+                                       conflict=f"{conflict} and by {info.label}")
+                continue
             found[name] = Provided(item, info.label, info)
     return found
 
 
+def _conflict_error(hook_name: str, name: str, provided: Provided) -> BnnslimError:
+    return BnnslimError(f"'{name}' is provided twice by {hook_name}: {provided.conflict}", "uninstall one of the two")
+
+
+def _problems_note() -> str:
+    found = problems()
+    if not found:
+        return ""
+    return f"; {len(found)} plugin problem(s) may explain it, first: {found[0].message}"
+
+
+#: the hook behind each kind that :func:`choose` is asked for
+KIND_HOOKS = {"dataset": "bnnslim_datasets", "scheme": "bnnslim_schemes", "strategy": "bnnslim_strategies",
+              "model source": "bnnslim_model_sources", "pruner": "bnnslim_pruners", "command": "bnnslim_commands"}
+
+
 def choose(kind: str, name: str, options: dict[str, Provided]) -> Any:
-    """Return the spec called ``name`` or raise an error that lists the known names."""
+    """Return the spec called ``name``; an error that lists the known names (and plugin problems), or an ambiguity."""
     key = name.strip().lower()
     if key not in options:
         known = ", ".join(sorted(options)) or "none"
-        raise BnnslimError(f"unknown {kind} '{name}'", f"choose one of: {known}")
+        raise BnnslimError(f"unknown {kind} '{name}'", f"choose one of: {known}{_problems_note()}")
+    if options[key].conflict:
+        raise _conflict_error(KIND_HOOKS.get(kind, kind), key, options[key])
     return options[key].spec
 
 
@@ -302,7 +371,14 @@ def commands() -> dict[str, Provided]:
 
 def customized_pruners() -> dict[type, BasePruningFunc]:
     """``{layer_type: pruner}`` for torch-pruning's ``build_dependency(customized_pruners=...)``."""
-    return {p.spec.layer_type: p.spec.pruner for p in pruners().values()}
+    found = pruners()
+    failed = [p for p in problems() if p.hook == "bnnslim_pruners"]
+    if failed:  # a missing pruner would make torch-pruning mishandle that layer: refuse instead
+        raise BnnslimError(failed[0].message)
+    for name, p in found.items():
+        if p.conflict:
+            raise _conflict_error("bnnslim_pruners", name, p)
+    return {p.spec.layer_type: p.spec.pruner for p in found.values()}
 
 
 def get_dataset(name: str) -> DatasetSpec:
@@ -349,8 +425,12 @@ def guard_strategy(spec: StrategySpec, info: PluginInfo) -> StrategySpec:
 
 
 def find_model_source(prefix: str) -> Provided | None:
-    """The model source registered under ``prefix`` (case-insensitive), or None."""
-    return model_sources().get(prefix.strip().lower())
+    """The model source registered under ``prefix`` (case-insensitive), or None; an error if two provide it."""
+    key = prefix.strip().lower()
+    found = model_sources().get(key)
+    if found is not None and found.conflict:
+        raise _conflict_error("bnnslim_model_sources", key, found)
+    return found
 
 
 @dataclass
@@ -363,9 +443,13 @@ class PluginReport:
 
 
 def describe_plugins() -> list[PluginReport]:
-    """Every registered plugin with the names it provides per hook; a hook that fails is reported, not raised."""
+    """Every plugin with the names it provides per hook; failures and name conflicts are reported, not raised.
+
+    Plugins left out while loading come last, with their error under ``"load"``.
+    """
     pm = get_plugin_manager()
     reports = []
+    providers: dict[tuple[str, str], str] = {}  # (hook, name) -> first provider
     for _name, plugin in pm.list_name_plugin():
         report = PluginReport(plugin_info(pm, plugin))
         for hook_name, expected in HOOKS.items():
@@ -377,7 +461,16 @@ def describe_plugins() -> list[PluginReport]:
                 except BnnslimError as exc:
                     report.errors[hook_name] = exc.one_line()
                     continue
-                report.provides[hook_name] = [item.name for item in items]  # type: ignore[attr-defined]
+                names = [item.name for item in items]  # type: ignore[attr-defined]
+                report.provides[hook_name] = names
+                taken = [n for n in names if (hook_name, n.strip().lower()) in providers]
+                if taken:
+                    first = providers[(hook_name, taken[0].strip().lower())]
+                    report.errors[hook_name] = (f"'{taken[0]}' is also provided by {first}: a command that asks "
+                                                "for it fails until one of the two is uninstalled")
+                for n in names:
+                    providers.setdefault((hook_name, n.strip().lower()), report.info.label)
         reports.append(report)
+    reports += [PluginReport(p.info, errors={"load": p.message}) for p in _BROKEN]
     return reports
 

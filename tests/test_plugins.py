@@ -72,6 +72,10 @@ def entry_point(name: str, value: str, dist: str) -> importlib.metadata.EntryPoi
     return ep._for(FakeDist(dist))  # type: ignore[attr-defined]  # how importlib.metadata attaches the dist
 
 
+def problem_text() -> str:
+    return "\n".join(p.message for p in plugins.problems())
+
+
 # -- loading --------------------------------------------------------------------------------------------------
 
 
@@ -97,15 +101,13 @@ def test_environment_variable_blocks_external_plugins(monkeypatch: pytest.Monkey
     assert "broken" not in dict(plugins.get_plugin_manager().list_name_plugin())
     plugins.reset_plugin_manager()
     monkeypatch.setenv(plugins.DISABLE_EXTERNAL_ENV, "0")
-    with pytest.raises(BnnslimError, match="broken"):
-        plugins.get_plugin_manager()
+    assert "broken" in problem_text()
 
 
 def test_plugin_failing_to_import_is_named(monkeypatch: pytest.MonkeyPatch, fresh_manager: None) -> None:
     fake_entry_points(monkeypatch, entry_point("broken", "no_such_module_xyz", "bnnslim-broken"))
-    with pytest.raises(BnnslimError) as err:
-        plugins.get_plugin_manager()
-    msg = str(err.value)
+    assert plugins.get_dataset("fashion-mnist-mini")  # the other plugins keep working
+    msg = problem_text()
     assert "plugin 'broken' from distribution 'bnnslim-broken' failed to import" in msg
     assert "ModuleNotFoundError" in msg and "no_such_module_xyz" in msg
     assert plugins.DISABLE_EXTERNAL_ENV in msg
@@ -121,9 +123,10 @@ def test_broken_distribution_on_sys_path_is_named(tmp_path: Path, monkeypatch: p
     (info / "entry_points.txt").write_text("[bnnslim]\nkaput = bnnslim_kaput\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv(plugins.DISABLE_EXTERNAL_ENV, raising=False)
-    with pytest.raises(BnnslimError, match=r"plugin 'kaput' from distribution 'bnnslim-kaput' failed to import "
-                                           r"\(bnnslim_kaput\): RuntimeError: kaput at import"):
-        plugins.get_plugin_manager()
+    assert re.search(r"plugin 'kaput' from distribution 'bnnslim-kaput' failed to import "
+                     r"\(bnnslim_kaput\): RuntimeError: kaput at import", problem_text())
+    with pytest.raises(BnnslimError, match="unknown dataset 'kaput-data'.*plugin problem.*kaput at import"):
+        plugins.get_dataset("kaput-data")  # a command that needs it fails clearly
     sys.modules.pop("bnnslim_kaput", None)
 
 
@@ -134,8 +137,8 @@ def test_two_distributions_with_one_plugin_name(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.syspath_prepend(str(tmp_path))
     fake_entry_points(monkeypatch, entry_point("same", "bnnslim_one", "dist-one"),
                       entry_point("same", "bnnslim_two", "dist-two"))
-    with pytest.raises(BnnslimError, match="called 'same': dist-one and dist-two. uninstall one of them"):
-        plugins.get_plugin_manager()
+    assert "called 'same': dist-one and dist-two; the second is not loaded. uninstall one of them" in problem_text()
+    assert plugins.get_plugin_manager().get_plugin("same") is sys.modules["bnnslim_one"]
 
 
 def test_one_distribution_found_twice_on_the_path_is_loaded_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
@@ -168,9 +171,8 @@ def test_misspelled_hook_is_named_with_a_suggestion(monkeypatch: pytest.MonkeyPa
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     fake_entry_points(monkeypatch, entry_point("typo", "bnnslim_typo", "bnnslim-typo"))
-    with pytest.raises(BnnslimError) as err:
-        plugins.get_plugin_manager()
-    msg = str(err.value)
+    assert plugins.get_plugin_manager().get_plugin("typo") is None  # left out
+    msg = problem_text()
     assert "plugin 'typo' (bnnslim-typo 1.0) implements 'bnnslim_dataset', which is not a bnnslim hook" in msg
     assert "did you mean bnnslim_datasets?" in msg
     sys.modules.pop("bnnslim_typo", None)
@@ -211,8 +213,10 @@ def test_wrong_return_type_names_the_plugin(register: Register, returned: object
             return returned
 
     register(Wrong(), "wrong")
+    assert "fashion-mnist-mini" in plugins.datasets()  # the others keep working
+    assert f"plugin 'wrong' {words}" in problem_text()
     with pytest.raises(BnnslimError) as err:
-        plugins.datasets()
+        plugins.get_dataset("x")
     assert f"plugin 'wrong' {words}" in str(err.value)
 
 
@@ -224,8 +228,9 @@ def test_plugin_raising_in_a_hook_is_named(register: Register) -> None:
             raise KeyError("no config")
 
     register(Raises(), "raiser")
+    assert plugins.get_scheme("xnor").name == "xnor"  # one broken plugin does not disable the built-ins
     with pytest.raises(BnnslimError, match=r"plugin 'raiser' raised in bnnslim_schemes: KeyError: 'no config'"):
-        plugins.get_scheme("xnor")
+        plugins.get_scheme("raisers-scheme")
 
 
 def test_duplicate_name_names_both_distributions(register: Register, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -236,8 +241,9 @@ def test_duplicate_name_names_both_distributions(register: Register, monkeypatch
 
     register(Dup(), "dup")
     monkeypatch.setitem(plugins._INFO, "dup", plugins.PluginInfo("dup", "bnnslim-dup", "2.0"))
+    assert "subsidiary" in plugins.strategies() and plugins.get_strategy("bn")
     with pytest.raises(BnnslimError) as err:
-        plugins.strategies()
+        plugins.get_strategy("l1")
     assert ("'l1' is provided twice by bnnslim_strategies: by bnnslim (built-in) and by plugin 'dup' "
             "(bnnslim-dup 2.0)") in str(err.value)
 
@@ -281,8 +287,8 @@ def test_names_that_the_command_line_cannot_parse_are_refused(register: Register
     ns = {"hookimpl": hookimpl, "spec": spec}
     exec(f"class P:\n    @hookimpl\n    def {hook}(self):\n        yield spec\n", ns)
     register(ns["P"](), "p")
-    with pytest.raises(BnnslimError, match="the name must be lower-case letters"):
-        plugins.collect(hook, plugins.HOOKS[hook])
+    assert plugins.collect(hook, plugins.HOOKS[hook]) == {} or hook == "bnnslim_model_sources"
+    assert "the name must be lower-case letters" in problem_text()
 
 
 # -- the hook specifications --------------------------------------------------------------------------------------

@@ -55,34 +55,44 @@ def plugins_command(
     failed = [(r, hook, msg) for r in reports for hook, msg in r.errors.items()]
     if failed:
         _report, hook, msg = failed[0]
-        raise BnnslimError(f"{len(failed)} plugin hook(s) failed; first, {hook}: {msg}",
+        raise BnnslimError(f"{len(failed)} plugin problem(s) (the other plugins work); first, {hook}: {msg}",
                            "see the table; fix or uninstall the plugins named there")
 
 
 def add_plugin_commands(app: typer.Typer, argv: Sequence[str] | None = None) -> list[str]:
     """Add every plugin's commands (``bnnslim_commands`` hook) to ``app``; returns their names.
 
-    A plugin that cannot be loaded does not stop ``bnnslim``: ``--help`` still
-    works, with a one-line warning, and bnnslim's own commands (``argv`` names
-    one) report the same problem as their error. A plugin command cannot replace
-    one of bnnslim's own.
+    A plugin that cannot be loaded does not stop ``bnnslim`` nor the other
+    plugins: their commands are added, and unless ``argv`` names one of
+    bnnslim's own commands (which ``bnnslim plugins`` reports on) each problem is
+    a one-line warning. A plugin command cannot replace one of bnnslim's own,
+    and a command name two plugins offer is left out.
     """
-    from bnnslim.plugins import commands
+    from bnnslim.plugins import commands, problems
 
     taken = {info.name or getattr(info.callback, "__name__", "") for info in app.registered_commands}
+    command = next((a for a in argv or () if not a.startswith("-")), None)
     try:
         provided = commands()
-    except BnnslimError as exc:
-        command = next((a for a in argv or () if not a.startswith("-")), None)
-        if command not in taken:  # --help, or maybe a plugin's command: say why plugin commands are missing
+        found = problems()
+    except BnnslimError as exc:  # a built-in plugin is broken: bnnslim's own commands still run
+        provided, found = {}, []
+        if command not in taken:
             err_console.print(f"[yellow]warning:[/] plugin commands not loaded: {escape(exc.one_line())}",
                               highlight=False, soft_wrap=True)
-        return []
+    if command not in taken:  # --help, or maybe a plugin's command: say why some plugin commands may be missing
+        for problem in found:
+            err_console.print(f"[yellow]warning:[/] a plugin is not loaded, its commands are missing: "
+                              f"{escape(problem.message)}", highlight=False, soft_wrap=True)
     added = []
     for name, p in provided.items():
         if name in taken:
             err_console.print(f"[yellow]warning:[/] {escape(p.provider)} offers a command '{name}', "
                               f"which is bnnslim's own; ignored", highlight=False, soft_wrap=True)
+            continue
+        if p.conflict:
+            err_console.print(f"[yellow]warning:[/] command '{name}' is offered {escape(p.conflict)}; ignored "
+                              "until one of them is uninstalled", highlight=False, soft_wrap=True)
             continue
         app.command(name, help=p.spec.help)(guard_command(p))
         added.append(name)
