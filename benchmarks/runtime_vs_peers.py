@@ -96,7 +96,8 @@ def measure(isa: str, rounds: int, inner: int, networks: list[str]) -> dict[str,
 
     warnings.simplefilter("ignore")
     set_threads(1)
-    out: dict[str, object] = {"isa": isa, "kernel": kernel_status().isa, "cpu": cpu_model(),
+    forced = os.environ.get("BNNSLIM_RUNTIME_ISA")
+    out: dict[str, object] = {"isa": isa, "kernel": forced or kernel_status().isa, "cpu": cpu_model(),
                               "flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "popcnt"))),
                               "networks": {}}
     for name in networks:

@@ -21,6 +21,7 @@
 //   y = float(dot) * alpha[o] + bias[o]   (mul then add, as torch does).
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -342,6 +343,27 @@ BNN_AVX2 void pack_rows_avx2_nhwc(const Geo& g, const float* x, int64_t sN, int6
 }
 #endif  // BNN_X86
 
+// ---------------------------------------------------------------- small helpers
+//
+// Batch-1 layers are small enough that every ATen dispatcher call (a few
+// hundred ns to a microsecond each) shows: buffers are allocated with
+// empty_cpu and cleared with memset, and inputs already of the right type are
+// used as they are.
+
+at::Tensor empty_long(at::IntArrayRef sizes) {
+  return at::Tensor(at::detail::empty_cpu(sizes, at::kLong, /*pin_memory=*/false, std::nullopt));
+}
+
+at::Tensor zeros_long(at::IntArrayRef sizes) {
+  at::Tensor t = empty_long(sizes);
+  std::memset(t.data_ptr<int64_t>(), 0, t.numel() * sizeof(int64_t));
+  return t;
+}
+
+at::Tensor as_type(const at::Tensor& t, at::ScalarType type) {
+  return t.scalar_type() == type && t.is_contiguous() ? t : t.to(type).contiguous();
+}
+
 Geo make_geo_dims(int64_t N, int64_t C, int64_t H, int64_t W, int64_t out_channels, int64_t KH, int64_t KW,
                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   TORCH_CHECK(stride.size() == 2 && dilation.size() == 2 && padding.size() == 4,
@@ -389,13 +411,13 @@ at::Tensor pack_from_bits(const at::Tensor& bits_in, const Geo& g, const c10::op
   const at::Tensor bits = bits_in.contiguous();
   std::vector<uint64_t> maskw(g.GW, ~uint64_t{0});
   if (in_mask.has_value() && in_mask->defined()) {
-    const at::Tensor m = in_mask->to(at::kBool).contiguous();
+    const at::Tensor m = as_type(*in_mask, at::kBool);
     TORCH_CHECK(m.numel() == g.C, "bnnslim runtime: input mask must have one value per input channel");
     const bool* mp = m.data_ptr<bool>();
     for (int64_t c = 0; c < g.C; ++c)
       if (!mp[c]) maskw[c / 64] &= ~(uint64_t{1} << (c % 64));
   }
-  at::Tensor out = at::zeros({g.N, g.Hp, g.GW, 2, g.SW, g.Wq}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor out = zeros_long({g.N, g.Hp, g.GW, 2, g.SW, g.Wq});
   const int64_t* src = bits.data_ptr<int64_t>();
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, g.N * g.H, 8, [&](int64_t b, int64_t e) {
@@ -439,7 +461,7 @@ at::Tensor bits_max_pool2d_op(const at::Tensor& bits_in, at::IntArrayRef kernel,
   const int64_t OH = out_size(H, kernel[0], stride[0], padding[0], dilation[0]);
   const int64_t OW = out_size(W, kernel[1], stride[1], padding[1], dilation[1]);
   TORCH_CHECK(OH > 0 && OW > 0, "bnnslim runtime: max pooling window larger than the input");
-  at::Tensor out = at::empty({N, OH, OW, NW, 2}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor out = empty_long({N, OH, OW, NW, 2});
   const int64_t* src = bits.data_ptr<int64_t>();
   int64_t* dst = out.data_ptr<int64_t>();
   at::parallel_for(0, N * OH, 8, [&](int64_t b, int64_t e) {
@@ -478,15 +500,15 @@ at::Tensor pack_impl(const at::Tensor& x_in, const Geo& g, const c10::optional<a
   at::Tensor x = x_in.scalar_type() == at::kFloat ? x_in : x_in.to(at::kFloat);
   const bool nhwc = x.stride(1) == 1 && x.size(1) > 1;
   if (!nhwc && x.stride(3) != 1) x = x.contiguous();
-  at::Tensor out = at::zeros({g.N, g.Hp, g.GW, 2, g.SW, g.Wq}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor out = zeros_long({g.N, g.Hp, g.GW, 2, g.SW, g.Wq});
   at::Tensor mask_t, maskw_t;
   const bool* mask = nullptr;
   const int64_t* maskw = nullptr;
   if (in_mask.has_value() && in_mask->defined()) {
-    mask_t = in_mask->to(at::kBool).contiguous();
+    mask_t = as_type(*in_mask, at::kBool);
     TORCH_CHECK(mask_t.numel() == g.C, "bnnslim runtime: input mask must have one value per input channel");
     mask = mask_t.data_ptr<bool>();
-    maskw_t = at::zeros({g.GW}, at::TensorOptions().dtype(at::kLong));
+    maskw_t = zeros_long({g.GW});
     auto* mw = maskw_t.data_ptr<int64_t>();
     for (int64_t c = 0; c < g.C; ++c) {
       if (mask[c]) {
@@ -903,26 +925,26 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
   ConvArgs args{&g,     packed.data_ptr<int64_t>(), wwords.data_ptr<int64_t>(), nullptr, nullptr, nullptr, nullptr,
                 offs.data(), static_cast<int64_t>(offs.size()), nhwc, nullptr, nullptr, ceil_div(g.O, 64)};
   if (alpha.has_value() && alpha->defined()) {
-    a_t = alpha->to(at::kFloat).contiguous();
+    a_t = as_type(*alpha, at::kFloat);
     TORCH_CHECK(a_t.numel() == g.O, "bnnslim runtime: alpha must have one value per output channel");
     args.alpha = a_t.data_ptr<float>();
   }
   if (bias.has_value() && bias->defined()) {
-    b_t = bias->to(at::kFloat).contiguous();
+    b_t = as_type(*bias, at::kFloat);
     TORCH_CHECK(b_t.numel() == g.O, "bnnslim runtime: bias must have one value per output channel");
     args.bias = b_t.data_ptr<float>();
   }
   at::Tensor thr_t, out;
   if (thresholds.has_value() && thresholds->defined()) {
-    thr_t = thresholds->to(at::kInt).contiguous();
+    thr_t = as_type(*thresholds, at::kInt);
     TORCH_CHECK(thr_t.numel() == 3 * g.O, "bnnslim runtime: thresholds must be int32 [out_channels, 3]");
     args.thr = thr_t.data_ptr<int32_t>();
-    out = at::zeros({g.N, g.OH, g.OW, args.NWo, 2}, at::TensorOptions().dtype(at::kLong));
+    out = zeros_long({g.N, g.OH, g.OW, args.NWo, 2});
     args.bits = out.data_ptr<int64_t>();
   } else {
     const auto format = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-    out = at::empty({g.N, g.O, g.OH, g.OW},
-                    at::TensorOptions().dtype(counts ? at::kInt : at::kFloat).memory_format(format));
+    out = at::Tensor(at::detail::empty_cpu({g.N, g.O, g.OH, g.OW}, counts ? at::kInt : at::kFloat,
+                                           /*pin_memory=*/false, format));
     if (counts) {
       args.counts = out.data_ptr<int32_t>();
     } else {
