@@ -5,6 +5,10 @@ bnnslim uses PyTorch's own distributed engine. ``torchrun`` sets ``RANK``,
 group (NCCL on GPUs, Gloo on CPUs) and picks this process's device. The same
 code runs unchanged in one process. ``--batch-size`` is per process: the global
 batch is ``batch_size * WORLD_SIZE``.
+
+A process that waits for the others longer than ``BNNSLIM_DIST_TIMEOUT``
+seconds (default 600; PyTorch's own default is 30 minutes) stops with an error
+saying so (:func:`stalled_error`), instead of blocking the job.
 """
 
 from __future__ import annotations
@@ -48,8 +52,44 @@ def init_from_env(device: str) -> str:
         device = f"cuda:{local_rank}"
     elif device == "auto":
         device = "cpu"
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_seconds()))
     return device
+
+
+TIMEOUT_ENV = "BNNSLIM_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def timeout_seconds() -> float:
+    """How long a process waits for the others in a collective (``BNNSLIM_DIST_TIMEOUT``, seconds)."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 7 * 24 * 3600:
+        from bnnslim.errors import BnnslimError
+
+        raise BnnslimError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds", f"set it to e.g. 600, or unset it")
+    return value
+
+
+def stalled_error(exc: BaseException) -> BaseException | None:
+    """The error to show for a failed collective (another process stalled or died), or None for other errors."""
+    text = str(exc)
+    gloo_transport = (isinstance(exc, RuntimeError) and "gloo" in text
+                      and any(w in text for w in ("Timed out", "Connection closed", "Connection reset", "Read error")))
+    if not (isinstance(exc, dist.DistError) or (is_distributed() and gloo_transport)):
+        return None
+    from bnnslim.errors import BnnslimError
+
+    detail = " ".join(str(exc).split())[:200]
+    return BnnslimError(
+        f"process {rank()} of the torchrun job waited more than {timeout_seconds():g} s for the others, or lost one "
+        f"of them ({type(exc).__name__}: {detail})",
+        f"look at the other processes' output for the cause; if a step is just slow, raise {TIMEOUT_ENV} (seconds)")
 
 
 def shutdown() -> None:

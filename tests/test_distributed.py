@@ -55,3 +55,54 @@ def test_an_error_stops_every_rank_and_is_shown_once(tmp_path: Path) -> None:
     result = torchrun("prune", "--run", str(tmp_path / "missing"), "--keep", "0.5", cwd=tmp_path)
     assert result.returncode != 0
     assert (result.stdout + result.stderr).count("error: no bnnslim run") == 1
+
+
+STALL = """
+import os, sys, time
+from bnnslim.cli._common import friendly_errors
+from bnnslim import distributed as D
+
+@friendly_errors
+def step():
+    D.init_from_env("cpu")
+    if D.rank() == 1:
+        time.sleep(float(sys.argv[1]))
+    D.barrier()
+
+import typer
+try:
+    step()
+except typer.Exit as exc:  # what the bnnslim command line does with it
+    sys.exit(exc.exit_code)
+"""
+
+
+@pytest.mark.slow
+def test_a_stalled_process_stops_the_others_after_the_timeout(tmp_path: Path) -> None:
+    """BNNSLIM_DIST_TIMEOUT: rank 0 gives up on a stalled rank 1 after 3 s with one clear line, no traceback."""
+    import time
+
+    script = tmp_path / "stall.py"
+    script.write_text(STALL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BNNSLIM_DIST_TIMEOUT": "3"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29534",
+           str(script), "20"]
+    started = time.monotonic()
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 19, "the waiting process did not give up before the stalled one woke"
+    assert "waited more than 3 s for the others" in result.stderr, result.stderr
+    assert "BNNSLIM_DIST_TIMEOUT" in result.stderr
+    assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
+
+
+def test_bad_timeout_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bnnslim import distributed as D
+    from bnnslim.errors import BnnslimError
+
+    for bad in ("soon", "0", "-5"):
+        monkeypatch.setenv("BNNSLIM_DIST_TIMEOUT", bad)
+        with pytest.raises(BnnslimError, match="BNNSLIM_DIST_TIMEOUT"):
+            D.timeout_seconds()
+    monkeypatch.setenv("BNNSLIM_DIST_TIMEOUT", "90")
+    assert D.timeout_seconds() == 90

@@ -42,6 +42,17 @@ def friendly_errors(fn: F) -> F:
             line = " ".join(part.strip() for part in exc.one_line().splitlines() if part.strip())
             err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except Exception as exc:  # only a failed torch.distributed collective is turned into a message
+            stalled = None
+            if "torch.distributed" in sys.modules:
+                from bnnslim.distributed import stalled_error
+
+                stalled = stalled_error(exc)
+            if stalled is None:
+                raise
+            # every process says it (the stalled one may be rank 0, which alone speaks otherwise)
+            Console(stderr=True).print(f"[bold red]error:[/] {escape(str(stalled))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: files written so far are intact; "
                               "rerun with --resume to continue", highlight=False)
