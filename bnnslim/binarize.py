@@ -26,6 +26,7 @@ from bnnslim import distributed as D
 from bnnslim.binary.convert import BinarizePlan, apply_binarization, plan_binarization
 from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
+from bnnslim.checks import check_dataset_sample, check_model_output
 from bnnslim.model_source import ModelSource, load_model_source
 from bnnslim.plugin_types import DatasetSpec, DatasetSplits
 from bnnslim.plugins import get_dataset, get_scheme
@@ -148,7 +149,7 @@ def _check_forward(model: nn.Module, shape: tuple[int, ...], source: ModelSource
     model.eval()
     try:
         with torch.no_grad():
-            model(example)
+            output = model(example)
     except Exception as exc:
         raise BnnslimError(
             f"the model rejects inputs of shape {tuple(shape)}: {type(exc).__name__}: {str(exc).splitlines()[0]}",
@@ -156,6 +157,7 @@ def _check_forward(model: nn.Module, shape: tuple[int, ...], source: ModelSource
         ) from exc
     finally:
         model.train(was)
+    check_model_output(output, tuple(shape), source.where)
     return example
 
 
@@ -222,6 +224,8 @@ def binarize(opts: BinarizeOptions, on_step: Callable[[StepEvent], None] | None 
                            "pass --input-shape C,H,W, a --data set, or set INPUT_SHAPE in the model file")
     if in_channels is None:
         in_channels = shape[0]
+    if splits is not None:
+        check_dataset_sample(splits.train, tuple(shape), str(opts.data))
 
     torch.manual_seed(opts.train.seed if opts.train is not None else 0)  # the same command, the same initial weights
     model = source.build(num_classes=num_classes, in_channels=in_channels)
