@@ -39,6 +39,7 @@ from bnnslim.errors import BnnslimError
 from bnnslim.model_source import ModelSource
 from bnnslim.packing import pack_signs, unpack_signs
 from bnnslim.plugins import get_scheme
+from bnnslim.rundir import load_with_metadata
 from bnnslim.trust import ModelArg, RecordedModel, model_source_for, recorded_model
 
 FORMAT = "bnnslim-model"
@@ -298,7 +299,7 @@ def rebuild(path: Path, meta: dict[str, str], head: Header, source: ModelSource,
     if bad:
         raise BnnslimError(f"'{path}': tensor {bad[0]} has shape {tuple(tensors[bad[0]].shape)}, "
                            f"the rebuilt model expects {tuple(own[bad[0]].shape)}", "export it again")
-    model.load_state_dict({k: tensors[k] for k in own}, strict=True)
+    load_with_metadata(model, {k: tensors[k] for k in own})
     if runtime == "packed":
         from bnnslim.runtime import to_runtime
 

@@ -19,6 +19,7 @@ while ``bnnslim prune`` runs are errors naming the plugin.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import importlib
@@ -36,6 +37,7 @@ from bnnslim.errors import BnnslimError
 from bnnslim.plugin_types import (
     CommandSpec,
     DatasetSpec,
+    DatasetSplits,
     ModelSourceSpec,
     PrunerSpec,
     SchemeSpec,
@@ -382,11 +384,63 @@ def customized_pruners() -> dict[type, BasePruningFunc]:
 
 
 def get_dataset(name: str) -> DatasetSpec:
-    return choose("dataset", name, datasets())
+    """The dataset called ``name``, its ``build`` guarded so that a failing plugin is named."""
+    options = datasets()
+    spec: DatasetSpec = choose("dataset", name, options)
+    return guard_dataset(spec, options[name.strip().lower()].info)
 
 
 def get_scheme(name: str) -> SchemeSpec:
-    return choose("scheme", name, schemes())
+    """The scheme called ``name``; a plugin's scheme guarded so that its failures name the plugin, not the model."""
+    options = schemes()
+    spec: SchemeSpec = choose("scheme", name, options)
+    info = options[name.strip().lower()].info
+    return spec if info.builtin else guard_scheme(spec, info)
+
+
+def guard_dataset(spec: DatasetSpec, info: PluginInfo) -> DatasetSpec:
+    """``spec`` whose ``build`` names the plugin when it raises, and refuses anything but two datasets."""
+    build = spec.build
+
+    def guarded(root: Any) -> DatasetSplits:
+        try:
+            splits = build(root)
+        except BnnslimError:
+            raise
+        except Exception as exc:
+            if info.builtin:
+                raise
+            raise BnnslimError(f"dataset '{spec.name}' from {info.label} failed to build: "
+                               f"{type(exc).__name__}: {exc}", info.fix) from exc
+        parts = (getattr(splits, "train", None), getattr(splits, "test", None))
+        if not isinstance(splits, DatasetSplits) or not all(
+                hasattr(d, "__len__") and hasattr(d, "__getitem__") for d in parts):
+            raise BnnslimError(f"dataset '{spec.name}' from {info.label} returned {type(splits).__name__} from "
+                               "build, not DatasetSplits(train, test) of two map-style datasets", info.fix)
+        return splits
+
+    return dataclasses.replace(spec, build=guarded)
+
+
+def guard_scheme(spec: SchemeSpec, info: PluginInfo) -> SchemeSpec:
+    """``spec`` whose functions name the plugin when they raise (instead of the user's model)."""
+
+    def guard(fn: Any, what: str) -> Any:
+        @functools.wraps(fn)
+        def guarded(*args: Any) -> Any:
+            try:
+                return fn(*args)
+            except BnnslimError:
+                raise
+            except Exception as exc:
+                raise BnnslimError(f"scheme '{spec.name}' from {info.label} failed in {what}: "
+                                   f"{type(exc).__name__}: {exc}", info.fix) from exc
+
+        return guarded
+
+    return dataclasses.replace(spec, binarize_input=guard(spec.binarize_input, "binarize_input"),
+                               binarize_weight=guard(spec.binarize_weight, "binarize_weight"),
+                               scale=guard(spec.scale, "scale"))
 
 
 def get_strategy(name: str) -> StrategySpec:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,10 @@ from bnnslim.plugins import get_scheme
 from bnnslim.rundir import RunDir, load_state, load_tensors
 from bnnslim.runlock import run_lock
 from bnnslim.trust import ModelArg, RecordedModel, model_source_for, recorded_model, sign
+
+
+#: the most values one input may have (3x8192x8192 is 2**27.6): a larger recorded shape is damage
+MAX_INPUT_ELEMENTS = 1 << 28
 
 
 @dataclass
@@ -59,7 +64,8 @@ def check_manifest(manifest: dict[str, Any], run: RunDir) -> None:
         raise BnnslimError(f"{where} names no binarization scheme", fix)
     shape = manifest.get("input_shape")
     if not isinstance(shape, list) or not 1 <= len(shape) <= 4 or not all(
-            isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 16 for d in shape):
+            isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 16 for d in shape) \
+            or math.prod(shape) > MAX_INPUT_ELEMENTS:
         raise BnnslimError(f"{where} records the input shape {shape!r}, not a list of positive sizes like "
                            "[3, 32, 32]", fix)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ class RunDir:
                                "run `bnnslim binarize MODEL.py` first, or point --run at the run directory")
         try:
             manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError and UnicodeDecodeError
             raise BnnslimError(f"'{self.manifest_path}' is not valid JSON: {exc}",
                                "restore it or start a new run with --run DIR") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
@@ -158,4 +159,16 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], origin: Path)
                   f"shape of {wrong[0]} is {tuple(tensors[wrong[0]].shape)}, the model has {tuple(own[wrong[0]].shape)}")
         raise BnnslimError(f"weights in '{origin}' do not fit the model: {detail}",
                            "use weights saved from the same model (and the same run)")
-    model.load_state_dict({k: tensors[k] for k in own}, strict=True)
+    load_with_metadata(model, {k: tensors[k] for k in own})
+
+
+def load_with_metadata(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(tensors, strict=True)`` with the model's own state-dict metadata attached.
+
+    Safetensors keeps no ``_metadata`` (the per-module ``version`` numbers), and
+    some layers need it to read their state (torchvision's MNASNet refuses a state
+    without a version); the freshly built model's own versions are the right ones.
+    """
+    ordered = OrderedDict(tensors)
+    ordered._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    model.load_state_dict(ordered, strict=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -42,16 +43,17 @@ def friendly_errors(fn: F) -> F:
             line = " ".join(part.strip() for part in exc.one_line().splitlines() if part.strip())
             err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
-        except Exception as exc:  # only a failed torch.distributed collective is turned into a message
-            stalled = None
-            if "torch.distributed" in sys.modules:
-                from bnnslim.distributed import stalled_error
-
-                stalled = stalled_error(exc)
-            if stalled is None:
+        except BrokenPipeError:  # `bnnslim ... | head`: the reader left; nothing is wrong with the command
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
+        except Exception as exc:  # only the expected failures of _expected_failure become a message
+            error, everywhere = _expected_failure(exc)
+            if error is None:
                 raise
-            # every process says it (the stalled one may be rank 0, which alone speaks otherwise)
-            Console(stderr=True).print(f"[bold red]error:[/] {escape(str(stalled))}", highlight=False, soft_wrap=True)
+            # a stalled process may be rank 0, which alone speaks otherwise: every process says it
+            console_ = Console(stderr=True) if everywhere else err_console
+            console_.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: files written so far are intact; "
@@ -64,6 +66,25 @@ def friendly_errors(fn: F) -> F:
                 shutdown()
 
     return wrapper  # type: ignore[return-value]
+
+
+_OUT_OF_MEMORY = ("can't allocate memory", "DefaultCPUAllocator", "out of memory", "Cannot allocate memory")
+
+
+def _expected_failure(exc: Exception) -> tuple[BnnslimError | None, bool]:
+    """An expected failure outside bnnslim's control as a one-line error (and whether every rank says it)."""
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError)
+                                        and any(w in str(exc) for w in _OUT_OF_MEMORY)):
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        return BnnslimError(f"out of memory ({first})",
+                            "use a smaller --batch-size / --batch or --input-shape, or a machine with more memory"), False
+    if "torch.distributed" in sys.modules:
+        from bnnslim.distributed import stalled_error
+
+        stalled = stalled_error(exc)
+        if stalled is not None:
+            return stalled, True  # type: ignore[return-value]
+    return None, False
 
 
 def locks_run(command: str) -> Callable[[F], F]:

@@ -17,8 +17,12 @@ def info_command(
     run: Annotated[Path, typer.Option("--run", help="Run directory shared by bnnslim's commands.")] = DEFAULT_RUN,
     model: ModelOption = None,
     trust_source: TrustSourceOption = False,
+    datasets: Annotated[bool, typer.Option("--datasets", help="List the datasets --data accepts, with their input shapes.")] = False,
 ) -> None:
     """Show a run directory (model, scheme, dataset, metrics, every layer) or a model file from `bnnslim export`."""
+    if datasets:
+        _datasets_info()
+        return
     if path is not None and path.is_file():
         _file_info(path)
         return
@@ -82,4 +86,17 @@ def _file_info(path: Path) -> None:
                                                                               "num_batches_tracked")))
         table.add_row(name, kind, str(shape.get("in", shape.get("features"))),
                       str(shape.get("out", shape.get("features"))), stored)
+    console.print(table)
+
+
+def _datasets_info() -> None:
+    from bnnslim.plugins import datasets
+
+    table = Table(title="datasets (--data NAME)")
+    for col in ("name", "input", "classes", "from", "description"):
+        table.add_column(col, overflow="fold")
+    for name, provided in sorted(datasets().items()):
+        spec = provided.spec
+        table.add_row(name, "x".join(str(d) for d in spec.input_shape), str(spec.num_classes or "from the data"),
+                      provided.provider, spec.description + (" (needs --data-root)" if spec.needs_root else ""))
     console.print(table)

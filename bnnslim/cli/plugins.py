@@ -108,8 +108,8 @@ def guard_command(provided: Provided) -> Any:
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return callback(*args, **kwargs)
-        except (BnnslimError, typer.Exit, typer.Abort, typer.TyperException):
-            raise
+        except (BnnslimError, typer.Exit, typer.Abort, typer.TyperException, BrokenPipeError):
+            raise  # BrokenPipeError: the output pipe closed (`| head`), not the plugin's fault
         except Exception as exc:
             raise BnnslimError(f"command '{name}' from {provided.provider} failed: {type(exc).__name__}: {exc}",
                                provided.info.fix) from exc

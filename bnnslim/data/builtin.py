@@ -276,11 +276,25 @@ def build_cifar10(root: Path | None) -> DatasetSplits:
 # --- image folders --------------------------------------------------------------------------------
 
 
+def load_rgb_image(path: str) -> Any:
+    """An image file as an RGB PIL image; a file PIL cannot read is an error naming it (never skipped)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:  # not an image, truncated, unreadable
+        raise BnnslimError(f"image '{path}' cannot be read ({type(exc).__name__}: {_one_line(exc)})",
+                           "remove or replace that file: bnnslim does not skip images (a skipped image would "
+                           "silently change the dataset)") from exc
+
+
 def _image_folder(path: Path, transform: Any, layout: str) -> Any:
     from torchvision.datasets import ImageFolder
 
     try:
-        return ImageFolder(str(path), transform=transform)
+        return ImageFolder(str(path), transform=transform, loader=load_rgb_image)
     except (FileNotFoundError, OSError) as exc:
         raise BnnslimError(
             f"{path} is not a usable image folder: {_one_line(exc)}",
