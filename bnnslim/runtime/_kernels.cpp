@@ -897,10 +897,34 @@ BNN_AVX2 void conv_avx2(const ConvArgs& a, int64_t n, int64_t gi, int64_t vb, in
         }
       }
       const int nvalid = static_cast<int>(std::min<int64_t>(NB, g.Og - ob * NB));
+      const int64_t oc0 = gi * g.Og + ob * NB;
+      if (a.thr != nullptr && oc0 % 8 == 0) {
+        // thresholds on 4 pixels at once; channel o's 4 pixel bits go to byte o, then one 8x8 bit transpose
+        uint64_t ms = 0, mz = 0;
+        for (int o = 0; o < nvalid; ++o) {
+          const int32_t* t = a.thr + 3 * (oc0 + o);
+          const __m256i dot = _mm256_sub_epi64(valid, _mm256_slli_epi64(
+                                                          _mm256_load_si256(reinterpret_cast<const __m256i*>(acc[o])), 1));
+          const __m256i lo = _mm256_cmpgt_epi64(_mm256_set1_epi64x(t[0]), dot);             // dot < a
+          const __m256i below_b = _mm256_cmpgt_epi64(_mm256_set1_epi64x(t[1]), dot);        // dot < b
+          const uint64_t mlo = static_cast<uint64_t>(_mm256_movemask_pd(_mm256_castsi256_pd(lo)));
+          const uint64_t mhi = static_cast<uint64_t>(~_mm256_movemask_pd(_mm256_castsi256_pd(below_b)) & 0xf);
+          ms |= (t[2] ? mlo : mhi) << (8 * o);
+          mz |= (mlo | mhi) << (8 * o);
+        }
+        ms = transpose_bits8x8(ms);
+        mz = transpose_bits8x8(mz);
+        for (int l = 0; l < nl; ++l) {
+          uint8_t* w = reinterpret_cast<uint8_t*>(a.bits + ((n * g.OH * g.OW + pix0 + l) * a.NWo + oc0 / 64) * 2);
+          w[(oc0 % 64) / 8] = static_cast<uint8_t>(ms >> (8 * l));
+          w[8 + (oc0 % 64) / 8] = static_cast<uint8_t>(mz >> (8 * l));
+        }
+        continue;
+      }
       for (int l = 0; l < nl; ++l) {
         int64_t dots[NB];
         for (int o = 0; o < NB; ++o) dots[o] = vv[l] - 2 * acc[o][l];
-        finish_block(a, n, gi * g.Og + ob * NB, nvalid, pix0 + l, dots);
+        finish_block(a, n, oc0, nvalid, pix0 + l, dots);
       }
     }
   }

@@ -1,0 +1,120 @@
+"""Torchvision classifiers binarized by bnnslim, on the packed runtime vs torch fp32 (issue 13), batch 1, one thread.
+
+For each model (random weights: latency does not depend on them), at 3x64x64:
+binarize as ``bnnslim binarize`` does (every conv binary but the first and the
+last), convert to the packed runtime (fused chains), run the plan step
+(:func:`bnnslim.runtime.plan_runtime`: each binary conv timed packed and as a
+float conv on its input; unfused layers where float wins run float), then time
+the float original (as built, NCHW) and the packed model in interleaved rounds.
+Per layer: the plan's packed and float times of every binary conv (the float
+conv of the same shape is what the original runs there).
+
+    python benchmarks/runtime_torchvision.py      # writes runtime_torchvision.md beside it
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import header  # noqa: E402
+
+from bnnslim.binary.convert import apply_binarization, plan_binarization  # noqa: E402
+from bnnslim.plugins import get_scheme  # noqa: E402
+from bnnslim.runtime import (  # noqa: E402
+    cpu_flags,
+    cpu_model,
+    kernel_status,
+    plan_runtime,
+    runtime_plan,
+    set_threads,
+    to_runtime,
+)
+
+MODELS = ["resnet18", "resnet50", "vgg11_bn", "alexnet", "squeezenet1_0"]
+TARGET = 3.0
+
+
+def measure(name: str, size: int, rounds: int, inner: int) -> dict[str, object]:
+    torch.manual_seed(0)
+    original = getattr(torchvision.models, name)(weights=None, num_classes=1000).eval()
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    binary = getattr(torchvision.models, name)(weights=None, num_classes=1000).eval()
+    binary.load_state_dict(original.state_dict())
+    plan = plan_binarization(binary, x)
+    apply_binarization(binary, plan.binary, get_scheme("xnor"))
+    packed = to_runtime(binary.eval())
+    choices = plan_runtime(packed, x)
+    rplan = runtime_plan(packed)
+    models = {"float": original, "packed": packed}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.no_grad():
+        for m in models.values():
+            for _ in range(3):
+                m(x)
+        for r in range(rounds):
+            for k in (list(models) if r % 2 == 0 else list(models)[::-1]):
+                start = time.perf_counter()
+                for _ in range(inner):
+                    models[k](x)
+                times[k].append((time.perf_counter() - start) / inner)
+    ratio = statistics.median(a / b for a, b in zip(times["float"], times["packed"]))
+    packed_layers = [c for c in choices if c.runs == "packed"]
+    slowest = min(packed_layers, key=lambda c: c.speedup) if packed_layers else None
+    return {"ratio": ratio, "float_ms": statistics.median(times["float"]) * 1e3,
+            "packed_ms": statistics.median(times["packed"]) * 1e3, "binary": len(choices),
+            "fused": len(rplan.fused), "to_float": [c.layer for c in choices if c.runs == "float"],
+            "slowest": slowest, "slower_than_float": [c for c in packed_layers if c.speedup < 1]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=MODELS)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--inner", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=HERE / "runtime_torchvision.md")
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")
+    set_threads(1)
+    started, load = time.perf_counter(), os.getloadavg()[0]
+    results = {}
+    for name in args.models:
+        results[name] = measure(name, args.size, args.rounds, args.inner)
+        print(f"{name}: done", file=sys.stderr)
+    isa = os.environ.get("BNNSLIM_RUNTIME_ISA") or kernel_status().isa
+    flags = cpu_flags()
+    lines = [header(f"Torchvision classifiers binarized by bnnslim: packed runtime vs torch fp32 ({args.size}x{args.size}, "
+                    "batch 1, one thread)"),
+             f"- CPU: {cpu_model()}; flags: {', '.join(f for f in ('avx2', 'avx512f', 'avx512_vpopcntdq') if f in flags)}; "
+             f"packed kernel: `{isa}`",
+             f"- {args.rounds} interleaved rounds x {args.inner} calls; medians of per-round ratios; load average "
+             f"(1 min) at start {load:.1f}, at end {os.getloadavg()[0]:.1f} (shared 2-core VM); "
+             f"{time.perf_counter() - started:.0f} s",
+             "- per layer: the plan step's times of each binary conv, packed and as a float conv of the same shape",
+             "", f"| model | float ms | packed ms | speed-up (target {TARGET:g}x) | binary convs | fused | run float "
+             "(plan) | slowest packed layer (packed vs float) | packed layers slower than float |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        slow = r["slowest"]
+        slow_txt = "-" if slow is None else f"`{slow.layer}` {slow.speedup:.2f}x ({slow.why})"
+        lines.append(f"| {name} | {r['float_ms']:.2f} | {r['packed_ms']:.2f} | {r['ratio']:.1f}x"
+                     f"{'' if r['ratio'] >= TARGET else ' (missed)'} | {r['binary']} | {r['fused']} | "
+                     f"{len(r['to_float'])} | {slow_txt} | {len(r['slower_than_float'])} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
