@@ -234,6 +234,9 @@ def _import_file(path: Path, code: bytes, digest: str) -> types.ModuleType:
     module_name = f"bnnslim_user_model_{digest}"
     if module_name in sys.modules:
         return sys.modules[module_name]
+    if b"\x00" in code:
+        raise BnnslimError(f"'{path}' is not Python source (it contains null bytes)",
+                           "give the .py file that builds your model")
     try:
         compiled = compile(code, str(path), "exec", dont_inherit=True)
     except SyntaxError as exc:
