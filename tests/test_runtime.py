@@ -499,13 +499,13 @@ def test_chains_that_cannot_fuse_stay_float(case: str, kernels: build.KernelStat
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.b(torch.clamp(self.a(x), -1, 1))
 
-    act = nn.Hardtanh()
+    bn = nn.BatchNorm2d(8)  # a stateful layer called twice cannot be folded into one conv's thresholds
     layers: dict[str, list[nn.Module]] = {
         "avgpool": [binary_conv(8, 8, 3, padding=1), nn.AvgPool2d(2), binary_conv(8, 8, 3, padding=1)],
         "hardswish": [binary_conv(8, 8, 3, padding=1), nn.Hardswish(), binary_conv(8, 8, 3, padding=1)],
         "pool_after_negative_bn": [binary_conv(8, 8, 3, padding=1), nn.MaxPool2d(2), nn.BatchNorm2d(8),
                                    binary_conv(8, 8, 3, padding=1)],
-        "shared": [binary_conv(8, 8, 3, padding=1), act, binary_conv(8, 8, 3, padding=1), act],
+        "shared": [binary_conv(8, 8, 3, padding=1), bn, binary_conv(8, 8, 3, padding=1), bn],
     }
     model = Functional().eval() if case == "functional" else nn.Sequential(*layers[case]).eval()
     _random_bn(model, seed=5)
@@ -590,3 +590,26 @@ def test_plan_keeps_the_faster_version(kernels: build.KernelStatus, monkeypatch:
             assert c.runs == "packed" and c.why.startswith("fused")
     with torch.no_grad():
         assert torch.equal(runtime(x), before)
+
+
+def test_shared_stateless_activation_fuses(isa: str) -> None:
+    """torchvision's BasicBlock calls one ReLU module twice: the first use folds into thresholds, the second stays."""
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.bn1 = binary_conv(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+            self.conv2, self.bn2 = binary_conv(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.relu(self.bn1(self.conv1(x)))
+            return self.relu(self.bn2(self.conv2(out)) + x)
+
+    model = Block().eval()
+    _random_bn(model, seed=7)
+    fused = to_runtime(model)
+    assert runtime_plan(fused).fused == {"conv1": "conv2"}
+    x = torch.randn(2, 16, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), to_runtime(model, fuse=False)(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(fused(x), with_emulation(fused)(x))

@@ -39,15 +39,22 @@ ELEMENTWISE: tuple[type[nn.Module], ...] = (
 
 
 class FusedAway(nn.Module):
-    """A layer folded into a binary conv's output thresholds: passes the packed bits through."""
+    """A layer folded into a binary conv's output thresholds: passes the packed bits through.
+
+    A stateless layer (no parameters or buffers, e.g. a ReLU module that a
+    block calls twice) may also be called elsewhere on real values: those it
+    computes as before.
+    """
 
     def __init__(self, original: nn.Module, into: str) -> None:
         super().__init__()
         self.into = into
-        object.__setattr__(self, "original", original)  # kept for inspection, not a submodule
+        object.__setattr__(self, "original", original)  # not a submodule: the state dict keeps its keys
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        if x.dtype == torch.int64 and x.dim() == 5:
+            return x
+        return self.original(x)
 
     def extra_repr(self) -> str:
         return f"{type(self.original).__name__} folded into the thresholds of '{self.into}'"
@@ -214,7 +221,8 @@ def fuse_binary_chains(model: nn.Module) -> FusionReport:
                 why = f"'{nxt.name}' is not a layer called on the output alone"
                 break
             m = modules[nxt.target]
-            if calls[id(m)] != 1:
+            stateless = next(iter(m.parameters()), None) is None and next(iter(m.buffers()), None) is None
+            if calls[id(m)] != 1 and not (stateless and _elementwise(m)):
                 why = f"'{nxt.target}' is called more than once"
                 break
             if isinstance(m, PackedBinaryConv2d):
