@@ -258,3 +258,19 @@ def test_unknown_dataset_lists_the_known_names() -> None:
     assert "unknown dataset 'nope'" in message
     for name in ("fashion-mnist-mini", "fashion-mnist", "mnist", "cifar10", "imagenet", "folder"):
         assert name in message
+
+
+def test_unreadable_image_is_named_not_skipped(tmp_path: Path) -> None:
+    write_folder(tmp_path, {"train": ["a", "b"], "val": ["a", "b"]})
+    bad = tmp_path / "train" / "a" / "broken.png"
+    bad.write_bytes(b"this is not a png")
+    splits = builtin.build_folder(tmp_path)
+    index = [p for p, _ in splits.train.samples].index(str(bad))  # type: ignore[attr-defined]
+    with pytest.raises(BnnslimError, match=r"image '.*broken.png' cannot be read .*bnnslim does not skip images"):
+        splits.train[index]
+    truncated = tmp_path / "val" / "b" / "cut.png"
+    truncated.write_bytes(png_bytes(3)[:40])
+    splits = builtin.build_folder(tmp_path)
+    index = [p for p, _ in splits.test.samples].index(str(truncated))  # type: ignore[attr-defined]
+    with pytest.raises(BnnslimError, match="cut.png' cannot be read"):
+        splits.test[index]
