@@ -80,3 +80,82 @@ def check_dataset_sample(train: Any, input_shape: tuple[int, ...], dataset: str)
                            f"{want} (--input-shape, the dataset or INPUT_SHAPE)",
                            f"use --input-shape {','.join(str(d) for d in x.shape)} (the model must accept it), "
                            "or a dataset whose images match the model")
+
+
+def dead_model_warnings(outputs: Any, accuracy: float | None) -> list[str]:
+    """Warnings for a model that no longer depends on its input: constant outputs, or accuracy at chance.
+
+    ``outputs`` are the logits ``[batch, classes]`` for different inputs (e.g. a
+    random probe batch). A binarized network can die (a last ReLU that outputs 0
+    everywhere): then slim == masked holds trivially, so it must be said.
+    """
+    found = []
+    if outputs is not None and outputs.dim() == 2 and outputs.shape[0] > 1:
+        spread = float((outputs.max(dim=0).values - outputs.min(dim=0).values).abs().max())
+        if spread < 1e-6:
+            found.append("the model's output is the same for every input (spread "
+                         f"{spread:.1g} over {outputs.shape[0]} different inputs): it is dead, e.g. a ReLU "
+                         "that outputs 0 everywhere; prune less, retrain longer, or use a signed activation")
+        classes = outputs.shape[1]
+        if accuracy is not None and classes > 1 and accuracy <= 1.25 / classes:
+            found.append(f"test accuracy {accuracy:.1%} is at chance for {classes} classes "
+                         f"({1 / classes:.1%}): the model does not classify")
+    return found
+
+
+def _names(layers: list[str]) -> str:
+    return ", ".join(layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
+
+
+def binarization_warnings(model: Any, example: Any) -> list[str]:
+    """What the README advises against, found in a binarized model on an example batch (one line per kind).
+
+    * a binary conv whose input is never negative (after a ReLU, sigmoid, ...):
+      ``sign()`` then sees only {0, +1};
+    * a binary 1x1 conv on a pooled 1x1 map (squeeze-excitation): it gates
+      whole channels, and binarizing it costs accuracy for nothing;
+    * a binary depthwise conv: the packed runtime runs it in float anyway.
+    """
+    import torch
+
+    from bnnslim.binary.layers import BinaryConv2d
+
+    seen: dict[str, Any] = {}
+    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: seen.__setitem__(n, args[0].detach()))
+               for n, m in model.named_modules() if isinstance(m, BinaryConv2d)]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    convs = dict(model.named_modules())
+    non_negative = [n for n, x in seen.items() if x.numel() and float(x.min()) >= 0]
+    pooled = [n for n, x in seen.items() if x.dim() == 4 and x.shape[-2:] == (1, 1)
+              and convs[n].kernel_size == (1, 1)]
+    depthwise = [n for n in seen if convs[n].groups > 1 and convs[n].groups == convs[n].in_channels]
+    found = []
+    if non_negative:
+        found.append(f"binary conv(s) {_names(non_negative)} never see a negative input (a ReLU or similar before "
+                     "them): sign() then sees only {0, +1}; use a signed activation (Hardtanh, PReLU or none) before "
+                     "a binary conv, or keep them real with --real")
+    if pooled:
+        found.append(f"binary 1x1 conv(s) {_names(pooled)} run on pooled 1x1 maps (squeeze-excitation gates): "
+                     "binarizing them costs accuracy and saves little; keep them real with --real")
+    if depthwise:
+        found.append(f"binary depthwise conv(s) {_names(depthwise)}: the packed runtime runs depthwise convs in "
+                     "float anyway; keep them real with --real unless you target another runtime")
+    return found
+
+
+def warn_about_binarization(model: Any, example: Any) -> None:
+    """Emit :func:`binarization_warnings` as :class:`BnnslimWarning` (the command line prints each once)."""
+    import warnings
+
+    from bnnslim.errors import BnnslimWarning
+
+    for message in binarization_warnings(model, example):
+        warnings.warn(message, BnnslimWarning, stacklevel=2)

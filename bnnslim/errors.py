@@ -21,3 +21,7 @@ class BnnslimError(Exception):
         if self.fix:
             return f"{self.problem.rstrip('.')}. {self.fix}"
         return self.problem
+
+
+class BnnslimWarning(UserWarning):
+    """Something the user should know that does not stop the command (the command line prints ``warning: ...``)."""

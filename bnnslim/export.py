@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from bnnslim._atomic import write_json
+from bnnslim.checks import dead_model_warnings
 from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
 from bnnslim.model_file import write_model_file
@@ -56,6 +57,7 @@ class ExportResult:
     report_path: Path | None = None
     chart_path: Path | None = None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def probe_batch(shape: tuple[int, ...], n: int = 8) -> torch.Tensor:
@@ -171,6 +173,9 @@ def _export(run: RunDir, forms: tuple[str, ...], output: Path | None, evaluate_d
 
         data = get_dataset(dataset["name"]).build(Path(dataset["root"]) if dataset.get("root") else None)
         accuracy = evaluate(slim_model, data.test, torch.device("cpu")).accuracy
+    with torch.no_grad():
+        probe_outputs = slim_model(example)
+    warnings = dead_model_warnings(probe_outputs if isinstance(probe_outputs, torch.Tensor) else None, accuracy)
     metrics = {"accuracy": accuracy, "pruned": bool(prune_info),
                "keep": prune_info["keep"] if prune_info else 1.0,
                "strategy": prune_info["strategy"] if prune_info else None}
@@ -186,13 +191,14 @@ def _export(run: RunDir, forms: tuple[str, ...], output: Path | None, evaluate_d
     sizes = {"fp32 original": run.binary_weights.stat().st_size}
     sizes.update({form: path.stat().st_size for form, path in files.items()})
     result = ExportResult(files=files, sizes=sizes, rows=rows, pruned=bool(prune_info), max_difference=max_diff,
-                          accuracy=accuracy, notes=notes)
+                          accuracy=accuracy, notes=notes, warnings=warnings)
     if output is not None:  # one file elsewhere: the run's report keeps describing the run's own files
         return result
     result.report_path = run.path / "export-report.json"
     write_json(result.report_path, {"files": {k: str(v) for k, v in files.items()}, "sizes_bytes": sizes,
                                     "max_difference_slim_vs_masked": max_diff, "accuracy": accuracy,
-                                    "layers": rows, "notes": notes, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                                    "layers": rows, "notes": notes, "warnings": warnings,
+                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     result.chart_path = run.path / "kept-filters.png"
     kept_chart(rows, result.chart_path)
     return result

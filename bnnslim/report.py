@@ -18,14 +18,28 @@ class LayerCost:
     kind: str  # "binary conv" | "conv" | "linear"
     filters: int
     params: int
-    macs: int  # multiply-accumulates of real layers, per image
-    binary_ops: int  # XNOR-popcount operations of binary layers, per image
+    macs: int  # multiply-accumulates of real layers, per image (summed over every call)
+    binary_ops: int  # XNOR-popcount operations of binary layers, per image (summed over every call)
+    calls: int = 1  # how often the forward pass runs the layer (weight sharing: more than once)
 
 
 def layer_costs(model: nn.Module, example: torch.Tensor) -> dict[str, LayerCost]:
-    """Cost of every conv and linear layer for one image of ``example``'s shape."""
+    """Cost of every conv and linear layer for one image of ``example``'s shape.
+
+    A layer that the forward pass runs more than once (weight sharing) counts its
+    operations at every call and its parameters once.
+    """
     costs: dict[str, LayerCost] = {}
     handles = []
+
+    def add(cost: LayerCost) -> None:
+        known = costs.get(cost.name)
+        if known is None:
+            costs[cost.name] = cost
+        else:
+            known.macs += cost.macs
+            known.binary_ops += cost.binary_ops
+            known.calls += 1
 
     def hook(name: str):  # type: ignore[no-untyped-def]
         def record(m: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
@@ -33,11 +47,10 @@ def layer_costs(model: nn.Module, example: torch.Tensor) -> dict[str, LayerCost]
                 per_out = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
                 ops = per_out * out[0].numel()
                 binary = isinstance(m, BinaryConv2d)
-                costs[name] = LayerCost(name, "binary conv" if binary else "conv", m.out_channels,
-                                        m.weight.numel(), 0 if binary else ops, ops if binary else 0)
+                add(LayerCost(name, "binary conv" if binary else "conv", m.out_channels,
+                              m.weight.numel(), 0 if binary else ops, ops if binary else 0))
             elif isinstance(m, nn.Linear):
-                costs[name] = LayerCost(name, "linear", m.out_features, m.weight.numel(),
-                                        m.in_features * out[0].numel(), 0)
+                add(LayerCost(name, "linear", m.out_features, m.weight.numel(), m.in_features * out[0].numel(), 0))
         return record
 
     for name, m in model.named_modules():

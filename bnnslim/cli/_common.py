@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
@@ -14,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from bnnslim.errors import BnnslimError
+from bnnslim.errors import BnnslimError, BnnslimWarning
 
 # Under torchrun only rank 0 speaks (RANK is set by torchrun before Python starts).
 IS_MAIN_PROCESS = int(os.environ.get("RANK", "0")) == 0
@@ -38,7 +39,19 @@ def friendly_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", BnnslimWarning)
+                shown = warnings.showwarning
+
+                def show(message: Any, category: type[Warning], *rest: Any, **kw: Any) -> None:
+                    if issubclass(category, BnnslimWarning):
+                        err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False,
+                                          soft_wrap=True)
+                    else:
+                        shown(message, category, *rest, **kw)
+
+                warnings.showwarning = show
+                return fn(*args, **kwargs)
         except BnnslimError as exc:
             line = " ".join(part.strip() for part in exc.one_line().splitlines() if part.strip())
             err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)

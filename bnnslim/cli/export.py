@@ -6,9 +6,18 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from bnnslim.cli._common import DEFAULT_RUN, ModelOption, RunOption, TrustSourceOption, console, friendly_errors
+from bnnslim.cli._common import (
+    DEFAULT_RUN,
+    ModelOption,
+    RunOption,
+    TrustSourceOption,
+    console,
+    err_console,
+    friendly_errors,
+)
 
 
 def _size(n: int) -> str:
@@ -35,7 +44,8 @@ def export_command(
     for col in ("layer", "kind", "filters", "params", "MACs", "binary ops"):
         table.add_column(col, justify="left" if col in ("layer", "kind") else "right")
     for r in result.rows:
-        table.add_row(r["layer"], r["kind"], f"{r['filters_before']} -> {r['filters_after']}",
+        shared = f" (runs {r['calls_before']}x)" if r.get("calls_before", 1) > 1 else ""
+        table.add_row(r["layer"] + shared, r["kind"], f"{r['filters_before']} -> {r['filters_after']}",
                       f"{r['params_before']:,} -> {r['params_after']:,}",
                       f"{r['macs_before']:,} -> {r['macs_after']:,}",
                       f"{r['binary_ops_before']:,} -> {r['binary_ops_after']:,}")
@@ -56,3 +66,5 @@ def export_command(
         console.print(f"slim model test accuracy: [bold]{result.accuracy:.2%}[/]")
     if result.report_path is not None:
         console.print(f"report: {result.report_path}, chart: {result.chart_path}")
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)

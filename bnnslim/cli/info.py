@@ -93,8 +93,9 @@ def _datasets_info() -> None:
     from bnnslim.plugins import datasets
 
     table = Table(title="datasets (--data NAME)")
-    for col in ("name", "input", "classes", "from", "description"):
-        table.add_column(col, overflow="fold")
+    for col in ("name", "input", "classes", "from"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("description", overflow="fold")
     for name, provided in sorted(datasets().items()):
         spec = provided.spec
         table.add_row(name, "x".join(str(d) for d in spec.input_shape), str(spec.num_classes or "from the data"),
