@@ -26,7 +26,7 @@ from bnnslim import distributed as D
 from bnnslim.binary.convert import BinarizePlan, apply_binarization, plan_binarization
 from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
-from bnnslim.checks import check_dataset_sample, check_model_output
+from bnnslim.checks import check_dataset_sample, check_model_output, warn_about_binarization
 from bnnslim.model_source import ModelSource, load_model_source
 from bnnslim.plugin_types import DatasetSpec, DatasetSplits
 from bnnslim.plugins import get_dataset, get_scheme
@@ -238,6 +238,7 @@ def binarize(opts: BinarizeOptions, on_step: Callable[[StepEvent], None] | None 
         raise BnnslimError(f"nothing to binarize in {source.path.name} ({reasons})",
                            "binarize needs a conv between the first and last layers, or name layers with --binary")
     apply_binarization(model, plan.binary, scheme)
+    warn_about_binarization(model, example)
     build_graph(model, example)
 
     manifest: dict[str, Any] = {
