@@ -10,7 +10,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torch import nn
@@ -35,3 +35,30 @@ def load(path: str | Path, model: ModelArg = None, *, runtime: str = "torch",
     from bnnslim.model_file import load as _load
 
     return _load(path, model, runtime=runtime, trust_source=trust_source)
+
+
+#: The in-memory API (docs/api.md), imported on first use so that ``import bnnslim`` stays light.
+_API: dict[str, str] = {
+    "binarize": "bnnslim.api", "slim": "bnnslim.api", "save": "bnnslim.api", "dataset": "bnnslim.api",
+    "fit": "bnnslim.train", "Teacher": "bnnslim.train", "Distillation": "bnnslim.train",
+    "learn_masks": "bnnslim.prune.schedule", "PruneSchedule": "bnnslim.prune.schedule",
+    "ScheduleConfig": "bnnslim.prune.schedule",
+    "BnnslimError": "bnnslim.errors",
+}
+
+__all__ = ["__version__", "load", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bnnslim' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

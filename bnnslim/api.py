@@ -1,6 +1,6 @@
 """The stages of bnnslim as functions on in-memory models.
 
-``bnnslim.binarize`` and ``bnnslim.slim`` live here; training
+``bnnslim.binarize``, ``bnnslim.slim``, ``bnnslim.save`` and ``bnnslim.dataset`` live here; training
 (``bnnslim.fit``), mask learning (``bnnslim.learn_masks`` and the step-wise
 ``bnnslim.PruneSchedule``) and loading (``bnnslim.load``) live with their
 algorithms and are re-exported by the package. Nothing here touches a run
@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,7 +26,7 @@ from torch import nn
 from bnnslim.binary.convert import BinarizePlan, apply_binarization, binary_convs, plan_binarization
 from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
-from bnnslim.plugin_types import SchemeSpec
+from bnnslim.plugin_types import DatasetSplits, SchemeSpec
 
 if TYPE_CHECKING:
     from bnnslim.prune.groups import PrunableGroup
@@ -114,3 +117,51 @@ def _masked(model: nn.Module, groups: list[PrunableGroup], masks: Mapping[str, t
         yield
     finally:
         controller.remove()
+
+
+def save(model: nn.Module, path: str | Path, *, input_shape: Sequence[int], packed: bool = False,
+         metrics: Mapping[str, object] | None = None) -> Path:
+    """Write a binary ``model`` (slim or not) as a bnnslim model file, atomically; returns the path.
+
+    ``input_shape`` is one input without the batch dimension, e.g. ``(1, 28, 28)``.
+    ``packed=True`` stores binary conv weights as sign bits (8 per byte) plus the
+    per-filter scale; otherwise the latent weights as they are. The file holds
+    tensors and a JSON header (layer shapes, binary layers, scheme), never code:
+    reload it with ``bnnslim.load(path, model=...)`` naming the code that builds
+    the original architecture (a function, a module, or ``FILE[:NAME]``).
+    """
+    from bnnslim.model_file import layer_shapes, write_model_file
+    from bnnslim.trust import IN_MEMORY
+
+    convs = binary_convs(model)
+    if not convs:
+        raise BnnslimError("the model has no binary conv", "binarize it first: bnnslim.binarize(model, example_inputs)")
+    schemes = {m.scheme.name for m in convs.values()}
+    if len(schemes) != 1:
+        raise BnnslimError(f"the model mixes binary schemes ({', '.join(sorted(schemes))})",
+                           "binarize every conv with one scheme")
+    shape = [int(d) for d in input_shape]
+    if not shape or any(d <= 0 for d in shape):
+        raise BnnslimError(f"input_shape {tuple(input_shape)} is not a list of positive sizes",
+                           "give one input's shape without the batch dimension, e.g. (1, 28, 28)")
+    architecture = json.dumps(layer_shapes(model), sort_keys=True).encode()
+    label = type(model).__name__ if type(model).__name__.isidentifier() else "model"
+    manifest = {
+        "model": {"source": IN_MEMORY, "name": label, "sha256": hashlib.sha256(architecture).hexdigest(),
+                  "num_classes": None, "in_channels": None},
+        "scheme": schemes.pop(), "layers": {"binary": list(convs)}, "input_shape": shape,
+    }
+    target = Path(path)
+    write_model_file(target, model, manifest, "packed" if packed else "plain", dict(metrics or {}))
+    return target
+
+
+def dataset(name: str, root: str | Path | None = None) -> DatasetSplits:
+    """The train and test splits of a dataset bnnslim knows (``--data NAME``): built-in or a plugin's.
+
+    Items are ``(image [C, H, W] float tensor, label)``; ``root`` is where the
+    files are (``--data-root``), for datasets that need one.
+    """
+    from bnnslim.plugins import get_dataset
+
+    return get_dataset(name).build(Path(root) if root is not None else None)

@@ -52,6 +52,8 @@ from bnnslim.model_source import ModelSource, load_model_file, load_model_source
 ModelArg = Union[str, Path, nn.Module, Callable[..., nn.Module], None]
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: the source recorded by ``bnnslim.save`` for a model built in memory: only the caller's ``model=`` can rebuild it
+IN_MEMORY = "<in-memory>"
 _PLUGIN_SOURCE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 _SIGNED_FIELDS = ("source", "name", "sha256", "num_classes", "in_channels")
 
@@ -65,6 +67,11 @@ class RecordedModel:
     sha256: str
     num_classes: int | None
     in_channels: int | None
+
+    @property
+    def in_memory(self) -> bool:
+        """Saved by ``bnnslim.save`` from a model in memory: no code is recorded at all."""
+        return self.source == IN_MEMORY
 
     @property
     def is_plugin(self) -> bool:
@@ -186,6 +193,10 @@ def model_source_for(recorded: RecordedModel, where: str, *, model: ModelArg = N
     """
     if model is not None:
         return _callers_model(model, recorded)
+    if recorded.in_memory:
+        raise BnnslimError(f"{where} was saved from a model built in memory ({recorded.name}) and records no code",
+                           "pass model= naming the code that builds the original architecture "
+                           "(a function, a module, or FILE[:NAME])")
     if recorded.is_plugin:
         from bnnslim.plugins import find_model_source
         from bnnslim.model_source import load_plugin_model
@@ -232,7 +243,10 @@ def _callers_model(model: ModelArg, recorded: RecordedModel) -> ModelSource:
     path, name = split_spec(spec)
     if Path(spec).is_file():
         path, name = Path(spec), None
+    expected = None if recorded.in_memory else recorded.sha256  # an in-memory save has no file to compare with
     if path.is_file():
         # without NAME the recorded name is used, but only to pick a model defined in the file
-        return load_model_file(path, name or recorded.name, recorded.sha256, models_only=name is None)
-    return load_model_source(spec, expected_sha256=recorded.sha256)
+        if recorded.in_memory:  # the recorded name is only a label: the file's own default model is meant
+            return load_model_file(path, name)
+        return load_model_file(path, name or recorded.name, expected, models_only=name is None)
+    return load_model_source(spec, expected_sha256=expected)
