@@ -17,6 +17,7 @@ import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -147,6 +148,24 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise BnnslimError(f"'{path}' is not a readable safetensors file ({exc})",
                            "the file is damaged or truncated: rerun the stage that writes it") from exc
+
+
+def read_checkpoint(path: Path, required: Sequence[str] = ()) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors of a checkpoint; a clear error when it is damaged or lacks ``required`` metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise BnnslimError(f"checkpoint '{path}' is damaged ({exc})",
+                           "it cannot be resumed: run the command again without --resume") from exc
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise BnnslimError(f"checkpoint '{path}' lacks {', '.join(missing)}",
+                           "it cannot be resumed: run the command again without --resume")
+    return meta, tensors
 
 
 def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], origin: Path) -> None:

@@ -230,6 +230,12 @@ CLI_CASES: dict[str, tuple[Callable[[Path], None], list[str], list[str]]] = {
     "binarize-real-pattern-matches-nothing": (nothing, ["binarize", M, "--real", "nosuch*"], ["matches no conv"]),
     "binarize-unknown-model-source": (nothing, ["binarize", "nosuchzoo:net"], ["not a model source"]),
     "binarize-unknown-torchvision-model": (nothing, ["binarize", "torchvision:resnet19"], ["no model 'resnet19'"]),
+    "binarize-resume-damaged-checkpoint": (lambda w: (
+        binarize(BinarizeOptions(model=f"{w}/net.py:tiny", run=w / "t", data=BUNDLED,
+                                 train=TrainConfig(epochs=1, steps_per_epoch=1, batch_size=8))),
+        truncate("t/checkpoints/train.safetensors", 100)(w)),
+        ["binarize", M, "--run", "{w}/t", "--data", BUNDLED, "--resume", "--epochs", "1", "--steps-per-epoch", "1",
+         "--batch-size", "8"], ["checkpoint", "is damaged", "without --resume"]),
     "binarize-resume-nothing": (nothing, ["binarize", M, "--data", BUNDLED, "--resume", "--run", "{w}/fresh"],
                                 ["nothing to resume"]),
     "binarize-replaces-trained-run": (nothing, ["binarize", M, "--run", R], ["already holds a trained"]),
