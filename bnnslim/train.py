@@ -180,14 +180,12 @@ class Checkpoint:
 
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, list[EpochRecord]]:
-        from safetensors import safe_open
+        from bnnslim.rundir import read_checkpoint
 
         if not self.path.is_file():
             raise BnnslimError(f"nothing to resume: no training checkpoint at '{self.path}'",
                                "run without --resume to start training")
-        with safe_open(str(self.path), framework="pt") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta, tensors = read_checkpoint(self.path, ("config", "optimizer", "scheduler", "history", "epoch"))
         if meta["config"] != self.config_json:
             raise BnnslimError("--resume with different training options than the interrupted run",
                                f"use the same options as before: {meta['config']}")
