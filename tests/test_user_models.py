@@ -111,3 +111,27 @@ def test_info_lists_the_datasets_with_their_shapes() -> None:
     result = CliRunner().invoke(app, ["info", "--datasets"])
     assert result.exit_code == 0
     assert "fashion-mnist-mini" in result.output and "1x28x28" in result.output and "3x32x32" in result.output
+
+
+GROUPED = """
+from torch import nn
+INPUT_SHAPE = (1, 8, 8)
+
+def build_model(num_classes=3, in_channels=1):
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Hardtanh(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.Hardtanh(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Hardtanh(),
+        nn.Conv2d(8, num_classes, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+"""
+
+
+def test_info_lists_the_convs_prune_keeps_whole_and_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "net.py").write_text(textwrap.dedent(GROUPED))
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(app, ["binarize", "net.py"]).exit_code == 0
+    result = CliRunner().invoke(app, ["info"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "not prunable (kept whole by bnnslim prune)" in text
+    assert "│ 3 │ grouped or depthwise conv" in text

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
+from bnnslim.errors import BnnslimError
 from bnnslim.cli._common import DEFAULT_RUN, ModelOption, TrustSourceOption, console, friendly_errors
+
+
+if TYPE_CHECKING:
+    from bnnslim.run_model import RunModel
 
 
 @friendly_errors
@@ -48,6 +54,30 @@ def info_command(
     for row in layer_rows(loaded.model):
         style = "bold" if row.kind == "binary conv" else None
         table.add_row(row.name, row.kind, str(row.in_channels), str(row.out_channels), f"{row.params:,}", style=style)
+    console.print(table)
+    _unprunable(loaded)
+
+
+def _unprunable(loaded: RunModel) -> None:
+    """The binary convs whose filters `bnnslim prune` keeps whole, and why (from the same scan prune makes)."""
+    from bnnslim.graph import build_graph
+    from bnnslim.prune.groups import find_groups
+
+    exclude = tuple(((loaded.manifest.get("prune") or {}).get("options") or {}).get("exclude", ()))
+    example = loaded.example()
+    try:
+        scan = find_groups(loaded.model, build_graph(loaded.model, example), example, exclude=exclude)
+    except BnnslimError as exc:
+        console.print(f"[yellow]note[/]: prunable groups unknown: {escape(exc.one_line())}", highlight=False)
+        return
+    if not scan.skipped:
+        console.print("every binary conv's filters can be pruned")
+        return
+    table = Table(title="not prunable (kept whole by bnnslim prune)")
+    table.add_column("conv")
+    table.add_column("why", overflow="fold")
+    for name, why in scan.skipped.items():
+        table.add_row(name, why)
     console.print(table)
 
 
