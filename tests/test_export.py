@@ -230,7 +230,8 @@ def noise_plugin():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg11_bn", "densenet121", "mobilenet_v2", "googlenet"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg11_bn", "densenet121", "mobilenet_v2", "googlenet",
+                                  "mnasnet0_5"])  # MNASNet: its state needs the version metadata
 def test_whole_chain_on_torchvision_models(tmp_path: Path, noise_plugin, name: str) -> None:
     src = tmp_path / f"{name}.py"
     extra = ", aux_logits=False, init_weights=False" if name == "googlenet" else ""
