@@ -122,3 +122,26 @@ def test_state_is_loaded_with_the_models_own_version_metadata() -> None:
         target.load_state_dict(tensors)
     load_with_metadata(target, tensors)
     assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), tensors.values()))
+
+
+def test_plugin_command_whose_pipe_closes_is_not_blamed(register, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`bnnslim PLUGIN-COMMAND | head`: a closed pipe is not the plugin's failure."""
+    from bnnslim.cli.app import app as bnnslim_app
+    from bnnslim.cli.plugins import add_plugin_commands
+    from bnnslim.plugin_types import CommandSpec
+
+    def talk() -> None:
+        raise BrokenPipeError(32, "Broken pipe")  # what print() raises once the reader has gone
+
+    class P:
+        @hookimpl
+        def bnnslim_commands(self):  # type: ignore[no-untyped-def]
+            yield CommandSpec("talk", "prints a lot", talk)
+
+    register(P(), "talker")
+    monkeypatch.setattr(bnnslim_app, "registered_commands", list(bnnslim_app.registered_commands))
+    monkeypatch.setattr("os.dup2", lambda *a: None)  # keep the test runner's own stdout
+    add_plugin_commands(bnnslim_app, ["talk"])
+    result = CliRunner().invoke(bnnslim_app, ["talk"])
+    assert result.exit_code == 141, result.output
+    assert "error" not in result.output and "talker" not in result.output
