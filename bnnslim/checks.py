@@ -96,11 +96,26 @@ def dead_model_warnings(outputs: Any, accuracy: float | None) -> list[str]:
             found.append("the model's output is the same for every input (spread "
                          f"{spread:.1g} over {outputs.shape[0]} different inputs): it is dead, e.g. a ReLU "
                          "that outputs 0 everywhere; prune less, retrain longer, or use a signed activation")
-        classes = outputs.shape[1]
-        if accuracy is not None and classes > 1 and accuracy <= 1.25 / classes:
-            found.append(f"test accuracy {accuracy:.1%} is at chance for {classes} classes "
-                         f"({1 / classes:.1%}): the model does not classify")
+        found += chance_warnings(accuracy, outputs.shape[1])
     return found
+
+
+def chance_warnings(accuracy: float | None, classes: int | None) -> list[str]:
+    """A warning when ``accuracy`` is no better than guessing among ``classes``."""
+    if accuracy is None or not classes or classes < 2 or accuracy > 1.25 / classes:
+        return []
+    return [f"test accuracy {accuracy:.1%} is at chance for {classes} classes ({1 / classes:.1%}): the model does "
+            "not classify (dead layers, too few filters kept, or too little retraining)"]
+
+
+def warn_about_accuracy(accuracy: float | None, classes: int | None) -> None:
+    """Emit :func:`chance_warnings` as :class:`BnnslimWarning` (``bnnslim prune`` calls it after pruning)."""
+    import warnings
+
+    from bnnslim.errors import BnnslimWarning
+
+    for message in chance_warnings(accuracy, classes):
+        warnings.warn(message, BnnslimWarning, stacklevel=2)
 
 
 def _names(layers: list[str]) -> str:

@@ -135,3 +135,25 @@ def test_info_lists_the_convs_prune_keeps_whole_and_why(tmp_path: Path, monkeypa
     text = " ".join(result.output.split())
     assert "not prunable (kept whole by bnnslim prune)" in text
     assert "│ 3 │ grouped or depthwise conv" in text
+
+
+def test_chance_warning_is_a_warning_line_from_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `bnnslim prune` calls after pruning: a BnnslimWarning, printed as one `warning:` line."""
+    import typer
+
+    from bnnslim.checks import warn_about_accuracy
+    from bnnslim.cli._common import friendly_errors
+
+    probe = typer.Typer()
+
+    @probe.command()
+    @friendly_errors
+    def check(accuracy: float = 0.08) -> None:
+        warn_about_accuracy(accuracy, 10)
+
+    result = CliRunner().invoke(probe, [])
+    assert result.exit_code == 0
+    assert [line for line in result.output.splitlines() if line.startswith("warning:")] == [
+        "warning: test accuracy 8.0% is at chance for 10 classes (10.0%): the model does not classify (dead "
+        "layers, too few filters kept, or too little retraining)"]
+    assert CliRunner().invoke(probe, ["--accuracy", "0.5"]).output == ""
