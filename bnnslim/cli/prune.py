@@ -89,3 +89,7 @@ def prune_command(
                       f"{result.kept_filters} is the nearest count the layer sizes allow")
     console.print(f"test accuracy: {result.accuracy_before:.2%} before, [bold]{result.accuracy_after:.2%}[/] after "
                   f"({result.seconds:.1f} s)")
+    from bnnslim.checks import warn_about_accuracy  # issue 12: a model pruned to chance is said so
+    from bnnslim.rundir import RunDir
+
+    warn_about_accuracy(result.accuracy_after, RunDir(run).read_manifest()["model"].get("num_classes"))
