@@ -46,7 +46,7 @@ def _alive(pid: int) -> bool:
 
 def remove_stale_temporaries(target: Path) -> list[Path]:
     """Remove temporary files of ``target`` left by dead processes of this host; returns what was removed."""
-    removed = []
+    removed: list[Path] = []
     prefix = f".{target.name}.{_HOST}."
     try:
         candidates = [p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp")]

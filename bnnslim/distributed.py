@@ -72,7 +72,7 @@ def timeout_seconds() -> float:
     if not 0 < value < 7 * 24 * 3600:
         from bnnslim.errors import BnnslimError
 
-        raise BnnslimError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds", f"set it to e.g. 600, or unset it")
+        raise BnnslimError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds", "set it to e.g. 600, or unset it")
     return value
 
 

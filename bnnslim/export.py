@@ -120,15 +120,15 @@ def export(run_path: Path, forms: tuple[str, ...] = ("plain", "packed"), output:
         return _export(run, forms, output, evaluate_data, model, trust_source)
 
 
-def _export(run: RunDir, forms: tuple[str, ...], output: Path | None, evaluate_data: bool, model: ModelArg,
+def _export(run: RunDir, forms: tuple[str, ...], output: Path | None, evaluate_data: bool, model_arg: ModelArg,
             trust_source: bool) -> ExportResult:
     manifest = run.read_manifest()
     prune_info = manifest.get("prune")
     notes: list[str] = []
     pruned_path = run.path / prune_info["weights"] if prune_info else None
-    if pruned_path is not None:
+    if prune_info and pruned_path is not None:
         run.check_weights(pruned_path, prune_info.get("weights_sha256"))
-    loaded = load_run_model(run, weights=pruned_path, model=model, trust_source=trust_source)
+    loaded = load_run_model(run, weights=pruned_path, model=model_arg, trust_source=trust_source)
     model = loaded.model.eval()
     example = probe_batch(loaded.input_shape)
     before = layer_costs(model, example)

@@ -23,8 +23,8 @@ content changed since export is refused; so is any damaged header field.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +323,7 @@ def _check_layer_tensors(path: Path, layers: dict[str, dict[str, int]], tensors:
             elif got is not None:
                 ok = got.dim() == 4 and tuple(got.shape[:2]) == (shape["out"], per_group)
             else:
+                assert bits is not None
                 ok = (bits.dim() == 4 and bits.dtype == torch.uint8
                       and (bits.shape[0], bits.shape[3]) == (shape["out"], (per_group + 7) // 8))
         else:

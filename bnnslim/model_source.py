@@ -244,13 +244,14 @@ def _import_file(path: Path, code: bytes, digest: str) -> types.ModuleType:
         raise BnnslimError(f"syntax error in {path.name} line {exc.lineno}: {exc.msg}: {line}",
                            "fix the model file") from exc
     except ValueError as exc:  # e.g. null bytes: not Python source
-        raise BnnslimError(f"'{path}' is not Python source ({exc})", "give the .py file that builds your model") from exc
+        raise BnnslimError(f"'{path}' is not Python source ({exc})",
+                           "give the .py file that builds your model") from exc
     module = types.ModuleType(module_name)
     module.__file__ = str(path)
     sys.modules[module_name] = module  # as importlib does: dataclasses and pickling look the module up
     sys.path.insert(0, str(path.parent))
     try:
-        exec(compiled, module.__dict__)  # noqa: S102 - the user named (or trusted) this file
+        exec(compiled, module.__dict__)
     except BaseException as exc:
         del sys.modules[module_name]
         if isinstance(exc, BnnslimError):

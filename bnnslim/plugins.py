@@ -511,11 +511,11 @@ def describe_plugins() -> list[PluginReport]:
                 if impl.plugin is not plugin:
                     continue
                 try:
-                    items = call_impl(pm, impl, hook_name, expected)
+                    items: list[Any] = call_impl(pm, impl, hook_name, expected)
                 except BnnslimError as exc:
                     report.errors[hook_name] = exc.one_line()
                     continue
-                names = [item.name for item in items]  # type: ignore[attr-defined]
+                names = [item.name for item in items]
                 report.provides[hook_name] = names
                 taken = [n for n in names if (hook_name, n.strip().lower()) in providers]
                 if taken:

@@ -41,7 +41,7 @@ def layer_costs(model: nn.Module, example: torch.Tensor) -> dict[str, LayerCost]
             known.binary_ops += cost.binary_ops
             known.calls += 1
 
-    def hook(name: str):  # type: ignore[no-untyped-def]
+    def hook(name: str) -> Any:
         def record(m: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
             if isinstance(m, nn.Conv2d):
                 per_out = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]

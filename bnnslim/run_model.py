@@ -18,7 +18,6 @@ from bnnslim.rundir import RunDir, load_state, load_tensors
 from bnnslim.runlock import run_lock
 from bnnslim.trust import ModelArg, RecordedModel, model_source_for, recorded_model, sign
 
-
 #: the most values one input may have (3x8192x8192 is 2**27.6): a larger recorded shape is damage
 MAX_INPUT_ELEMENTS = 1 << 28
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -157,7 +157,7 @@ def read_checkpoint(path: Path, required: Sequence[str] = ()) -> tuple[dict[str,
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise BnnslimError(f"checkpoint '{path}' is damaged ({exc})",
                            "it cannot be resumed: run the command again without --resume") from exc

@@ -30,6 +30,7 @@ on several machines every machine needs the same key (a shared home).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import hmac
@@ -41,7 +42,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from torch import nn
 
@@ -49,7 +50,7 @@ from bnnslim.errors import BnnslimError
 from bnnslim.model_source import ModelSource, load_model_file, load_model_source, split_spec
 
 #: what the caller may pass as ``model=``: a spec, or a model / factory already in memory
-ModelArg = Union[str, Path, nn.Module, Callable[..., nn.Module], None]
+ModelArg = str | Path | nn.Module | Callable[..., nn.Module] | None
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 #: the source recorded by ``bnnslim.save`` for a model built in memory: only the caller's ``model=`` can rebuild it
@@ -152,10 +153,8 @@ def _create_key(path: Path) -> None:
                 f.write(secrets.token_hex(32) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)  # fails if another process made the key meanwhile: theirs is kept
-            except FileExistsError:
-                pass
+            with contextlib.suppress(FileExistsError):  # another process made the key meanwhile: theirs is kept
+                os.link(tmp, path)
         finally:
             os.unlink(tmp)
     except OSError as exc:
@@ -198,8 +197,8 @@ def model_source_for(recorded: RecordedModel, where: str, *, model: ModelArg = N
                            "pass model= naming the code that builds the original architecture "
                            "(a function, a module, or FILE[:NAME])")
     if recorded.is_plugin:
-        from bnnslim.plugins import find_model_source
         from bnnslim.model_source import load_plugin_model
+        from bnnslim.plugins import find_model_source
 
         provided = find_model_source(recorded.source)
         if provided is None:

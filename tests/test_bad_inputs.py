@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BUNDLED, SMALL_CNN
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -29,7 +30,6 @@ from bnnslim.errors import BnnslimError
 from bnnslim.export import export
 from bnnslim.prune.schedule import PruneOptions, prune
 from bnnslim.train import TrainConfig
-from conftest import BUNDLED, SMALL_CNN
 
 QUICK_PRUNE = ("--select-steps", "1", "--retrain-steps", "1", "--finetune-steps", "0", "--batch-size", "16")
 
@@ -112,7 +112,7 @@ def edit_header(rel: str, key: str, value: str | None) -> Callable[[Path], None]
         path = w / rel
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata())
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
         meta.pop(key, None)
         if value is not None:
             meta[key] = value
@@ -125,7 +125,7 @@ def edit_tensors(rel: str, change: Callable[[dict], None]) -> Callable[[Path], N
         path = w / rel
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata())
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
         change(tensors)
         save_file(tensors, str(path), metadata=meta)
     return make
@@ -166,7 +166,7 @@ def own_run_of(rel_model: str, body: str) -> Callable[[Path], None]:
 
 
 class EvilPickle:
-    def __reduce__(self):  # noqa: D105 - what a malicious .pt does
+    def __reduce__(self):
         return (print, ("pwned",))
 
 

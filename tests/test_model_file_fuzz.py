@@ -1,16 +1,19 @@
-"""``bnnslim.load`` raises only BnnslimError for a damaged file: random truncations and byte mutations of real exports."""
+"""``bnnslim.load`` raises only BnnslimError for a damaged file.
+
+Random truncations and byte mutations of real exports, and plausible but wrong header fields and tensors.
+"""
 
 from __future__ import annotations
 
 import json
 import random
 import struct
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import BUNDLED, SMALL_CNN
 
 import bnnslim
 from bnnslim.binarize import BinarizeOptions, binarize
@@ -18,7 +21,6 @@ from bnnslim.errors import BnnslimError
 from bnnslim.export import export
 from bnnslim.prune.schedule import PruneOptions, prune
 from bnnslim.train import TrainConfig
-from conftest import BUNDLED, SMALL_CNN, TOY_MODEL
 
 CASES = 60  # per file and kind of damage
 
@@ -93,16 +95,17 @@ def test_header_field_mutations(exports, tmp_path: Path, form: str) -> None:
     source, files = exports
     with safe_open(str(files[form]), framework="pt") as f:
         meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
     layers = json.loads(meta["layers"])
     first = next(iter(layers))
     wrong = {
         "model": ["null", "[]", "{}", '"x"', json.dumps({**json.loads(meta["model"]), "num_classes": -1}),
                   json.dumps({**json.loads(meta["model"]), "name": "os.system"})],
         "binary_layers": ["null", '"3"', "[1]", '["nosuch"]', "{}"],
-        "layers": ["null", "[]", json.dumps({first: {"in": 1}}), json.dumps({first: {"in": 10**12, "out": 1, "groups": 1}}),
-                   json.dumps({**layers, first: {"in": 3, "out": 5, "groups": 2}}), json.dumps({"nosuch": {"features": 3}}),
-                   json.dumps({**layers, first: {"features": 0}})],
+        "layers": ["null", "[]", json.dumps({first: {"in": 1}}),
+                   json.dumps({first: {"in": 10**12, "out": 1, "groups": 1}}),
+                   json.dumps({**layers, first: {"in": 3, "out": 5, "groups": 2}}),
+                   json.dumps({"nosuch": {"features": 3}}), json.dumps({**layers, first: {"features": 0}})],
         "input_shape": ["null", "[]", "[0, 28, 28]", "[1, 28, 28, 1, 1]", '["1"]', "[1e400]"],
         "metrics": ["null", "[]", "{"],
         "scheme": ["", "nosuch"],
@@ -132,7 +135,7 @@ def test_tensor_mutations(exports, tmp_path: Path) -> None:
     for form in ("plain", "packed"):
         with safe_open(str(files[form]), framework="pt") as f:
             meta = dict(f.metadata())
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
         for key in sorted(tensors)[:: max(1, len(tensors) // 8)]:
             variants = [
                 {k: v for k, v in tensors.items() if k != key},

@@ -13,18 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BUNDLED, SMALL_CNN
 from typer.testing import CliRunner
 
 from bnnslim._atomic import remove_stale_temporaries, save_tensors, write_json
 from bnnslim.binarize import BinarizeOptions, binarize
 from bnnslim.cli.app import app
 from bnnslim.errors import BnnslimError
-from bnnslim.export import export
 from bnnslim.prune.schedule import PruneOptions, prune
 from bnnslim.rundir import RunDir, save_weights
 from bnnslim.runlock import lock_path, run_lock
 from bnnslim.train import TrainConfig
-from conftest import BUNDLED, SMALL_CNN
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,9 +91,8 @@ def test_a_second_command_on_a_locked_run_names_the_holder(pruned: Path, tmp_pat
 
 def test_lock_is_reentrant_in_one_process_and_released(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    with run_lock(run, "prune"):
-        with run_lock(run, "export"):
-            pass
+    with run_lock(run, "prune"), run_lock(run, "export"):
+        pass
     assert not run.exists()  # the lock lives beside the run, so a fresh run directory stays empty
     assert lock_path(run).parent == tmp_path
     with run_lock(run, "export"):
@@ -191,7 +189,7 @@ def test_disk_full_is_one_clear_error_and_keeps_the_old_file(tmp_path: Path, mon
                               "message: \"No space left on device\" })")
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
-    with pytest.raises(BnnslimError, match="no space left to write .*w.safetensors"):
+    with pytest.raises(BnnslimError, match=r"no space left to write .*w\.safetensors"):
         save_tensors(target, {"w": torch.ones(2)})
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
@@ -202,11 +200,10 @@ def test_write_error_from_the_writer_is_a_clear_error(tmp_path: Path) -> None:
     """A real ENOSPC: the writer inside atomic_path copies to /dev/full."""
     from bnnslim._atomic import atomic_path
 
-    with pytest.raises(BnnslimError, match="no space left"):
-        with atomic_path(tmp_path / "x.bin"):
-            with open("/dev/full", "wb") as f:
-                f.write(b"x" * (1 << 16))
-                f.flush()
+    with pytest.raises(BnnslimError, match="no space left"), atomic_path(tmp_path / "x.bin"), \
+            open("/dev/full", "wb") as f:
+        f.write(b"x" * (1 << 16))
+        f.flush()
     assert list(tmp_path.iterdir()) == []
 
 

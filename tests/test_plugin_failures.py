@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL_CNN
 from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 
@@ -16,7 +17,6 @@ from bnnslim import plugins
 from bnnslim.cli.app import app
 from bnnslim.hookspecs import hookimpl
 from bnnslim.plugin_types import DatasetSpec, DatasetSplits, SchemeSpec
-from conftest import SMALL_CNN
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def test_state_is_loaded_with_the_models_own_version_metadata() -> None:
     with pytest.raises(ValueError, match="version"):
         target.load_state_dict(tensors)
     load_with_metadata(target, tensors)
-    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), tensors.values()))
+    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), tensors.values(), strict=True))
 
 
 def test_plugin_command_whose_pipe_closes_is_not_blamed(register, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TOY_MODEL
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -31,7 +32,6 @@ from bnnslim.export import export
 from bnnslim.model_source import load_model_source
 from bnnslim.run_model import load_run_model
 from bnnslim.rundir import RunDir
-from conftest import TOY_MODEL
 
 EVIL = """
 from pathlib import Path
@@ -74,7 +74,7 @@ def rewrite_header(src: Path, dst: Path, drop_signature: bool = True, **model: o
     """A copy of export ``src`` with its header's model entry changed (and its signature dropped)."""
     with safe_open(str(src), framework="pt") as f:
         meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
     entry = json.loads(meta["model"])
     entry.update(model)
     meta["model"] = json.dumps(entry)
@@ -114,7 +114,7 @@ def test_absolute_py_named_by_the_header_is_not_imported(exported, tmp_path: Pat
     evil = evil_py(tmp_path, marker)
     crafted = rewrite_header(exported[2], tmp_path / "m.safetensors", source=str(evil), name="build_model",
                              sha256=sha(evil))
-    with pytest.raises(BnnslimError, match="does not run code because a file names it.*--model"):
+    with pytest.raises(BnnslimError, match=r"does not run code because a file names it.*--model"):
         bnnslim.load(crafted)
     with pytest.raises(BnnslimError, match="does not run code"):
         bnnslim.load(crafted, runtime="packed")
@@ -131,7 +131,7 @@ def test_relative_py_never_resolves_against_the_current_directory(exported, tmp_
                                  sha256=sha(evil))
         with pytest.raises(BnnslimError):
             bnnslim.load(crafted)
-        with pytest.raises(BnnslimError, match="relative path|no installed plugin"):
+        with pytest.raises(BnnslimError, match=r"relative path|no installed plugin"):
             bnnslim.load(crafted, trust_source=True)
 
 
@@ -220,7 +220,7 @@ def test_forged_or_foreign_signature_is_not_trusted(exported, tmp_path: Path, ma
                                  sha256=sha(evil))
         with safe_open(str(crafted), framework="pt") as f:
             meta = dict(f.metadata())
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
         save_file(tensors, str(crafted), metadata={**meta, "model_signature": signature})
         with pytest.raises(BnnslimError, match="no valid signature"):
             bnnslim.load(crafted)

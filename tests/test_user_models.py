@@ -8,17 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
 from bnnslim.binarize import BinarizeOptions, binarize
-from bnnslim.checks import binarization_warnings, dead_model_warnings
+from bnnslim.checks import dead_model_warnings
 from bnnslim.cli.app import app
 from bnnslim.export import export
 from bnnslim.report import layer_costs
-from bnnslim.rundir import RunDir, save_weights
 from bnnslim.run_model import load_run_model
+from bnnslim.rundir import RunDir, save_weights
 
 WARNED = """
 from torch import nn

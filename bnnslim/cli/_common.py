@@ -9,7 +9,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -26,11 +26,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 RunOption = Annotated[Path, typer.Option("--run", help="Run directory shared by bnnslim's commands.")]
 DEFAULT_RUN = Path("bnnslim-run")
-ModelOption = Annotated[Optional[str], typer.Option(
+ModelOption = Annotated[str | None, typer.Option(
     "--model", help="The model code you trust: FILE[:NAME] (the .py the model was made with; its sha256 must match) "
                     "or PREFIX:NAME. Needed for a file or run that this account's bnnslim did not make.")]
 TrustSourceOption = Annotated[bool, typer.Option(
-    "--trust-source", help="Import the model file that the file or run records (only if you trust where it came from).")]
+    "--trust-source",
+    help="Import the model file that the file or run records (only if you trust where it came from).")]
 
 
 def friendly_errors(fn: F) -> F:
@@ -90,7 +91,7 @@ def _expected_failure(exc: Exception) -> tuple[BnnslimError | None, bool]:
                                         and any(w in str(exc) for w in _OUT_OF_MEMORY)):
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         return BnnslimError(f"out of memory ({first})",
-                            "use a smaller --batch-size / --batch or --input-shape, or a machine with more memory"), False
+                            "use a smaller --batch-size / --batch or --input-shape, or more memory"), False
     if "torch.distributed" in sys.modules:
         from bnnslim.distributed import stalled_error
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from bnnslim.errors import BnnslimError
 from bnnslim.cli._common import DEFAULT_RUN, ModelOption, TrustSourceOption, console, friendly_errors
-
+from bnnslim.errors import BnnslimError
 
 if TYPE_CHECKING:
     from bnnslim.run_model import RunModel
@@ -19,11 +18,12 @@ if TYPE_CHECKING:
 
 @friendly_errors
 def info_command(
-    path: Annotated[Optional[Path], typer.Argument(help="Run directory (default: --run).")] = None,
+    path: Annotated[Path | None, typer.Argument(help="Run directory (default: --run).")] = None,
     run: Annotated[Path, typer.Option("--run", help="Run directory shared by bnnslim's commands.")] = DEFAULT_RUN,
     model: ModelOption = None,
     trust_source: TrustSourceOption = False,
-    datasets: Annotated[bool, typer.Option("--datasets", help="List the datasets --data accepts, with their input shapes.")] = False,
+    datasets: Annotated[bool, typer.Option(
+        "--datasets", help="List the datasets --data accepts, with their input shapes.")] = False,
 ) -> None:
     """Show a run directory (model, scheme, dataset, metrics, every layer) or a model file from `bnnslim export`."""
     if datasets:
@@ -104,7 +104,7 @@ def _file_info(path: Path) -> None:
     console.print(head)
     binary = set(json.loads(meta["binary_layers"]))
     with safe_open(str(path), framework="pt") as f:
-        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
     table = Table(title="layers")
     for col in ("layer", "type", "in", "out (filters)", "stored as"):
         table.add_column(col)
