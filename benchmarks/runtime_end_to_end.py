@@ -161,10 +161,11 @@ def report(results: dict[str, Result], args: argparse.Namespace, cifar_data: str
                                                if len(met) < len(results) else "") + ".",
               "- Against a float model run channels-last (torch's faster CPU conv path) the margin is smaller; "
               "both are shown so that the comparison is honest.",
-              f"- The packed binary convs are only {1 - max(outside):.0%}-{1 - min(outside):.0%} of the slim packed "
-              "model's time: the rest is the real first conv and classifier, batch norm, pooling, Hardtanh and the "
-              "channels-last conversion, all left to torch. Further speed-ups would come from there (e.g. folding "
-              "batch norm + sign into per-channel thresholds, which issue 7 allows), not from faster popcounts.",
+              f"- The packed binary convs are {1 - max(outside):.0%}-{1 - min(outside):.0%} of the slim packed "
+              "model's time (chains of binary convs are fused: batch norm, Hardtanh, max pooling and the next sign "
+              "run inside them as integer thresholds and OR-pooling of packed bits); the rest is the real first conv "
+              "and classifier, the layers around residual adds and average pooling, which need real values, and "
+              "Python's per-module cost.",
               "- Pruning to keep 0.5 makes the packed model faster by the 'vs unpruned packed' factor only: its binary "
               "convs were already cheap."]
     lines += ["", "Checks: the slim packed model equals its own torch emulation bit for bit: "

@@ -841,6 +841,63 @@ BNN_AVX512 void conv_avx512(const ConvArgs& a, int64_t n, int64_t gi, int64_t vb
   for (; v < ve; ++v) tile_avx512<1>(a, n, gi, v);
 }
 
+// ---- AVX-512, channel lanes: lanes are the 8 output channels of a weight block
+// (one load), each output pixel's word is broadcast. For narrow outputs (a few
+// pixels per row, the late layers of a small image) where pixel lanes would sit
+// mostly empty. A tile is P consecutive output pixels (row-major, any rows).
+template <int P>
+BNN_AVX512 void tile_avx512_ch(const ConvArgs& a, int64_t n, int64_t gi, int64_t p0) {
+  const Geo& g = *a.g;
+  const int64_t* img = a.act + n * g.img_stride + gi * g.NWg * g.word_stride;
+  const int64_t* offs = a.offs;
+  const int64_t kk = a.kk, plane = g.plane;
+  const int64_t* base[P];
+  int64_t valid[P];
+  for (int p = 0; p < P; ++p) {
+    const int64_t oh = (p0 + p) / g.OW, ow = (p0 + p) % g.OW;
+    base[p] = img + oh * g.SH * g.row_stride + ow;
+    int64_t v = 0;
+    for (int64_t i = 0; i < kk; ++i) v += __builtin_popcountll(static_cast<uint64_t>(base[p][offs[i] + plane]));
+    valid[p] = v;
+  }
+  for (int64_t ob = 0; ob < g.OBg; ++ob) {
+    const int64_t* wb = a.wts + (gi * g.OBg + ob) * kk * NB;
+    __m512i acc[P];
+    for (int p = 0; p < P; ++p) acc[p] = _mm512_setzero_si512();
+    for (int64_t i = 0; i < kk; ++i) {
+      const __m512i w = _mm512_loadu_si512(wb + i * NB);
+      const int64_t off = offs[i];
+      for (int p = 0; p < P; ++p) {
+        const __m512i t = _mm512_ternarylogic_epi64(_mm512_set1_epi64(base[p][off]), w,
+                                                    _mm512_set1_epi64(base[p][off + plane]), 0x28);
+        acc[p] = _mm512_add_epi64(acc[p], _mm512_popcnt_epi64(t));
+      }
+    }
+    const int64_t oc0 = gi * g.Og + ob * NB;
+    const int nvalid = static_cast<int>(std::min<int64_t>(NB, g.Og - ob * NB));
+    for (int p = 0; p < P; ++p) {
+      alignas(64) int64_t dots[NB];
+      _mm512_store_si512(dots, _mm512_sub_epi64(_mm512_set1_epi64(valid[p]), _mm512_slli_epi64(acc[p], 1)));
+      finish_block(a, n, oc0, nvalid, p0 + p, dots);
+    }
+  }
+}
+
+constexpr int NPCH = 8;  // pixels per channel-lane tile
+
+BNN_AVX512 void conv_avx512_ch(const ConvArgs& a, int64_t n, int64_t gi, int64_t pb, int64_t pe) {
+  int64_t p = pb;
+  for (; p + NPCH <= pe; p += NPCH) tile_avx512_ch<NPCH>(a, n, gi, p);
+  for (; p < pe; ++p) tile_avx512_ch<1>(a, n, gi, p);
+}
+
+// Channel lanes fill better than pixel lanes: the share of used lanes, compared.
+inline bool use_channel_lanes(const Geo& g) {
+  const double pixel_fill = static_cast<double>(g.OW) / static_cast<double>(ceil_div(g.OW, 8) * 8);
+  const double channel_fill = static_cast<double>(g.Og) / static_cast<double>(ceil_div(g.Og, 8) * 8);
+  return channel_fill > pixel_fill;
+}
+
 // ---- AVX2: lanes are 4 pixels; popcount by nibble lookup (pshufb) into byte
 // counters, folded into 64-bit counters with psadbw every 31 words.
 BNN_AVX2 inline __m256i popcnt_bytes_avx2(__m256i v) {
@@ -978,12 +1035,16 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
   // Work items: (image, group, range of pixel vectors); each covers all output
   // channels of its group so its packed rows stay in L1 while weights stream.
   int64_t unit = 1;  // pixels per work unit
+  bool channel_lanes = false;
 #if BNN_X86
-  if (isa == ISA_AVX512) unit = 8;
+  if (isa == ISA_AVX512) {
+    channel_lanes = use_channel_lanes(g);
+    unit = channel_lanes ? 1 : 8;
+  }
   if (isa == ISA_AVX2) unit = 4;
 #endif
   const int64_t nvec = g.OH * ceil_div(g.OW, unit);
-  const int64_t chunk = std::min<int64_t>(nvec, 2 * NP512);
+  const int64_t chunk = std::min<int64_t>(nvec, channel_lanes ? 2 * NPCH : 2 * NP512);
   const int64_t items_per_img = ceil_div(nvec, chunk);
   const int64_t total = g.N * g.G * items_per_img;
   at::parallel_for(0, total, 1, [&](int64_t b, int64_t e) {
@@ -994,7 +1055,13 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
       const int64_t vb = c * chunk, ve = std::min(nvec, vb + chunk);
       switch (isa) {
 #if BNN_X86
-        case ISA_AVX512: conv_avx512(args, n, gi, vb, ve); break;
+        case ISA_AVX512:
+          if (channel_lanes) {
+            conv_avx512_ch(args, n, gi, vb, ve);
+          } else {
+            conv_avx512(args, n, gi, vb, ve);
+          }
+          break;
         case ISA_AVX2: conv_avx2(args, n, gi, vb, ve); break;
         case ISA_POPCNT: conv_popcnt(args, n, gi, vb, ve); break;
 #endif
