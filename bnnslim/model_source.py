@@ -114,17 +114,22 @@ def load_model_source(spec: str, expected_sha256: str | None = None) -> ModelSou
     :mod:`bnnslim.trust` decides what such a file may make bnnslim run.
     """
     path, name = split_spec(spec)
+    prefix, sep, rest = spec.partition(":")
+    plugin_like = bool(sep) and bool(_SOURCE_PREFIX.match(prefix)) and not path.is_file() and not Path(spec).is_file()
+    if plugin_like:
+        from bnnslim.plugins import find_model_source
+
+        # a source's prefix wins over a folder of the same name (e.g. ./bnnslim or ./torchvision)
+        provided = find_model_source(prefix)
+        if provided is not None:
+            return load_plugin_model(provided, rest, expected_sha256)
     if path.is_dir() or (name is None and Path(spec).is_dir()):
         raise BnnslimError(f"'{path}' is a directory, not a model file",
                            "give the path of a .py file that builds your model")
     if not path.is_file() and not Path(spec).is_file():
-        prefix, sep, rest = spec.partition(":")
-        if sep and _SOURCE_PREFIX.match(prefix):
-            from bnnslim.plugins import find_model_source, model_sources
+        if plugin_like:
+            from bnnslim.plugins import model_sources
 
-            provided = find_model_source(prefix)
-            if provided is not None:
-                return load_plugin_model(provided, rest, expected_sha256)
             known = sorted(model_sources())
             close = difflib.get_close_matches(prefix.lower(), known, n=1)
             hint = f"did you mean {close[0]}:{rest}? " if close else ""

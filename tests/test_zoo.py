@@ -38,3 +38,9 @@ def test_examples_folder_points_at_the_shipped_files() -> None:
     repo = Path(__file__).resolve().parents[1]
     for module in zoo.MODELS.values():
         assert (repo / "examples" / f"{module}.py").resolve() == repo / "bnnslim" / "zoo" / f"{module}.py"
+
+
+def test_a_folder_named_like_the_source_does_not_hide_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "bnnslim").mkdir()  # e.g. a clone of this repository, or a run called bnnslim
+    monkeypatch.chdir(tmp_path)
+    assert load_model_source("bnnslim:small-cnn").build(10, 1) is not None
