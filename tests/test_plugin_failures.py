@@ -99,9 +99,10 @@ def test_dataset_plugin_that_works_is_not_disturbed(register, tmp_path: Path, mo
     assert result.exit_code == 0, result.output
 
 
-def test_closed_output_pipe_is_not_an_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("args", [["plugins", "--json"], ["info", "--datasets"]])  # plain text, and Rich
+def test_closed_output_pipe_is_not_an_error(tmp_path: Path, args: list[str]) -> None:
     """`bnnslim plugins --json | head`: the reader has left; no traceback and no false error."""
-    proc = subprocess.Popen([sys.executable, "-m", "bnnslim", "plugins", "--json"], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "bnnslim", *args], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()  # the reader leaves before the first byte

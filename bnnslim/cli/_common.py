@@ -17,10 +17,20 @@ from rich.markup import escape
 
 from bnnslim.errors import BnnslimError, BnnslimWarning
 
+class _Console(Console):
+    """Rich's console, with a closed output pipe (``| head``) ending the command as a shell expects: status 141."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141)
+
+
 # Under torchrun only rank 0 speaks (RANK is set by torchrun before Python starts).
 IS_MAIN_PROCESS = int(os.environ.get("RANK", "0")) == 0
-console = Console(quiet=not IS_MAIN_PROCESS)
-err_console = Console(stderr=True, quiet=not IS_MAIN_PROCESS)
+console = _Console(quiet=not IS_MAIN_PROCESS)
+err_console = _Console(stderr=True, quiet=not IS_MAIN_PROCESS)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
