@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from bnnslim.errors import BnnslimError, BnnslimWarning
 
+
 class _Console(Console):
     """Rich's console, with a closed output pipe (``| head``) ending the command as a shell expects: status 141."""
 
