@@ -56,6 +56,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 #: the source recorded by ``bnnslim.save`` for a model built in memory: only the caller's ``model=`` can rebuild it
 IN_MEMORY = "<in-memory>"
 _PLUGIN_SOURCE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+_PLUGIN_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a plugin's model names (e.g. bnnslim:small-cnn)
 _SIGNED_FIELDS = ("source", "name", "sha256", "num_classes", "in_channels")
 
 
@@ -97,8 +98,10 @@ def recorded_model(entry: Any, where: str) -> RecordedModel:
     source, name, digest = entry.get("source"), entry.get("name"), entry.get("sha256")
     if not isinstance(source, str) or not source:
         raise BnnslimError(f"{where} records no model source", fix)
-    if not isinstance(name, str) or not name.isidentifier():
-        raise BnnslimError(f"{where} records the model name {name!r}, which is not a Python identifier", fix)
+    plugin = isinstance(source, str) and bool(_PLUGIN_SOURCE.match(source)) and not source.endswith(".py")
+    if not isinstance(name, str) or not (_PLUGIN_MODEL.match(name) if plugin else name.isidentifier()):
+        what = "a model name" if plugin else "a Python identifier"
+        raise BnnslimError(f"{where} records the model name {name!r}, which is not {what}", fix)
     if not isinstance(digest, str) or not _SHA256.match(digest):
         raise BnnslimError(f"{where} records no valid sha256 of its model source (found {digest!r}); bnnslim "
                            "requires it to check the model code", fix)
