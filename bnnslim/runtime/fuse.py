@@ -122,11 +122,15 @@ def _thresholds(table: torch.Tensor, dots: torch.Tensor) -> torch.Tensor | None:
     if not bool((up | down).all()):
         return None
     big = int(dots[-1]) + 1
+
+    def first(mask: torch.Tensor) -> int:
+        """The first dot product where ``mask`` holds, or one past the last."""
+        return int(dots[mask.nonzero()[0, 0]]) if bool(mask.any()) else big
+
     rows = []
     for o in range(table.shape[0]):
         row = table[o]
         flip = bool(down[o]) and not bool(up[o])
-        first = (lambda mask: int(dots[mask.nonzero()[0, 0]]) if bool(mask.any()) else big)
         if flip:
             rows.append((first(row <= 0), first(row == -1), 1))
         else:
@@ -194,7 +198,7 @@ def fuse_binary_chains(model: nn.Module) -> FusionReport:
         return report  # the torch emulation of bits is slower than floats: fuse only on the kernels
     try:
         graph = _Tracer().trace(model)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure: run unfused
+    except Exception as exc:  # any tracing failure: run unfused
         report.traced = False
         for name, m in model.named_modules():
             if isinstance(m, PackedBinaryConv2d):

@@ -20,6 +20,13 @@ Depthwise layers (one input channel per group) run the emulation: the kernels
 would spend a 64-bit word on one bit, 4-7x slower than a float depthwise conv
 here (grouped convs with 2+ channels per group do use the kernels).
 Inputs must be finite: a NaN input counts as 0 (torch's sign() would give NaN).
+
+In a fused chain (:mod:`bnnslim.runtime.fuse`) a layer may read packed ternary
+bits instead of floats (``input_bits``) and write them through per-channel
+integer thresholds (``out_thresholds``), see :mod:`bnnslim.runtime.bits`. After
+its first kernel call a layer caches the op and its arguments and calls the
+library's pybind11 function directly (a few microseconds per call, which
+matters for the small layers of a batch-1 network).
 """
 
 from __future__ import annotations

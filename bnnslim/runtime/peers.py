@@ -164,7 +164,7 @@ class Peers:
         if self.folder is not None:
             self.folder.cleanup()
 
-    def __enter__(self) -> "Peers":
+    def __enter__(self) -> Peers:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -201,7 +201,7 @@ def start_peers(float_models: dict[str, nn.Module], binary_model: nn.Module | No
                     continue
                 spec_json = graph_spec(binary_model, list(x.shape[1:]))
                 (spec / "graph.json").write_text(json.dumps(spec_json), encoding="utf-8")
-        except Exception as exc:  # noqa: BLE001 - the engine is left out, with the reason
+        except Exception as exc:  # the engine is left out, with the reason
             peers.missing[engine] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             continue
         process = subprocess.Popen([python, str(WORKER), engine, str(spec)], stdin=subprocess.PIPE,

@@ -59,7 +59,7 @@ def _inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def _median_ms(fns: dict[str, object], calls: int, rounds: int) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for k, fn in fns.items():
+    for fn in fns.values():
         fn()  # type: ignore[operator]
     for r in range(rounds):
         for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
