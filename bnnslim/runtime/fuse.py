@@ -270,7 +270,25 @@ def fuse_binary_chains(model: nn.Module) -> FusionReport:
             _set_submodule(model, ename, FusedAway(m, name))
         if pool is not None:
             _set_submodule(model, pool[0], PackedMaxPool2d(pool[1], producer.out_channels))
+        # what unfuse() puts back
+        producer.fused_chain = [*elementwise, *([pool] if pool is not None else [])]  # type: ignore[assignment]
         report.fused[name] = cname
     for name, reason in report.not_fused.items():
         modules[name].fuse_reason = reason  # type: ignore[assignment]  # shown by runtime_plan
     return report
+
+
+def unfuse(model: nn.Module, producer_name: str, reason: str) -> None:
+    """Undo one fused pair: the producer writes floats, its chain's layers come back, the consumer reads floats."""
+    producer = model.get_submodule(producer_name)
+    if not isinstance(producer, PackedBinaryConv2d) or producer.fused_into is None:
+        return
+    for name, original in getattr(producer, "fused_chain", []):
+        _set_submodule(model, name, original)
+    consumer = model.get_submodule(producer.fused_into)
+    assert isinstance(consumer, PackedBinaryConv2d)
+    consumer.input_bits = False
+    producer.out_thresholds = None
+    producer.fused_into = None
+    producer.fused_chain = []  # type: ignore[assignment]
+    producer.fuse_reason = reason  # type: ignore[assignment]

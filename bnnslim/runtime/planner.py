@@ -5,10 +5,10 @@ every packed binary conv's input, then times, interleaved, each layer on the
 kernels and on its float emulation (a torch float conv of the +-1 weights:
 what the layer would cost in float, exact all the same). A layer on float
 inputs and outputs whose float version is faster switches to it
-(:meth:`PackedBinaryConv2d.use_emulation`, with the times as the reason). A
-fused layer (packed bits in or out) stays packed: its float version would also
-need the batch norm and activation it folds and would unpack its neighbours;
-its times are still reported.
+(:meth:`PackedBinaryConv2d.use_emulation`, with the times as the reason); a
+fused layer that float beats is first unfused (:func:`bnnslim.runtime.fuse.unfuse`:
+its neighbours hand it floats again). The float time is the conv alone, so a
+fused layer's folded batch norm and activation count in its favour.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnnslim.runtime.bits import unpack_ternary
+from bnnslim.runtime.fuse import unfuse
 from bnnslim.runtime.layers import PackedBinaryConv2d
 
 
@@ -97,7 +98,9 @@ def plan_runtime(model: nn.Module, x: torch.Tensor, *, calls: int = 5, rounds: i
         for name, inp in seen.items():
             layer = modules[name]
             assert isinstance(layer, PackedBinaryConv2d)
-            as_float = unpack_ternary(inp, layer.in_channels) if layer.input_bits else inp
+            as_float = unpack_ternary(inp, layer.in_channels) if inp.dtype == torch.int64 else inp
+            if not layer.input_bits:
+                inp = as_float  # its producer was unfused above: it reads floats now
             shape = [int(d) for d in as_float.shape]
             if layer.mode != "kernel":
                 choices.append(LayerChoice(name, shape, float("nan"), float("nan"), "float",
@@ -109,11 +112,19 @@ def plan_runtime(model: nn.Module, x: torch.Tensor, *, calls: int = 5, rounds: i
                              "float": lambda layer=layer, t=as_float: float_version(layer, t)},
                             calls, rounds)
             packed_ms, float_ms = ms["packed"], ms["float"]
-            if bits_in or bits_out:
-                why = ("fused (packed bits " + ("in and out" if bits_in and bits_out else "in" if bits_in else "out")
-                       + "): stays packed")
+            if (bits_in or bits_out) and float_ms >= packed_ms:
+                why = (f"packed {float_ms / packed_ms:.1f}x faster than float, fused (packed bits "
+                       + ("in and out" if bits_in and bits_out else "in" if bits_in else "out") + ")")
                 runs = "packed"
             elif float_ms < packed_ms:
+                if apply and (bits_in or bits_out):
+                    # back to floats at both ends: the emulation reads and writes floats
+                    why_unfused = f"the plan runs '{name}' in float"
+                    if bits_out:
+                        unfuse(model, name, why_unfused)
+                    for pname, m in modules.items():
+                        if isinstance(m, PackedBinaryConv2d) and m.fused_into == name:
+                            unfuse(model, pname, why_unfused)
                 why = f"float conv {float_ms:.3f} ms < packed {packed_ms:.3f} ms on input {shape}"
                 runs = "float"
                 if apply:
