@@ -51,6 +51,24 @@ LABELS = {
     "unfused": "bnnslim packed (unfused)", "fused": REFERENCE,
 }
 TARGETS = {"lce_indirect_bgemm": 1.5, "ort_int8:original": 3.0, "ort_int8:slim": 3.0, "torch_original": 8.0}
+LIMITS = """## What limits the figures where a target is missed
+
+- AVX2: this CPU's XNOR-popcount peak is 410 G bit-ops/s with Harley-Seal (343 with the nibble lookup the
+  kernels use) against 1285 with AVX-512 VPOPCNTDQ (`runtime_popcount_peak.md`), and the AVX2 3x3 kernels
+  reach 20-30 % of it (16 vector registers: 8 output channels x 4 pixels per step, byte counters folded
+  every 31 words). LCE (whose kernels cannot be capped, and are portable ones) runs the same in both runs,
+  so on AVX2 it is level with bnnslim.
+  Harley-Seal inside the conv was tried and gave nothing here (the 9-36 words per output are too few to
+  amortise its carry-save tree), so the kernel keeps the lookup.
+- Small late layers (VGG-11's 4x4 and 2x2 maps, 256 channels): a layer costs a few microseconds of fixed
+  work (Python module call, argument passing, buffers) on top of its popcounts; ONNX Runtime and LCE run
+  their whole graph in C++. A C++ runner for a fused segment would remove most of it (not built yet).
+- The real first conv (3 input channels) and the layers around residual adds and average pooling run in
+  torch on floats: 10-25 % of the packed model's time.
+- ONNX Runtime int8 of the *slim* model is a strong contender: the slim float model is already small, and
+  VNNI int8 dot products (this CPU has them) make its convs cheap; against int8 of the original model (what a
+  user without bnnslim would quantize) the packed runtime is 1.2-4.4x faster.
+"""
 
 
 def build_models(name: str) -> tuple[dict[str, object], object, object]:
@@ -110,7 +128,7 @@ def measure(isa: str, rounds: int, inner: int, networks: list[str]) -> dict[str,
             remote = peers.runners()
             names = list(local) + list(remote)
             times: dict[str, list[float]] = {n: [] for n in names}
-            for n, m in local.items():
+            for m in local.values():
                 for _ in range(5):
                     m(x)
             for n, w in remote.items():
@@ -128,7 +146,8 @@ def measure(isa: str, rounds: int, inner: int, networks: list[str]) -> dict[str,
         plan = runtime_plan(fused)
         out["networks"][name] = {  # type: ignore[index]
             "median_ms": {n: statistics.median(t) * 1e3 for n, t in times.items()},
-            "ratio_vs_fused": {n: statistics.median(a / b for a, b in zip(t, times["fused"])) for n, t in times.items()},
+            "ratio_vs_fused": {n: statistics.median(a / b for a, b in zip(t, times["fused"], strict=True))
+                               for n, t in times.items()},
             "fused": len(plan.fused), "binary_convs": len(plan.kernel) + len(plan.emulated),
             "missing": missing,
         }
@@ -164,16 +183,17 @@ def report(results: list[dict[str, object]], args: argparse.Namespace, seconds: 
                 mark = "" if v is None or c not in TARGETS else (" ok" if v >= TARGETS[c] else f" (<{TARGETS[c]:g})")
                 cells.append("-" if v is None else f"{v:.2f}{mark}")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
-        lines += ["", "Median latency (ms):", "", "| network | " + " | ".join(LABELS[c] for c in cols + ["fused"])
+        lines += ["", "Median latency (ms):", "", "| network | " + " | ".join(LABELS[c] for c in [*cols, "fused"])
                   + " | binary convs fused |", "|---|" + "---|" * (len(cols) + 2)]
         for n, r in nets.items():
             lines.append(f"| {n} | " + " | ".join(f"{r['median_ms'][c]:.3f}" if c in r["median_ms"] else "-"
-                                                  for c in cols + ["fused"])
+                                                  for c in [*cols, "fused"])
                          + f" | {r['fused']} of {r['binary_convs']} |")
         missing = {e: why for r in nets.values() for e, why in r["missing"].items()}
         for e, why in missing.items():
             lines.append(f"\n- {e} not timed: {why}")
         lines.append("")
+    lines.append(LIMITS)
     return "\n".join(lines) + "\n"
 
 
