@@ -7,13 +7,15 @@ file: the installed package holds it.
 from __future__ import annotations
 
 from collections.abc import Iterator
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from bnnslim import __version__, zoo
 from bnnslim.errors import BnnslimError
 from bnnslim.hookspecs import hookimpl
 from bnnslim.plugin_types import ModelSourceSpec
+
+if TYPE_CHECKING:
+    from torch import nn  # the zoo's modules import torch when a model is built, not when plugins load
 
 
 @hookimpl
