@@ -53,13 +53,13 @@ LABELS = {
 TARGETS = {"lce_indirect_bgemm": 1.5, "ort_int8:original": 3.0, "ort_int8:slim": 3.0, "torch_original": 8.0}
 LIMITS = """## What limits the figures where a target is missed
 
-- AVX2: this CPU's XNOR-popcount peak is 410 G bit-ops/s with Harley-Seal (343 with the nibble lookup the
-  kernels use) against 1285 with AVX-512 VPOPCNTDQ (`runtime_popcount_peak.md`), and the AVX2 3x3 kernels
-  reach 20-30 % of it (16 vector registers: 8 output channels x 4 pixels per step, byte counters folded
-  every 31 words). LCE (whose kernels cannot be capped, and are portable ones) runs the same in both runs,
-  so on AVX2 it is level with bnnslim.
-  Harley-Seal inside the conv was tried and gave nothing here (the 9-36 words per output are too few to
-  amortise its carry-save tree), so the kernel keeps the lookup.
+- AVX2: this CPU's XNOR-popcount peak is 420 G bit-ops/s with Harley-Seal (386 with the nibble lookup the
+  kernels use) against 1307 with AVX-512 VPOPCNTDQ (`runtime_popcount_peak.md`, best rounds); the AVX2 3x3
+  kernels reach 65-77 % of the Harley-Seal peak in their best rounds, so an AVX2 binary conv costs about
+  three times its AVX-512 twin whatever the scheduling. LCE (its kernels are portable ones and cannot be
+  capped) runs the same in both runs, so on AVX2 it is level with bnnslim. Harley-Seal inside the conv
+  was tried and gave nothing here (the 9-36 words per output are too few to amortise its carry-save
+  tree), so the kernel keeps the lookup.
 - Small late layers (VGG-11's 4x4 and 2x2 maps, 256 channels): a layer costs a few microseconds of fixed
   work (Python module call, argument passing, buffers) on top of its popcounts; ONNX Runtime and LCE run
   their whole graph in C++. A C++ runner for a fused segment would remove most of it (not built yet).

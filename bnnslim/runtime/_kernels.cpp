@@ -18,7 +18,14 @@
 //   [G, OBg, KH, KW, NWg, NB]   NB = 8 output channels per block, zero padded
 // Per output (o, p):  P = sum popcount((s ^ w) & nz),  V = sum popcount(nz),
 //   dot = V - 2 P  (= sum over nonzero inputs of sign(x) * sign(w), exactly),
-//   y = float(dot) * alpha[o] + bias[o]   (mul then add, as torch does).
+//   y = float(dot) * alpha[o] + bias[o]   (mul then add, as torch does),
+//   or, with output thresholds (a fused chain, see fuse.py), packed ternary
+//   bits [N, OH, OW, ceil(O/64), 2] for the next binary conv, which reads them
+//   with binary_conv2d_bits; bits_max_pool2d pools them (an OR of sign bits).
+// Vector lanes: pixels of an output row (AVX2: 4, AVX-512: 8), or on AVX-512
+// the 8 channels of a weight block where the rows are too narrow to fill them.
+// The ops are registered with torch (torch.ops.bnnslim_rt) and exported as a
+// pybind11 module, which layers.py calls directly (less per-call overhead).
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
