@@ -37,6 +37,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -91,7 +92,7 @@ class BenchData:
     Fashion-MNIST subset. Both keep only the first TEST_IMAGES test images.
     """
 
-    source_of = {"bench-cifar": "shapes", "bench-fashion": "fashion-mnist-mini"}
+    source_of: ClassVar[dict[str, str]] = {"bench-cifar": "shapes", "bench-fashion": "fashion-mnist-mini"}
 
     @staticmethod
     def bnnslim_datasets():  # type: ignore[no-untyped-def]
@@ -106,7 +107,8 @@ class BenchData:
                 if source is None:
                     g = torch.Generator().manual_seed(0)
                     x, y = torch.randn(512, 3, 32, 32, generator=g), torch.randint(0, 10, (512,), generator=g)
-                    return DatasetSplits(train=TensorDataset(x, y), test=TensorDataset(x[:TEST_IMAGES], y[:TEST_IMAGES]))
+                    return DatasetSplits(train=TensorDataset(x, y),
+                                         test=TensorDataset(x[:TEST_IMAGES], y[:TEST_IMAGES]))
                 splits = get_dataset(source).build(root)
                 return DatasetSplits(train=splits.train, test=Subset(splits.test, range(TEST_IMAGES)))
             return make
@@ -135,7 +137,8 @@ def run_path(root: Path, name: str) -> Path:
     return root / name.replace(" ", "_")
 
 
-def make_run(root: Path, name: str, keep: float, train_steps: int, retrain_steps: int) -> tuple[Path, ExportResult, float]:
+def make_run(root: Path, name: str, keep: float, train_steps: int,
+             retrain_steps: int) -> tuple[Path, ExportResult, float]:
     """binarize (a few steps) -> prune (l1, keep) -> export, in ``root/<name>``; returns run, export, seconds."""
     started = time.perf_counter()
     spec, cifar = MODELS[name]
@@ -175,7 +178,7 @@ def packed_composition(path: Path) -> dict[str, int]:
     norms = {n for n, s in layers.items() if "features" in s}
     parts = {"sign bits": 0, "alpha": 0, "batch norm": 0, "real layers (first, last, shortcuts)": 0}
     with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 - safetensors' safe_open is not a dict (no iteration)
             t = f.get_tensor(key)
             nbytes = t.numel() * t.element_size()
             owner = key.rsplit(".", 1)[0]
@@ -283,8 +286,9 @@ def report(results: list[Measured], args: argparse.Namespace, cifar_data: str, t
               "ops = real MACs + binary operations per image (from the export report). In torch's emulation every "
               "binary operation is a float MAC, so the slim/unpruned latency should track the ops ratio; on the "
               "packed runtime the binary operations cost ~1/64 of a MAC and the real layers weigh more.", "",
-              "| model | batch | threads | ops slim/unpruned | binary ops slim/unpruned | latency slim/unpruned (torch) | "
-              "latency slim/unpruned (packed) | slim packed vs float | slim packed vs slim torch |",
+              "| model | batch | threads | ops slim/unpruned | binary ops slim/unpruned | "
+              "latency slim/unpruned (torch) | latency slim/unpruned (packed) | slim packed vs float | "
+              "slim packed vs slim torch |",
               "|---|---|---|---|---|---|---|---|---|"]
     for m in results:
         ops = m.ops["all"][1] / m.ops["all"][0]
@@ -296,7 +300,7 @@ def report(results: list[Measured], args: argparse.Namespace, cifar_data: str, t
                 f"{1 / median_ratio(times, 'unpruned packed', 'slim packed'):.2f} | "
                 f"{median_ratio(times, 'float', 'slim packed'):.1f}x | "
                 f"{median_ratio(times, 'slim torch', 'slim packed'):.1f}x |")
-    lines += ["", "## Findings", ""] + findings(results, args.keep)
+    lines += ["", "## Findings", "", *findings(results, args.keep)]
     lines += ["", "Checks: every slim packed model equals its own torch emulation bit for bit on a random batch: "
               + ", ".join(f"{m.name} {'yes' if m.exact else 'NO'}" for m in results) + ". Build time per model "
               "(binarize + prune + export): " + ", ".join(f"{m.name} {m.build_seconds:.0f} s" for m in results) + "."]
@@ -330,9 +334,10 @@ def findings(results: list[Measured], keep: float) -> list[str]:
     torch_gap = [(1 / median_ratio(t, "binary unpruned", "slim torch")) / (m.ops["all"][1] / m.ops["all"][0])
                  for m, t in rows]
     out.append(f"- **Slim latency vs MACs.** In torch's emulation the slim/unpruned latency ratio follows the ops "
-               f"ratio (it is {min(torch_gap):.2f} to {max(torch_gap):.2f} times the ops ratio): above it where fixed costs weigh (the unpruned "
-               "real first conv; batch norm, activations and pooling, which shrink with keep, not keep^2), below it at "
-               "batch 1 for the large models, where torch's binary model spends most of its time re-binarizing the "
+               f"ratio (it is {min(torch_gap):.2f} to {max(torch_gap):.2f} times the ops ratio): above it where "
+               "fixed costs weigh (the unpruned real first conv; batch norm, activations and pooling, which shrink "
+               "with keep, not keep^2), below it at batch 1 for the large models, where torch's binary model spends "
+               "most of its time re-binarizing the "
                "latent weights (sign and mean |W| of every weight at every call), which shrinks with the weight count. "
                "On the packed runtime the binary convs are already cheap, so slimming gains less "
                "(slim/unpruned latency in the table's packed column) than the ops ratio suggests.")

@@ -109,7 +109,8 @@ def measure(run: Path, rounds: int, inner: int) -> Result:
     modules = dict(models["slim packed"].named_modules())
     split = {"real convs and linears": 0.0, "packed binary convs": 0.0}
     for name, seconds in layers.items():
-        split["packed binary convs" if isinstance(modules[name], PackedBinaryConv2d) else "real convs and linears"] += seconds
+        part = "packed binary convs" if isinstance(modules[name], PackedBinaryConv2d) else "real convs and linears"
+        split[part] += seconds
     total = statistics.median(times["slim packed"])
     split["other (BN, pooling, activations, layout)"] = max(0.0, total - sum(split.values()))
     first_real = next(n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear)))
@@ -144,8 +145,8 @@ def report(results: dict[str, Result], args: argparse.Namespace, cifar_data: str
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{statistics.median(r.times[c]) * 1e3:.3f}" for c in COLUMNS) + " |")
     lines += ["", "## Where the slim packed model's time goes (per-layer hooks)", "",
-              "| network | packed binary convs | real convs and linears | of which the first conv | other (BN, pooling, "
-              "activations, layout) | binary convs on the kernels |", "|---|---|---|---|---|---|"]
+              "| network | packed binary convs | real convs and linears | of which the first conv | "
+              "other (BN, pooling, activations, layout) | binary convs on the kernels |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
         first, first_s = r.first_real
         cells = [f"{r.split[k] * 1e3:.3f} ms ({r.split[k] / r.total:.0%})" for k in

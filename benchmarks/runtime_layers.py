@@ -37,9 +37,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bnnslim.binary.layers import BinaryConv2d  # noqa: E402
-from bnnslim.default_plugins.schemes import bnnslim_schemes  # noqa: E402
-from bnnslim.runtime import PackedBinaryConv2d, build, cpu_flags, cpu_model, kernel_status, set_threads  # noqa: E402
+from bnnslim.binary.layers import BinaryConv2d
+from bnnslim.default_plugins.schemes import bnnslim_schemes
+from bnnslim.runtime import PackedBinaryConv2d, build, cpu_flags, cpu_model, kernel_status, set_threads
 
 SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -162,7 +162,7 @@ def report(args: argparse.Namespace, results: dict[tuple[int, int], dict[str, li
     for (c, s), times in results.items():
         row = [f"{c} ch, {s}x{s}"]
         for name in [*isas, "emulation"]:
-            ratios = [f / t for f, t in zip(times["float"], times[name])]
+            ratios = [f / t for f, t in zip(times["float"], times[name], strict=True)]
             row.append(f"{statistics.median(ratios):.1f}x")
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Median latency per call (ms; absolute times vary with the machine's load)", ""]
@@ -180,10 +180,11 @@ def report(args: argparse.Namespace, results: dict[tuple[int, int], dict[str, li
                   "| network | vs float NCHW | vs float channels-last | float NCHW ms | float channels-last ms "
                   "| runtime ms |", "|---|---|---|---|---|---|"]
         for name, t in examples.items():
-            r1 = statistics.median([f / r for f, r in zip(t["float"], t["runtime"])])
-            r2 = statistics.median([f / r for f, r in zip(t["float_cl"], t["runtime"])])
+            r1 = statistics.median([f / r for f, r in zip(t["float"], t["runtime"], strict=True)])
+            r2 = statistics.median([f / r for f, r in zip(t["float_cl"], t["runtime"], strict=True)])
             lines.append(f"| {name} | {r1:.1f}x | {r2:.1f}x | {statistics.median(t['float']) * 1e3:.2f} | "
-                         f"{statistics.median(t['float_cl']) * 1e3:.2f} | {statistics.median(t['runtime']) * 1e3:.2f} |")
+                         f"{statistics.median(t['float_cl']) * 1e3:.2f} | "
+                         f"{statistics.median(t['runtime']) * 1e3:.2f} |")
     return "\n".join(lines) + "\n"
 
 

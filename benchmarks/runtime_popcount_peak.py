@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     ops = build.fast_ops()
-    can = {name: bool(build.ops().cpu_has(build.ISA_CODES[name])) for name in ("popcnt", "avx2", "avx512")}  # type: ignore[attr-defined]
+    can = {name: bool(build.ops().cpu_has(build.ISA_CODES[name])) for name in ("popcnt", "avx2", "avx512")}
     methods = {m: v for m, v in METHODS.items() if can[v[1]]}
     g = torch.Generator().manual_seed(0)
     a, w, z = (torch.randint(-2**62, 2**62, (WORDS,), generator=g) for _ in range(3))
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             for m in methods:
                 reps = 2000
                 s = time.perf_counter()
-                ops.popcount_peak(a, w, z, m, reps)  # type: ignore[attr-defined]
+                ops.popcount_peak(a, w, z, m, reps)
                 peak[m].append(WORDS * 64 * reps / (time.perf_counter() - s))
             for isa in isas:
                 os.environ[build.ENV_ISA] = isa

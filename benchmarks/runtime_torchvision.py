@@ -30,7 +30,6 @@ sys.path.insert(0, str(HERE))
 from _common import header  # noqa: E402
 
 from bnnslim.bench import per_layer_times  # noqa: E402
-
 from bnnslim.binary.convert import apply_binarization, plan_binarization  # noqa: E402
 from bnnslim.plugins import get_scheme  # noqa: E402
 from bnnslim.runtime import (  # noqa: E402
@@ -70,7 +69,7 @@ def measure(name: str, size: int, rounds: int, inner: int) -> dict[str, object]:
                 for _ in range(inner):
                     models[k](x)
                 times[k].append((time.perf_counter() - start) / inner)
-    ratio = statistics.median(a / b for a, b in zip(times["float"], times["packed"]))
+    ratio = statistics.median(a / b for a, b in zip(times["float"], times["packed"], strict=True))
     layer_s = per_layer_times({"packed": packed}, x, inner)["packed"]
     modules = dict(packed.named_modules())
     real_s = sum(t for n, t in layer_s.items() if type(modules[n]) in (torch.nn.Conv2d, torch.nn.Linear))
@@ -100,10 +99,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: done", file=sys.stderr)
     isa = os.environ.get("BNNSLIM_RUNTIME_ISA") or kernel_status().isa
     flags = cpu_flags()
-    lines = [header(f"Torchvision classifiers binarized by bnnslim: packed runtime vs torch fp32 ({args.size}x{args.size}, "
-                    "batch 1, one thread)"),
-             f"- CPU: {cpu_model()}; flags: {', '.join(f for f in ('avx2', 'avx512f', 'avx512_vpopcntdq') if f in flags)}; "
-             f"packed kernel: `{isa}`",
+    shown_flags = ", ".join(f for f in ("avx2", "avx512f", "avx512_vpopcntdq") if f in flags)
+    lines = [header(f"Torchvision classifiers binarized by bnnslim: packed runtime vs torch fp32 "
+                    f"({args.size}x{args.size}, batch 1, one thread)"),
+             f"- CPU: {cpu_model()}; flags: {shown_flags}; packed kernel: `{isa}`",
              f"- {args.rounds} interleaved rounds x {args.inner} calls; medians of per-round ratios; load average "
              f"(1 min) at start {load:.1f}, at end {os.getloadavg()[0]:.1f} (shared 2-core VM); "
              f"{time.perf_counter() - started:.0f} s",
@@ -117,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         slow_txt = "-" if slow is None else f"`{slow.layer}` {slow.speedup:.2f}x ({slow.why})"
         lines.append(f"| {name} | {r['float_ms']:.2f} | {r['packed_ms']:.2f} | {r['ratio']:.1f}x"
                      f"{'' if r['ratio'] >= TARGET else ' (missed)'} | {r['binary']} | {r['fused']} | "
-                     f"{len(r['to_float'])} | {slow_txt} | {len(r['slower_than_float'])} | {min(r['real_share'], 1.0):.0%} |")
+                     f"{len(r['to_float'])} | {slow_txt} | {len(r['slower_than_float'])} | "
+                     f"{min(r['real_share'], 1.0):.0%} |")
     lines += ["", "Where the 3x target is missed, the real layers bnnslim leaves in float (the first conv and, in VGG "
               "and AlexNet, the three fully connected layers of the classifier: bnnslim binarizes convs only) take "
               "most of the packed model's time: the binary convs' own speed-ups are in the 'slowest packed layer' "

@@ -201,7 +201,7 @@ def time_round_robin(models: dict[str, nn.Module], x: torch.Tensor, repeats: int
 
 def median_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     """The median over rounds of ``times[num] / times[den]`` (both sides of each ratio saw the same load)."""
-    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
 
 
 def bench(path: str | Path, batches: Sequence[int] = (1,), threads: Sequence[int] = (1,), repeats: int = 20,

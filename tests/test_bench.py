@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, assert_clean_error
 from safetensors.torch import load_file, save_file
 from typer.testing import Result
 
@@ -22,7 +23,6 @@ from bnnslim.model_file import read_header
 from bnnslim.prune.schedule import PruneOptions, prune
 from bnnslim.runtime import PackedBinaryConv2d, build, runtime_plan, with_emulation
 from bnnslim.train import TrainConfig
-from conftest import REPO, assert_clean_error
 
 QUICK = {"repeats": 2, "warmup": 1}
 

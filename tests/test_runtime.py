@@ -14,6 +14,7 @@ from types import ModuleType
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import EXAMPLES, builtin_scheme
 from torch import nn
 
 from bnnslim.binary.convert import apply_binarization, plan_binarization
@@ -34,7 +35,6 @@ from bnnslim.runtime import (
     to_runtime,
     with_emulation,
 )
-from conftest import EXAMPLES, builtin_scheme
 
 ALL_ISAS = ["avx512", "avx2", "popcnt", "scalar"]
 
@@ -185,15 +185,15 @@ def test_packed_input_layout(kernels: build.KernelStatus) -> None:
     """pack_input: sign and nonzero bits along channels, LSB first, zero padding, stride phases."""
     x = torch.randn(1, 70, 3, 5)
     x[0, 3, 1, 2] = 0.0
-    packed = build.ops().pack_input(x, [1, 0, 2, 1], 2, 1, None, 0)  # type: ignore[attr-defined]
-    hp, wp, wq = 4, 8, 4 + 8
+    packed = build.ops().pack_input(x, [1, 0, 2, 1], 2, 1, None, 0)
+    hp, _wp, wq = 4, 8, 4 + 8
     assert packed.shape == (1, hp, 2, 2, 2, wq)
     for c in (0, 3, 63, 64, 69):
         for h in range(3):
             for w in range(5):
                 iw = w + 2
                 word = packed[0, h + 1, c // 64, :, iw % 2, iw // 2]
-                bit = lambda v: (int(v) >> (c % 64)) & 1  # noqa: E731
+                bit = lambda v, c=c: (int(v) >> (c % 64)) & 1  # noqa: E731
                 assert bit(word[0]) == int(x[0, c, h, w] > 0)
                 assert bit(word[1]) == int(x[0, c, h, w] != 0)
     assert int(packed[0, 0].abs().sum()) == 0  # the padding row
@@ -534,7 +534,7 @@ def test_bits_max_pool_equals_torch(pool: tuple[int, int, int, bool], kernels: b
     values = torch.randint(-1, 2, (2, 70, 9, 7), generator=g).float()
     bits = pack_ternary(values)
     assert torch.equal(unpack_ternary(bits, 70), values)
-    got = build.ops().bits_max_pool2d(bits, [k, k], [s, s], [p, p], [1, 1], ceil)  # type: ignore[attr-defined]
+    got = build.ops().bits_max_pool2d(bits, [k, k], [s, s], [p, p], [1, 1], ceil)
     want = F.max_pool2d(values, k, s, p, 1, ceil)
     assert torch.equal(unpack_ternary(got, 70), want)
     assert torch.equal(got, max_pool_emulated(bits, 70, (k, k), (s, s), (p, p), (1, 1), ceil))
@@ -601,7 +601,7 @@ def test_plan_keeps_the_faster_version(kernels: build.KernelStatus, monkeypatch:
 def test_plan_keeps_fused_layers_that_win(kernels: build.KernelStatus, monkeypatch: pytest.MonkeyPatch) -> None:
     from bnnslim.runtime import planner
 
-    model, x, binary = binary_example("vgg11", trained_bn=False, batch=1)
+    model, x, _binary = binary_example("vgg11", trained_bn=False, batch=1)
     _random_bn(model, seed=8)
     runtime = to_runtime(model)
     fused = dict(runtime_plan(runtime).fused)

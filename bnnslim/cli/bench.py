@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -32,16 +32,31 @@ def _x(value: float | None) -> str:
 
 @friendly_errors
 def bench_command(
-    path: Annotated[Path, typer.Argument(help="A model file from `bnnslim export` (plain or packed), or a run directory (its exported model).")],
-    batch: Annotated[Optional[list[int]], typer.Option("--batch", "-b", help="Batch size; repeatable. Default: 1.")] = None,
-    threads: Annotated[Optional[list[int]], typer.Option("--threads", "-t", help="CPU threads; repeatable. Default: 1.")] = None,
-    repeats: Annotated[int, typer.Option(help="Timed calls of each model per batch size and thread count (the median is reported).")] = 20,
+    path: Annotated[Path, typer.Argument(
+        help="A model file from `bnnslim export` (plain or packed), or a run directory (its exported model).")],
+    batch: Annotated[list[int] | None, typer.Option(
+        "--batch", "-b", help="Batch size; repeatable. Default: 1.")] = None,
+    threads: Annotated[list[int] | None, typer.Option(
+        "--threads", "-t", help="CPU threads; repeatable. Default: 1.")] = None,
+    repeats: Annotated[int, typer.Option(
+        help="Timed calls of each model per batch size and thread count (the median is reported).")] = 20,
     warmup: Annotated[int, typer.Option(help="Untimed calls of each model first.")] = 5,
-    model_file: Annotated[Optional[str], typer.Option("--model", "--model-file", help="The model code you trust: FILE[:NAME] (its sha256 must match the export) or PREFIX:NAME; needed for a file this account's bnnslim did not export.")] = None,
-    trust_source: Annotated[bool, typer.Option("--trust-source", help="Import the model file the header records (only if you trust where the file came from).")] = False,
-    layers: Annotated[bool, typer.Option(help="Time every conv and linear layer too (a second pass with hooks).")] = True,
-    plan: Annotated[bool, typer.Option(help="First time each binary conv packed and in float on its input shape; unfused layers where float wins run float.")] = True,
-    compare: Annotated[bool, typer.Option("--compare", help="Also time ONNX Runtime (fp32, int8) on the float original and Larq Compute Engine on the binary model (pip install bnnslim[compare]; LCE from $BNNSLIM_LCE_PYTHON).")] = False,
+    model_file: Annotated[str | None, typer.Option(
+        "--model", "--model-file",
+        help="The model code you trust: FILE[:NAME] (its sha256 must match the export) or PREFIX:NAME; "
+             "needed for a file this account's bnnslim did not export.")] = None,
+    trust_source: Annotated[bool, typer.Option(
+        "--trust-source",
+        help="Import the model file the header records (only if you trust where the file came from).")] = False,
+    layers: Annotated[bool, typer.Option(
+        help="Time every conv and linear layer too (a second pass with hooks).")] = True,
+    plan: Annotated[bool, typer.Option(
+        help="First time each binary conv packed and in float on its input shape; "
+             "unfused layers where float wins run float.")] = True,
+    compare: Annotated[bool, typer.Option(
+        "--compare",
+        help="Also time ONNX Runtime (fp32, int8) on the float original and Larq Compute Engine on the binary model "
+             "(pip install bnnslim[compare]; LCE from $BNNSLIM_LCE_PYTHON).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Time the float original, torch's binary emulation and bnnslim's packed XNOR-popcount runtime on this CPU."""
@@ -64,9 +79,9 @@ def bench_command(
     head.add_row("model", f"{result.model} ({result.form} file, input {'x'.join(map(str, result.input_shape))})")
     head.add_row("CPU", f"{result.cpu}, {result.cores} cores available")
     head.add_row("packed kernel", result.kernel + ("" if result.fast_popcount else " (no vector popcount)"))
-    plan = result.plan
-    head.add_row("binary convs", f"{len(plan['kernel'])} on the kernels, {len(plan['emulated'])} emulated, "
-                                 f"{len(plan['unchanged'])} not packed")
+    conv_plan = result.plan
+    head.add_row("binary convs", f"{len(conv_plan['kernel'])} on the kernels, {len(conv_plan['emulated'])} emulated, "
+                                 f"{len(conv_plan['unchanged'])} not packed")
     head.add_row("packed vs torch binary",
                  f"max |difference| {result.max_abs_difference:.2g}; equals its own emulation: "
                  f"{'yes' if result.matches_emulation else 'NO'}")

@@ -29,8 +29,10 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -104,11 +106,11 @@ def _env_forces_fallback() -> bool:
 
 
 @contextlib.contextmanager
-def _ninja_on_path() -> "contextlib.Generator[None, None, None]":
+def _ninja_on_path() -> Iterator[None]:
     # cpp_extension runs `ninja` from PATH; the `ninja` wheel's binary may not be
     # on PATH when the environment's python is run without activating it.
     try:
-        import ninja  # type: ignore[import-not-found]
+        import ninja
 
         bin_dir = str(ninja.BIN_DIR)
     except (ImportError, AttributeError):
@@ -123,7 +125,7 @@ def _ninja_on_path() -> "contextlib.Generator[None, None, None]":
 
 
 @contextlib.contextmanager
-def _quiet_cpp_extension() -> "contextlib.Generator[None, None, None]":
+def _quiet_cpp_extension() -> Iterator[None]:
     # cpp_extension logs "No CUDA runtime is found" on import on CUDA builds of
     # torch without a GPU; it has no bearing on a CPU-only extension.
     logger = logging.getLogger("torch.utils.cpp_extension")
@@ -170,7 +172,7 @@ def _ninja_available() -> bool:
 
     try:
         return bool(cpp_extension.is_ninja_available())
-    except Exception:  # noqa: BLE001 - treat any probe failure as "no ninja"
+    except Exception:
         return False
 
 
@@ -216,7 +218,7 @@ class _Progress:
         while not self._stop.wait(self.every):
             self._say(f"still compiling the packed kernels ({time.perf_counter() - self._started:.0f} s)")
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> _Progress:
         self._say(f"compiling the packed binary kernels once for this torch (about a minute, longer on a "
                   f"busy machine); cached in {self.where}")
         self._thread.start()
@@ -295,7 +297,7 @@ def kernel_status() -> KernelStatus:
         else:
             try:
                 status = _build(SOURCE)
-            except Exception as exc:  # noqa: BLE001 - any build failure means: fall back
+            except Exception as exc:
                 status = KernelStatus(False, EMULATION, reason=_fail_reason(exc))
         if not status.available:
             hint = "" if _env_forces_fallback() else (
@@ -317,7 +319,7 @@ def reset() -> None:
         _isa_checked.clear()
 
 
-def ops() -> object:
+def ops() -> Any:
     """The library's ops (``torch.ops.bnnslim_rt``); raises when the kernels are not available."""
     status = kernel_status()
     if not status.available:
@@ -326,7 +328,7 @@ def ops() -> object:
     return getattr(torch.ops, OPS_NAMESPACE)
 
 
-def fast_ops() -> object:
+def fast_ops() -> Any:
     """The same ops as :func:`ops`, called through pybind11 (a few microseconds less per call)."""
     ops()  # builds, or raises when the kernels are not available
     return _module
@@ -340,7 +342,7 @@ def isa_code() -> int:
     if name not in ISA_CODES:
         raise BnnslimError(f"{ENV_ISA}={name} is not a kernel", f"use one of: {', '.join(ISA_CODES)}")
     code = ISA_CODES[name]
-    if code and not bool(getattr(ops(), "cpu_has")(code)):
+    if code and not bool(ops().cpu_has(code)):
         raise BnnslimError(f"{ENV_ISA}={name}: this CPU lacks that instruction set",
                            f"unset {ENV_ISA} to let the runtime choose (this CPU: {kernel_status().isa})")
     _isa_checked[name] = code

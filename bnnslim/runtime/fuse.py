@@ -46,6 +46,8 @@ class FusedAway(nn.Module):
     computes as before.
     """
 
+    original: nn.Module  # set with object.__setattr__, see __init__
+
     def __init__(self, original: nn.Module, into: str) -> None:
         super().__init__()
         self.into = into
@@ -84,7 +86,7 @@ class PackedMaxPool2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "kernel" and build.kernel_status().available:
-            return build.fast_ops().bits_max_pool2d(  # type: ignore[attr-defined]
+            return build.fast_ops().bits_max_pool2d(
                 x, list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation), self.ceil_mode)
         return max_pool_emulated(x, self.channels, self.kernel_size, self.stride, self.padding, self.dilation,
                                  self.ceil_mode)
@@ -271,10 +273,10 @@ def fuse_binary_chains(model: nn.Module) -> FusionReport:
         if pool is not None:
             _set_submodule(model, pool[0], PackedMaxPool2d(pool[1], producer.out_channels))
         # what unfuse() puts back
-        producer.fused_chain = [*elementwise, *([pool] if pool is not None else [])]  # type: ignore[assignment]
+        producer.fused_chain = [*elementwise, *([pool] if pool is not None else [])]
         report.fused[name] = cname
     for name, reason in report.not_fused.items():
-        modules[name].fuse_reason = reason  # type: ignore[assignment]  # shown by runtime_plan
+        modules[name].fuse_reason = reason  # shown by runtime_plan
     return report
 
 

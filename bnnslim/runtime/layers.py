@@ -69,7 +69,7 @@ def padding_4(padding: int | tuple[int, ...] | str, kernel: tuple[int, int],
         if stride != (1, 1):
             raise BnnslimError("padding='same' needs stride 1", "this is torch's rule too")
         pads: list[int] = []
-        for k, d in zip(kernel, dilation):
+        for k, d in zip(kernel, dilation, strict=True):
             total = d * (k - 1)
             pads += [total // 2, total - total // 2]
         return (pads[0], pads[1], pads[2], pads[3])
@@ -109,6 +109,8 @@ class PackedBinaryConv2d(nn.Module):
     alpha: torch.Tensor | None
     bias: torch.Tensor | None
     input_mask: torch.Tensor | None
+    kernel_words: torch.Tensor
+    out_thresholds: torch.Tensor | None
 
     def __init__(
         self,
@@ -180,7 +182,7 @@ class PackedBinaryConv2d(nn.Module):
 
     @classmethod
     def from_binary_conv(cls, layer: nn.Conv2d, weight_bits: torch.Tensor | None = None,
-                         alpha: torch.Tensor | None = None) -> "PackedBinaryConv2d":
+                         alpha: torch.Tensor | None = None) -> PackedBinaryConv2d:
         """Pack a :class:`~bnnslim.binary.layers.BinaryConv2d`.
 
         By default the signs and the scale come from the layer's scheme (the scale
@@ -237,12 +239,12 @@ class PackedBinaryConv2d(nn.Module):
     def _run_kernel(self, x: torch.Tensor, counts: bool) -> torch.Tensor:
         thresholds = None if counts else self.out_thresholds
         if self.input_bits:
-            return build.ops().binary_conv2d_bits(  # type: ignore[attr-defined]
+            return build.ops().binary_conv2d_bits(
                 x, self.in_channels, self.kernel_words, self.alpha, self.bias, self.out_channels,
                 self.kernel_size[0], self.kernel_size[1], list(self.stride), list(self.padding4),
                 list(self.dilation), self.groups, self.input_mask, counts, build.isa_code(), thresholds)
         x, pad = self._pad_input(x)
-        return build.ops().binary_conv2d(  # type: ignore[attr-defined]
+        return build.ops().binary_conv2d(
             x, self.kernel_words, self.alpha, self.bias, self.out_channels, self.kernel_size[0],
             self.kernel_size[1], list(self.stride), list(pad), list(self.dilation), self.groups,
             self.input_mask, counts, build.isa_code(), thresholds)
@@ -309,11 +311,12 @@ class PackedBinaryConv2d(nn.Module):
         tail = (self.alpha, self.bias, self.out_channels, self.kernel_size[0], self.kernel_size[1],
                 list(self.stride), list(self.padding4), list(self.dilation), self.groups, self.input_mask, False,
                 build.isa_code(), self.out_thresholds)
+        args: tuple[object, ...]
         if self.input_bits:
-            op, args = ops.binary_conv2d_bits, (self.in_channels, self.kernel_words, *tail)  # type: ignore[attr-defined]
+            op, args = ops.binary_conv2d_bits, (self.in_channels, self.kernel_words, *tail)
             key = (torch.int64, 5, 3, words(self.in_channels))
         else:
-            op, args = ops.binary_conv2d, (self.kernel_words, *tail)  # type: ignore[attr-defined]
+            op, args = ops.binary_conv2d, (self.kernel_words, *tail)
             key = (torch.float32, 4, 1, self.in_channels)
         self._fast = (self._state(), key, op, args)
 

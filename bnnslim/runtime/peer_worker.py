@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
@@ -45,6 +46,9 @@ def _ort(spec: Path) -> dict[str, Callable[[], object]]:
         def get_next(self) -> dict[str, Any] | None:
             return next(self.items, None)
 
+    def runner(session: Any, name: str) -> Callable[[], object]:
+        return lambda: session.run(None, {name: x})
+
     runners: dict[str, Callable[[], object]] = {}
     for onnx_file in sorted(spec.glob("*.onnx")):
         if onnx_file.stem.endswith("_int8"):
@@ -55,8 +59,8 @@ def _ort(spec: Path) -> dict[str, Callable[[], object]]:
         quantize_static(str(onnx_file), str(int8_file), Reader(name), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
         int8 = ort.InferenceSession(str(int8_file), opts, providers=["CPUExecutionProvider"])
-        runners[f"ort_fp32:{onnx_file.stem}"] = lambda s=fp32, n=name: s.run(None, {n: x})
-        runners[f"ort_int8:{onnx_file.stem}"] = lambda s=int8, n=name: s.run(None, {n: x})
+        runners[f"ort_fp32:{onnx_file.stem}"] = runner(fp32, name)
+        runners[f"ort_int8:{onnx_file.stem}"] = runner(int8, name)
     return runners
 
 
@@ -76,8 +80,8 @@ def _keras(graph: list[dict[str, Any]], input_shape: list[int]) -> Any:
             pad = node["padding"]
             if any(pad):
                 x = layers.ZeroPadding2D(((pad[0], pad[0]), (pad[1], pad[1])))(x)
-            common = dict(filters=node["out"], kernel_size=node["kernel"], strides=node["stride"],
-                          dilation_rate=node["dilation"], use_bias=node["bias"], padding="valid")
+            common = {"filters": node["out"], "kernel_size": node["kernel"], "strides": node["stride"],
+                      "dilation_rate": node["dilation"], "use_bias": node["bias"], "padding": "valid"}
             if node["groups"] != 1:
                 common["groups"] = node["groups"]
             if node["binary"]:
@@ -128,10 +132,13 @@ def _lce(spec: Path) -> dict[str, Callable[[], object]]:
 
     model = _keras(graph["nodes"], graph["input_shape"])
     flatbuffer = lce.convert_keras_model(model)
+    def runner(interp: Any) -> Callable[[], object]:
+        return lambda: interp.predict(x)
+
     runners: dict[str, Callable[[], object]] = {}
     for indirect in (False, True):
         interp = Interpreter(flatbuffer, num_threads=1, use_indirect_bgemm=indirect)
-        runners["lce_indirect_bgemm" if indirect else "lce"] = lambda i=interp: i.predict(x)
+        runners["lce_indirect_bgemm" if indirect else "lce"] = runner(interp)
     return runners
 
 
@@ -141,7 +148,7 @@ def main() -> None:
         runners = _ort(spec) if engine == "ort" else _lce(spec)
         for run in runners.values():
             run()
-    except Exception as exc:  # noqa: BLE001 - reported to the driver, which says why the engine is missing
+    except Exception as exc:
         print(f"error {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", flush=True)
         return
     print("ready " + json.dumps(sorted(runners)), flush=True)

@@ -93,7 +93,7 @@ def graph_spec(model: nn.Module, input_shape: list[int]) -> dict[str, Any]:
             elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) and not getattr(m, "ceil_mode", False):
                 node.update(op="maxpool" if isinstance(m, nn.MaxPool2d) else "avgpool", kernel=_pair(m.kernel_size),
                             stride=_pair(m.stride or m.kernel_size), padding=_pair(m.padding))
-            elif isinstance(m, nn.AdaptiveAvgPool2d) and _pair(m.output_size) == [1, 1]:
+            elif isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1), [1, 1]):
                 node.update(op="gap")
             elif isinstance(m, nn.Flatten):
                 node.update(op="flatten")
