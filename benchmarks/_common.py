@@ -26,7 +26,7 @@ def machine() -> str:
 
 
 def command() -> str:
-    return "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:])
+    return "python " + " ".join([str(Path(sys.argv[0])), *sys.argv[1:]])
 
 
 def git_revision() -> str:

@@ -89,7 +89,8 @@ def _trace_error(model: nn.Module, graph: tp.DependencyGraph, example: torch.Ten
     names = {m: n for n, m in model.named_modules()}
     reshapes = [node for node in getattr(graph, "module2node", {}).values() if node.type == tp.ops.OPTYPE.RESHAPE]
     after = sorted({n for node in reshapes for n in _named_producers(node, names)})
-    where = f" at a reshape after layer {', '.join(repr(a) for a in after[:3])} (a channel shuffle or view)" if after else ""
+    where = (f" at a reshape after layer {', '.join(repr(a) for a in after[:3])} (a channel shuffle or view)"
+             if after else "")
     return BnnslimError(
         f"torch-pruning {_tp_version()} cannot trace the channel dependencies of this model{where}: "
         f"{type(exc).__name__}: {exc}",

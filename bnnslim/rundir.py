@@ -175,7 +175,8 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], origin: Path)
     wrong = [k for k in own if k in tensors and tuple(tensors[k].shape) != tuple(own[k].shape)]
     if missing or wrong:
         detail = (f"missing {missing[:3]}" if missing else
-                  f"shape of {wrong[0]} is {tuple(tensors[wrong[0]].shape)}, the model has {tuple(own[wrong[0]].shape)}")
+                  f"shape of {wrong[0]} is {tuple(tensors[wrong[0]].shape)}, "
+                  f"the model has {tuple(own[wrong[0]].shape)}")
         raise BnnslimError(f"weights in '{origin}' do not fit the model: {detail}",
                            "use weights saved from the same model (and the same run)")
     load_with_metadata(model, {k: tensors[k] for k in own})

@@ -18,14 +18,14 @@ from bnnslim.errors import BnnslimError
 from bnnslim.export import export
 from bnnslim.model_file import read_header
 from bnnslim.packing import pack_signs, unpack_signs
-from bnnslim.plugin_types import DatasetSplits, DatasetSpec
+from bnnslim.plugin_types import DatasetSpec, DatasetSplits
 from bnnslim.plugins import get_plugin_manager
 from bnnslim.prune.schedule import PruneOptions, prune
 from bnnslim.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = ["small_cnn.py", "nin.py", "vgg11.py", "resnet18.py"]
-QUICK = dict(select_steps=2, retrain_steps=2, batch_size=32, heldout=64)
+QUICK = {"select_steps": 2, "retrain_steps": 2, "batch_size": 32, "heldout": 64}
 TRAIN = TrainConfig(epochs=1, steps_per_epoch=3, batch_size=32)
 
 
@@ -114,7 +114,8 @@ def test_packed_file_holds_one_bit_per_binary_weight(small_run: Path, tmp_path: 
         bits = tensors[f"{name}.weight_bits"]
         conv = dict(plain.named_modules())[name]
         assert bits.dtype == torch.uint8
-        assert bits.numel() == conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1] * ((conv.in_channels + 7) // 8)
+        assert bits.numel() == (conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+                                * ((conv.in_channels + 7) // 8))
         assert torch.equal(unpack_signs(bits, conv.in_channels), conv.scheme.binarize_weight(conv.weight.detach()))
         assert f"{name}.weight" not in tensors
 
@@ -238,8 +239,10 @@ def test_whole_chain_on_torchvision_models(tmp_path: Path, noise_plugin, name: s
     src.write_text(f"import torchvision\n\ndef build_model(num_classes=10):\n"
                    f"    return torchvision.models.{name}(num_classes=num_classes{extra})\n")
     run = tmp_path / "run"
-    binarize(BinarizeOptions(model=str(src), run=run, data="noise32", train=TrainConfig(epochs=1, steps_per_epoch=1, batch_size=16)))
-    pr = prune(run, PruneOptions(keep=0.7, strategy="random", select_steps=0, retrain_steps=1, batch_size=16, heldout=16))
+    binarize(BinarizeOptions(model=str(src), run=run, data="noise32",
+                             train=TrainConfig(epochs=1, steps_per_epoch=1, batch_size=16)))
+    pr = prune(run, PruneOptions(keep=0.7, strategy="random", select_steps=0, retrain_steps=1, batch_size=16,
+                                 heldout=16))
     assert pr.kept_filters == pr.requested_filters
     result = export(run, evaluate_data=False)
     assert result.max_difference < 1e-4
@@ -278,7 +281,7 @@ def test_a_file_from_another_format_version_is_refused(small_run: Path, tmp_path
 
     with safe_open(str(good), framework="pt") as f:
         meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict (no iteration)
     meta.update(format_version="99", bnnslim_version="9.0.0")
     future = tmp_path / "future.bnn.safetensors"
     save_file(tensors, str(future), metadata=meta)

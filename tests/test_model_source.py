@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-import textwrap
-
 import pytest
 import torch
+from conftest import SMALL_CNN
 from torch import nn
 
 from bnnslim.errors import BnnslimError
 from bnnslim.model_source import file_sha256, load_model_source, split_spec
-from conftest import SMALL_CNN
 
 Write = Callable[..., Path]
 
 HEADER = "from torch import nn\n"
 
 
-def load(write_model: Write, body: str, spec_suffix: str = "", **kwargs) -> "object":
+def load(write_model: Write, body: str, spec_suffix: str = "", **kwargs) -> object:
     path = write_model(textwrap.dedent(HEADER) + textwrap.dedent(body).lstrip("\n"))
     return load_model_source(f"{path}{spec_suffix}", **kwargs)
 

@@ -321,7 +321,7 @@ def test_every_hook_is_documented_in_the_plugin_guide(hook: str) -> None:
 
 
 def test_hookspec_types_are_the_plugin_types() -> None:
-    assert plugins.HOOKS == {
+    assert plugins.HOOKS == {  # noqa: SIM300 - pytest order: actual == expected
         "bnnslim_datasets": DatasetSpec, "bnnslim_schemes": SchemeSpec, "bnnslim_strategies": StrategySpec,
         "bnnslim_model_sources": ModelSourceSpec, "bnnslim_pruners": PrunerSpec, "bnnslim_commands": CommandSpec,
     }

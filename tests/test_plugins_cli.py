@@ -118,8 +118,8 @@ def test_plugins_command_shows_a_failing_hook_and_exits_1(cli: Callable[..., Res
     result = cli("plugins")
     assert "disk on fire" in result.stdout  # in the table, next to the other plugins
     assert "fashion-mnist-mini" in result.stdout
-    assert_clean_error(result, "1 plugin problem(s) (the other plugins work)", "plugin 'failing' (bnnslim-failing 1.2) raised in "
-                       "bnnslim_datasets: OSError: disk on fire")
+    assert_clean_error(result, "1 plugin problem(s) (the other plugins work)",
+                       "plugin 'failing' (bnnslim-failing 1.2) raised in bnnslim_datasets: OSError: disk on fire")
 
 
 # -- plugin commands -----------------------------------------------------------------------------------------

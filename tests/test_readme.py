@@ -55,7 +55,8 @@ def test_readme_commands_run(tmp_path: Path) -> None:
             continue  # that is this suite
         result = subprocess.run(command, shell=True, cwd=tmp_path, env={**env, "PATH": f"{bin_dir}:{env['PATH']}"},
                                 capture_output=True, text=True, timeout=1200)
-        assert result.returncode == 0, f"README command failed: {command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+        assert result.returncode == 0, (f"README command failed: {command}\n{result.stdout[-2000:]}\n"
+                                        f"{result.stderr[-2000:]}")
     for snippet in blocks("python"):
         result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True,
                                 text=True, timeout=300)

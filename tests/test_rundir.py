@@ -21,7 +21,8 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "run")
     assert not run.exists()
     content = {"model": {"source": "/x/net.py", "name": "build_model", "sha256": "ab" * 32},
-               "input_shape": [1, 28, 28], "scheme": "xnor", "layers": {"binary": ["1.0"], "real": {"0.0": "first layer"}},
+               "input_shape": [1, 28, 28], "scheme": "xnor",
+               "layers": {"binary": ["1.0"], "real": {"0.0": "first layer"}},
                "dataset": None, "binarize": {"trained": False, "history": [{"epoch": 1, "test_accuracy": 0.5}]}}
     run.write_manifest(content)
     assert run.exists()

@@ -27,7 +27,8 @@ def _size(n: int) -> str:
 @friendly_errors
 def export_command(
     run: RunOption = DEFAULT_RUN,
-    format: Annotated[list[str] | None, typer.Option("--format", "-f", help="plain, packed (1-bit) or onnx; repeatable. Default: plain and packed.")] = None,
+    format: Annotated[list[str] | None, typer.Option(
+        "--format", "-f", help="plain, packed (1-bit) or onnx; repeatable. Default: plain and packed.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file (with one --format).")] = None,
     evaluate: Annotated[bool, typer.Option(help="Measure the slim model's test accuracy on the run's dataset.")] = True,
     model: ModelOption = None,

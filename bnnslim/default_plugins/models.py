@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 from collections.abc import Iterator
+from typing import cast
 
 from bnnslim.hookspecs import hookimpl
 from bnnslim.plugin_types import ModelSourceSpec
@@ -64,7 +65,7 @@ def torchvision_input_shape(name: str) -> tuple[int, ...]:
     return _INPUT_SHAPES.get(name, TORCHVISION_INPUT_SHAPE)
 
 
-def build_torchvision_model(name: str, num_classes: int | None, in_channels: int | None):  # type: ignore[no-untyped-def]
+def build_torchvision_model(name: str, num_classes: int | None, in_channels: int | None):
     """``torchvision.models.get_model(name, weights=None, num_classes=...)`` adapted to ``in_channels``."""
     from torchvision import models
 
@@ -82,7 +83,7 @@ def build_torchvision_model(name: str, num_classes: int | None, in_channels: int
     return model
 
 
-def _adapt_first_conv(model, name: str, in_channels: int) -> None:  # type: ignore[no-untyped-def]
+def _adapt_first_conv(model, name: str, in_channels: int) -> None:
     """Replace the first conv that reads the 3 colour channels by one that reads ``in_channels``."""
     from torch import nn
 
@@ -90,8 +91,11 @@ def _adapt_first_conv(model, name: str, in_channels: int) -> None:  # type: igno
 
     for module_name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and module.in_channels == 3 and module.groups == 1:
-            new = nn.Conv2d(in_channels, module.out_channels, module.kernel_size, stride=module.stride,
-                            padding=module.padding, dilation=module.dilation, bias=module.bias is not None,
+            # torch types the attributes of every _ConvNd as tuple[int, ...]; a Conv2d's are pairs
+            pair = tuple[int, int]
+            new = nn.Conv2d(in_channels, module.out_channels, cast(pair, module.kernel_size),
+                            stride=cast(pair, module.stride), padding=cast("str | tuple[int, int]", module.padding),
+                            dilation=cast(pair, module.dilation), bias=module.bias is not None,
                             padding_mode=module.padding_mode)
             parent_name, _, attr = module_name.rpartition(".")
             setattr(model.get_submodule(parent_name), attr, new)

@@ -7,7 +7,7 @@ classifier, so that 28x28 and 32x32 inputs both work.
 from torch import nn
 
 INPUT_SHAPE = (3, 32, 32)
-CONFIG = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512]
+CONFIG: list[int | str] = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512]
 
 
 def build_model(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
