@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from bnnslim.binary.layers import BinaryConv2d
@@ -35,3 +37,11 @@ def layer_rows(model: nn.Module) -> list[LayerRow]:
 
 def _params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters(recurse=False))
+
+
+def unprunable_convs(model: nn.Module, example: torch.Tensor, exclude: Sequence[str] = ()) -> dict[str, str]:
+    """The binary convs whose filters ``bnnslim prune`` keeps whole, and why (the scan prune makes)."""
+    from bnnslim.graph import build_graph
+    from bnnslim.prune.groups import find_groups
+
+    return find_groups(model, build_graph(model, example), example, exclude=exclude).skipped

@@ -60,23 +60,21 @@ def info_command(
 
 def _unprunable(loaded: RunModel) -> None:
     """The binary convs whose filters `bnnslim prune` keeps whole, and why (from the same scan prune makes)."""
-    from bnnslim.graph import build_graph
-    from bnnslim.prune.groups import find_groups
+    from bnnslim.summary import unprunable_convs
 
     exclude = tuple(((loaded.manifest.get("prune") or {}).get("options") or {}).get("exclude", ()))
-    example = loaded.example()
     try:
-        scan = find_groups(loaded.model, build_graph(loaded.model, example), example, exclude=exclude)
+        skipped = unprunable_convs(loaded.model, loaded.example(), exclude)
     except BnnslimError as exc:
         console.print(f"[yellow]note[/]: prunable groups unknown: {escape(exc.one_line())}", highlight=False)
         return
-    if not scan.skipped:
+    if not skipped:
         console.print("every binary conv's filters can be pruned")
         return
     table = Table(title="not prunable (kept whole by bnnslim prune)")
     table.add_column("conv")
     table.add_column("why", overflow="fold")
-    for name, why in scan.skipped.items():
+    for name, why in skipped.items():
         table.add_row(name, why)
     console.print(table)
 
