@@ -49,7 +49,7 @@ from _common import header  # noqa: E402
 import bnnslim  # noqa: E402
 from bnnslim.bench import float_original, median_ratio, time_round_robin  # noqa: E402
 from bnnslim.binarize import BinarizeOptions, binarize  # noqa: E402
-from bnnslim.export import ExportResult, export  # noqa: E402
+from bnnslim.stages.export import ExportResult, export  # noqa: E402
 from bnnslim.model_file import read_header, write_model_file  # noqa: E402
 from bnnslim.prune.schedule import PruneOptions, prune  # noqa: E402
 from bnnslim.run_model import load_run_model  # noqa: E402

@@ -7,10 +7,10 @@ real and save it as safetensors.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from bnnslim._version import __version__
 
 if TYPE_CHECKING:
     from torch import nn

@@ -6,8 +6,7 @@
 algorithms and are re-exported by the package. Nothing here touches a run
 directory, prints, or reads a dataset: the caller brings the model, the example
 inputs and the data (see ``docs/api.md``). The ``bnnslim`` command line runs the
-same functions over a run directory (``bnnslim.binarize``/``bnnslim.prune.stage``/
-``bnnslim.export``).
+same algorithms over a run directory (:mod:`bnnslim.stages`).
 """
 
 from __future__ import annotations
@@ -31,8 +30,6 @@ from bnnslim.plugin_types import DatasetSplits, SchemeSpec
 if TYPE_CHECKING:
     from bnnslim.prune.groups import PrunableGroup
 
-#: Outputs of the slim and the masked model may differ by float rounding only.
-SLIM_TOLERANCE = 1e-4
 
 
 def binarize(model: nn.Module, example_inputs: torch.Tensor, scheme: str | SchemeSpec = "xnor", *,
@@ -76,9 +73,9 @@ def slim(model: nn.Module, masks: Mapping[str, torch.Tensor], example_inputs: to
     trained); otherwise :class:`bnnslim.errors.BnnslimError` names the first
     layer that diverges. ``model`` itself is left as it was.
     """
-    from bnnslim.export import first_divergence
     from bnnslim.prune.groups import find_groups
-    from bnnslim.slim import slim as slim_in_place
+    from bnnslim.prune.slim import TOLERANCE, first_divergence
+    from bnnslim.prune.slim import slim as slim_in_place
 
     was_training = model.training
     model.eval()
@@ -95,7 +92,7 @@ def slim(model: nn.Module, masks: Mapping[str, torch.Tensor], example_inputs: to
         slim_in_place(slim_model, groups, fixed, example_inputs)
         with torch.no_grad():
             got = slim_model(example_inputs)
-        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=SLIM_TOLERANCE, atol=SLIM_TOLERANCE):
+        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=TOLERANCE, atol=TOLERANCE):
             with _masked(model, groups, fixed):
                 where = first_divergence(model, slim_model, groups, fixed, example_inputs)
             raise BnnslimError(f"the slim model does not compute what the masked model computes (first at {where})",

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnnslim import __version__
+from bnnslim._version import __version__
 from bnnslim._atomic import save_tensors
 from bnnslim.binary.convert import apply_binarization
 from bnnslim.binary.layers import BinaryConv2d

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
-from bnnslim import __version__, hookspecs
+from bnnslim import hookspecs
+from bnnslim._version import __version__
 from bnnslim.errors import BnnslimError
 from bnnslim.plugin_types import (
     CommandSpec,

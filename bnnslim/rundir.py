@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnnslim import __version__
+from bnnslim._version import __version__
 from bnnslim._atomic import save_tensors, write_json
 from bnnslim.errors import BnnslimError
 

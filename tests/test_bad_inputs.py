@@ -27,7 +27,7 @@ import bnnslim
 from bnnslim.binarize import BinarizeOptions, binarize
 from bnnslim.cli.app import app
 from bnnslim.errors import BnnslimError
-from bnnslim.export import export
+from bnnslim.stages.export import export
 from bnnslim.prune.schedule import PruneOptions, prune
 from bnnslim.train import TrainConfig
 

@@ -18,7 +18,7 @@ from bnnslim.bench import bench
 from bnnslim.binarize import BinarizeOptions, binarize
 from bnnslim.binary.layers import BinaryConv2d
 from bnnslim.errors import BnnslimError
-from bnnslim.export import export
+from bnnslim.stages.export import export
 from bnnslim.model_file import read_header
 from bnnslim.prune.schedule import PruneOptions, prune
 from bnnslim.runtime import PackedBinaryConv2d, build, runtime_plan, with_emulation

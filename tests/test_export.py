@@ -15,7 +15,7 @@ import bnnslim
 from bnnslim.binarize import BinarizeOptions, binarize
 from bnnslim.cli.app import app
 from bnnslim.errors import BnnslimError
-from bnnslim.export import export
+from bnnslim.stages.export import export
 from bnnslim.model_file import read_header
 from bnnslim.packing import pack_signs, unpack_signs
 from bnnslim.plugin_types import DatasetSpec, DatasetSplits
@@ -185,7 +185,7 @@ def test_unwritable_output_leaves_nothing_behind(small_run: Path, tmp_path: Path
 def test_slim_mismatch_is_reported_with_the_layer_and_nothing_written(small_run: Path, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     run = copy_run(small_run, tmp_path)
-    import bnnslim.export as ex
+    import bnnslim.stages.export as ex
 
     real_slim = ex.slim
 

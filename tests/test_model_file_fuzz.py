@@ -18,7 +18,7 @@ from conftest import BUNDLED, SMALL_CNN
 import bnnslim
 from bnnslim.binarize import BinarizeOptions, binarize
 from bnnslim.errors import BnnslimError
-from bnnslim.export import export
+from bnnslim.stages.export import export
 from bnnslim.prune.schedule import PruneOptions, prune
 from bnnslim.train import TrainConfig
 

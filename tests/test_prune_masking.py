@@ -9,7 +9,7 @@ import torch
 from _models import MODELS, TORCHVISION, binarized, torchvision_model
 
 from bnnslim.prune.masking import MaskController
-from bnnslim.slim import slim
+from bnnslim.prune.slim import slim
 
 
 def random_masks(groups, seed: int = 0, keep: float = 0.5) -> dict[str, torch.Tensor]:

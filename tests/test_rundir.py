@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnnslim import __version__
+from bnnslim._version import __version__
 from bnnslim.binarize import BinarizeOptions, binarize
 from bnnslim.binary.layers import BinaryConv2d
 from bnnslim.errors import BnnslimError

@@ -28,7 +28,7 @@ import bnnslim
 from bnnslim.binarize import BinarizeOptions, binarize
 from bnnslim.cli.app import app
 from bnnslim.errors import BnnslimError
-from bnnslim.export import export
+from bnnslim.stages.export import export
 from bnnslim.model_source import load_model_source
 from bnnslim.run_model import load_run_model
 from bnnslim.rundir import RunDir

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from bnnslim import __version__
+from bnnslim._version import __version__
 from bnnslim.cli import bench, binarize, export, info, prune, trust
 from bnnslim.cli import plugins as plugins_cli
 

@@ -35,7 +35,7 @@ def export_command(
     trust_source: TrustSourceOption = False,
 ) -> None:
     """Remove the pruned filters for real, check the slim model equals the masked one, and save it."""
-    from bnnslim.export import export
+    from bnnslim.stages.export import export
 
     result = export(run, tuple(format or ("plain", "packed")), output, evaluate_data=evaluate, model=model,
                     trust_source=trust_source)

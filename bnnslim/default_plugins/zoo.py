@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from bnnslim import __version__, zoo
+from bnnslim import zoo
+from bnnslim._version import __version__
 from bnnslim.errors import BnnslimError
 from bnnslim.hookspecs import hookimpl
 from bnnslim.plugin_types import ModelSourceSpec

@@ -1,7 +1,7 @@
 """``bnnslim export``: slim the pruned model for real and write deployable files.
 
 1. rebuild the run's binary model with its retrained weights and masks;
-2. remove the masked channels with torch-pruning (``bnnslim.slim``);
+2. remove the masked channels with torch-pruning (:func:`bnnslim.prune.slim.slim`);
 3. check on a probe batch that the slim model computes what the masked model
    computes (exactly what was trained); nothing is written if it does not, and
    the error names the first layer that diverges;
@@ -33,17 +33,16 @@ from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
 from bnnslim.model_file import write_model_file
 from bnnslim.plugins import get_dataset
-from bnnslim.prune.groups import PrunableGroup, find_groups
+from bnnslim.prune.groups import find_groups
 from bnnslim.prune.masking import MaskController
+from bnnslim.prune.slim import TOLERANCE, first_divergence, slim
 from bnnslim.report import compare, kept_chart, layer_costs
 from bnnslim.run_model import load_run_model
 from bnnslim.rundir import RunDir, load_tensors
 from bnnslim.runlock import run_lock
-from bnnslim.slim import slim
 from bnnslim.trust import ModelArg
 
 FORMATS = ("plain", "packed", "onnx")
-TOLERANCE = 1e-4
 
 
 @dataclass
@@ -62,43 +61,6 @@ class ExportResult:
 
 def probe_batch(shape: tuple[int, ...], n: int = 8) -> torch.Tensor:
     return torch.randn(n, *shape, generator=torch.Generator().manual_seed(1234))
-
-
-def _outputs_by_layer(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    outs: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda _m, _i, o, n=n: outs.__setitem__(n, o.detach()))
-               for n, m in model.named_modules() if n and not list(m.children())]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return outs
-
-
-def first_divergence(masked: nn.Module, slim_model: nn.Module, groups: list[PrunableGroup],
-                     masks: dict[str, torch.Tensor], x: torch.Tensor) -> str:
-    """The first layer (in forward order) whose slim output differs from the masked one on kept channels."""
-    a, b = _outputs_by_layer(masked, x), _outputs_by_layer(slim_model, x)
-    kept_of: dict[str, torch.Tensor] = {}
-    for g in groups:
-        if g.id in masks:
-            for n in (*g.producers, *g.norms):
-                kept_of[n] = masks[g.id].nonzero().flatten()
-    for name, out in a.items():
-        other = b.get(name)
-        if other is None or not isinstance(out, torch.Tensor):
-            continue
-        if out.shape != other.shape:
-            if name not in kept_of or out.dim() < 2:
-                continue
-            out = out.index_select(1, kept_of[name])
-            if out.shape != other.shape:
-                return name
-        if not torch.allclose(out, other, rtol=TOLERANCE, atol=TOLERANCE):
-            return name
-    return "the model output"
 
 
 def export(run_path: Path, forms: tuple[str, ...] = ("plain", "packed"), output: Path | None = None,

@@ -1,4 +1,5 @@
-"""Structural slimming: remove masked channels for real, with everything coupled to them."""
+"""Structural slimming: remove masked channels for real, with everything coupled to them, and find
+where a slim model stops computing what its masked original computes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from torch import nn
 from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
 from bnnslim.prune.groups import PrunableGroup
+
+#: Slim and masked outputs may differ by float rounding only.
+TOLERANCE = 1e-4
 
 
 def slim(model: nn.Module, groups: list[PrunableGroup], masks: dict[str, torch.Tensor],
@@ -40,3 +44,40 @@ def slim(model: nn.Module, groups: list[PrunableGroup], masks: dict[str, torch.T
         group.prune()
         removed_all.append((g.id, removed))
     return removed_all
+
+
+def _outputs_by_layer(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    outs: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda _m, _i, o, n=n: outs.__setitem__(n, o.detach()))
+               for n, m in model.named_modules() if n and not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
+
+
+def first_divergence(masked: nn.Module, slim_model: nn.Module, groups: list[PrunableGroup],
+                     masks: dict[str, torch.Tensor], x: torch.Tensor) -> str:
+    """The first layer (in forward order) whose slim output differs from the masked one on kept channels."""
+    a, b = _outputs_by_layer(masked, x), _outputs_by_layer(slim_model, x)
+    kept_of: dict[str, torch.Tensor] = {}
+    for g in groups:
+        if g.id in masks:
+            for n in (*g.producers, *g.norms):
+                kept_of[n] = masks[g.id].nonzero().flatten()
+    for name, out in a.items():
+        other = b.get(name)
+        if other is None or not isinstance(out, torch.Tensor):
+            continue
+        if out.shape != other.shape:
+            if name not in kept_of or out.dim() < 2:
+                continue
+            out = out.index_select(1, kept_of[name])
+            if out.shape != other.shape:
+                return name
+        if not torch.allclose(out, other, rtol=TOLERANCE, atol=TOLERANCE):
+            return name
+    return "the model output"
