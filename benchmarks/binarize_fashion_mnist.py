@@ -18,7 +18,7 @@ import torch
 from bnnslim.binary.convert import apply_binarization, plan_binarization
 from bnnslim.model_source import load_model_source
 from bnnslim.plugins import get_dataset, get_scheme
-from bnnslim.train import TrainConfig, fit
+from bnnslim.train import TrainConfig, train_epochs
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -42,8 +42,8 @@ def run(binary: bool, epochs: int, lr: float, data) -> tuple[list, float]:
         started[0] = now
         print(f"{'binary' if binary else 'float'} epoch {rec.epoch}: test acc {rec.test_accuracy:.4f}", flush=True)
 
-    result = fit(model, data.train, data.test, TrainConfig(epochs=epochs, lr=lr, batch_size=128),
-                 torch.device("cpu"), on_epoch=on_epoch)
+    result = train_epochs(model, data.train, data.test, TrainConfig(epochs=epochs, lr=lr, batch_size=128),
+                          torch.device("cpu"), on_epoch=on_epoch)
     return result.history, sum(times) / len(times)
 
 

@@ -7,6 +7,10 @@
    them for ``BinaryConv2d`` under the chosen scheme;
 4. check that torch-pruning still traces the binary model;
 5. with a dataset, train it (``bnnslim.train``), checkpointing every epoch;
+   with a float teacher (``--teacher FILE``, or ``--teacher-epochs N``: the float
+   model trained first, saved as ``teacher.safetensors``, and the binary network
+   started from its weights) the loss adds distillation from the teacher's
+   outputs (Real-to-Binary, Martinez et al. 2020; ReActNet, Liu et al. 2020);
 6. write the run directory (manifest + ``binary.safetensors``).
 """
 
@@ -23,7 +27,7 @@ import torch
 from torch import nn
 
 from bnnslim import distributed as D
-from bnnslim.binary.convert import BinarizePlan, apply_binarization, plan_binarization
+from bnnslim.binary.convert import BinarizePlan, apply_binarization, clip_latent_weights, plan_binarization
 from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
 from bnnslim.checks import check_dataset_sample, check_model_output, warn_about_binarization
@@ -31,7 +35,7 @@ from bnnslim.model_source import ModelSource, load_model_source
 from bnnslim.plugin_types import DatasetSpec, DatasetSplits
 from bnnslim.plugins import get_dataset, get_scheme
 from bnnslim.rundir import RunDir, load_state, load_tensors, save_weights
-from bnnslim.train import Checkpoint, EpochRecord, StepEvent, TrainConfig, evaluate, fit
+from bnnslim.train import Checkpoint, EpochRecord, StepEvent, TrainConfig, evaluate, train_epochs
 
 DEFAULT_SCHEME = "xnor"
 
@@ -53,6 +57,8 @@ class BinarizeOptions:
     overwrite: bool = False
     device: str = "cpu"
     sync_bn: bool = False
+    teacher: Path | None = None  # float weights of the same model: distil from it
+    teacher_epochs: int = 0  # or train the float model this long first, then distil from it
 
 
 @dataclass
@@ -186,7 +192,55 @@ def _check_run_dir(run: RunDir, source: ModelSource, opts: BinarizeOptions) -> N
         )
 
 
-RESUME_MUST_MATCH = ("model", "input_shape", "scheme", "layers", "dataset")
+RESUME_MUST_MATCH = ("model", "input_shape", "scheme", "layers", "dataset", "teacher")
+TEACHER_WEIGHTS = "teacher.safetensors"
+
+
+def _teacher_identity(opts: BinarizeOptions) -> dict[str, Any] | None:
+    """What identifies the float teacher (recorded in the manifest; --resume must give the same)."""
+    if opts.train is None or (opts.teacher is None and not opts.teacher_epochs):
+        return None
+    if opts.teacher is not None and opts.teacher_epochs:
+        raise BnnslimError("--teacher and --teacher-epochs both given", "name a float teacher, or have one trained")
+    loss = {"distill": opts.train.distill, "temperature": opts.train.temperature}
+    if opts.teacher is not None:
+        from bnnslim.rundir import file_digest
+
+        if not Path(opts.teacher).is_file():
+            raise BnnslimError(f"teacher weights '{opts.teacher}' not found", "check the --teacher path")
+        return {"network": "the float model with the given weights", "weights": str(opts.teacher),
+                "sha256": file_digest(Path(opts.teacher)), **loss}
+    return {"network": f"the float model trained {opts.teacher_epochs} epochs first ({TEACHER_WEIGHTS}), "
+                       "which also gives the binary network its starting weights",
+            "epochs": opts.teacher_epochs, **loss}
+
+
+def _float_teacher(opts: BinarizeOptions, source: ModelSource, run: RunDir, splits: DatasetSplits,
+                   num_classes: int | None, in_channels: int, device: torch.device) -> tuple[nn.Module, float | None]:
+    """The float twin of the model as teacher: loaded from --teacher, or trained for --teacher-epochs."""
+    from dataclasses import replace
+
+    assert opts.train is not None
+    torch.manual_seed(opts.train.seed)
+    teacher = source.build(num_classes=num_classes, in_channels=in_channels)
+    saved = run.path / TEACHER_WEIGHTS
+    if opts.teacher is not None:
+        load_weights_into(teacher, Path(opts.teacher))
+        return teacher.to(device), None
+    if opts.resume and saved.is_file():
+        load_state(teacher, load_tensors(saved), saved)
+        return teacher.to(device), None
+    if opts.weights is not None:
+        load_weights_into(teacher, opts.weights)
+    teacher.to(device)
+    cfg = replace(opts.train, epochs=opts.teacher_epochs)
+    history = train_epochs(wrap_for_training(teacher, device, opts.sync_bn), splits.train, splits.test, cfg,
+                           device).history
+    teacher = unwrap_sync_bn(teacher)
+    if D.is_main_process():
+        save_weights(saved, teacher.to("cpu"), kind="float-teacher")
+    D.barrier()
+    return teacher.to(device), history[-1].test_accuracy if history else None
 
 
 def _check_resume_matches(old: dict[str, Any], new: dict[str, Any]) -> None:
@@ -249,6 +303,7 @@ def binarize(opts: BinarizeOptions, on_step: Callable[[StepEvent], None] | None 
         "layers": {"binary": plan.binary, "real": plan.real},
         "dataset": {"name": spec.name, "root": str(opts.data_root) if opts.data_root else None} if spec else None,
         "binarize": {"trained": False},
+        "teacher": _teacher_identity(opts),
     }
     result = BinarizeResult(run=run, plan=plan, model=model)
     if opts.train is not None and splits is not None:
@@ -264,8 +319,15 @@ def binarize(opts: BinarizeOptions, on_step: Callable[[StepEvent], None] | None 
             run.path.mkdir(parents=True, exist_ok=True)
             run.write_manifest(manifest)  # the run exists from the first epoch on, so it can be resumed
         D.barrier()
-        trained = fit(wrap_for_training(model, device, opts.sync_bn), splits.train, splits.test, opts.train,
-                      device, checkpoint, opts.resume, on_step=on_step, on_epoch=on_epoch)
+        teacher, teacher_accuracy = None, None
+        if manifest["teacher"] is not None:
+            teacher, teacher_accuracy = _float_teacher(opts, source, run, splits, num_classes, in_channels, device)
+            if opts.teacher_epochs and opts.weights is None and not opts.resume:
+                with torch.no_grad():  # start from the float weights (latent weights clipped to [-1, 1])
+                    model.load_state_dict(teacher.state_dict())
+                clip_latent_weights(model, opts.train.clip or 1.0)
+        trained = train_epochs(wrap_for_training(model, device, opts.sync_bn), splits.train, splits.test, opts.train,
+                               device, checkpoint, opts.resume, on_step=on_step, on_epoch=on_epoch, teacher=teacher)
         model = unwrap_sync_bn(model).to("cpu")
         result.model = model
         D.check_same_on_all_ranks(model.state_dict(), "binary network weights")
@@ -276,6 +338,11 @@ def binarize(opts: BinarizeOptions, on_step: Callable[[StepEvent], None] | None 
                                 "history": [asdict(h) for h in trained.history],
                                 "test_accuracy": result.test_accuracy,
                                 "processes": D.world_size()}
+        if manifest["teacher"] is not None:
+            manifest["binarize"]["loss"] = (f"cross-entropy + {opts.train.distill:g} * T^2 * KL(teacher || student) "
+                                            f"at T = {opts.train.temperature:g}")
+            if teacher_accuracy is not None:
+                manifest["binarize"]["teacher_test_accuracy"] = teacher_accuracy
     result.seconds = time.perf_counter() - started
     manifest["binarize"]["seconds"] = round(result.seconds, 2)
     if D.is_main_process():

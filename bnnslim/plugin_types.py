@@ -80,6 +80,13 @@ class SelectionContext:
     with ``masks.set_source(group.id, fn)``; the framework removes it afterwards.
     ``batches`` yields ``(x, y)`` training batches on ``device`` forever, in a
     seeded order; ``heldout`` is one fixed batch the training stream never yields.
+
+    Distillation: ``teacher`` is the frozen, unpruned network (eval mode, no
+    gradients; ``None`` when distillation is off) and ``loss(logits, y, x)`` is
+    the loss the schedule trains with: cross-entropy plus, with a teacher,
+    ``weight * T^2 * KL`` between the teacher's softened outputs on ``x`` and
+    ``logits`` (:func:`bnnslim.train.training_loss`). A strategy that learns
+    should minimise :meth:`objective` rather than plain cross-entropy.
     """
 
     model: "nn.Module"
@@ -93,6 +100,16 @@ class SelectionContext:
     penalty: float  # --penalty (budget-aware sparsity weight)
     generator: "torch.Generator"
     device: "torch.device"
+    teacher: "nn.Module | None" = None
+    loss: "Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None" = None
+
+    def objective(self, logits: "torch.Tensor", y: "torch.Tensor", x: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """The schedule's training loss for ``logits`` of inputs ``x``: ``loss`` if set, else cross-entropy."""
+        if self.loss is not None:
+            return self.loss(logits, y, x)
+        import torch.nn.functional as F
+
+        return F.cross_entropy(logits.float(), y)
 
 
 @dataclass

@@ -5,10 +5,22 @@ stepped per batch, no weight decay, latent weights of binary convs clipped to
 [-1, 1] after every step (outside that range the straight-through gradient is 0
 and a weight could never flip back).
 
-Data order is a pure function of ``(seed, epoch)`` and each epoch starts from a
-checkpointed RNG state, so a resumed run equals an uninterrupted one. Under
-``torch.distributed`` the loaders shard with ``DistributedSampler`` and metrics
-are summed over ranks; the same code runs in one process.
+Distillation (optional): a frozen *teacher* network's outputs soften the
+target, as in Hinton et al. 2015 and the binary-network work that builds on it
+(Real-to-Binary, Martinez et al. 2020; ReActNet, Liu et al. 2020):
+
+    loss = CE(s, y) + weight * T^2 * KL(softmax(t / T) || softmax(s / T))
+
+with ``s`` the student's logits, ``t`` the teacher's and ``T`` the temperature
+(``T^2`` keeps the soft term's gradient on the scale of the hard one).
+
+Two entry points: :func:`fit` trains an in-memory model on any iterable of
+``(x, y)`` batches (a user's ``DataLoader``), with no files; :func:`train_epochs`
+is what ``bnnslim binarize`` runs: epochs over a dataset with a checkpoint after
+each. Its data order is a pure function of ``(seed, epoch)`` and each epoch
+starts from a checkpointed RNG state, so a resumed run equals an uninterrupted
+one. Under ``torch.distributed`` the loaders shard with ``DistributedSampler``
+and metrics are summed over ranks; the same code runs in one process.
 """
 
 from __future__ import annotations
@@ -46,6 +58,87 @@ class TrainConfig:
     workers: int = 0
     amp: bool = False  # automatic mixed precision (bfloat16 autocast; GPUs)
     channels_last: bool = False  # NHWC memory format (GPUs with tensor cores)
+    distill: float = 1.0  # weight of the distillation term, when training has a teacher
+    temperature: float = 4.0  # its temperature
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """How a teacher's outputs enter the loss: ``CE + weight * T^2 * KL`` (module docstring).
+
+    ``weight = 0`` turns distillation off (the teacher is then not run at all).
+    """
+
+    weight: float = 1.0
+    temperature: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise BnnslimError(f"distillation weight {self.weight} is negative", "give a weight >= 0 (0 = off)")
+        if self.temperature <= 0:
+            raise BnnslimError(f"distillation temperature {self.temperature} is not positive",
+                               "give a temperature > 0, e.g. 4")
+
+    @property
+    def active(self) -> bool:
+        return self.weight > 0
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(t / T) || softmax(s / T))``, averaged over the batch; 0 when ``s == t``."""
+    t = float(temperature)
+    log_s = F.log_softmax(student_logits.float() / t, dim=1)
+    log_t = F.log_softmax(teacher_logits.detach().float() / t, dim=1)
+    return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * (t * t)
+
+
+def training_loss(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+                  distill: Distillation | None = None) -> torch.Tensor:
+    """Cross-entropy, plus the distillation term when teacher logits are given and ``distill`` is active."""
+    loss = F.cross_entropy(logits.float(), y)
+    if teacher_logits is not None and distill is not None and distill.active:
+        loss = loss + distill.weight * distillation_loss(logits, teacher_logits, distill.temperature)
+    return loss
+
+
+class Teacher:
+    """A frozen network whose logits guide training: eval mode, no gradients, never updated.
+
+    ``Teacher(module)`` keeps a reference (the caller must not train it);
+    :meth:`copy_of` takes a deep copy first, e.g. of the unpruned network
+    before its masks are installed.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        for p in module.parameters():
+            p.requires_grad_(False)
+        module.eval()
+
+    @classmethod
+    def copy_of(cls, model: nn.Module) -> "Teacher":
+        import copy
+
+        core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        return cls(copy.deepcopy(core))
+
+    def to(self, device: torch.device | str) -> "Teacher":
+        self.module.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.module.eval()
+        return self.module(x)
+
+
+def as_teacher(teacher: "Teacher | nn.Module | None") -> Teacher | None:
+    if teacher is None or isinstance(teacher, Teacher):
+        return teacher
+    if isinstance(teacher, nn.Module):
+        return Teacher(teacher)
+    raise BnnslimError(f"teacher must be an nn.Module, not {type(teacher).__name__}", "pass the teacher network")
 
 
 @dataclass
@@ -113,16 +206,18 @@ def limited(batches: Iterable, limit: int | None) -> Iterator:
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
-               clip: float | None, amp: bool = False) -> tuple[float, int]:
-    """One step of cross-entropy training; returns (loss, correct count).
+               clip: float | None, amp: bool = False, teacher: Teacher | None = None,
+               distill: Distillation | None = None) -> tuple[float, int]:
+    """One step of cross-entropy (plus distillation) training; returns (loss, correct count).
 
     With ``amp`` the forward pass runs under bfloat16 autocast (no loss scaling
     needed); latent weights and the optimizer stay float32.
     """
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+        soft = teacher(x) if teacher is not None and distill is not None and distill.active else None
         logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = training_loss(logits, y, soft, distill)
     loss.backward()
     optimizer.step()
     if clip:
@@ -197,15 +292,21 @@ class Checkpoint:
         return int(meta["epoch"]), history
 
 
-def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, cfg: TrainConfig, device: torch.device,
-        checkpoint: Checkpoint | None = None, resume: bool = False,
-        on_step: Callable[[StepEvent], None] | None = None,
-        on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainResult:
-    """Train ``model`` for ``cfg.epochs`` epochs, evaluating and checkpointing after each.
+def train_epochs(model: nn.Module, train_set: Dataset, test_set: Dataset, cfg: TrainConfig, device: torch.device,
+                 checkpoint: Checkpoint | None = None, resume: bool = False,
+                 on_step: Callable[[StepEvent], None] | None = None,
+                 on_epoch: Callable[[EpochRecord], None] | None = None,
+                 teacher: Teacher | nn.Module | None = None, distill: Distillation | None = None) -> TrainResult:
+    """Train ``model`` for ``cfg.epochs`` epochs, evaluating and checkpointing after each (``bnnslim binarize``).
 
     ``model`` may be wrapped in DistributedDataParallel; state is read from the
-    wrapped module.
+    wrapped module. With a ``teacher`` the loss is :func:`training_loss` with
+    ``distill`` (default: ``cfg.distill`` and ``cfg.temperature``).
     """
+    teacher = as_teacher(teacher)
+    if teacher is not None:
+        teacher.to(device)
+        distill = distill or Distillation(cfg.distill, cfg.temperature)
     core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -226,7 +327,7 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, cfg: TrainConfi
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            loss, ok = train_step(model, x, y, optimizer, cfg.clip, cfg.amp)
+            loss, ok = train_step(model, x, y, optimizer, cfg.clip, cfg.amp, teacher, distill)
             scheduler.step()
             loss_sum += loss * y.numel()
             correct += ok
@@ -242,3 +343,72 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, cfg: TrainConfi
         if on_epoch is not None:
             on_epoch(record)
     return result
+
+
+def fit(model: nn.Module, train_loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *, epochs: int = 1,
+        steps: int | None = None, lr: float = 1e-3, teacher: Teacher | nn.Module | None = None,
+        distill: Distillation | None = None, optimizer: torch.optim.Optimizer | None = None,
+        device: torch.device | str | None = None, clip: float | None = 1.0, amp: bool = False,
+        on_step: Callable[[StepEvent], None] | None = None) -> list[float]:
+    """Train an in-memory ``model`` on the user's own batches; no files, no run directory.
+
+    ``train_loader`` is any re-iterable of ``(x, y)`` (a ``DataLoader``). Trains
+    for ``epochs`` passes, or exactly ``steps`` steps when given (cycling the
+    loader). Adam with a cosine schedule over the whole run unless an
+    ``optimizer`` is given; latent weights of binary convs are clipped to
+    ``[-clip, clip]`` after each step. With a ``teacher`` (a frozen network, e.g.
+    the float original or the unpruned binary network) the loss is
+    ``CE + weight * T^2 * KL`` (``distill``, default ``Distillation()``).
+    ``device`` defaults to the model's. Returns the loss of every step.
+
+    >>> losses = fit(model, DataLoader(train, batch_size=128, shuffle=True), epochs=2, teacher=float_model)
+    """
+    teacher = as_teacher(teacher)
+    if teacher is not None and distill is None:
+        distill = Distillation()
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    if teacher is not None:
+        teacher.to(device)
+    if steps is None:
+        try:
+            per_epoch = len(train_loader)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise BnnslimError("the loader has no length", "pass steps=N to fit()") from exc
+        steps = epochs * per_epoch
+    if steps <= 0:
+        return []
+    params = [p for p in model.parameters() if p.requires_grad]
+    own_optimizer = optimizer is None
+    optimizer = optimizer or torch.optim.Adam(params, lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps) if own_optimizer else None
+    losses: list[float] = []
+    was_training = model.training
+    model.train()
+    try:
+        batches = _cycle(train_loader)
+        for step in range(steps):
+            x, y = next(batches)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss, ok = train_step(model, x, y, optimizer, clip, amp, teacher, distill)
+            if scheduler is not None:
+                scheduler.step()
+            losses.append(loss)
+            if on_step is not None:
+                on_step(StepEvent(0, step + 1, steps, loss, ok / max(1, y.numel())))
+    finally:
+        model.train(was_training)
+    return losses
+
+
+def _cycle(loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's batches forever (a new pass, hence a new shuffle, each time round)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise BnnslimError("the training loader yields no batches", "check the DataLoader and its dataset")

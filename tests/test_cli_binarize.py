@@ -115,17 +115,20 @@ def interrupt_after_first_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the next training run stop with Ctrl-C once epoch 1 is checkpointed."""
     import bnnslim.binarize
 
-    real_fit = bnnslim.binarize.fit
+    real_train = bnnslim.binarize.train_epochs
 
-    def fit(*args, on_epoch=None, **kwargs):
+    def train_epochs(*args, on_epoch=None, **kwargs):
         def stop(record):
-            on_epoch(record)
+            if on_epoch is not None:
+                on_epoch(record)
             if record.epoch == 1:
                 raise KeyboardInterrupt
 
-        return real_fit(*args, on_epoch=stop, **kwargs)
+        if on_epoch is None:  # the float teacher's phase
+            return real_train(*args, **kwargs)
+        return real_train(*args, on_epoch=stop, **kwargs)
 
-    monkeypatch.setattr(bnnslim.binarize, "fit", fit)
+    monkeypatch.setattr(bnnslim.binarize, "train_epochs", train_epochs)
 
 
 def test_resume_continues_an_interrupted_run_exactly(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,6 +150,46 @@ def test_resume_continues_an_interrupted_run_exactly(cli, tmp_path: Path, monkey
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     history = [RunDir(tmp_path / r).read_manifest()["binarize"]["history"] for r in ("straight", "resumed")]
     assert history[0] == history[1]
+
+
+def test_distil_from_a_float_teacher_trained_first_and_resume_exactly(cli, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ("binarize", TINY_CNN, *QUICK_TRAIN, "--epochs", "2", "--teacher-epochs", "1", "--temperature", "2")
+    assert cli(*args, "--run", "straight").exit_code == 0
+    m = RunDir(tmp_path / "straight").read_manifest()
+    assert m["teacher"]["epochs"] == 1 and m["teacher"]["temperature"] == 2.0
+    assert "KL" in m["binarize"]["loss"] and 0 < m["binarize"]["teacher_test_accuracy"] <= 1
+    teacher = load_file(str(tmp_path / "straight" / "teacher.safetensors"))
+    assert "1.0.weight" in teacher  # the float twin, same layer names
+    plain = cli("binarize", TINY_CNN, *QUICK_TRAIN, "--epochs", "2", "--run", "plain")
+    assert plain.exit_code == 0
+    a, p = run_weights(tmp_path / "straight"), run_weights(tmp_path / "plain")
+    assert any(not torch.equal(a[k], p[k]) for k in a), "the teacher changed nothing"
+
+    with monkeypatch.context() as mp:
+        interrupt_after_first_epoch(mp)
+        assert cli(*args, "--run", "resumed").exit_code == 130
+    resumed = cli(*args, "--run", "resumed", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    b = run_weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    changed = cli(*args[:-2], "--temperature", "3", "--run", "resumed", "--resume", "--overwrite")
+    assert changed.exit_code != 0 and "teacher" in changed.output
+
+
+def test_distil_from_float_weights_in_a_file(cli, tmp_path: Path) -> None:
+    from bnnslim.model_source import load_model_source
+
+    torch.manual_seed(3)
+    float_model = load_model_source(TINY_CNN).build(num_classes=10, in_channels=1)
+    save_file(float_model.state_dict(), str(tmp_path / "float.safetensors"))
+    result = cli("binarize", TINY_CNN, *QUICK_TRAIN, "--epochs", "1", "--teacher", "float.safetensors")
+    assert result.exit_code == 0, result.output
+    m = RunDir(tmp_path / "bnnslim-run").read_manifest()
+    assert m["teacher"]["weights"] == "float.safetensors" and len(m["teacher"]["sha256"]) == 64
+    assert not (tmp_path / "bnnslim-run" / "teacher.safetensors").exists()
+    missing = cli("binarize", TINY_CNN, *QUICK_TRAIN, "--teacher", "nope.pt", "--run", "other")
+    assert_clean_error(missing, "teacher")
 
 
 def toy_state(tmp_path: Path) -> dict[str, torch.Tensor]:
@@ -466,17 +509,18 @@ def test_new_run_interrupted_early_cannot_resume_the_old_one(cli, tmp_path: Path
     import bnnslim.binarize
 
     assert cli("binarize", TINY_CNN, *QUICK_TRAIN, "--epochs", "1").exit_code == 0
-    real_fit = bnnslim.binarize.fit
+    real_train = bnnslim.binarize.train_epochs
 
-    def fit(*args, on_step=None, **kwargs):
+    def train_epochs(*args, on_step=None, **kwargs):
         def stop(event):
             raise KeyboardInterrupt
 
-        return real_fit(*args, on_step=stop, **kwargs)
+        return real_train(*args, on_step=stop, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(bnnslim.binarize, "fit", fit)
-        assert cli("binarize", TINY_CNN, *QUICK_TRAIN, "--epochs", "1", "--scheme", "sign").exit_code == 130
+        m.setattr(bnnslim.binarize, "train_epochs", train_epochs)
+        result = cli("binarize", TINY_CNN, *QUICK_TRAIN, "--epochs", "1", "--scheme", "sign", "--overwrite")
+        assert result.exit_code == 130
     assert not (tmp_path / "bnnslim-run" / "binary.safetensors").exists()  # not the xnor run's weights
     fails_cleanly(cli, ("binarize", TINY_CNN, *QUICK_TRAIN, "--epochs", "1", "--scheme", "sign", "--resume"),
                   "nothing to resume")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from bnnslim.errors import BnnslimError
@@ -32,12 +34,47 @@ def test_total_lands_exactly_on_target_whatever_the_proposals(keep: float, propo
     assert budget.kept == budget.requested == round(keep * budget.total)
 
 
-def test_learned_proposals_shape_the_split() -> None:
+def test_without_a_band_the_last_group_absorbs_the_rest() -> None:
     groups = [group("a", 64), group("b", 64)]
     budget = Budget(groups, 0.5)
     assert budget.choose(50) == 50  # the first group keeps what it learned
-    assert budget.choose(50) == 14  # the last one makes up the exact remainder
+    assert budget.choose(50) == 14  # the last one makes up the exact remainder (the starvation of issue 11)
     assert budget.kept == 64
+
+
+def test_learned_proposals_shape_the_split_inside_the_band() -> None:
+    groups = [group("a", 64), group("b", 64)]
+    budget = Budget(groups, 0.5, max_shift=0.25)
+    assert budget.choose(50) == 40  # at most 1.25 x its uniform share of 32
+    assert budget.choose(50) == 24  # the rest, and never below 0.75 x 32
+    assert budget.kept == 64
+    budget = Budget(groups, 0.5, max_shift=0.25)
+    assert budget.choose(35) == 35  # inside the band a proposal is honoured
+    assert budget.choose(35) == 29
+
+
+@pytest.mark.parametrize("max_shift", [0.0, 0.1, 0.25, 0.5])
+@pytest.mark.parametrize("keep", [0.3, 0.5, 0.8])
+@pytest.mark.parametrize("proposals", ["all", "none", "alternate"])
+def test_no_group_is_starved_below_its_band_whatever_earlier_groups_propose(max_shift, keep, proposals) -> None:
+    groups = [group("a", 16), group("b", 32), group("c", 64, producers=2), group("d", 64), group("e", 48)]
+    budget = Budget(groups, keep, max_shift=max_shift)
+    counts = []
+    for i, g in enumerate(groups):
+        proposed = {"all": g.size, "none": 0, "alternate": g.size if i % 2 else 0}[proposals]
+        counts.append(budget.choose(proposed))
+    assert budget.kept == budget.requested == round(keep * budget.total)  # still exact
+    for g, k in zip(groups, counts):
+        share = budget.uniform_share(groups.index(g))
+        assert share * (1 - max_shift) - 1 <= k <= share * (1 + max_shift) + 1, (g.id, k, share)
+        assert k >= math.ceil(share * (1 - max_shift) - 1e-9) or k == min(budget.allowed[groups.index(g)])
+
+
+def test_uniform_share_is_the_common_fraction() -> None:
+    groups = [group("a", 16), group("b", 32, producers=3)]
+    budget = Budget(groups, 0.5, max_shift=0.0)
+    assert budget.fraction == pytest.approx(0.5, abs=1e-6)
+    assert [budget.choose(0), budget.choose(0)] == [8, 16]
 
 
 def test_unreachable_target_goes_to_nearest_reachable_total() -> None:
@@ -68,3 +105,42 @@ def test_keep_outside_unit_interval_is_rejected(keep: float) -> None:
 def test_keep_below_the_floor_is_rejected_with_the_minimum() -> None:
     with pytest.raises(BnnslimError, match="at least"):
         Budget([group("a", 100), group("b", 100)], 0.05, min_keep=0.1)
+
+
+@pytest.mark.parametrize("arch", ["plain", "residual", "concat"])
+@pytest.mark.parametrize("measure", ["ops", "params"])
+@pytest.mark.parametrize("keep", [0.3, 0.6])
+def test_ops_and_params_budgets_count_what_the_export_report_counts(arch: str, measure: str, keep: float) -> None:
+    import copy
+
+    import torch
+    from _models import MODELS
+
+    from bnnslim.report import layer_costs
+    from bnnslim.prune.slim import slim
+
+    b = MODELS[arch]()
+    key = "binary_ops" if measure == "ops" else "params"
+    report_total = sum(getattr(c, key) for c in layer_costs(b.model, b.example).values())
+    budget = Budget(b.groups, keep, measure=measure, model=b.model, example=b.example, max_shift=0.5)
+    assert budget.total == report_total
+    g = torch.Generator().manual_seed(0)
+    counts = [budget.choose(int(torch.randint(0, grp.size + 1, (1,), generator=g))) for grp in b.groups]
+    masks = {grp.id: (torch.arange(grp.size) < k).float() for grp, k in zip(b.groups, counts)}
+    slim_model = copy.deepcopy(b.model)
+    slim(slim_model, b.groups, masks, b.example)
+    after = sum(getattr(c, key) for c in layer_costs(slim_model, b.example).values())
+    assert after == budget.spent  # the budget's count is the report's count of the slim model
+    assert after <= budget.requested  # never over the budget ...
+    last = list(counts)
+    last[-1] += 1  # ... and short of it by less than one more channel of the last group
+    if last[-1] <= b.groups[-1].size:
+        assert budget.costs.cost(last) > budget.requested
+
+
+def test_an_ops_budget_below_what_the_floors_allow_is_refused() -> None:
+    from _models import MODELS
+
+    b = MODELS["plain"]()
+    with pytest.raises(BnnslimError, match="binary operations"):
+        Budget(b.groups, 0.001, measure="ops", model=b.model, example=b.example)

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from bnnslim.binarize import BinarizeOptions, binarize
 from bnnslim.cli.app import app
+from bnnslim.plugins import reset_plugin_manager
 from bnnslim.prune.schedule import PruneOptions, prune
 from bnnslim.rundir import RunDir
 from bnnslim.train import TrainConfig
@@ -130,6 +131,7 @@ def cli(*args: str):
     (["--keep", "0.5", "--resume"], "nothing to resume"),
 ])
 def test_bad_prune_input_is_one_clear_line_and_leaves_the_run_intact(runs, tmp_path, args, message) -> None:
+    reset_plugin_manager()  # the module's fixture may have built it before external plugins were switched off
     run = fresh(runs, "plain", tmp_path)
     before = tree_digest(run)
     result = cli("prune", "--run", str(run), *args)
@@ -169,3 +171,119 @@ def test_prune_command_prints_the_per_layer_report(runs, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert "filters before" in result.output and "total" in result.output
     assert "test accuracy" in result.output
+
+
+def test_finetune_trains_every_layer_and_keeps_the_masks(runs, tmp_path) -> None:
+    from bnnslim.prune.schedule import PruneSchedule, ScheduleConfig
+    from bnnslim.run_model import load_run_model
+
+    loaded = load_run_model(RunDir(runs["plain"]))
+    model = loaded.model
+    from bnnslim.plugins import get_dataset
+
+    train = get_dataset("fashion-mnist-mini").build(None).train
+    loader = torch.utils.data.DataLoader(train, batch_size=32, shuffle=True)
+    schedule = PruneSchedule(model, loaded.example(), ScheduleConfig(keep=0.5, strategy="l1", select_steps=1,
+                                                                     retrain_steps=1, finetune_steps=4))
+    for _ in schedule:
+        schedule.select(loader)
+        schedule.retrain()
+    masks = {k: v.clone() for k, v in schedule.masks.items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    schedule.finetune(loader)
+    changed = {k.rsplit(".", 1)[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert {"0.0", "0.1", "8"} <= changed, "finetuning trains the whole network, the first layers too"
+    assert schedule.controller.fixed_masks().keys() == masks.keys()
+    for gid, m in schedule.controller.fixed_masks().items():
+        assert torch.equal(m, masks[gid]), "a mask changed during finetuning"
+    assert schedule.done
+    closed = schedule.close()
+    assert all(torch.equal(closed[k], masks[k]) for k in masks)
+
+
+def test_resume_equals_uninterrupted_run_with_distillation_and_finetuning(runs, tmp_path) -> None:
+    opts = PruneOptions(keep=0.5, finetune_steps=3, distill=1.0, temperature=2.0, **QUICK)
+    full_run = fresh(runs, "plain", tmp_path / "a")
+    full = prune(full_run, opts)
+    for stop_at in ("group", "finetune"):
+        cut_run = fresh(runs, "plain", tmp_path / stop_at)
+
+        def stop(ev, stop_at=stop_at) -> None:
+            if stop_at == "group" and ev.phase == "done" and ev.index == 1:
+                raise KeyboardInterrupt
+            if stop_at == "finetune" and ev.phase == "finetune" and ev.step == 2:
+                raise KeyboardInterrupt  # inside finetuning: it restarts from the last group's checkpoint
+
+        with pytest.raises(KeyboardInterrupt):
+            prune(cut_run, opts, on_event=stop)
+        resumed = prune(cut_run, opts, resume=True)
+        assert resumed.resumed_after == (2 if stop_at == "group" else 3)
+        a = load_file(str(full_run / "pruned.safetensors"))
+        b = load_file(str(cut_run / "pruned.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (stop_at, k)
+        assert resumed.accuracy_after == full.accuracy_after
+    manifest = RunDir(full_run).read_manifest()["prune"]
+    assert manifest["teacher"]["temperature"] == 2.0 and "KL" in manifest["loss"]
+    assert manifest["options"]["finetune_steps"] == 3
+
+
+def test_distillation_changes_the_result_and_is_recorded(runs, tmp_path) -> None:
+    plain = prune(fresh(runs, "plain", tmp_path / "p"), PruneOptions(keep=0.5, distill=0.0, finetune_steps=2, **QUICK))
+    run = fresh(runs, "plain", tmp_path / "d")
+    taught = prune(run, PruneOptions(keep=0.5, distill=1.0, finetune_steps=2, **QUICK))
+    assert RunDir(run).read_manifest()["prune"]["teacher"]["network"].startswith("the unpruned binary network")
+    assert plain.kept_filters == taught.kept_filters
+    assert any(a.retrain_loss != b.retrain_loss for a, b in zip(plain.records, taught.records))
+
+
+def test_learn_masks_on_an_in_memory_model_with_the_users_loader(tmp_path, monkeypatch) -> None:
+    from torch.utils.data import DataLoader
+
+    from _models import MODELS
+    from bnnslim.plugins import get_dataset
+    from bnnslim.prune.masking import MaskController
+    from bnnslim.prune.schedule import learn_masks
+    from bnnslim.prune.slim import slim
+
+    monkeypatch.chdir(tmp_path)
+    b = MODELS["plain"]()
+    train = get_dataset("fashion-mnist-mini").build(None).train
+    loader = DataLoader(torch.utils.data.Subset(train, range(256)), batch_size=32, shuffle=True)
+    events = []
+    masks = learn_masks(b.model, b.example, loader, keep=0.5, select_steps=2, retrain_steps=2, finetune_steps=2,
+                        on_event=events.append)
+    assert list(tmp_path.iterdir()) == [], "no run directory, no files"
+    assert set(masks) == {g.id for g in b.groups}
+    assert sum(int(masks[g.id].sum()) * len(g.producers) for g in b.groups) == round(0.5 * sum(g.filters for g in b.groups))
+    assert {e.phase for e in events} >= {"select", "retrain", "finetune", "done"}
+    assert all(not m._forward_pre_hooks for m in b.model.modules()), "hooks left on the model"
+    controller = MaskController(b.model, b.groups)
+    for gid, m in masks.items():
+        controller.set_fixed(gid, m)
+    b.model.eval()
+    with torch.no_grad():
+        masked = b.model(b.example)
+    controller.remove()
+    slim(b.model, b.groups, masks, b.example)
+    with torch.no_grad():
+        assert torch.allclose(b.model(b.example), masked, atol=1e-4)
+
+
+def test_reported_accuracy_is_the_masked_networks(runs, tmp_path) -> None:
+    from bnnslim.plugins import get_dataset
+    from bnnslim.prune.masking import MaskController
+    from bnnslim.run_model import load_run_model
+    from bnnslim.train import evaluate
+
+    run = fresh(runs, "plain", tmp_path)
+    result = prune(run, PruneOptions(keep=0.3, strategy="l1", finetune_steps=2, **QUICK))
+    loaded = load_run_model(RunDir(run), weights=run / "pruned.safetensors")
+    controller = MaskController(loaded.model, result.groups)
+    for gid, m in result.masks.items():
+        controller.set_fixed(gid, m)
+    test = get_dataset("fashion-mnist-mini").build(None).test
+    assert evaluate(loaded.model, test, torch.device("cpu")).accuracy == result.accuracy_after
+    controller.remove()
+    assert evaluate(loaded.model, test, torch.device("cpu")).accuracy != result.accuracy_after

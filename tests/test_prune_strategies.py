@@ -124,3 +124,48 @@ def test_invalid_selections_are_rejected_naming_the_strategy(bad, message: str) 
     with pytest.raises(BnnslimError, match=message) as info:
         validate_selection(bad, spec, ctx.group)
     assert "strategy 'random'" in str(info.value)
+
+
+def test_learned_selection_keeps_the_informative_channels_and_drops_the_noise() -> None:
+    """A toy net whose binary layer has 4 informative channels and 4 that only add noise.
+
+    The noise channels have the largest BatchNorm scales, so the ``bn`` rule keeps
+    them; the learned selectors must find the informative ones.
+    """
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from conftest import builtin_scheme, toy_splits
+    from bnnslim.binary.convert import apply_binarization
+    from bnnslim.graph import build_graph
+    from bnnslim.prune.groups import find_groups
+    from bnnslim.train import fit
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Hardtanh(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Hardtanh(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 4))
+    apply_binarization(model, ["3"], builtin_scheme("xnor"))
+    example = torch.randn(2, 1, 8, 8)
+    groups = find_groups(model, build_graph(model, example), example).groups
+    group = next(g for g in groups if g.id == "3")
+    controller = MaskController(model, groups)
+    informative = torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0])
+    controller.set_fixed("3", informative)  # the network learns to use channels 0-3 only
+    splits = toy_splits(n_train=512)
+    fit(model, DataLoader(splits.train, batch_size=32, shuffle=True), epochs=4, lr=1e-2)
+    controller.clear("3")
+    with torch.no_grad():  # channels 4-7: large BN scale, random small read-out: noise
+        model[4].weight[4:] = 3.0
+        model[4].weight[:4] = model[4].weight[:4].clamp(max=0.5)
+        noise = torch.randn(4, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.3
+        model[8].weight.view(4, 8, 4)[:, 4:, :] = noise
+    data = [(x, y) for x, y in DataLoader(splits.train, batch_size=64, shuffle=True)]
+    ctx = SelectionContext(model=model, group=group, masks=controller, suggested_keep=4,
+                           batches=itertools.cycle(data), heldout=data[0], steps=30, lr=0.005, penalty=1.0,
+                           generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    learned = get_strategy("subsidiary").select(ctx)
+    assert set(torch.topk(learned.scores, 4).indices.tolist()) == {0, 1, 2, 3}
+    rule = get_strategy("bn").select(ctx)
+    assert set(torch.topk(rule.scores, 4).indices.tolist()) == {4, 5, 6, 7}  # the rule is fooled

@@ -14,7 +14,7 @@ from bnnslim._state import load_optimizer_state, optimizer_state
 from bnnslim.binary.convert import apply_binarization, binary_convs, plan_binarization
 from bnnslim.errors import BnnslimError
 from bnnslim.model_source import load_model_source
-from bnnslim.train import Checkpoint, EpochRecord, StepEvent, TrainConfig, evaluate, fit, make_loader
+from bnnslim.train import Checkpoint, EpochRecord, StepEvent, TrainConfig, evaluate, make_loader, train_epochs
 from conftest import SMALL_CNN, builtin_scheme, toy_splits
 
 CPU = torch.device("cpu")
@@ -46,7 +46,7 @@ def test_training_on_bundled_data_lowers_loss_and_beats_chance(bundled_splits) -
     before = evaluate(model, bundled_splits.test, CPU)
     steps: list[StepEvent] = []
     cfg = TrainConfig(epochs=1, lr=5e-3, batch_size=32, steps_per_epoch=40, seed=0)
-    result = fit(model, bundled_splits.train, bundled_splits.test, cfg, CPU, on_step=steps.append)
+    result = train_epochs(model, bundled_splits.train, bundled_splits.test, cfg, CPU, on_step=steps.append)
     assert len(steps) == 40 and steps[-1].steps == 40
     first, last = [s.loss for s in steps[:5]], [s.loss for s in steps[-5:]]
     assert sum(last) / 5 < sum(first) / 5 - 0.2
@@ -95,7 +95,7 @@ def run(tmp_path: Path, name: str, cfg: TrainConfig, model: nn.Module, resume: b
         if stop_after is not None and rec.epoch == stop_after:
             raise KeyboardInterrupt  # the user pressed Ctrl-C after this epoch's checkpoint
 
-    return fit(model, splits.train, splits.test, cfg, CPU, checkpoint, resume, on_epoch=on_epoch).history
+    return train_epochs(model, splits.train, splits.test, cfg, CPU, checkpoint, resume, on_epoch=on_epoch).history
 
 
 def test_resume_equals_uninterrupted_training(tmp_path: Path) -> None:
@@ -175,3 +175,62 @@ def test_optimizer_state_round_trip(make, tmp_path: Path) -> None:
             model(x).square().sum().backward()
             opt.step()
     assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+# -- distillation ------------------------------------------------------------------------------
+
+def test_distillation_loss_is_t_squared_kl_of_softened_outputs() -> None:
+    from bnnslim.train import distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    for temperature in (1.0, 4.0):
+        p = torch.softmax(t / temperature, 1)
+        q = torch.softmax(s / temperature, 1)
+        expected = temperature ** 2 * (p * (p.log() - q.log())).sum(1).mean()
+        assert distillation_loss(s, t, temperature).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert distillation_loss(s, s.clone(), 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(s, t, 2.0) > 0
+    student = s.clone().requires_grad_(True)
+    distillation_loss(student, student.detach(), 3.0).backward()
+    assert student.grad.abs().max() < 1e-6  # at the teacher, nothing to learn
+    student.grad = None
+    distillation_loss(student, t, 3.0).backward()
+    assert t.grad is None and student.grad.abs().max() > 0  # the teacher gets no gradient
+
+
+def test_training_loss_adds_the_weighted_term_only_when_active() -> None:
+    from bnnslim.train import Distillation, distillation_loss, training_loss
+
+    g = torch.Generator().manual_seed(1)
+    s, t, y = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g), torch.randint(0, 4, (6,), generator=g)
+    ce = torch.nn.functional.cross_entropy(s, y)
+    assert torch.equal(training_loss(s, y), ce)
+    assert torch.equal(training_loss(s, y, t, Distillation(weight=0.0)), ce)
+    assert torch.equal(training_loss(s, y, None, Distillation()), ce)
+    both = training_loss(s, y, t, Distillation(weight=0.5, temperature=2.0))
+    assert both.item() == pytest.approx((ce + 0.5 * distillation_loss(s, t, 2.0)).item(), rel=1e-6)
+    with pytest.raises(BnnslimError, match="temperature"):
+        Distillation(temperature=0.0)
+
+
+def test_fit_trains_an_in_memory_model_on_a_users_loader_with_a_teacher() -> None:
+    from torch.utils.data import DataLoader
+
+    from bnnslim.train import Teacher, fit
+
+    splits = toy_splits()
+    teacher_net = binary_toy_net(seed=0)
+    fit(teacher_net, DataLoader(splits.train, batch_size=32, shuffle=True), epochs=3, lr=1e-2)
+    teacher = Teacher.copy_of(teacher_net)
+    frozen = {k: v.clone() for k, v in teacher.module.state_dict().items()}
+    student = binary_toy_net(seed=1)
+    before = evaluate(student, splits.test, CPU)
+    events: list[StepEvent] = []
+    losses = fit(student, DataLoader(splits.train, batch_size=32, shuffle=True), steps=20, lr=1e-2,
+                 teacher=teacher, on_step=events.append)
+    assert len(losses) == 20 and [e.step for e in events] == list(range(1, 21))  # exactly `steps`, cycling
+    assert evaluate(student, splits.test, CPU).loss < before.loss
+    for k, v in teacher.module.state_dict().items():
+        assert torch.equal(v, frozen[k]), f"the teacher changed: {k}"
+    assert len(fit(student, DataLoader(splits.train, batch_size=64), epochs=1)) == 4  # 256 / 64

@@ -37,6 +37,10 @@ def binarize_command(
     amp: Annotated[bool, typer.Option(help="Automatic mixed precision (bfloat16 autocast), for GPUs.")] = False,
     channels_last: Annotated[bool, typer.Option(help="Channels-last memory format, for GPUs.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a run directory that belongs to another model, or holds trained, pruned or exported work.")] = False,
+    teacher: Annotated[Optional[Path], typer.Option(help="Distil from the float model with these weights (.safetensors or a .pt/.pth state_dict).")] = None,
+    teacher_epochs: Annotated[int, typer.Option(min=0, help="Train the float model this many epochs first, distil from it and start from its weights.")] = 0,
+    distill: Annotated[float, typer.Option(min=0.0, help="With a teacher: weight of the distillation term (CE + w T^2 KL).")] = 1.0,
+    temperature: Annotated[float, typer.Option(min=0.01, help="With a teacher: distillation temperature T.")] = 4.0,
 ) -> None:
     """Binarize MODEL's convs (first and last stay real) and, with --data, train the binary network."""
     from bnnslim.binarize import BinarizeOptions, binarize, parse_input_shape
@@ -48,12 +52,14 @@ def binarize_command(
     refuse_replacing_work(run, overwrite, resume)
     device = init_from_env(device)
     train = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, steps_per_epoch=steps_per_epoch,
-                        workers=workers, amp=amp, channels_last=channels_last) if data else None
+                        workers=workers, amp=amp, channels_last=channels_last, distill=distill,
+                        temperature=temperature) if data else None
     opts = BinarizeOptions(
         model=model, run=run, data=data, data_root=data_root, scheme=scheme, real=real or (),
         binary=binary or (), keep_first_last_real=not binarize_first_last,
         input_shape=parse_input_shape(input_shape) if input_shape else None, weights=weights,
         train=train, resume=resume, overwrite=overwrite, device=device, sync_bn=sync_bn,
+        teacher=teacher, teacher_epochs=teacher_epochs,
     )
     with Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}"),

@@ -32,7 +32,7 @@ def prune_command(
     lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate when retraining.")] = 5e-4,
     finetune_steps: Annotated[int, typer.Option(min=0, help="Steps of whole-network fine-tuning after the last group, masks fixed (step c).")] = 300,
     finetune_lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate when fine-tuning.")] = 5e-4,
-    distill: Annotated[float, typer.Option(min=0.0, help="Weight of distillation from the unpruned network (CE + w T^2 KL); 0 = off.")] = 1.0,
+    distill: Annotated[float, typer.Option(min=0.0, help="Weight of distillation from the unpruned network (CE + w T^2 KL); 0 = off (default).")] = 0.0,
     temperature: Annotated[float, typer.Option(min=0.01, help="Distillation temperature T.")] = 4.0,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 128,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,

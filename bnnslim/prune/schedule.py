@@ -1,81 +1,92 @@
-"""``bnnslim prune``: the layer-wise, bottom-up schedule of Xu et al. (CVPR 2019).
+"""The layer-wise, bottom-up schedule of Xu, Dong, Li, Su, "A Main/Subsidiary
+Network Framework for Simplifying Binary Neural Networks" (CVPR 2019), on an
+in-memory model: no files, the caller's own batches.
 
 For each prunable group, in forward order (``groups.py``):
 
 (a) *select*: the strategy scores the group's channels (the subsidiary strategy
-    trains the group's selectors with the main network frozen);
-    the budget (``budget.py``) turns its proposed count into an exact one and the
-    top-k scores are kept; that 0/1 mask is fixed from then on;
+    trains the group's selectors with the main network frozen); the budget
+    (``budget.py``) turns its proposed count into a feasible one and the top-k
+    scores are kept; that 0/1 mask is fixed from then on;
 (b) *retrain*: the main network's layers from the group's root upward are
     trained with all decided masks applied (earlier layers, and their BatchNorm
     statistics, stay fixed).
 
-After every group the state (weights, masks, selectors, decisions) is written
-to ``checkpoints/prune.safetensors``; ``--resume`` continues after the last
-finished group. Every group starts from RNG state derived from ``(seed, group
-index)`` and a fresh optimizer, so a resumed run equals an uninterrupted one.
+After the last group, (c) *finetune*: the whole network trains with every mask
+fixed. With a teacher (by default a frozen copy of the unpruned network) the
+loss of (a), (b) and (c) is ``CE + weight * T^2 * KL`` to the teacher's outputs
+(:func:`bnnslim.train.training_loss`).
+
+Drive it step by step::
+
+    schedule = PruneSchedule(model, example_inputs, keep=0.5, teacher=Teacher.copy_of(model))
+    for group in schedule:          # the next undecided group, bottom-up
+        schedule.select(loader)     # (a): decides and fixes the group's mask
+        schedule.retrain(loader)    # (b)
+    schedule.finetune(loader)       # (c)
+    masks = schedule.close()        # masks by group (root conv name); the hooks come off
+
+or in one call with :func:`learn_masks`. Every phase starts from RNG state
+derived from ``(seed, phase)``, so a schedule restored with
+:meth:`PruneSchedule.load_state_dict` continues exactly as an uninterrupted one
+(``bnnslim prune --resume``, see ``stage.py``).
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
 
 from bnnslim import distributed as D
-from bnnslim._atomic import save_tensors
-from bnnslim.binarize import resolve_device
 from bnnslim.binary.convert import clip_latent_weights, forward_order
 from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
 from bnnslim.plugin_types import Selection, SelectionContext, StrategySpec
-from bnnslim.plugins import get_dataset, get_strategy
 from bnnslim.prune.budget import Budget
 from bnnslim.prune.groups import PrunableGroup, find_groups
 from bnnslim.prune.masking import MaskController
-from bnnslim.run_model import load_run_model
-from bnnslim.rundir import RunDir, save_weights
-from bnnslim.train import evaluate, make_loader
+from bnnslim.train import Distillation, Teacher, as_teacher, training_loss
 
-PRUNED_WEIGHTS = "pruned.safetensors"
-CHECKPOINT = "prune.safetensors"
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+SEED_STRIDE = 1_000_003
 
 
 @dataclass(frozen=True)
-class PruneOptions:
-    """Options of ``bnnslim prune`` (see the CLI for their meaning)."""
+class ScheduleConfig:
+    """How the schedule prunes and trains (``bnnslim prune``'s options of the same names).
+
+    ``finetune_steps`` (c) is on by default. Distillation (``distill`` weight,
+    ``temperature``) is off by default: on the benchmark
+    (``benchmarks/prune_accuracy.md``) a teacher that is the unpruned binary
+    network cost accuracy at T = 2 and 4 and changed nothing at T = 1.
+    """
 
     keep: float
     strategy: str = "subsidiary"
-    data: str | None = None
-    data_root: str | None = None
+    budget: str = "filters"
     min_keep: float = 0.1
     round_to: int = 1
+    max_shift: float = 0.25
     exclude: tuple[str, ...] = ()
     select_steps: int = 50
     select_lr: float = 0.005
     penalty: float = 1.0
-    max_shift: float = 0.5
     retrain_steps: int = 100
     lr: float = 5e-4
-    batch_size: int = 128
-    heldout: int = 128
+    finetune_steps: int = 300
+    finetune_lr: float = 5e-4
+    distill: float = 0.0
+    temperature: float = 4.0
     seed: int = 0
-    device: str = "cpu"
 
-    def resume_key(self) -> str:
-        """What must not change between an interrupted run and its --resume."""
-        d = asdict(self)
-        d.pop("device")
-        return json.dumps(d, sort_keys=True)
+    @property
+    def distillation(self) -> Distillation:
+        return Distillation(self.distill, self.temperature)
 
 
 @dataclass
@@ -87,11 +98,13 @@ class GroupRecord:
     proposed: int
     suggested: int
     retrain_loss: float
+    select_seconds: float = 0.0
+    retrain_seconds: float = 0.0
 
 
 @dataclass
 class PruneEvent:
-    """Progress: ``phase`` is "select", "retrain" or "done" for group ``index`` of ``groups``."""
+    """Progress: ``phase`` is "select", "retrain", "finetune" or "done" for group ``index`` of ``groups``."""
 
     phase: str
     index: int
@@ -102,36 +115,6 @@ class PruneEvent:
     loss: float = 0.0
     accuracy: float = 0.0
     kept_filters: int = 0
-
-
-@dataclass
-class PruneResult:
-    groups: list[PrunableGroup]
-    records: list[GroupRecord]
-    masks: dict[str, torch.Tensor]
-    total_filters: int
-    requested_filters: int
-    kept_filters: int
-    accuracy_before: float
-    accuracy_after: float
-    seconds: float
-    resumed_after: int = 0
-    layer_counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer -> (before, after)
-
-
-def _batches(dataset: Dataset, batch_size: int, seed: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    epoch = 0
-    while True:
-        for x, y in make_loader(dataset, batch_size, seed, epoch, shuffle=True):
-            yield x.to(device), y.to(device)
-        epoch += 1
-
-
-def _split_heldout(train: Dataset, size: int, seed: int) -> tuple[Dataset, Dataset]:
-    n = len(train)  # type: ignore[arg-type]
-    size = min(size, max(1, n // 10))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return Subset(train, perm[size:]), Subset(train, perm[:size])
 
 
 def validate_selection(selection: Any, spec: StrategySpec, group: PrunableGroup) -> Selection:
@@ -151,16 +134,6 @@ def validate_selection(selection: Any, spec: StrategySpec, group: PrunableGroup)
                      state=dict(selection.state))
 
 
-def shifted(proposed: int, suggested: int, max_shift: float, size: int) -> int:
-    """The proposal, kept within ``max_shift`` (a fraction) of the group's uniform share.
-
-    Learned proposals that run far above or below the share would leave the last
-    groups to absorb the difference; this bound spreads it.
-    """
-    low, high = round(suggested * (1 - max_shift)), round(suggested * (1 + max_shift))
-    return max(0, min(size, max(low, min(high, proposed))))
-
-
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """0/1 mask keeping the ``k`` highest scores (ties: lower index first)."""
     order = torch.sort(scores, descending=True, stable=True).indices
@@ -169,23 +142,34 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def retrain(model: nn.Module, group: PrunableGroup, order: dict[str, int], batches: Iterator, steps: int,
-            lr: float, on_step: Callable[[int, float, float], None] | None = None) -> float:
-    """Train the layers from ``group``'s root upward; earlier layers (and their BN statistics) stay fixed."""
+def retrain(model: nn.Module, group: PrunableGroup | None, order: dict[str, int], batches: Iterator, steps: int,
+            lr: float, on_step: Callable[[int, float, float], None] | None = None,
+            teacher: Teacher | None = None, distill: Distillation | None = None) -> float:
+    """Train the layers from ``group``'s root upward (all layers when ``group`` is None).
+
+    Earlier layers, and their BatchNorm statistics, stay fixed. Adam with a
+    cosine schedule over ``steps``; the loss is :func:`bnnslim.train.training_loss`.
+    Returns the last step's loss.
+    """
     modules = dict(model.named_modules())
-    upward = {n for n, i in order.items() if i >= group.order}
+    upward = {n for n, i in order.items() if group is None or i >= group.order}
     trainable: list[nn.Parameter] = []
     frozen_state = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(group is None)
     model.train()
+    if group is None:
+        trainable = list(model.parameters())
     for name, module in modules.items():
+        if group is None:
+            break
         if name in upward:
             for p in module.parameters(recurse=False):
                 p.requires_grad_(True)
                 trainable.append(p)
         elif not list(module.children()):
             module.eval()
+    use_teacher = teacher if distill is not None and distill.active else None
     loss_value = 0.0
     try:
         if trainable and steps > 0:
@@ -194,8 +178,9 @@ def retrain(model: nn.Module, group: PrunableGroup, order: dict[str, int], batch
             for step in range(steps):
                 x, y = next(batches)
                 optimizer.zero_grad(set_to_none=True)
+                soft = use_teacher(x) if use_teacher is not None else None
                 logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                loss = training_loss(logits, y, soft, distill)
                 loss.backward()
                 D.average_gradients(trainable)
                 optimizer.step()
@@ -212,161 +197,312 @@ def retrain(model: nn.Module, group: PrunableGroup, order: dict[str, int], batch
     return loss_value
 
 
-def _layer_counts(groups: list[PrunableGroup], masks: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
-    counts = {}
-    for g in groups:
-        kept = int(masks[g.id].sum()) if g.id in masks else g.size
-        for p in g.producers:
-            counts[p] = (g.size, kept)
-    return counts
+def _to_device(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> Iterator:
+    for x, y in batches:
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-def prune(run_path: Path, opts: PruneOptions, resume: bool = False,
-          on_event: Callable[[PruneEvent], None] | None = None) -> PruneResult:
-    """Run the layer-wise schedule on the run directory's binary model (module docstring)."""
-    started = time.perf_counter()
-    run = RunDir(Path(run_path))
-    loaded = load_run_model(run)
-    manifest = loaded.manifest
-    spec = get_strategy(opts.strategy)
-    data_name = opts.data or (manifest.get("dataset") or {}).get("name")
-    if not data_name:
-        raise BnnslimError("no dataset: the run was binarized without --data", "give --data NAME (and --data-root)")
-    data_root = opts.data_root if opts.data else (manifest.get("dataset") or {}).get("root")
-    if not 0.0 < opts.keep <= 1.0:
-        raise BnnslimError(f"--keep {opts.keep} is outside (0, 1]", "give the fraction of filters to keep, e.g. 0.8")
-    model = loaded.model
-    example = loaded.example()
-    graph = build_graph(model, example)
-    scan = find_groups(model, graph, example, exclude=opts.exclude)
-    groups = scan.groups
-    if not groups:
-        why = "; ".join(f"{k}: {v}" for k, v in list(scan.skipped.items())[:4]) or "no binary conv"
-        raise BnnslimError(f"the model has no prunable group ({why})",
-                           "binarize more layers, or check --exclude")
-    budget = Budget(groups, opts.keep, opts.min_keep, opts.round_to)
-    dataset = get_dataset(data_name).build(Path(data_root) if data_root else None)
-    device = resolve_device(opts.device)
-    checkpoint_path = run.checkpoints / CHECKPOINT
-    masks: dict[str, torch.Tensor] = {}
-    state: dict[str, torch.Tensor] = {}
-    records: list[GroupRecord] = []
-    start = 0
-    if resume:
-        start, records, masks, state, accuracy_before = _load_checkpoint(checkpoint_path, model, opts)
-        budget.replay([r.kept for r in records])
-    model.to(device)
-    if not resume:
-        accuracy_before = evaluate(model, dataset.test, device).accuracy
-    controller = MaskController(model, groups)
-    for gid, mask in masks.items():
-        controller.set_fixed(gid, mask.to(device))
-    train_set, heldout_set = _split_heldout(dataset.train, opts.heldout, opts.seed)
-    hx, hy = next(iter(DataLoader(heldout_set, batch_size=len(heldout_set))))  # type: ignore[arg-type]  # same on every rank
-    order = forward_order(model, example.to(device))
-    try:
-        for i in range(start, len(groups)):
-            g = groups[i]
-            torch.manual_seed(opts.seed * 1_000_003 + i)
-            batches = _batches(train_set, opts.batch_size, opts.seed * 1_000_003 + i, device)
-            suggested = budget.suggestion()
-            if on_event:
-                on_event(PruneEvent("select", i, len(groups), g.id, 0, opts.select_steps, kept_filters=budget.kept))
-            ctx = SelectionContext(model=model, group=g, masks=controller, suggested_keep=suggested, batches=batches,
-                                   heldout=(hx.to(device), hy.to(device)), steps=opts.select_steps,
-                                   lr=opts.select_lr, penalty=opts.penalty,
-                                   generator=torch.Generator().manual_seed(opts.seed * 1_000_003 + i), device=device)
-            try:
-                raw = spec.select(ctx)
-            except BnnslimError:
-                raise
-            except Exception as exc:
-                raise BnnslimError(f"strategy '{spec.name}' failed on group {g.id}: {type(exc).__name__}: {exc}",
-                                   "fix the strategy plugin or choose another --strategy") from exc
-            finally:
-                controller.clear(g.id)
-            selection = validate_selection(raw, spec, g)
-            proposed = selection.keep if selection.keep is not None else suggested
-            k = budget.choose(shifted(proposed, suggested, opts.max_shift, g.size))
-            masks[g.id] = top_k_mask(selection.scores, k)
-            D.check_same_on_all_ranks({"mask": masks[g.id]}, f"the masks of group {g.id}")
-            controller.set_fixed(g.id, masks[g.id].to(device))
-            for key, value in selection.state.items():
-                state[f"{key}.{g.id}"] = value.detach().cpu()
+def stream(batches: Batches, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, y)`` on ``device`` forever: an iterator is read on; a re-iterable (a DataLoader) is cycled."""
+    if isinstance(batches, Iterator):
+        return _to_device(batches, device)
 
-            def on_step(step: int, loss: float, acc: float, i: int = i, g: PrunableGroup = g) -> None:
-                if on_event:
-                    on_event(PruneEvent("retrain", i, len(groups), g.id, step, opts.retrain_steps, loss, acc,
-                                        budget.kept))
+    def cycle() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            empty = True
+            for x, y in batches:
+                empty = False
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if empty:
+                raise BnnslimError("the training loader yields no batches", "check the DataLoader and its dataset")
 
-            loss = retrain(model, g, order, batches, opts.retrain_steps, opts.lr, on_step)
-            records.append(GroupRecord(g.id, list(g.producers), g.size, k, proposed, suggested, loss))
-            if D.is_main_process():
-                _save_checkpoint(checkpoint_path, model, masks, state, records, opts, accuracy_before)
-            D.barrier()
-            if on_event:
-                on_event(PruneEvent("done", i, len(groups), g.id, kept_filters=budget.kept))
-        accuracy_after = evaluate(model, dataset.test, device).accuracy
-        D.check_same_on_all_ranks({**model.state_dict(), **masks}, "retrained weights and masks")
-    finally:
-        controller.remove()
+    return cycle()
+
+
+class PruneSchedule:
+    """The schedule on an in-memory model (module docstring); masks are installed as forward hooks.
+
+    ``teacher``: a frozen network for distillation (``Teacher`` or ``nn.Module``),
+    ``"copy"`` (a frozen copy of ``model`` as it is now, i.e. unpruned) or None
+    (cross-entropy only). ``heldout``: one fixed batch for strategies that
+    measure a loss (greedy); by default the first batch :meth:`select` sees.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, config: ScheduleConfig, *,
+                 teacher: Teacher | nn.Module | str | None = "copy",
+                 heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 device: torch.device | str | None = None,
+                 on_event: Callable[[PruneEvent], None] | None = None,
+                 strategy: StrategySpec | None = None,
+                 after_phase: Callable[["PruneSchedule"], None] | None = None) -> None:
+        from bnnslim.plugins import get_strategy
+
+        self.config = config
+        self.model = model
+        self.spec = strategy or get_strategy(config.strategy)
+        if device is None:
+            first = next(model.parameters(), None)
+            device = first.device if first is not None else torch.device("cpu")
+        self.device = torch.device(device)
+        example = example_inputs.detach().to("cpu")
         model.to("cpu")
-    result = PruneResult(groups=groups, records=records, masks=masks, total_filters=budget.total,
-                         requested_filters=budget.requested, kept_filters=budget.kept,
-                         accuracy_before=accuracy_before, accuracy_after=accuracy_after,
-                         seconds=time.perf_counter() - started, resumed_after=start,
-                         layer_counts=_layer_counts(groups, masks))
-    if D.is_main_process():
-        _write_result(run, model, result, opts, state, data_name, data_root)
-    D.barrier()
-    return result
+        graph = build_graph(model, example)
+        scan = find_groups(model, graph, example, exclude=config.exclude)
+        self.groups: list[PrunableGroup] = scan.groups
+        if not self.groups:
+            why = "; ".join(f"{k}: {v}" for k, v in list(scan.skipped.items())[:4]) or "no binary conv"
+            raise BnnslimError(f"the model has no prunable group ({why})", "binarize more layers, or check --exclude")
+        self.skipped = scan.skipped
+        self.budget = Budget(self.groups, config.keep, config.min_keep, config.round_to, config.max_shift,
+                             config.budget, model, example)
+        if isinstance(teacher, str):
+            if teacher != "copy":
+                raise BnnslimError(f"unknown teacher '{teacher}'", "pass 'copy', an nn.Module or None")
+            teacher = Teacher.copy_of(model) if config.distillation.active else None
+        self.teacher = as_teacher(teacher) if config.distillation.active else None  # distill=0: no teacher runs
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+        self.distill = config.distillation if self.teacher is not None else None
+        self.order = forward_order(model, example)
+        model.to(self.device)
+        self.controller = MaskController(model, self.groups)
+        self.masks: dict[str, torch.Tensor] = {}
+        self.state: dict[str, torch.Tensor] = {}
+        self.records: list[GroupRecord] = []
+        self.finetuned = False
+        self.finetune_loss = 0.0
+        self.heldout = heldout
+        self.on_event = on_event
+        self.after_phase = after_phase  # called after each retrain and after finetune (checkpoints)
+        self._selected: int | None = None  # index of a group selected but not yet retrained
+
+    # -- where the schedule stands ---------------------------------------------------------
+    @property
+    def index(self) -> int:
+        """How many groups are finished (selected and retrained)."""
+        return len(self.records)
+
+    @property
+    def done(self) -> bool:
+        return self.index == len(self.groups) and (self.finetuned or self.config.finetune_steps == 0)
+
+    def next_group(self) -> PrunableGroup | None:
+        """The group that :meth:`select` decides next, or None after the last one."""
+        i = self._selected if self._selected is not None else self.index
+        return self.groups[i] if i < len(self.groups) else None
+
+    def __iter__(self) -> Iterator[PrunableGroup]:
+        while (group := self.next_group()) is not None:
+            yield group
+            if self.next_group() is group:
+                raise BnnslimError(f"group {group.id} was not selected and retrained in the loop",
+                                   "call schedule.select(...) and schedule.retrain(...) for every group")
+
+    def _seed(self, phase: int) -> int:
+        return self.config.seed * SEED_STRIDE + phase
+
+    def _event(self, *args: Any, **kwargs: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(PruneEvent(*args, **kwargs))
+
+    # -- (a) select --------------------------------------------------------------------------
+    def context(self, batches: Iterator, group: PrunableGroup, suggested: int) -> SelectionContext:
+        """What the strategy sees for ``group`` (the teacher and the loss included)."""
+        i = self.groups.index(group)
+        if self.heldout is None:
+            x, y = next(batches)
+            self.heldout = (x, y)
+        hx, hy = self.heldout
+        distill = self.distill
+        teacher = self.teacher
+
+        def loss(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+            soft = teacher(x) if teacher is not None and x is not None and distill is not None else None
+            return training_loss(logits, y, soft, distill)
+
+        cfg = self.config
+        return SelectionContext(model=self.model, group=group, masks=self.controller, suggested_keep=suggested,
+                                batches=batches, heldout=(hx.to(self.device), hy.to(self.device)),
+                                steps=cfg.select_steps, lr=cfg.select_lr, penalty=cfg.penalty,
+                                generator=torch.Generator().manual_seed(self._seed(i)), device=self.device,
+                                teacher=teacher.module if teacher is not None else None, loss=loss)
+
+    def select(self, batches: Batches) -> torch.Tensor:
+        """(a) for the next group: score its channels, decide the count, fix the mask; returns the mask."""
+        if self._selected is not None:
+            raise BnnslimError(f"group {self.groups[self._selected].id} is selected but not retrained",
+                               "call schedule.retrain(...) before selecting the next group")
+        i = self.index
+        if i >= len(self.groups):
+            raise BnnslimError("every group is decided", "call schedule.finetune(...) or schedule.close()")
+        g = self.groups[i]
+        started = time.perf_counter()
+        torch.manual_seed(self._seed(i))
+        it = stream(batches, self.device)
+        self._batches = it
+        suggested = self.budget.suggestion()
+        self._event("select", i, len(self.groups), g.id, 0, self.config.select_steps, kept_filters=self.budget.kept)
+        ctx = self.context(it, g, suggested)
+        try:
+            raw = self.spec.select(ctx)
+        except BnnslimError:
+            raise
+        except Exception as exc:
+            raise BnnslimError(f"strategy '{self.spec.name}' failed on group {g.id}: {type(exc).__name__}: {exc}",
+                               "fix the strategy plugin or choose another --strategy") from exc
+        finally:
+            self.controller.clear(g.id)
+        selection = validate_selection(raw, self.spec, g)
+        proposed = selection.keep if selection.keep is not None else suggested
+        k = self.budget.choose(proposed)
+        mask = top_k_mask(selection.scores, k)
+        D.check_same_on_all_ranks({"mask": mask}, f"the masks of group {g.id}")
+        self.masks[g.id] = mask
+        self.controller.set_fixed(g.id, mask.to(self.device))
+        for key, value in selection.state.items():
+            self.state[f"{key}.{g.id}"] = value.detach().cpu()
+        self._selected = i
+        self._pending = GroupRecord(g.id, list(g.producers), g.size, k, proposed, suggested, 0.0,
+                                    select_seconds=time.perf_counter() - started)
+        return mask
+
+    # -- (b) retrain ---------------------------------------------------------------------------
+    def retrain(self, batches: Batches | None = None) -> float:
+        """(b) for the group just selected: train from its root upward; returns the last loss.
+
+        ``batches`` defaults to the stream :meth:`select` read from (so that the
+        data order continues exactly).
+        """
+        if self._selected is None:
+            raise BnnslimError("no group is selected", "call schedule.select(...) first")
+        i = self._selected
+        g = self.groups[i]
+        started = time.perf_counter()
+        it = self._batches if batches is None else stream(batches, self.device)
+
+        def on_step(step: int, loss: float, acc: float) -> None:
+            self._event("retrain", i, len(self.groups), g.id, step, self.config.retrain_steps, loss, acc,
+                        self.budget.kept)
+
+        loss = retrain(self.model, g, self.order, it, self.config.retrain_steps, self.config.lr, on_step,
+                       self.teacher, self.distill)
+        record = self._pending
+        record.retrain_loss = loss
+        record.retrain_seconds = time.perf_counter() - started
+        self.records.append(record)
+        self._selected = None
+        if self.after_phase is not None:
+            self.after_phase(self)
+        self._event("done", i, len(self.groups), g.id, kept_filters=self.budget.kept)
+        return loss
+
+    # -- (c) finetune ----------------------------------------------------------------------------
+    def finetune(self, batches: Batches, steps: int | None = None) -> float:
+        """(c) after the last group: the whole network trains, masks fixed; returns the last loss."""
+        if self.index < len(self.groups) or self._selected is not None:
+            raise BnnslimError(f"{len(self.groups) - self.index} groups are still undecided",
+                               "select and retrain every group before finetuning")
+        steps = self.config.finetune_steps if steps is None else steps
+        n = len(self.groups)
+        torch.manual_seed(self._seed(n))
+        it = stream(batches, self.device)
+
+        def on_step(step: int, loss: float, acc: float) -> None:
+            self._event("finetune", n - 1, n, "all layers", step, steps, loss, acc, self.budget.kept)
+
+        self.finetune_loss = retrain(self.model, None, self.order, it, steps, self.config.finetune_lr, on_step,
+                                     self.teacher, self.distill)
+        self.finetuned = True
+        if self.after_phase is not None:
+            self.after_phase(self)
+        return self.finetune_loss
+
+    # -- results, state, teardown ------------------------------------------------------------------
+    @property
+    def kept_filters(self) -> int:
+        return self.budget.kept
+
+    def layer_counts(self) -> dict[str, tuple[int, int]]:
+        """Producer conv -> (filters before, after)."""
+        counts = {}
+        for g in self.groups:
+            kept = int(self.masks[g.id].sum()) if g.id in self.masks else g.size
+            for p in g.producers:
+                counts[p] = (g.size, kept)
+        return counts
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue: weights, masks, strategy state, records (tensors + plain data)."""
+        from dataclasses import asdict
+
+        if self._selected is not None:
+            raise BnnslimError("a group is selected but not retrained", "save after schedule.retrain(...)")
+        return {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+                "masks": {k: v.clone() for k, v in self.masks.items()},
+                "state": {k: v.clone() for k, v in self.state.items()},
+                "records": [asdict(r) for r in self.records], "finetuned": self.finetuned,
+                "finetune_loss": self.finetune_loss}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (a fresh schedule on the same model and options)."""
+        self.model.load_state_dict({k: v.to(self.device) for k, v in state["model"].items()}, strict=True)
+        self.records = [GroupRecord(**r) for r in state["records"]]
+        self.masks = {k: v.clone() for k, v in state["masks"].items()}
+        self.state = dict(state["state"])
+        self.budget.replay([r.kept for r in self.records])
+        for gid, mask in self.masks.items():
+            self.controller.set_fixed(gid, mask.to(self.device))
+        self.finetuned = bool(state.get("finetuned", False))
+        self.finetune_loss = float(state.get("finetune_loss", 0.0))
+
+    def close(self) -> dict[str, torch.Tensor]:
+        """Take the mask hooks off the model; returns the masks (group id -> 0/1 over the root's channels)."""
+        self.controller.remove()
+        return dict(self.masks)
 
 
-def _save_checkpoint(path: Path, model: nn.Module, masks: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
-                     records: list[GroupRecord], opts: PruneOptions, accuracy_before: float) -> None:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"mask.{k}": v.cpu() for k, v in masks.items()})
-    tensors.update({f"state.{k}": v for k, v in state.items()})
-    save_tensors(path, tensors, {"options": opts.resume_key(), "done": str(len(records)),
-                                 "records": json.dumps([asdict(r) for r in records]),
-                                 "accuracy_before": repr(accuracy_before)})
+def learn_masks(model: nn.Module, example_inputs: torch.Tensor, train_loader: Batches, keep: float,
+                strategy: str = "subsidiary", teacher: Teacher | nn.Module | str | None = "copy", *,
+                device: torch.device | str | None = None, heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
+                on_event: Callable[[PruneEvent], None] | None = None, **options: Any) -> dict[str, torch.Tensor]:
+    """Run the whole schedule on an in-memory binary ``model``; returns the masks by group.
 
+    ``model`` (with ``BinaryConv2d`` layers, e.g. from ``bnnslim binarize`` or
+    :func:`bnnslim.binary.convert.apply_binarization`) is retrained in place;
+    afterwards it carries no hooks: apply the masks with
+    :class:`bnnslim.prune.masking.MaskController` or slim it with
+    :func:`bnnslim.prune.slim.slim`. ``train_loader`` is any re-iterable of ``(x, y)``;
+    ``options`` are :class:`ScheduleConfig` fields (``select_steps``,
+    ``finetune_steps``, ``budget="ops"``, ``distill=0`` ...). ``teacher="copy"``
+    distils from a frozen copy of the unpruned model.
 
-def _load_checkpoint(path: Path, model: nn.Module, opts: PruneOptions) -> tuple[
-        int, list[GroupRecord], dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise BnnslimError(f"nothing to resume: no prune checkpoint at '{path}'", "run without --resume")
+    >>> masks = learn_masks(model, torch.randn(2, 1, 28, 28), loader, keep=0.5)
+    """
+    config = ScheduleConfig(keep=keep, strategy=strategy, **options)
+    schedule = PruneSchedule(model, example_inputs, config, teacher=teacher, heldout=heldout, device=device,
+                             on_event=on_event)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise BnnslimError(f"the prune checkpoint '{path}' is damaged ({exc})", "run without --resume") from exc
-    if meta.get("options") != opts.resume_key():
-        raise BnnslimError("--resume with different options than the interrupted run",
-                           f"repeat the first run's options: {meta.get('options')}")
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
-    masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}
-    state = {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
-    records = [GroupRecord(**r) for r in json.loads(meta["records"])]
-    return int(meta["done"]), records, masks, state, float(meta["accuracy_before"])
+        for _ in schedule:
+            schedule.select(train_loader)
+            schedule.retrain()
+        if config.finetune_steps > 0:
+            schedule.finetune(train_loader)
+    finally:
+        masks = schedule.close()
+    return masks
 
 
-def _write_result(run: RunDir, model: nn.Module, result: PruneResult, opts: PruneOptions,
-                  state: dict[str, torch.Tensor], data_name: str, data_root: str | None) -> None:
-    extra = {f"mask.{k}": v for k, v in result.masks.items()}
-    extra.update({f"state.{k}": v for k, v in state.items()})
-    save_weights(run.path / PRUNED_WEIGHTS, model, kind="binary-latent-masked", extra=extra)
-    run.update_manifest(prune={
-        "strategy": opts.strategy, "keep": opts.keep, "options": json.loads(opts.resume_key()),
-        "dataset": {"name": data_name, "root": data_root},
-        "counted": "output filters of the binary convs that produce prunable groups",
-        "filters_total": result.total_filters, "filters_requested": result.requested_filters,
-        "filters_kept": result.kept_filters,
-        "groups": [asdict(r) for r in result.records],
-        "layers": {k: {"before": b, "after": a} for k, (b, a) in result.layer_counts.items()},
-        "accuracy_before": result.accuracy_before, "accuracy_after": result.accuracy_after,
-        "seconds": round(result.seconds, 2), "weights": PRUNED_WEIGHTS,
-    })
+_STAGE_NAMES = ("PruneOptions", "PruneResult", "prune")
+
+
+def __getattr__(name: str) -> Any:
+    """``PruneOptions`` / ``prune`` live in :mod:`bnnslim.prune.stage` (the run-directory layer)."""
+    if name in _STAGE_NAMES:
+        from bnnslim.prune import stage
+
+        return getattr(stage, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["GroupRecord", "PruneEvent", "PruneSchedule", "ScheduleConfig", "learn_masks", "retrain",
+           "top_k_mask", "validate_selection", *_STAGE_NAMES]

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from bnnslim.distributed import average_gradients
 from bnnslim.plugin_types import Selection, SelectionContext
 
+TRAIN_MODE_BN = False
 SELECTOR_INIT = 0.1  # every channel starts kept, inside the straight-through window
 
 
@@ -76,7 +77,13 @@ def select_subsidiary(ctx: SelectionContext) -> Selection:
     was_training = model.training
     for p, _ in frozen:
         p.requires_grad_(False)
-    model.eval()  # BatchNorm statistics stay fixed
+    saved_buffers = None
+    if TRAIN_MODE_BN:  # batch statistics in the forward pass; the running ones are put back afterwards
+        saved_buffers = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("weight")
+                         and not k.endswith("bias")}
+        model.train()
+    else:
+        model.eval()  # BatchNorm statistics stay fixed
     ctx.masks.set_source(ctx.group.id, lambda: selector_mask(selector))
     # SGD on the loss divided by the typical cross-entropy gradient: selectors move by about ``lr``
     # per step, and channels keep their relative importance (Adam would give every selector the same
@@ -87,7 +94,7 @@ def select_subsidiary(ctx: SelectionContext) -> Selection:
         for _ in range(ctx.steps):
             x, y = next(ctx.batches)
             optimizer.zero_grad(set_to_none=True)
-            ce = F.cross_entropy(model(x), y)
+            ce = ctx.objective(model(x), y, x)  # cross-entropy (+ distillation to the teacher)
             if weight is None:  # calibrate on this group's cross-entropy gradients
                 (grad,) = torch.autograd.grad(ce, selector, retain_graph=True)
                 typical = average_gradients_value(grad.abs().mean()).clamp(min=1e-12)
@@ -99,6 +106,8 @@ def select_subsidiary(ctx: SelectionContext) -> Selection:
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
+        if saved_buffers is not None:
+            model.load_state_dict(saved_buffers, strict=False)
         model.train(was_training)
         ctx.masks.clear(ctx.group.id)
     learned = int((selector > 0).sum())

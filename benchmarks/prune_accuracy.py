@@ -1,0 +1,268 @@
+"""How much accuracy pruning costs, per strategy and budget, over seeds (issue 11).
+
+For each model: train (or reuse) one binary main network on full Fashion-MNIST,
+then run ``bnnslim prune`` on a copy of it for every (keep, strategy, seed)
+cell, plus the keep-1.0 control: the same schedule and the same training
+budget (retraining per group, final fine-tuning, distillation) with nothing
+removed. Reports mean ± standard deviation over seeds, the drop against the
+control, and the speed figures: one selector-learning step and one distilled
+training step as ratios to one plain training step, and prune's own time per
+group beyond its training steps.
+
+Every finished run is appended to ``--results`` (JSON lines), so an interrupted
+benchmark continues where it stopped and a subset can be added to later.
+
+    # the full grid of the issue (hours on a CPU)
+    python benchmarks/prune_accuracy.py --keeps 0.8 0.5 0.3 --seeds 0 1 2 \\
+        --strategies subsidiary l1 alpha bn random greedy --models small_cnn.py nin.py@0.25
+    # the subset recorded in prune_accuracy.md
+    python benchmarks/prune_accuracy.py --keeps 0.5 0.3 --seeds 0 1 2 --strategies subsidiary bn random
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bnnslim.binarize import BinarizeOptions, binarize
+from bnnslim.prune.stage import PruneOptions, prune
+from bnnslim.train import TrainConfig
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import header  # noqa: E402
+
+STRATEGIES = ["subsidiary", "l1", "alpha", "bn", "random", "greedy"]
+CONTROL = "control"  # keep 1.0, same schedule: nothing removed
+
+
+def model_file(work: Path, spec: str) -> tuple[Path, str]:
+    """``small_cnn.py`` or ``nin.py@0.25`` -> a model file building that example at that width."""
+    example, _, width = spec.partition("@")
+    w = float(width or 1.0)
+    path = work / f"{Path(example).stem}_w{w}.py"
+    path.write_text(f"import importlib.util\nspec = importlib.util.spec_from_file_location('ex', "
+                    f"{str(HERE.parent / 'examples' / example)!r})\n"
+                    "ex = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(ex)\n\n"
+                    "def build_model(num_classes=10, in_channels=1):\n"
+                    f"    return ex.build_model(num_classes, in_channels, width={w})\n")
+    return path, f"{Path(example).stem} (width {w})"
+
+
+def step_times(run: Path, device: torch.device, batch: int, steps: int = 10) -> dict[str, float]:
+    """Seconds per step at ``batch``: plain training, training with the distillation teacher, selector learning."""
+    from bnnslim.prune.schedule import PruneSchedule, ScheduleConfig
+    from bnnslim.prune.subsidiary import selector_mask
+    from bnnslim.run_model import load_run_model
+    from bnnslim.rundir import RunDir
+    from bnnslim.train import Distillation, Teacher, training_loss
+
+    loaded = load_run_model(RunDir(run))
+    model = loaded.model.to(device)
+    teacher = Teacher.copy_of(model)
+    x = torch.randn(batch, *loaded.input_shape, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def timed(step) -> float:  # type: ignore[no-untyped-def]
+        for _ in range(2):
+            step()
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) / steps
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model.train()
+
+    def plain() -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def distilled() -> None:
+        opt.zero_grad()
+        training_loss(model(x), y, teacher(x), Distillation()).backward()
+        opt.step()
+
+    out = {"plain": timed(plain), "distilled": timed(distilled)}
+    schedule = PruneSchedule(model, loaded.example(), ScheduleConfig(keep=0.5), teacher=teacher, device=device)
+    g = schedule.groups[0]
+    s = torch.full((g.size,), 0.1, requires_grad=True, device=device)
+    schedule.controller.set_source(g.id, lambda: selector_mask(s))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    sgd = torch.optim.SGD([s], lr=0.005, momentum=0.9)
+
+    def select() -> None:
+        sgd.zero_grad()
+        training_loss(model(x), y, teacher(x), Distillation()).backward()
+        sgd.step()
+
+    out["select"] = timed(select)
+    schedule.close()
+    return out
+
+
+def load_results(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def cell_key(r: dict) -> tuple:
+    return (r["model"], r["keep"], r["strategy"], r["seed"], r["schedule"])
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def table(results: list[dict], model: str, schedule: str, keeps: list[float], strategies: list[str]) -> list[str]:
+    rows = [r for r in results if r["model"] == model and r["schedule"] == schedule]
+    control = [100 * r["accuracy"] for r in rows if r["strategy"] == CONTROL]
+    c_mean = mean_std(control)[0] if control else None
+    lines = ["| keep | strategy | seeds | test accuracy per seed (%) | mean ± std | drop vs control (pt) | "
+             "filters kept | binary ops kept | seconds per run |", "|---|---|---|---|---|---|---|---|---|"]
+    if control:
+        m, s = mean_std(control)
+        secs = statistics.fmean(r["seconds"] for r in rows if r["strategy"] == CONTROL)
+        lines.append(f"| 1.0 | control (nothing removed) | {len(control)} | {' / '.join(f'{a:.2f}' for a in control)} "
+                     f"| {m:.2f} ± {s:.2f} | 0 | all | all | {secs:.0f} |")
+    for keep in keeps:
+        for strategy in strategies:
+            cell = sorted((r for r in rows if r["keep"] == keep and r["strategy"] == strategy), key=lambda r: r["seed"])
+            if not cell:
+                continue
+            accs = [100 * r["accuracy"] for r in cell]
+            m, s = mean_std(accs)
+            drop = f"{m - c_mean:+.2f}" if c_mean is not None else "?"
+            ops = statistics.fmean(r["ops_fraction"] for r in cell)
+            lines.append(f"| {keep} | {strategy} | {len(cell)} | {' / '.join(f'{a:.2f}' for a in accs)} | "
+                         f"{m:.2f} ± {s:.2f} | {drop} | {cell[0]['kept_filters']}/{cell[0]['total_filters']} | "
+                         f"{100 * ops:.1f} % | {statistics.fmean(r['seconds'] for r in cell):.0f} |")
+    return lines
+
+
+def ops_fraction(run: Path, masks: dict[str, torch.Tensor]) -> float:
+    """Binary operations kept, counted as the export report counts them."""
+    from bnnslim.graph import build_graph
+    from bnnslim.prune.budget import CostModel
+    from bnnslim.prune.groups import find_groups
+    from bnnslim.run_model import load_run_model
+    from bnnslim.rundir import RunDir
+
+    loaded = load_run_model(RunDir(run))
+    example = loaded.example()
+    groups = find_groups(loaded.model, build_graph(loaded.model, example), example).groups
+    costs = CostModel(groups, "ops", loaded.model, example)
+    return costs.cost([int(masks[g.id].sum()) if g.id in masks else g.size for g in groups]) / costs.total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["small_cnn.py"], help="example[@width]")
+    parser.add_argument("--base", type=Path, nargs="*", default=[],
+                        help="already trained binary runs, one per model (else trained here)")
+    parser.add_argument("--epochs", type=int, default=4, help="binary main network epochs (when trained here)")
+    parser.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.5, 0.3])
+    parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--no-control", action="store_true")
+    parser.add_argument("--select-steps", type=int, default=None, help="default: bnnslim prune's")
+    parser.add_argument("--retrain-steps", type=int, default=None)
+    parser.add_argument("--finetune-steps", type=int, default=None)
+    parser.add_argument("--distill", type=float, default=None)
+    parser.add_argument("--max-shift", type=float, default=None)
+    parser.add_argument("--budget", default=None)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--data", default="fashion-mnist")
+    parser.add_argument("--data-root", type=Path, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bnnslim-bench-prune-accuracy"))
+    parser.add_argument("--results", type=Path, default=HERE / "prune_accuracy.jsonl")
+    parser.add_argument("--out", type=Path, default=HERE / "prune_accuracy.md")
+    parser.add_argument("--report-only", action="store_true", help="rewrite --out from --results")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    overrides = {k: v for k, v in {"select_steps": args.select_steps, "retrain_steps": args.retrain_steps,
+                                   "finetune_steps": args.finetune_steps, "distill": args.distill,
+                                   "max_shift": args.max_shift, "budget": args.budget}.items() if v is not None}
+    schedule = json.dumps(overrides, sort_keys=True) if overrides else "defaults"
+    device = torch.device(args.device)
+    results = load_results(args.results)
+    done = {cell_key(r) for r in results}
+    speed: dict[str, dict[str, float]] = {}
+    for mi, spec in enumerate(args.models):
+        path, label = model_file(args.work, spec)
+        base = args.base[mi] if mi < len(args.base) else args.work / f"{path.stem}-base"
+        if not (base / "binary.safetensors").is_file():
+            t = time.perf_counter()
+            trained = binarize(BinarizeOptions(model=str(path), run=base, data=args.data, data_root=args.data_root,
+                                               device=args.device, overwrite=True,
+                                               train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size)))
+            print(f"{label}: binary network {trained.test_accuracy:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
+        if not args.report_only:
+            speed[label] = step_times(base, device, args.batch_size)
+            print(label, "step times", speed[label], flush=True)
+        cells = [] if args.no_control else [(1.0, CONTROL)]
+        cells += [(k, s) for k in args.keeps for s in args.strategies]
+        for seed in args.seeds:
+            for keep, strategy in cells:
+                key = (label, keep, strategy, seed, schedule)
+                if key in done or args.report_only:
+                    continue
+                run = args.work / f"{path.stem}-{strategy}-{keep}-s{seed}"
+                shutil.rmtree(run, ignore_errors=True)
+                shutil.copytree(base, run)
+                opts = PruneOptions(keep=keep, strategy="bn" if strategy == CONTROL else strategy, seed=seed,
+                                    batch_size=args.batch_size, device=args.device, data=args.data,
+                                    data_root=str(args.data_root) if args.data_root else None, **overrides)
+                t = time.perf_counter()
+                r = prune(run, opts)
+                record = {"model": label, "keep": keep, "strategy": strategy, "seed": seed, "schedule": schedule,
+                          "options": json.loads(opts.resume_key()), "accuracy": r.accuracy_after,
+                          "accuracy_before": r.accuracy_before, "kept_filters": r.kept_filters,
+                          "total_filters": r.total_filters, "ops_fraction": ops_fraction(run, r.masks),
+                          "seconds": time.perf_counter() - t, "finetune_seconds": r.finetune_seconds,
+                          "groups": [asdict(g) for g in r.records], "time": time.strftime("%Y-%m-%d %H:%M")}
+                with args.results.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                results.append(record)
+                print(f"{label} keep {keep} {strategy} seed {seed}: {100 * r.accuracy_after:.2f} % "
+                      f"({record['seconds']:.0f} s) split {[g.kept for g in r.records]}", flush=True)
+                shutil.rmtree(run, ignore_errors=True)
+    write_report(args, results, speed)
+
+
+def write_report(args: argparse.Namespace, results: list[dict], speed: dict[str, dict[str, float]]) -> None:
+    out = [header("Prune accuracy: strategies x budgets x seeds, against a keep-1.0 control"), ""]
+    for label in dict.fromkeys(r["model"] for r in results):
+        for schedule in dict.fromkeys(r["schedule"] for r in results if r["model"] == label):
+            out += [f"\n## {label}, schedule: {schedule}\n"]
+            out += table(results, label, schedule, sorted({r["keep"] for r in results if r["keep"] < 1}, reverse=True),
+                         [s for s in STRATEGIES if any(r["strategy"] == s for r in results)]
+                         + sorted({r["strategy"] for r in results} - set(STRATEGIES) - {CONTROL}))
+        if label in speed:
+            s = speed[label]
+            out.append(f"\nStep times at batch {args.batch_size}: plain training {1000 * s['plain']:.0f} ms; "
+                       f"with the distillation teacher {1000 * s['distilled']:.0f} ms "
+                       f"(**{s['distilled'] / s['plain']:.2f}x**); one selector-learning step (distilled) "
+                       f"{1000 * s['select']:.0f} ms (**{s['select'] / s['plain']:.2f}x**).")
+    args.out.write_text("\n".join(out) + "\n")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""``bnnslim prune``: the schedule of ``schedule.py`` on a run directory.
+
+This layer owns what the in-memory schedule does not: the run's model and
+dataset, the seeded data streams, the held-out batch, the teacher (the run's
+unpruned binary network, ``binary.safetensors``, frozen), checkpoints and the
+manifest. After every group, and after the final fine-tuning, the schedule's
+state (weights, masks, selectors, decisions) is written to
+``checkpoints/prune.safetensors``; ``--resume`` continues after the last
+finished phase. Every phase starts from RNG state derived from ``(seed, phase)``
+and a fresh optimizer, and each group's data stream from ``(seed, group)``, so a
+resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from bnnslim import distributed as D
+from bnnslim._atomic import save_tensors
+from bnnslim.binarize import resolve_device
+from bnnslim.errors import BnnslimError
+from bnnslim.plugins import get_dataset
+from bnnslim.prune.groups import PrunableGroup
+from bnnslim.prune.schedule import SEED_STRIDE, GroupRecord, PruneEvent, PruneSchedule, ScheduleConfig
+from bnnslim.run_model import load_run_model
+from bnnslim.rundir import RunDir, save_weights
+from bnnslim.train import Teacher, evaluate, make_loader
+
+PRUNED_WEIGHTS = "pruned.safetensors"
+CHECKPOINT = "prune.safetensors"
+
+
+@dataclass(frozen=True)
+class PruneOptions(ScheduleConfig):
+    """Options of ``bnnslim prune`` (see the CLI for their meaning): the schedule's, and where data comes from."""
+
+    data: str | None = None
+    data_root: str | None = None
+    batch_size: int = 128
+    heldout: int = 128
+    device: str = "cpu"
+
+    def schedule_config(self) -> ScheduleConfig:
+        return ScheduleConfig(**{f.name: getattr(self, f.name) for f in fields(ScheduleConfig)})
+
+    def resume_key(self) -> str:
+        """What must not change between an interrupted run and its --resume."""
+        d = asdict(self)
+        d.pop("device")
+        return json.dumps(d, sort_keys=True)
+
+
+@dataclass
+class PruneResult:
+    groups: list[PrunableGroup]
+    records: list[GroupRecord]
+    masks: dict[str, torch.Tensor]
+    total_filters: int
+    requested_filters: int
+    kept_filters: int
+    accuracy_before: float
+    accuracy_after: float
+    seconds: float
+    resumed_after: int = 0
+    layer_counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer -> (before, after)
+    budget: dict[str, object] = field(default_factory=dict)  # measure, total, target, kept
+    finetune_seconds: float = 0.0
+
+
+def _batches(dataset: Dataset, batch_size: int, seed: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    epoch = 0
+    while True:
+        for x, y in make_loader(dataset, batch_size, seed, epoch, shuffle=True):
+            yield x.to(device), y.to(device)
+        epoch += 1
+
+
+def _split_heldout(train: Dataset, size: int, seed: int) -> tuple[Dataset, Dataset]:
+    n = len(train)  # type: ignore[arg-type]
+    size = min(size, max(1, n // 10))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(train, perm[size:]), Subset(train, perm[:size])
+
+
+def loss_description(opts: ScheduleConfig) -> str:
+    if opts.distill > 0:
+        return f"cross-entropy + {opts.distill:g} * T^2 * KL(teacher || student) at T = {opts.temperature:g}"
+    return "cross-entropy"
+
+
+def prune(run_path: Path, opts: PruneOptions, resume: bool = False,
+          on_event: Callable[[PruneEvent], None] | None = None) -> PruneResult:
+    """Run the layer-wise schedule on the run directory's binary model (module docstring)."""
+    started = time.perf_counter()
+    run = RunDir(Path(run_path))
+    loaded = load_run_model(run)
+    manifest = loaded.manifest
+    data_name = opts.data or (manifest.get("dataset") or {}).get("name")
+    if not data_name:
+        raise BnnslimError("no dataset: the run was binarized without --data", "give --data NAME (and --data-root)")
+    data_root = opts.data_root if opts.data else (manifest.get("dataset") or {}).get("root")
+    if not 0.0 < opts.keep <= 1.0:
+        raise BnnslimError(f"--keep {opts.keep} is outside (0, 1]", "give the fraction of filters to keep, e.g. 0.8")
+    from bnnslim.plugins import get_strategy
+
+    spec = get_strategy(opts.strategy)
+    model = loaded.model
+    example = loaded.example()
+    device = resolve_device(opts.device)
+    checkpoint_path = run.checkpoints / CHECKPOINT
+    if resume and not checkpoint_path.is_file():
+        raise BnnslimError(f"nothing to resume: no prune checkpoint at '{checkpoint_path}'", "run without --resume")
+    teacher = Teacher.copy_of(model) if opts.distill > 0 else None  # the unpruned binary.safetensors, frozen
+    accuracy_before = 0.0
+    schedule = PruneSchedule(model, example, opts.schedule_config(), teacher=teacher, device=device,
+                             on_event=on_event, strategy=spec,
+                             after_phase=lambda s: _checkpoint(checkpoint_path, s, opts, accuracy_before))
+    dataset = get_dataset(data_name).build(Path(data_root) if data_root else None)
+    train_set, heldout_set = _split_heldout(dataset.train, opts.heldout, opts.seed)
+    hx, hy = next(iter(DataLoader(heldout_set, batch_size=len(heldout_set))))  # type: ignore[arg-type]  # same on every rank
+    schedule.heldout = (hx.to(device), hy.to(device))
+    groups = schedule.groups
+    start = 0
+    try:
+        if resume:
+            state, accuracy_before = _load_checkpoint(checkpoint_path, opts)
+            schedule.load_state_dict(state)
+            start = schedule.index
+        else:
+            accuracy_before = evaluate(model, dataset.test, device).accuracy
+        for i in range(schedule.index, len(groups)):
+            batches = _batches(train_set, opts.batch_size, opts.seed * SEED_STRIDE + i, device)
+            schedule.select(batches)
+            schedule.retrain()
+        finetune_started = time.perf_counter()
+        if opts.finetune_steps > 0 and not schedule.finetuned:
+            n = len(groups)
+            schedule.finetune(_batches(train_set, opts.batch_size, opts.seed * SEED_STRIDE + n, device))
+        finetune_seconds = time.perf_counter() - finetune_started
+        masks = dict(schedule.masks)
+        accuracy_after = evaluate(model, dataset.test, device).accuracy  # with the masks applied
+        D.check_same_on_all_ranks({**model.state_dict(), **masks}, "retrained weights and masks")
+    finally:
+        schedule.close()
+        model.to("cpu")
+    budget = schedule.budget
+    result = PruneResult(groups=groups, records=schedule.records, masks=masks, total_filters=sum(g.filters for g in groups),
+                         requested_filters=budget.requested if budget.measure == "filters" else budget.kept,
+                         kept_filters=budget.kept, accuracy_before=accuracy_before, accuracy_after=accuracy_after,
+                         seconds=time.perf_counter() - started, resumed_after=start,
+                         layer_counts=schedule.layer_counts(), finetune_seconds=finetune_seconds,
+                         budget={"measure": budget.measure, "total": budget.total, "requested": budget.requested,
+                                 "kept": budget.spent, "uniform_fraction": round(budget.fraction, 6)})
+    if D.is_main_process():
+        _write_result(run, model, result, opts, schedule.state, data_name, data_root)
+    D.barrier()
+    return result
+
+
+def _checkpoint(path: Path, schedule: PruneSchedule, opts: PruneOptions, accuracy_before: float) -> None:
+    if D.is_main_process():
+        state = schedule.state_dict()
+        tensors = {f"model.{k}": v for k, v in state["model"].items()}
+        tensors.update({f"mask.{k}": v.cpu() for k, v in state["masks"].items()})
+        tensors.update({f"state.{k}": v for k, v in state["state"].items()})
+        save_tensors(path, tensors, {"options": opts.resume_key(), "done": str(len(state["records"])),
+                                     "records": json.dumps(state["records"]),
+                                     "finetuned": json.dumps(state["finetuned"]),
+                                     "finetune_loss": repr(state["finetune_loss"]),
+                                     "accuracy_before": repr(accuracy_before)})
+    D.barrier()
+
+
+def _load_checkpoint(path: Path, opts: PruneOptions) -> tuple[dict[str, object], float]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise BnnslimError(f"the prune checkpoint '{path}' is damaged ({exc})", "run without --resume") from exc
+    if meta.get("options") != opts.resume_key():
+        raise BnnslimError("--resume with different options than the interrupted run",
+                           f"repeat the first run's options: {meta.get('options')}")
+    state = {"model": {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
+             "masks": {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")},
+             "state": {k[6:]: v for k, v in tensors.items() if k.startswith("state.")},
+             "records": json.loads(meta["records"]), "finetuned": json.loads(meta.get("finetuned", "false")),
+             "finetune_loss": float(meta.get("finetune_loss", "0.0"))}
+    return state, float(meta["accuracy_before"])
+
+
+def _write_result(run: RunDir, model: torch.nn.Module, result: PruneResult, opts: PruneOptions,
+                  state: dict[str, torch.Tensor], data_name: str, data_root: str | None) -> None:
+    extra = {f"mask.{k}": v for k, v in result.masks.items()}
+    extra.update({f"state.{k}": v for k, v in state.items()})
+    save_weights(run.path / PRUNED_WEIGHTS, model, kind="binary-latent-masked", extra=extra)
+    teacher = ({"network": "the unpruned binary network of this run (binary.safetensors), frozen",
+                "weight": opts.distill, "temperature": opts.temperature} if opts.distill > 0 else None)
+    run.update_manifest(prune={
+        "strategy": opts.strategy, "keep": opts.keep, "options": json.loads(opts.resume_key()),
+        "dataset": {"name": data_name, "root": data_root},
+        "counted": "output filters of the binary convs that produce prunable groups",
+        "budget": result.budget,
+        "teacher": teacher, "loss": loss_description(opts),
+        "finetune_steps": opts.finetune_steps,
+        "filters_total": result.total_filters, "filters_requested": result.requested_filters,
+        "filters_kept": result.kept_filters,
+        "groups": [asdict(r) for r in result.records],
+        "layers": {k: {"before": b, "after": a} for k, (b, a) in result.layer_counts.items()},
+        "accuracy_before": result.accuracy_before, "accuracy_after": result.accuracy_after,
+        "seconds": round(result.seconds, 2), "weights": PRUNED_WEIGHTS,
+    })
