@@ -48,13 +48,13 @@ from _common import header  # noqa: E402
 
 import bnnslim  # noqa: E402
 from bnnslim.bench import float_original, median_ratio, time_round_robin  # noqa: E402
-from bnnslim.binarize import BinarizeOptions, binarize  # noqa: E402
-from bnnslim.stages.export import ExportResult, export  # noqa: E402
 from bnnslim.model_file import read_header, write_model_file  # noqa: E402
-from bnnslim.prune.schedule import PruneOptions, prune  # noqa: E402
 from bnnslim.run_model import load_run_model  # noqa: E402
 from bnnslim.rundir import RunDir  # noqa: E402
 from bnnslim.runtime import cpu_flags, cpu_model, kernel_status, set_threads, to_runtime, with_emulation  # noqa: E402
+from bnnslim.stages.binarize import BinarizeOptions, binarize  # noqa: E402
+from bnnslim.stages.export import ExportResult, export  # noqa: E402
+from bnnslim.stages.prune import PruneOptions, prune  # noqa: E402
 from bnnslim.train import TrainConfig  # noqa: E402
 
 TORCHVISION_RESNET18 = """import torch

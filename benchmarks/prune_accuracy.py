@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bnnslim.binarize import BinarizeOptions, binarize
-from bnnslim.prune.stage import PruneOptions, prune
+from bnnslim.stages.binarize import BinarizeOptions, binarize
+from bnnslim.stages.prune import PruneOptions, prune
 from bnnslim.train import TrainConfig
 
 HERE = Path(__file__).resolve().parent

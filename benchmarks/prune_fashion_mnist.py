@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bnnslim.binarize import BinarizeOptions, binarize
-from bnnslim.prune.schedule import PruneOptions, prune
+from bnnslim.stages.binarize import BinarizeOptions, binarize
+from bnnslim.stages.prune import PruneOptions, prune
 from bnnslim.train import TrainConfig
 
 HERE = Path(__file__).resolve().parent
@@ -34,7 +34,8 @@ STRATEGIES = ["subsidiary", "l1", "alpha", "bn", "random", "greedy"]
 def model_file(tmp: Path, example: str, width: float) -> Path:
     """A model file that builds the example at ``width`` (what a user would write)."""
     path = tmp / f"{Path(example).stem}_w{width}.py"
-    path.write_text(f"import importlib.util\nspec = importlib.util.spec_from_file_location('ex', {str(HERE.parent / 'examples' / example)!r})\n"
+    source = str(HERE.parent / "examples" / example)
+    path.write_text(f"import importlib.util\nspec = importlib.util.spec_from_file_location('ex', {source!r})\n"
                     "ex = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(ex)\n\n"
                     f"def build_model(num_classes=10, in_channels=1):\n"
                     f"    return ex.build_model(num_classes, in_channels, width={width})\n")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from datetime import timedelta
 
 import torch
@@ -110,7 +111,7 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def average_gradients(params: list[torch.nn.Parameter]) -> None:
+def average_gradients(params: Sequence[torch.Tensor]) -> None:
     """Average the gradients of ``params`` over ranks (what DDP does, for partial training)."""
     if not is_distributed():
         return

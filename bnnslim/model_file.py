@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnnslim._version import __version__
 from bnnslim._atomic import save_tensors
+from bnnslim._version import __version__
 from bnnslim.binary.convert import apply_binarization
 from bnnslim.binary.layers import BinaryConv2d
 from bnnslim.errors import BnnslimError

@@ -29,8 +29,8 @@ class DatasetSplits:
     Items are ``(image_tensor[C,H,W] float, label int)`` pairs.
     """
 
-    train: "Dataset"
-    test: "Dataset"
+    train: Dataset
+    test: Dataset
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,9 @@ class SchemeSpec:
 
     name: str
     description: str
-    binarize_input: Callable[["torch.Tensor"], "torch.Tensor"]
-    binarize_weight: Callable[["torch.Tensor"], "torch.Tensor"]
-    scale: Callable[["torch.Tensor", "torch.Tensor | None"], "torch.Tensor | None"]
+    binarize_input: Callable[[torch.Tensor], torch.Tensor]
+    binarize_weight: Callable[[torch.Tensor], torch.Tensor]
+    scale: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor | None]
 
 
 @dataclass
@@ -89,21 +89,21 @@ class SelectionContext:
     should minimise :meth:`objective` rather than plain cross-entropy.
     """
 
-    model: "nn.Module"
-    group: "PrunableGroup"
-    masks: "MaskController"
+    model: nn.Module
+    group: PrunableGroup
+    masks: MaskController
     suggested_keep: int  # the group's uniform share of the remaining budget
-    batches: Iterator[tuple["torch.Tensor", "torch.Tensor"]]
-    heldout: tuple["torch.Tensor", "torch.Tensor"]
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+    heldout: tuple[torch.Tensor, torch.Tensor]
     steps: int  # --select-steps
     lr: float  # --select-lr
     penalty: float  # --penalty (budget-aware sparsity weight)
-    generator: "torch.Generator"
-    device: "torch.device"
-    teacher: "nn.Module | None" = None
-    loss: "Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None" = None
+    generator: torch.Generator
+    device: torch.device
+    teacher: nn.Module | None = None
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
-    def objective(self, logits: "torch.Tensor", y: "torch.Tensor", x: "torch.Tensor | None" = None) -> "torch.Tensor":
+    def objective(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """The schedule's training loss for ``logits`` of inputs ``x``: ``loss`` if set, else cross-entropy."""
         if self.loss is not None:
             return self.loss(logits, y, x)
@@ -122,9 +122,9 @@ class Selection:
     are kept. ``state`` holds tensors worth saving (e.g. learned selectors).
     """
 
-    scores: "torch.Tensor"
+    scores: torch.Tensor
     keep: int | None = None
-    state: dict[str, "torch.Tensor"] = field(default_factory=dict)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ class ModelSourceSpec:
 
     name: str
     description: str
-    build: Callable[[str, int | None, int | None], "nn.Module"]
+    build: Callable[[str, int | None, int | None], nn.Module]
     list_models: Callable[[], Iterable[str]] | None = None
     input_shape: tuple[int, ...] | Callable[[str], tuple[int, ...] | None] | None = None
     version: str = ""
@@ -181,7 +181,7 @@ class PrunerSpec:
     """
 
     layer_type: type
-    pruner: "BasePruningFunc"
+    pruner: BasePruningFunc
 
     @property
     def name(self) -> str:

@@ -50,6 +50,8 @@ from bnnslim.plugin_types import (
 if TYPE_CHECKING:
     from torch_pruning.pruner.function import BasePruningFunc
 
+    from bnnslim.prune.groups import PrunableGroup
+
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "bnnslim.default_plugins.datasets",
     "bnnslim.default_plugins.schemes",
@@ -451,16 +453,15 @@ def get_strategy(name: str) -> StrategySpec:
     return guard_strategy(spec, options[name.strip().lower()].info)
 
 
-def guard_strategy(spec: StrategySpec, info: PluginInfo) -> StrategySpec:
+def guard_strategy(spec: StrategySpec, info: PluginInfo | None = None) -> StrategySpec:
     """``spec`` with a ``select`` that turns a crash or an invalid :class:`Selection` into an error naming the plugin.
 
     A :class:`BnnslimError` the strategy raises itself passes through unchanged.
     """
     select = spec.select
+    info = info or PluginInfo(spec.name)
 
     def guarded(ctx: SelectionContext) -> Selection:
-        from bnnslim.prune.schedule import validate_selection
-
         where = f"strategy '{spec.name}' from {info.label} on group {ctx.group.id}"
         fix = info.fix if info.builtin else (
             f"fix or uninstall {info.distribution or info.name}, or choose another --strategy")
@@ -529,3 +530,22 @@ def describe_plugins() -> list[PluginReport]:
     reports += [PluginReport(p.info, errors={"load": p.message}) for p in _BROKEN]
     return reports
 
+
+def validate_selection(selection: Any, spec: StrategySpec, group: PrunableGroup) -> Selection:
+    """``selection`` as a clean :class:`Selection` (one finite score per channel, a count in range), or an error."""
+    import torch
+
+    where = f"strategy '{spec.name}' on group {group.id}"
+    if not isinstance(selection, Selection):
+        raise BnnslimError(f"{where} returned {type(selection).__name__}, not a Selection", "fix the strategy plugin")
+    scores = torch.as_tensor(selection.scores).detach().flatten().float().cpu()
+    if scores.numel() != group.size:
+        raise BnnslimError(f"{where} returned {scores.numel()} scores for {group.size} channels",
+                           "return one score per channel of the group's root")
+    if not torch.isfinite(scores).all():
+        raise BnnslimError(f"{where} returned non-finite scores", "fix the strategy plugin")
+    if selection.keep is not None and not 0 <= int(selection.keep) <= group.size:
+        raise BnnslimError(f"{where} proposed keeping {selection.keep} of {group.size} channels",
+                           "propose a count between 0 and the group's size, or None")
+    return Selection(scores=scores, keep=None if selection.keep is None else int(selection.keep),
+                     state=dict(selection.state))

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnnslim._version import __version__
 from bnnslim._atomic import save_tensors, write_json
+from bnnslim._version import __version__
 from bnnslim.errors import BnnslimError
 
 DEFAULT_RUN = Path("bnnslim-run")

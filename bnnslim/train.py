@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -117,13 +118,13 @@ class Teacher:
         module.eval()
 
     @classmethod
-    def copy_of(cls, model: nn.Module) -> "Teacher":
+    def copy_of(cls, model: nn.Module) -> Teacher:
         import copy
 
         core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         return cls(copy.deepcopy(core))
 
-    def to(self, device: torch.device | str) -> "Teacher":
+    def to(self, device: torch.device | str) -> Teacher:
         self.module.to(device)
         return self
 
@@ -133,7 +134,7 @@ class Teacher:
         return self.module(x)
 
 
-def as_teacher(teacher: "Teacher | nn.Module | None") -> Teacher | None:
+def as_teacher(teacher: Teacher | nn.Module | None) -> Teacher | None:
     if teacher is None or isinstance(teacher, Teacher):
         return teacher
     if isinstance(teacher, nn.Module):
@@ -187,13 +188,13 @@ def make_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, shuffl
         sampler.set_epoch(epoch)  # type: ignore[attr-defined]
     elif D.is_distributed():
         dataset = Subset(dataset, range(D.rank(), len(dataset), D.world_size()))  # type: ignore[arg-type]
-        sampler = SequentialSampler(dataset)
+        sampler = SequentialSampler(cast(Sized, dataset))
     elif shuffle:
         g = torch.Generator()
         g.manual_seed(seed * 1_000_003 + epoch)
-        sampler = RandomSampler(dataset, generator=g)
+        sampler = RandomSampler(cast(Sized, dataset), generator=g)
     else:
-        sampler = SequentialSampler(dataset)
+        sampler = SequentialSampler(cast(Sized, dataset))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=torch.cuda.is_available())
 

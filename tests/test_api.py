@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -64,3 +66,38 @@ def test_slim_refuses_masks_of_another_model() -> None:
     binary, _ = api.binarize(small_cnn.tiny(), x)
     with pytest.raises(BnnslimError, match="not a prunable group"):
         api.slim(binary, {"features.3": torch.ones(8)}, x)
+
+
+def test_save_and_load_an_in_memory_model_round_trip(tmp_path: Path) -> None:
+    import bnnslim
+
+    x = torch.randn(2, 1, 28, 28)
+    binary, _ = api.binarize(small_cnn.tiny(), x)
+    slim = api.slim(binary, _half_masks(binary, x), x).eval()
+    for packed in (False, True):
+        path = api.save(slim, tmp_path / f"m{packed}.safetensors", input_shape=(1, 28, 28), packed=packed)
+        reloaded = bnnslim.load(path, model=small_cnn.tiny)
+        torch.testing.assert_close(reloaded(x), slim(x), atol=1e-5, rtol=0)
+
+
+def test_a_file_saved_from_memory_needs_the_callers_model_code(tmp_path: Path) -> None:
+    import bnnslim
+
+    x = torch.randn(2, 1, 28, 28)
+    binary, _ = api.binarize(small_cnn.tiny(), x)
+    path = api.save(binary, tmp_path / "m.safetensors", input_shape=(1, 28, 28))
+    with pytest.raises(BnnslimError, match="built in memory"):
+        bnnslim.load(path)
+
+
+def test_save_refuses_a_model_without_binary_convs(tmp_path: Path) -> None:
+    with pytest.raises(BnnslimError, match="no binary conv"):
+        api.save(small_cnn.tiny(), tmp_path / "m.safetensors", input_shape=(1, 28, 28))
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_package_exports_the_api() -> None:
+    import bnnslim
+
+    for name in ("binarize", "fit", "learn_masks", "PruneSchedule", "slim", "save", "load", "dataset"):
+        assert callable(getattr(bnnslim, name)), name

@@ -24,11 +24,11 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import bnnslim
-from bnnslim.binarize import BinarizeOptions, binarize
 from bnnslim.cli.app import app
 from bnnslim.errors import BnnslimError
+from bnnslim.stages.binarize import BinarizeOptions, binarize
 from bnnslim.stages.export import export
-from bnnslim.prune.schedule import PruneOptions, prune
+from bnnslim.stages.prune import PruneOptions, prune
 from bnnslim.train import TrainConfig
 
 QUICK_PRUNE = ("--select-steps", "1", "--retrain-steps", "1", "--finetune-steps", "0", "--batch-size", "16")

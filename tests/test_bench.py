@@ -15,13 +15,13 @@ from typer.testing import Result
 
 import bnnslim
 from bnnslim.bench import bench
-from bnnslim.binarize import BinarizeOptions, binarize
 from bnnslim.binary.layers import BinaryConv2d
 from bnnslim.errors import BnnslimError
-from bnnslim.stages.export import export
 from bnnslim.model_file import read_header
-from bnnslim.prune.schedule import PruneOptions, prune
 from bnnslim.runtime import PackedBinaryConv2d, build, runtime_plan, with_emulation
+from bnnslim.stages.binarize import BinarizeOptions, binarize
+from bnnslim.stages.export import export
+from bnnslim.stages.prune import PruneOptions, prune
 from bnnslim.train import TrainConfig
 
 QUICK = {"repeats": 2, "warmup": 1}

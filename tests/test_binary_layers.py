@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import builtin_scheme
 from torch import nn
 
 from bnnslim.binary.layers import BinaryConv2d
-from conftest import builtin_scheme
 
 # One input channel, two 2x2 filters, one 2x2 input: every number below is done by hand.
 W = torch.tensor([

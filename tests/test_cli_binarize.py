@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BUNDLED, SMALL_CNN, TOY_MODEL, assert_clean_error, snapshot
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bnnslim.rundir import RunDir
-from conftest import BUNDLED, SMALL_CNN, TOY_MODEL, assert_clean_error, snapshot
 
 TINY_CNN = f"{SMALL_CNN}:tiny"
 QUICK_TRAIN = ("--data", BUNDLED, "--steps-per-epoch", "3", "--batch-size", "32")
@@ -113,9 +113,9 @@ def test_same_command_gives_the_same_weights(cli, tmp_path: Path) -> None:
 
 def interrupt_after_first_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the next training run stop with Ctrl-C once epoch 1 is checkpointed."""
-    import bnnslim.binarize
+    import bnnslim.stages.binarize
 
-    real_train = bnnslim.binarize.train_epochs
+    real_train = bnnslim.stages.binarize.train_epochs
 
     def train_epochs(*args, on_epoch=None, **kwargs):
         def stop(record):
@@ -128,7 +128,7 @@ def interrupt_after_first_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
             return real_train(*args, **kwargs)
         return real_train(*args, on_epoch=stop, **kwargs)
 
-    monkeypatch.setattr(bnnslim.binarize, "train_epochs", train_epochs)
+    monkeypatch.setattr(bnnslim.stages.binarize, "train_epochs", train_epochs)
 
 
 def test_resume_continues_an_interrupted_run_exactly(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -506,10 +506,10 @@ def test_users_error_text_is_shown_verbatim_on_one_line(cli, write_model, tmp_pa
 def test_new_run_interrupted_early_cannot_resume_the_old_one(cli, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Retraining in the same run dir, stopped before its first checkpoint: the old run's state is gone."""
-    import bnnslim.binarize
+    import bnnslim.stages.binarize
 
     assert cli("binarize", TINY_CNN, *QUICK_TRAIN, "--epochs", "1").exit_code == 0
-    real_train = bnnslim.binarize.train_epochs
+    real_train = bnnslim.stages.binarize.train_epochs
 
     def train_epochs(*args, on_step=None, **kwargs):
         def stop(event):
@@ -518,7 +518,7 @@ def test_new_run_interrupted_early_cannot_resume_the_old_one(cli, tmp_path: Path
         return real_train(*args, on_step=stop, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(bnnslim.binarize, "train_epochs", train_epochs)
+        m.setattr(bnnslim.stages.binarize, "train_epochs", train_epochs)
         result = cli("binarize", TINY_CNN, *QUICK_TRAIN, "--epochs", "1", "--scheme", "sign", "--overwrite")
         assert result.exit_code == 130
     assert not (tmp_path / "bnnslim-run" / "binary.safetensors").exists()  # not the xnor run's weights

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch_pruning as tp
+from conftest import EXAMPLE_FILES, builtin_scheme
 from torch import nn
 
-from bnnslim.binarize import BinarizeOptions, binarize
 from bnnslim.binary.convert import apply_binarization, binary_convs, clip_latent_weights, plan_binarization
 from bnnslim.binary.layers import BinaryConv2d
 from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
 from bnnslim.model_source import load_model_source
-from conftest import EXAMPLE_FILES, builtin_scheme
+from bnnslim.stages.binarize import BinarizeOptions, binarize
 
 
 class Net(nn.Module):

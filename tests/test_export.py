@@ -12,15 +12,15 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import bnnslim
-from bnnslim.binarize import BinarizeOptions, binarize
 from bnnslim.cli.app import app
 from bnnslim.errors import BnnslimError
-from bnnslim.stages.export import export
 from bnnslim.model_file import read_header
 from bnnslim.packing import pack_signs, unpack_signs
 from bnnslim.plugin_types import DatasetSpec, DatasetSplits
 from bnnslim.plugins import get_plugin_manager
-from bnnslim.prune.schedule import PruneOptions, prune
+from bnnslim.stages.binarize import BinarizeOptions, binarize
+from bnnslim.stages.export import export
+from bnnslim.stages.prune import PruneOptions, prune
 from bnnslim.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,10 +16,10 @@ import torch
 from conftest import BUNDLED, SMALL_CNN
 
 import bnnslim
-from bnnslim.binarize import BinarizeOptions, binarize
 from bnnslim.errors import BnnslimError
+from bnnslim.stages.binarize import BinarizeOptions, binarize
 from bnnslim.stages.export import export
-from bnnslim.prune.schedule import PruneOptions, prune
+from bnnslim.stages.prune import PruneOptions, prune
 from bnnslim.train import TrainConfig
 
 CASES = 60  # per file and kind of damage

@@ -17,12 +17,12 @@ from conftest import BUNDLED, SMALL_CNN
 from typer.testing import CliRunner
 
 from bnnslim._atomic import remove_stale_temporaries, save_tensors, write_json
-from bnnslim.binarize import BinarizeOptions, binarize
 from bnnslim.cli.app import app
 from bnnslim.errors import BnnslimError
-from bnnslim.prune.schedule import PruneOptions, prune
 from bnnslim.rundir import RunDir, save_weights
 from bnnslim.runlock import lock_path, run_lock
+from bnnslim.stages.binarize import BinarizeOptions, binarize
+from bnnslim.stages.prune import PruneOptions, prune
 from bnnslim.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,11 +18,11 @@ from conftest import assert_clean_error, snapshot
 from typer.testing import CliRunner, Result
 
 from bnnslim import plugins
-from bnnslim.binarize import BinarizeOptions, binarize
 from bnnslim.cli.plugins import add_plugin_commands
 from bnnslim.hookspecs import hookimpl
 from bnnslim.plugin_types import CommandSpec, Selection, SelectionContext, StrategySpec
-from bnnslim.prune.schedule import PruneOptions, prune
+from bnnslim.stages.binarize import BinarizeOptions, binarize
+from bnnslim.stages.prune import PruneOptions, prune
 from bnnslim.train import TrainConfig
 
 TINY_MODEL = """

@@ -24,8 +24,8 @@ from test_plugins_cli import QUICK, TINY_MODEL
 from typer.testing import Result
 
 from bnnslim import plugins
-from bnnslim.binarize import BinarizeOptions, binarize
 from bnnslim.rundir import RunDir
+from bnnslim.stages.binarize import BinarizeOptions, binarize
 from bnnslim.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]

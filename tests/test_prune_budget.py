@@ -64,7 +64,7 @@ def test_no_group_is_starved_below_its_band_whatever_earlier_groups_propose(max_
         proposed = {"all": g.size, "none": 0, "alternate": g.size if i % 2 else 0}[proposals]
         counts.append(budget.choose(proposed))
     assert budget.kept == budget.requested == round(keep * budget.total)  # still exact
-    for g, k in zip(groups, counts):
+    for g, k in zip(groups, counts, strict=True):
         share = budget.uniform_share(groups.index(g))
         assert share * (1 - max_shift) - 1 <= k <= share * (1 + max_shift) + 1, (g.id, k, share)
         assert k >= math.ceil(share * (1 - max_shift) - 1e-9) or k == min(budget.allowed[groups.index(g)])
@@ -116,8 +116,8 @@ def test_ops_and_params_budgets_count_what_the_export_report_counts(arch: str, m
     import torch
     from _models import MODELS
 
-    from bnnslim.report import layer_costs
     from bnnslim.prune.slim import slim
+    from bnnslim.report import layer_costs
 
     b = MODELS[arch]()
     key = "binary_ops" if measure == "ops" else "params"
@@ -126,7 +126,7 @@ def test_ops_and_params_budgets_count_what_the_export_report_counts(arch: str, m
     assert budget.total == report_total
     g = torch.Generator().manual_seed(0)
     counts = [budget.choose(int(torch.randint(0, grp.size + 1, (1,), generator=g))) for grp in b.groups]
-    masks = {grp.id: (torch.arange(grp.size) < k).float() for grp, k in zip(b.groups, counts)}
+    masks = {grp.id: (torch.arange(grp.size) < k).float() for grp, k in zip(b.groups, counts, strict=True)}
     slim_model = copy.deepcopy(b.model)
     slim(slim_model, b.groups, masks, b.example)
     after = sum(getattr(c, key) for c in layer_costs(slim_model, b.example).values())

@@ -13,16 +13,16 @@ from _models import ConcatNet
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from bnnslim.binarize import BinarizeOptions, binarize
 from bnnslim.cli.app import app
 from bnnslim.plugins import reset_plugin_manager
-from bnnslim.prune.schedule import PruneOptions, prune
 from bnnslim.rundir import RunDir
+from bnnslim.stages.binarize import BinarizeOptions, binarize
+from bnnslim.stages.prune import PruneOptions, prune
 from bnnslim.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONCAT_FILE = "import torch\nfrom torch import nn\n\n\n" + inspect.getsource(ConcatNet)
-QUICK = dict(select_steps=3, retrain_steps=3, batch_size=32, heldout=64)
+QUICK = {"select_steps": 3, "retrain_steps": 3, "batch_size": 32, "heldout": 64}
 
 
 def make_run(tmp_path_factory: pytest.TempPathFactory, spec: str, name: str) -> Path:
@@ -235,13 +235,13 @@ def test_distillation_changes_the_result_and_is_recorded(runs, tmp_path) -> None
     taught = prune(run, PruneOptions(keep=0.5, distill=1.0, finetune_steps=2, **QUICK))
     assert RunDir(run).read_manifest()["prune"]["teacher"]["network"].startswith("the unpruned binary network")
     assert plain.kept_filters == taught.kept_filters
-    assert any(a.retrain_loss != b.retrain_loss for a, b in zip(plain.records, taught.records))
+    assert any(a.retrain_loss != b.retrain_loss for a, b in zip(plain.records, taught.records, strict=True))
 
 
 def test_learn_masks_on_an_in_memory_model_with_the_users_loader(tmp_path, monkeypatch) -> None:
+    from _models import MODELS
     from torch.utils.data import DataLoader
 
-    from _models import MODELS
     from bnnslim.plugins import get_dataset
     from bnnslim.prune.masking import MaskController
     from bnnslim.prune.schedule import learn_masks
@@ -256,7 +256,8 @@ def test_learn_masks_on_an_in_memory_model_with_the_users_loader(tmp_path, monke
                         on_event=events.append)
     assert list(tmp_path.iterdir()) == [], "no run directory, no files"
     assert set(masks) == {g.id for g in b.groups}
-    assert sum(int(masks[g.id].sum()) * len(g.producers) for g in b.groups) == round(0.5 * sum(g.filters for g in b.groups))
+    kept = sum(int(masks[g.id].sum()) * len(g.producers) for g in b.groups)
+    assert kept == round(0.5 * sum(g.filters for g in b.groups))
     assert {e.phase for e in events} >= {"select", "retrain", "finetune", "done"}
     assert all(not m._forward_pre_hooks for m in b.model.modules()), "hooks left on the model"
     controller = MaskController(b.model, b.groups)

@@ -8,13 +8,13 @@ import pytest
 import torch
 from _models import MODELS
 
-from bnnslim.plugin_types import Selection, SelectionContext
-from bnnslim.plugins import get_strategy, strategies
-from bnnslim.prune.masking import MaskController
-from bnnslim.prune.schedule import validate_selection, retrain
 from bnnslim.binary.convert import forward_order
-from bnnslim.prune.subsidiary import selector_mask
 from bnnslim.errors import BnnslimError
+from bnnslim.plugin_types import Selection, SelectionContext
+from bnnslim.plugins import get_strategy, strategies, validate_selection
+from bnnslim.prune.masking import MaskController
+from bnnslim.prune.schedule import retrain
+from bnnslim.prune.subsidiary import selector_mask
 
 
 def test_selector_mask_is_a_step_with_straight_through_gradient() -> None:
@@ -75,7 +75,7 @@ def test_retraining_leaves_masks_and_lower_layers_alone() -> None:
     for k in changed:
         module = k.rsplit(".", 1)[0]
         assert module not in lower, f"{k} is below the group and must stay fixed"
-    assert {k: v for k, v in controller.fixed_masks().items()}.keys() == decided.keys()
+    assert controller.fixed_masks().keys() == decided.keys()
     for gid, m in controller.fixed_masks().items():
         assert torch.equal(m, decided[gid]), "a decided mask changed during retraining"
 
@@ -83,7 +83,7 @@ def test_retraining_leaves_masks_and_lower_layers_alone() -> None:
 @pytest.mark.parametrize("name", ["subsidiary", "l1", "alpha", "bn", "random", "greedy"])
 @pytest.mark.parametrize("arch", ["plain", "residual", "concat"])
 def test_every_builtin_strategy_returns_a_valid_selection(name: str, arch: str) -> None:
-    b, ctx = _context(arch, group_index=1, steps=3)
+    _b, ctx = _context(arch, group_index=1, steps=3)
     spec = get_strategy(name)
     selection = validate_selection(spec.select(ctx), spec, ctx.group)
     assert selection.scores.shape == (ctx.group.size,)
@@ -119,7 +119,7 @@ def test_builtin_strategies_are_registered() -> None:
     ("nonsense", "not a Selection"),
 ])
 def test_invalid_selections_are_rejected_naming_the_strategy(bad, message: str) -> None:
-    b, ctx = _context("plain")
+    _b, ctx = _context("plain")
     spec = get_strategy("random")
     with pytest.raises(BnnslimError, match=message) as info:
         validate_selection(bad, spec, ctx.group)
@@ -132,10 +132,10 @@ def test_learned_selection_keeps_the_informative_channels_and_drops_the_noise() 
     The noise channels have the largest BatchNorm scales, so the ``bn`` rule keeps
     them; the learned selectors must find the informative ones.
     """
+    from conftest import builtin_scheme, toy_splits
     from torch import nn
     from torch.utils.data import DataLoader
 
-    from conftest import builtin_scheme, toy_splits
     from bnnslim.binary.convert import apply_binarization
     from bnnslim.graph import build_graph
     from bnnslim.prune.groups import find_groups

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from bnnslim._version import __version__
-from bnnslim.binarize import BinarizeOptions, binarize
 from bnnslim.binary.layers import BinaryConv2d
 from bnnslim.errors import BnnslimError
 from bnnslim.run_model import load_run_model
 from bnnslim.rundir import RunDir, load_state, load_tensors, save_weights
+from bnnslim.stages.binarize import BinarizeOptions, binarize
 
 
 def test_manifest_round_trip(tmp_path: Path) -> None:

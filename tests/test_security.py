@@ -25,13 +25,13 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import bnnslim
-from bnnslim.binarize import BinarizeOptions, binarize
 from bnnslim.cli.app import app
 from bnnslim.errors import BnnslimError
-from bnnslim.stages.export import export
 from bnnslim.model_source import load_model_source
 from bnnslim.run_model import load_run_model
 from bnnslim.rundir import RunDir
+from bnnslim.stages.binarize import BinarizeOptions, binarize
+from bnnslim.stages.export import export
 
 EVIL = """
 from pathlib import Path

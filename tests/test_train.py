@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL_CNN, builtin_scheme, toy_splits
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -15,7 +16,6 @@ from bnnslim.binary.convert import apply_binarization, binary_convs, plan_binari
 from bnnslim.errors import BnnslimError
 from bnnslim.model_source import load_model_source
 from bnnslim.train import Checkpoint, EpochRecord, StepEvent, TrainConfig, evaluate, make_loader, train_epochs
-from conftest import SMALL_CNN, builtin_scheme, toy_splits
 
 CPU = torch.device("cpu")
 

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from bnnslim.binarize import BinarizeOptions, binarize
 from bnnslim.checks import dead_model_warnings
 from bnnslim.cli.app import app
-from bnnslim.stages.export import export
 from bnnslim.report import layer_costs
 from bnnslim.run_model import load_run_model
 from bnnslim.rundir import RunDir, save_weights
+from bnnslim.stages.binarize import BinarizeOptions, binarize
+from bnnslim.stages.export import export
 
 WARNED = """
 from torch import nn

@@ -10,7 +10,7 @@ forces a layer binary, overriding the first/last rule. Patterns are shell-style
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +33,7 @@ def forward_order(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     """Module name -> index of its first call in one forward pass (a topological order)."""
     order: dict[str, int] = {}
 
-    def hook(name: str):  # type: ignore[no-untyped-def]
+    def hook(name: str) -> Callable[[nn.Module, object], None]:
         def record(_m: nn.Module, _inputs: object) -> None:
             order.setdefault(name, len(order))
         return record
@@ -82,9 +82,7 @@ def plan_binarization(
     last = order[-1] if order else None
     plan = BinarizePlan()
     for name, conv in convs.items():
-        if isinstance(conv, BinaryConv2d):
-            plan.binary.append(name)
-        elif _matches(name, binary):
+        if isinstance(conv, BinaryConv2d) or _matches(name, binary):
             plan.binary.append(name)
         elif _matches(name, real):
             plan.real[name] = "matches a --real pattern"

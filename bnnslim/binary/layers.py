@@ -30,7 +30,7 @@ class BinaryConv2d(nn.Conv2d):
         self.input_mask: torch.Tensor | None = None
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, scheme: SchemeSpec) -> "BinaryConv2d":
+    def from_conv(cls, conv: nn.Conv2d, scheme: SchemeSpec) -> BinaryConv2d:
         """A binary copy of ``conv`` with the same hyper-parameters and latent weights."""
         new = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,

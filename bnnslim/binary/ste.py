@@ -94,4 +94,4 @@ def mean_abs_scale(weight: torch.Tensor, kept: torch.Tensor | None) -> torch.Ten
 
 def no_scale(weight: torch.Tensor, kept: torch.Tensor | None) -> None:
     """No per-filter scale (BinaryNet, Courbariaux et al. 2016)."""
-    return None
+    return

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -17,18 +17,18 @@ from bnnslim.cli._common import DEFAULT_RUN, RunOption, console, friendly_errors
 def binarize_command(
     model: Annotated[str, typer.Argument(help="Model file, FILE.py or FILE.py:NAME (see README: loading a model).")],
     run: RunOption = DEFAULT_RUN,
-    data: Annotated[Optional[str], typer.Option(help="Dataset to train on (see `bnnslim info --datasets`). Without it: convert only.")] = None,
-    data_root: Annotated[Optional[Path], typer.Option(help="Where the dataset lives (for datasets that need files).")] = None,
+    data: Annotated[str | None, typer.Option(help="Dataset to train on (see `bnnslim info --datasets`). Without it: convert only.")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Where the dataset lives (for datasets that need files).")] = None,
     scheme: Annotated[str, typer.Option(help="Binarization scheme: xnor, sign, bireal, or one from a plugin.")] = "xnor",
-    real: Annotated[Optional[list[str]], typer.Option(help="Keep convs matching this name pattern real (repeatable).")] = None,
-    binary: Annotated[Optional[list[str]], typer.Option(help="Make convs matching this pattern binary, even first/last (repeatable).")] = None,
+    real: Annotated[list[str] | None, typer.Option(help="Keep convs matching this name pattern real (repeatable).")] = None,
+    binary: Annotated[list[str] | None, typer.Option(help="Make convs matching this pattern binary, even first/last (repeatable).")] = None,
     binarize_first_last: Annotated[bool, typer.Option("--binarize-first-last", help="Binarize the first and last layers too.")] = False,
-    input_shape: Annotated[Optional[str], typer.Option(help="Input shape without batch, e.g. 3,32,32.")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="Starting weights: .safetensors, or a .pt/.pth state_dict (loaded weights-only).")] = None,
+    input_shape: Annotated[str | None, typer.Option(help="Input shape without batch, e.g. 3,32,32.")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Starting weights: .safetensors, or a .pt/.pth state_dict (loaded weights-only).")] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs (with --data).")] = 10,
     lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate (cosine schedule).")] = 1e-3,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size per process.")] = 128,
-    steps_per_epoch: Annotated[Optional[int], typer.Option(min=1, help="Cap on batches per epoch (quick runs).")] = None,
+    steps_per_epoch: Annotated[int | None, typer.Option(min=1, help="Cap on batches per epoch (quick runs).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     workers: Annotated[int, typer.Option(min=0, help="Data-loading worker processes.")] = 0,
@@ -37,17 +37,16 @@ def binarize_command(
     amp: Annotated[bool, typer.Option(help="Automatic mixed precision (bfloat16 autocast), for GPUs.")] = False,
     channels_last: Annotated[bool, typer.Option(help="Channels-last memory format, for GPUs.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a run directory that belongs to another model, or holds trained, pruned or exported work.")] = False,
-    teacher: Annotated[Optional[Path], typer.Option(help="Distil from the float model with these weights (.safetensors or a .pt/.pth state_dict).")] = None,
+    teacher: Annotated[Path | None, typer.Option(help="Distil from the float model with these weights (.safetensors or a .pt/.pth state_dict).")] = None,
     teacher_epochs: Annotated[int, typer.Option(min=0, help="Train the float model this many epochs first, distil from it and start from its weights.")] = 0,
     distill: Annotated[float, typer.Option(min=0.0, help="With a teacher: weight of the distillation term (CE + w T^2 KL).")] = 1.0,
     temperature: Annotated[float, typer.Option(min=0.01, help="With a teacher: distillation temperature T.")] = 4.0,
 ) -> None:
     """Binarize MODEL's convs (first and last stay real) and, with --data, train the binary network."""
-    from bnnslim.binarize import BinarizeOptions, binarize, parse_input_shape
-    from bnnslim.distributed import init_from_env
-    from bnnslim.train import TrainConfig
-
     from bnnslim.checks import refuse_replacing_work
+    from bnnslim.distributed import init_from_env
+    from bnnslim.stages.binarize import BinarizeOptions, binarize, parse_input_shape
+    from bnnslim.train import TrainConfig
 
     refuse_replacing_work(run, overwrite, resume)
     device = init_from_env(device)
@@ -67,10 +66,10 @@ def binarize_command(
                   disable=train is None or console.quiet) as progress:
         task = progress.add_task("train", total=None, epoch=0, loss=0.0, acc=0.0)
 
-        def on_step(ev):  # type: ignore[no-untyped-def]
+        def on_step(ev):
             progress.update(task, completed=ev.step, total=ev.steps, epoch=ev.epoch + 1, loss=ev.loss, acc=ev.accuracy)
 
-        def on_epoch(rec):  # type: ignore[no-untyped-def]
+        def on_epoch(rec):
             progress.console.print(f"epoch {rec.epoch}: train loss {rec.train_loss:.3f} acc {rec.train_accuracy:.1%}"
                                    f" | test loss {rec.test_loss:.3f} acc {rec.test_accuracy:.1%}")
 

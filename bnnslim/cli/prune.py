@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -18,11 +18,11 @@ def prune_command(
     keep: Annotated[float, typer.Option(help="Fraction of the prunable binary filters to keep, in (0, 1].")],
     run: RunOption = DEFAULT_RUN,
     strategy: Annotated[str, typer.Option(help="subsidiary (learned, default), l1, alpha, bn, random, greedy, or a plugin's.")] = "subsidiary",
-    data: Annotated[Optional[str], typer.Option(help="Dataset (default: the one the run was trained on).")] = None,
-    data_root: Annotated[Optional[Path], typer.Option(help="Where the dataset lives.")] = None,
+    data: Annotated[str | None, typer.Option(help="Dataset (default: the one the run was trained on).")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Where the dataset lives.")] = None,
     min_keep: Annotated[float, typer.Option(min=0.0, max=1.0, help="Floor: every group keeps at least this fraction (and 1 filter).")] = 0.1,
     round_to: Annotated[int, typer.Option(min=1, help="Keep channel counts multiples of N (or the full count).")] = 1,
-    exclude: Annotated[Optional[list[str]], typer.Option(help="Never prune layers matching this name pattern (repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Never prune layers matching this name pattern (repeatable).")] = None,
     select_steps: Annotated[int, typer.Option(min=0, help="Steps of selector learning per group (step a).")] = 50,
     select_lr: Annotated[float, typer.Option(min=0.0, help="Selector step size (about how far a typical selector moves per step).")] = 0.005,
     penalty: Annotated[float, typer.Option(min=0.0, help="Weight of the budget-aware penalty (1 = calibrated per group).")] = 1.0,
@@ -41,7 +41,7 @@ def prune_command(
 ) -> None:
     """Learn a filter selection for every prunable group, bottom-up, retrain after each, then fine-tune (Xu et al., CVPR 2019)."""
     from bnnslim.distributed import init_from_env
-    from bnnslim.prune.stage import PruneOptions, prune
+    from bnnslim.stages.prune import PruneOptions, prune
 
     device = init_from_env(device)
 
@@ -58,7 +58,7 @@ def prune_command(
         overall = progress.add_task("groups", total=None, group="groups", phase="", loss=0.0, acc=0.0, kept="")
         step_task = progress.add_task("step", total=None, group="", phase="", loss=0.0, acc=0.0, kept="")
 
-        def on_event(ev):  # type: ignore[no-untyped-def]
+        def on_event(ev):
             progress.update(overall, total=ev.groups, completed=ev.index + (ev.phase == "done"),
                             kept=str(ev.kept_filters))
             if ev.phase == "done":
@@ -80,10 +80,11 @@ def prune_command(
                   f"{result.kept_filters / result.total_filters:.1%}", style="bold")
     console.print(table)
     measure = result.budget.get("measure", "filters")
+    total, kept = float(result.budget.get("total", 0) or 0), float(result.budget.get("kept", 0) or 0)  # type: ignore[arg-type]
     if measure != "filters":
         what = "binary operations" if measure == "ops" else "parameters"
-        console.print(f"{what} per image: {result.budget['total']:,} before, {result.budget['kept']:,} after "
-                      f"({result.budget['kept'] / result.budget['total']:.1%}; asked for {keep:.1%})")
+        console.print(f"{what} per image: {total:,.0f} before, {kept:,.0f} after "
+                      f"({kept / total:.1%}; asked for {keep:.1%})")
     elif result.kept_filters != result.requested_filters:
         console.print(f"[yellow]note[/]: {result.requested_filters} filters were requested; "
                       f"{result.kept_filters} is the nearest count the layer sizes allow")

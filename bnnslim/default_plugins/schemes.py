@@ -14,7 +14,8 @@ def bnnslim_schemes() -> Iterator[SchemeSpec]:
 
     yield SchemeSpec(
         name="xnor",
-        description="XNOR-Net (Rastegari 2016): sign weights x per-filter mean|W|, sign activations, clipped-identity STE",
+        description="XNOR-Net (Rastegari 2016): sign weights x per-filter mean|W|, sign activations, "
+                    "clipped-identity STE",
         binarize_input=ste_sign,
         binarize_weight=ste_sign_weight,
         scale=mean_abs_scale,

@@ -97,7 +97,7 @@ class CostModel:
         self.terms: list[_Term] = []
         self.fixed = 0
         if measure == "filters":
-            self.total = sum(g.filters for g in groups)
+            self.total: float = sum(g.filters for g in groups)
             return
         if model is None or example is None:
             raise BnnslimError(f"a budget in {measure} needs the model and an example input", "pass both")
@@ -118,7 +118,7 @@ class CostModel:
             if isinstance(m, nn.Conv2d):
                 n_in, n_out, per_group_in = m.in_channels, m.out_channels, m.in_channels // m.groups
             else:
-                n_in, n_out, per_group_in = m.in_features, m.out_features, m.in_features  # type: ignore[assignment]
+                n_in, n_out, per_group_in = m.in_features, m.out_features, m.in_features
             depthwise = isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
             ins = consumed.get(name, [])
             owned = sum(n for _, n in ins)
@@ -137,7 +137,7 @@ class CostModel:
     def cost(self, counts: Sequence[float]) -> float:
         """The cost with ``counts[g]`` channels kept in group ``g`` (exact for integer counts)."""
         if self.measure == "filters":
-            return sum(w * k for w, k in zip(self.weights, counts))
+            return sum(w * k for w, k in zip(self.weights, counts, strict=True))
         total: float | Fraction = Fraction(self.fixed)
         for t in self.terms:
             out = t.out_fixed if t.out_group is None else counts[t.out_group]
@@ -161,7 +161,8 @@ class Budget:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.keep <= 1.0:
-            raise BnnslimError(f"--keep {self.keep} is outside (0, 1]", "give the fraction of filters to keep, e.g. 0.8")
+            raise BnnslimError(f"--keep {self.keep} is outside (0, 1]",
+                               "give the fraction of filters to keep, e.g. 0.8")
         if self.round_to < 1:
             raise BnnslimError(f"--round-to {self.round_to} must be at least 1", "use 1 for no rounding")
         if self.max_shift is not None and self.max_shift < 0:
@@ -174,7 +175,7 @@ class Budget:
         self.requested = round(self.keep * self.total)
         minimum = self.costs.cost([a[0] for a in self.floors])
         if self.requested < minimum:
-            what = "filters" if self.measure == "filters" else f"{'binary operations' if self.measure == 'ops' else 'parameters'}"
+            what = {"filters": "filters", "ops": "binary operations"}.get(self.measure, "parameters")
             raise BnnslimError(
                 f"--keep {self.keep} asks for {self.requested} of {self.total} {what}, but every layer must keep at "
                 f"least {self.min_keep:.0%} of its filters ({minimum} in all)",
@@ -182,9 +183,9 @@ class Budget:
         self.fraction = self._uniform_fraction(self.requested, [])
         self.allowed = [self._band(i) for i in range(len(self.groups))]
         if self.measure == "filters":
-            full = _reachable(list(zip(self.weights, self.floors)))
+            full = _reachable(list(zip(self.weights, self.floors, strict=True)))
             self.target: float = self._nearest_reachable(full[0], self.requested)
-            self._reach = _reachable(list(zip(self.weights, self.allowed)))
+            self._reach = _reachable(list(zip(self.weights, self.allowed, strict=True)))
             if not self._reach[0] >> int(self.target) & 1:
                 # the bands cannot make the total (rounding, residual groups): every group gets its full range back
                 self.allowed, self._reach = list(self.floors), full
@@ -223,7 +224,7 @@ class Budget:
 
     @staticmethod
     def _nearest_reachable(bits: int, t: int) -> int:
-        for d in range(0, max(t, bits.bit_length()) + 1):
+        for d in range(max(t, bits.bit_length()) + 1):
             for cand in (t - d, t + d):
                 if cand >= 0 and (bits >> cand) & 1:
                     return cand
@@ -283,7 +284,7 @@ class Budget:
     @property
     def kept(self) -> int:
         """Filters kept by the decided groups (whatever the measure)."""
-        return sum(w * k for w, k in zip(self.weights, self.decided))
+        return sum(w * k for w, k in zip(self.weights, self.decided, strict=False))  # decided: the groups so far
 
     @property
     def spent(self) -> float:

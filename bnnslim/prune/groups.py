@@ -144,5 +144,5 @@ def _merge(consumers: list[Consumer]) -> list[Consumer]:
     """One entry per consumer layer (a layer may appear through several paths)."""
     merged: dict[str, dict[int, int]] = {}
     for c in consumers:
-        merged.setdefault(c.name, {}).update(zip(c.positions, c.root_idx))
+        merged.setdefault(c.name, {}).update(zip(c.positions, c.root_idx, strict=True))
     return [Consumer(n, tuple(sorted(m)), tuple(m[p] for p in sorted(m))) for n, m in merged.items()]

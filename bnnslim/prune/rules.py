@@ -22,18 +22,24 @@ def _modules(ctx: SelectionContext) -> dict[str, torch.nn.Module]:
     return dict(ctx.model.named_modules())
 
 
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor), f"{type(module).__name__} has no weight tensor"
+    return weight.detach()
+
+
 def select_l1(ctx: SelectionContext) -> Selection:
     """L1 norm of each filter's latent weights, summed over the group's producers (Li et al. 2017)."""
     mods = _modules(ctx)
-    scores = sum(mods[p].weight.detach().abs().flatten(1).sum(1) for p in ctx.group.producers)
-    return Selection(scores=torch.as_tensor(scores, dtype=torch.float32))
+    scores = torch.stack([_weight(mods[p]).abs().flatten(1).sum(1) for p in ctx.group.producers]).sum(0)
+    return Selection(scores=scores.float())
 
 
 def select_alpha(ctx: SelectionContext) -> Selection:
     """The XNOR scale alpha_o = mean |W_o| of each filter, summed over producers."""
     mods = _modules(ctx)
-    scores = sum(mean_abs_scale(mods[p].weight.detach(), None).flatten() for p in ctx.group.producers)
-    return Selection(scores=torch.as_tensor(scores, dtype=torch.float32))
+    scores = torch.stack([mean_abs_scale(_weight(mods[p]), None).flatten() for p in ctx.group.producers]).sum(0)
+    return Selection(scores=scores.float())
 
 
 def select_bn(ctx: SelectionContext) -> Selection:
@@ -42,7 +48,7 @@ def select_bn(ctx: SelectionContext) -> Selection:
     norms = [mods[n] for n in ctx.group.norms if getattr(mods[n], "weight", None) is not None]
     if not norms:
         return Selection(scores=torch.ones(ctx.group.size))
-    return Selection(scores=sum(m.weight.detach().abs() for m in norms))  # type: ignore[union-attr]
+    return Selection(scores=torch.stack([_weight(m).abs() for m in norms]).sum(0))
 
 
 def select_random(ctx: SelectionContext) -> Selection:
@@ -80,7 +86,7 @@ def select_greedy(ctx: SelectionContext) -> Selection:
                 trial[c] = 0
                 ctx.masks.set_fixed(ctx.group.id, trial)
                 losses.append(F.cross_entropy(ctx.model(x), y).item())
-            ranked = [c for _, c in sorted(zip(losses, candidates))]
+            ranked = [c for _, c in sorted(zip(losses, candidates, strict=True))]
             for c in ranked[: math.ceil(excess / round_left)]:
                 kept[c] = 0
                 scores[c] = removed

@@ -46,7 +46,7 @@ from bnnslim import distributed as D
 from bnnslim.binary.convert import clip_latent_weights, forward_order
 from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
-from bnnslim.plugin_types import Selection, SelectionContext, StrategySpec
+from bnnslim.plugin_types import SelectionContext, StrategySpec
 from bnnslim.prune.budget import Budget
 from bnnslim.prune.groups import PrunableGroup, find_groups
 from bnnslim.prune.masking import MaskController
@@ -115,23 +115,6 @@ class PruneEvent:
     loss: float = 0.0
     accuracy: float = 0.0
     kept_filters: int = 0
-
-
-def validate_selection(selection: Any, spec: StrategySpec, group: PrunableGroup) -> Selection:
-    where = f"strategy '{spec.name}' on group {group.id}"
-    if not isinstance(selection, Selection):
-        raise BnnslimError(f"{where} returned {type(selection).__name__}, not a Selection", "fix the strategy plugin")
-    scores = torch.as_tensor(selection.scores).detach().flatten().float().cpu()
-    if scores.numel() != group.size:
-        raise BnnslimError(f"{where} returned {scores.numel()} scores for {group.size} channels",
-                           "return one score per channel of the group's root")
-    if not torch.isfinite(scores).all():
-        raise BnnslimError(f"{where} returned non-finite scores", "fix the strategy plugin")
-    if selection.keep is not None and not 0 <= int(selection.keep) <= group.size:
-        raise BnnslimError(f"{where} proposed keeping {selection.keep} of {group.size} channels",
-                           "propose a count between 0 and the group's size, or None")
-    return Selection(scores=scores, keep=None if selection.keep is None else int(selection.keep),
-                     state=dict(selection.state))
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -234,12 +217,12 @@ class PruneSchedule:
                  device: torch.device | str | None = None,
                  on_event: Callable[[PruneEvent], None] | None = None,
                  strategy: StrategySpec | None = None,
-                 after_phase: Callable[["PruneSchedule"], None] | None = None) -> None:
-        from bnnslim.plugins import get_strategy
+                 after_phase: Callable[[PruneSchedule], None] | None = None) -> None:
+        from bnnslim.plugins import get_strategy, guard_strategy
 
         self.config = config
         self.model = model
-        self.spec = strategy or get_strategy(config.strategy)
+        self.spec = get_strategy(config.strategy) if strategy is None else guard_strategy(strategy)
         if device is None:
             first = next(model.parameters(), None)
             device = first.device if first is not None else torch.device("cpu")
@@ -344,15 +327,9 @@ class PruneSchedule:
         self._event("select", i, len(self.groups), g.id, 0, self.config.select_steps, kept_filters=self.budget.kept)
         ctx = self.context(it, g, suggested)
         try:
-            raw = self.spec.select(ctx)
-        except BnnslimError:
-            raise
-        except Exception as exc:
-            raise BnnslimError(f"strategy '{self.spec.name}' failed on group {g.id}: {type(exc).__name__}: {exc}",
-                               "fix the strategy plugin or choose another --strategy") from exc
+            selection = self.spec.select(ctx)  # guarded: failures and invalid answers name the strategy
         finally:
             self.controller.clear(g.id)
-        selection = validate_selection(raw, self.spec, g)
         proposed = selection.keep if selection.keep is not None else suggested
         k = self.budget.choose(proposed)
         mask = top_k_mask(selection.scores, k)
@@ -492,17 +469,5 @@ def learn_masks(model: nn.Module, example_inputs: torch.Tensor, train_loader: Ba
     return masks
 
 
-_STAGE_NAMES = ("PruneOptions", "PruneResult", "prune")
-
-
-def __getattr__(name: str) -> Any:
-    """``PruneOptions`` / ``prune`` live in :mod:`bnnslim.prune.stage` (the run-directory layer)."""
-    if name in _STAGE_NAMES:
-        from bnnslim.prune import stage
-
-        return getattr(stage, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = ["GroupRecord", "PruneEvent", "PruneSchedule", "ScheduleConfig", "learn_masks", "retrain",
-           "top_k_mask", "validate_selection", *_STAGE_NAMES]
+           "top_k_mask"]

@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from bnnslim.distributed import average_gradients
 from bnnslim.plugin_types import Selection, SelectionContext
@@ -90,7 +89,8 @@ def select_subsidiary(ctx: SelectionContext) -> Selection:
     # step and make the whole group cross zero together).
     optimizer = torch.optim.SGD([selector], lr=ctx.lr, momentum=0.9)
     try:
-        weight = scale = None
+        weight: torch.Tensor | None = None
+        scale: torch.Tensor | float = 1.0
         for _ in range(ctx.steps):
             x, y = next(ctx.batches)
             optimizer.zero_grad(set_to_none=True)

@@ -14,9 +14,9 @@ import torch
 from typer.testing import CliRunner
 
 from bnnslim import plugins
-from bnnslim.binarize import BinarizeOptions, binarize
 from bnnslim.cli.app import app
 from bnnslim.rundir import RunDir
+from bnnslim.stages.binarize import BinarizeOptions, binarize
 from bnnslim.train import TrainConfig
 
 MODEL = """

@@ -28,9 +28,9 @@ from torch import nn
 
 from bnnslim import distributed as D
 from bnnslim.binary.convert import BinarizePlan, apply_binarization, clip_latent_weights, plan_binarization
+from bnnslim.checks import check_dataset_sample, check_model_output, warn_about_binarization
 from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
-from bnnslim.checks import check_dataset_sample, check_model_output, warn_about_binarization
 from bnnslim.model_source import ModelSource, load_model_source
 from bnnslim.plugin_types import DatasetSpec, DatasetSplits
 from bnnslim.plugins import get_dataset, get_scheme

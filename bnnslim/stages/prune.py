@@ -24,13 +24,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from bnnslim import distributed as D
 from bnnslim._atomic import save_tensors
-from bnnslim.binarize import resolve_device
 from bnnslim.errors import BnnslimError
 from bnnslim.plugins import get_dataset
 from bnnslim.prune.groups import PrunableGroup
 from bnnslim.prune.schedule import SEED_STRIDE, GroupRecord, PruneEvent, PruneSchedule, ScheduleConfig
 from bnnslim.run_model import load_run_model
 from bnnslim.rundir import RunDir, save_weights
+from bnnslim.stages.binarize import resolve_device
 from bnnslim.train import Teacher, evaluate, make_loader
 
 PRUNED_WEIGHTS = "pruned.safetensors"
@@ -74,7 +74,8 @@ class PruneResult:
     finetune_seconds: float = 0.0
 
 
-def _batches(dataset: Dataset, batch_size: int, seed: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(dataset: Dataset, batch_size: int, seed: int,
+             device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     epoch = 0
     while True:
         for x, y in make_loader(dataset, batch_size, seed, epoch, shuffle=True):
@@ -151,7 +152,8 @@ def prune(run_path: Path, opts: PruneOptions, resume: bool = False,
         schedule.close()
         model.to("cpu")
     budget = schedule.budget
-    result = PruneResult(groups=groups, records=schedule.records, masks=masks, total_filters=sum(g.filters for g in groups),
+    result = PruneResult(groups=groups, records=schedule.records, masks=masks,
+                         total_filters=sum(g.filters for g in groups),
                          requested_filters=budget.requested if budget.measure == "filters" else budget.kept,
                          kept_filters=budget.kept, accuracy_before=accuracy_before, accuracy_after=accuracy_after,
                          seconds=time.perf_counter() - started, resumed_after=start,
@@ -184,7 +186,7 @@ def _load_checkpoint(path: Path, opts: PruneOptions) -> tuple[dict[str, object],
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     except (SafetensorError, OSError) as exc:
         raise BnnslimError(f"the prune checkpoint '{path}' is damaged ({exc})", "run without --resume") from exc
     if meta.get("options") != opts.resume_key():
