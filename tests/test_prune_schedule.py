@@ -288,3 +288,22 @@ def test_reported_accuracy_is_the_masked_networks(runs, tmp_path) -> None:
     assert evaluate(loaded.model, test, torch.device("cpu")).accuracy == result.accuracy_after
     controller.remove()
     assert evaluate(loaded.model, test, torch.device("cpu")).accuracy != result.accuracy_after
+
+
+def test_a_teacher_given_to_learn_masks_is_used_and_never_trained() -> None:
+    from _models import MODELS
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bnnslim.prune.schedule import learn_masks
+
+    b = MODELS["plain"]()
+    teacher = MODELS["plain"]().model
+    frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g))
+    learn_masks(b.model, b.example, DataLoader(data, batch_size=16), keep=0.5, strategy="l1", teacher=teacher,
+                select_steps=1, retrain_steps=2, finetune_steps=2)
+    assert len(calls) == 3 * 2 + 2  # every retraining and fine-tuning step asked the teacher
+    assert all(torch.equal(v, frozen[k]) for k, v in teacher.state_dict().items())

@@ -450,11 +450,15 @@ def learn_masks(model: nn.Module, example_inputs: torch.Tensor, train_loader: Ba
     :class:`bnnslim.prune.masking.MaskController` or slim it with
     :func:`bnnslim.prune.slim.slim`. ``train_loader`` is any re-iterable of ``(x, y)``;
     ``options`` are :class:`ScheduleConfig` fields (``select_steps``,
-    ``finetune_steps``, ``budget="ops"``, ``distill=0`` ...). ``teacher="copy"``
-    distils from a frozen copy of the unpruned model.
+    ``finetune_steps``, ``budget="ops"``, ``distill=1.0`` ...). A ``teacher``
+    network turns distillation on (weight 1 unless ``distill`` says otherwise);
+    the default ``"copy"`` distils from a frozen copy of the unpruned model only
+    when ``distill > 0``.
 
     >>> masks = learn_masks(model, torch.randn(2, 1, 28, 28), loader, keep=0.5)
     """
+    if teacher is not None and not isinstance(teacher, str):
+        options.setdefault("distill", 1.0)
     config = ScheduleConfig(keep=keep, strategy=strategy, **options)
     schedule = PruneSchedule(model, example_inputs, config, teacher=teacher, heldout=heldout, device=device,
                              on_event=on_event)
