@@ -183,7 +183,10 @@ def main() -> None:
     parser.add_argument("--select-steps", type=int, default=None, help="default: bnnslim prune's")
     parser.add_argument("--retrain-steps", type=int, default=None)
     parser.add_argument("--finetune-steps", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--finetune-lr", type=float, default=None)
     parser.add_argument("--distill", type=float, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--max-shift", type=float, default=None)
     parser.add_argument("--budget", default=None)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -198,6 +201,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     overrides = {k: v for k, v in {"select_steps": args.select_steps, "retrain_steps": args.retrain_steps,
                                    "finetune_steps": args.finetune_steps, "distill": args.distill,
+                                   "lr": args.lr, "finetune_lr": args.finetune_lr, "temperature": args.temperature,
                                    "max_shift": args.max_shift, "budget": args.budget}.items() if v is not None}
     schedule = json.dumps(overrides, sort_keys=True) if overrides else "defaults"
     device = torch.device(args.device)
