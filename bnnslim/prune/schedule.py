@@ -54,13 +54,15 @@ from bnnslim.train import Distillation, Teacher, as_teacher, training_loss
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 SEED_STRIDE = 1_000_003
+FINETUNE_PER_RETRAIN = 10  # default fine-tuning: as many steps as retraining ten groups (quick runs stay quick)
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
     """How the schedule prunes and trains (``bnnslim prune``'s options of the same names).
 
-    ``finetune_steps`` (c) is on by default. Distillation (``distill`` weight,
+    ``finetune_steps`` (c) is on by default: ten times ``retrain_steps`` (1000
+    steps with the defaults) unless given. Distillation (``distill`` weight,
     ``temperature``) is off by default: on the benchmark
     (``benchmarks/prune_accuracy.md``) a teacher that is the unpruned binary
     network cost accuracy at T = 2 and 4 and changed nothing at T = 1.
@@ -77,12 +79,17 @@ class ScheduleConfig:
     select_lr: float = 0.005
     penalty: float = 1.0
     retrain_steps: int = 100
-    lr: float = 5e-4
-    finetune_steps: int = 300
-    finetune_lr: float = 5e-4
+    lr: float = 2e-3
+    finetune_steps: int | None = None  # None: FINETUNE_PER_RETRAIN x retrain_steps
+    finetune_lr: float = 2e-3
     distill: float = 0.0
     temperature: float = 4.0
     seed: int = 0
+
+    @property
+    def finetune_budget(self) -> int:
+        """Steps of (c): ``finetune_steps``, or by default ``FINETUNE_PER_RETRAIN`` x ``retrain_steps`` (1000)."""
+        return FINETUNE_PER_RETRAIN * self.retrain_steps if self.finetune_steps is None else self.finetune_steps
 
     @property
     def distillation(self) -> Distillation:
@@ -267,7 +274,7 @@ class PruneSchedule:
 
     @property
     def done(self) -> bool:
-        return self.index == len(self.groups) and (self.finetuned or self.config.finetune_steps == 0)
+        return self.index == len(self.groups) and (self.finetuned or self.config.finetune_budget == 0)
 
     def next_group(self) -> PrunableGroup | None:
         """The group that :meth:`select` decides next, or None after the last one."""
@@ -379,7 +386,7 @@ class PruneSchedule:
         if self.index < len(self.groups) or self._selected is not None:
             raise BnnslimError(f"{len(self.groups) - self.index} groups are still undecided",
                                "select and retrain every group before finetuning")
-        steps = self.config.finetune_steps if steps is None else steps
+        steps = self.config.finetune_budget if steps is None else steps
         n = len(self.groups)
         torch.manual_seed(self._seed(n))
         it = stream(batches, self.device)
@@ -466,7 +473,7 @@ def learn_masks(model: nn.Module, example_inputs: torch.Tensor, train_loader: Ba
         for _ in schedule:
             schedule.select(train_loader)
             schedule.retrain()
-        if config.finetune_steps > 0:
+        if config.finetune_budget > 0:
             schedule.finetune(train_loader)
     finally:
         masks = schedule.close()

@@ -141,7 +141,7 @@ def prune(run_path: Path, opts: PruneOptions, resume: bool = False,
             schedule.select(batches)
             schedule.retrain()
         finetune_started = time.perf_counter()
-        if opts.finetune_steps > 0 and not schedule.finetuned:
+        if opts.finetune_budget > 0 and not schedule.finetuned:
             n = len(groups)
             schedule.finetune(_batches(train_set, opts.batch_size, opts.seed * SEED_STRIDE + n, device))
         finetune_seconds = time.perf_counter() - finetune_started
@@ -213,7 +213,7 @@ def _write_result(run: RunDir, model: torch.nn.Module, result: PruneResult, opts
         "counted": "output filters of the binary convs that produce prunable groups",
         "budget": result.budget,
         "teacher": teacher, "loss": loss_description(opts),
-        "finetune_steps": opts.finetune_steps,
+        "finetune_steps": opts.finetune_budget,
         "filters_total": result.total_filters, "filters_requested": result.requested_filters,
         "filters_kept": result.kept_filters,
         "groups": [asdict(r) for r in result.records],
