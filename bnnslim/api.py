@@ -153,12 +153,15 @@ def save(model: nn.Module, path: str | Path, *, input_shape: Sequence[int], pack
     return target
 
 
-def dataset(name: str, root: str | Path | None = None) -> DatasetSplits:
+def dataset(name: str, root: str | Path | None = None,
+            input_shape: tuple[int, int, int] | None = None) -> DatasetSplits:
     """The train and test splits of a dataset bnnslim knows (``--data NAME``): built-in or a plugin's.
 
     Items are ``(image [C, H, W] float tensor, label)``; ``root`` is where the
-    files are (``--data-root``), for datasets that need one.
+    files are (``--data-root``), for datasets that need one. ``input_shape``
+    resizes datasets of images of any size (``folder``) to what the model takes;
+    other datasets ignore it.
     """
     from bnnslim.plugins import get_dataset
 
-    return get_dataset(name).build(Path(root) if root is not None else None)
+    return get_dataset(name).splits_for(Path(root) if root is not None else None, input_shape)

@@ -108,16 +108,6 @@ def chance_warnings(accuracy: float | None, classes: int | None) -> list[str]:
             "not classify (dead layers, too few filters kept, or too little retraining)"]
 
 
-def warn_about_accuracy(accuracy: float | None, classes: int | None) -> None:
-    """Emit :func:`chance_warnings` as :class:`BnnslimWarning` (``bnnslim prune`` calls it after pruning)."""
-    import warnings
-
-    from bnnslim.errors import BnnslimWarning
-
-    for message in chance_warnings(accuracy, classes):
-        warnings.warn(message, BnnslimWarning, stacklevel=2)
-
-
 def _names(layers: list[str]) -> str:
     return ", ".join(layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
 

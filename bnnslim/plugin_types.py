@@ -41,6 +41,11 @@ class DatasetSpec:
     the user gave none). It must raise :class:`bnnslim.errors.BnnslimError` with a
     fix when the data is missing or in the wrong layout. ``num_classes == 0``
     means "found from the data": the built train split then has ``.classes``.
+
+    ``build_at(root, (C, H, W))`` is optional, for images of any size (``folder``):
+    the splits resized to that shape. bnnslim then runs the model at its own input
+    shape (``--input-shape``, else the model's ``INPUT_SHAPE``, else
+    ``input_shape``) instead of refusing a dataset whose images differ.
     """
 
     name: str
@@ -49,6 +54,18 @@ class DatasetSpec:
     num_classes: int
     build: Callable[[Path | None], DatasetSplits]
     needs_root: bool = False
+    build_at: Callable[[Path | None, tuple[int, int, int]], DatasetSplits] | None = None
+
+    def splits_for(self, root: Path | None, input_shape: tuple[int, ...] | None = None) -> DatasetSplits:
+        """The splits a model run at ``input_shape`` trains on: resized by ``build_at`` when it exists."""
+        if self.build_at is not None and input_shape is not None and tuple(input_shape) != self.input_shape:
+            c, h, w = (int(d) for d in input_shape)
+            return self.build_at(root, (c, h, w))
+        return self.build(root)
+
+    def shape_for(self, model_shape: tuple[int, ...] | None) -> tuple[int, ...]:
+        """The input shape a run takes from this dataset: the model's own when the dataset can resize to it."""
+        return tuple(model_shape) if (self.build_at is not None and model_shape) else self.input_shape
 
 
 @dataclass(frozen=True)

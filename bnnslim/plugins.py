@@ -402,27 +402,31 @@ def get_scheme(name: str) -> SchemeSpec:
 
 
 def guard_dataset(spec: DatasetSpec, info: PluginInfo) -> DatasetSpec:
-    """``spec`` whose ``build`` names the plugin when it raises, and refuses anything but two datasets."""
-    build = spec.build
+    """``spec`` whose ``build`` (and ``build_at``) names the plugin when it raises, and refuses anything but two
+    datasets."""
 
-    def guarded(root: Any) -> DatasetSplits:
-        try:
-            splits = build(root)
-        except BnnslimError:
-            raise
-        except Exception as exc:
-            if info.builtin:
+    def guard(build: Any) -> Any:
+        def guarded(*args: Any) -> DatasetSplits:
+            try:
+                splits = build(*args)
+            except BnnslimError:
                 raise
-            raise BnnslimError(f"dataset '{spec.name}' from {info.label} failed to build: "
-                               f"{type(exc).__name__}: {exc}", info.fix) from exc
-        parts = (getattr(splits, "train", None), getattr(splits, "test", None))
-        if not isinstance(splits, DatasetSplits) or not all(
-                hasattr(d, "__len__") and hasattr(d, "__getitem__") for d in parts):
-            raise BnnslimError(f"dataset '{spec.name}' from {info.label} returned {type(splits).__name__} from "
-                               "build, not DatasetSplits(train, test) of two map-style datasets", info.fix)
-        return splits
+            except Exception as exc:
+                if info.builtin:
+                    raise
+                raise BnnslimError(f"dataset '{spec.name}' from {info.label} failed to build: "
+                                   f"{type(exc).__name__}: {exc}", info.fix) from exc
+            parts = (getattr(splits, "train", None), getattr(splits, "test", None))
+            if not isinstance(splits, DatasetSplits) or not all(
+                    hasattr(d, "__len__") and hasattr(d, "__getitem__") for d in parts):
+                raise BnnslimError(f"dataset '{spec.name}' from {info.label} returned {type(splits).__name__} from "
+                                   "build, not DatasetSplits(train, test) of two map-style datasets", info.fix)
+            return splits
 
-    return dataclasses.replace(spec, build=guarded)
+        return guarded
+
+    return dataclasses.replace(spec, build=guard(spec.build),
+                               build_at=guard(spec.build_at) if spec.build_at is not None else None)
 
 
 def guard_scheme(spec: SchemeSpec, info: PluginInfo) -> SchemeSpec:

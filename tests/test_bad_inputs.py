@@ -309,6 +309,8 @@ CLI_CASES: dict[str, tuple[Callable[[Path], None], list[str], list[str]]] = {
                                       ["prune", "--keep", "0.5", "--run", R], ["no valid signature"]),
     "prune-keep-zero": (nothing, ["prune", "--keep", "0", "--run", R, *QUICK_PRUNE], ["keep"]),
     "prune-keep-above-one": (nothing, ["prune", "--keep", "1.5", "--run", R, *QUICK_PRUNE], ["keep"]),
+    "prune-round-to-above-every-layer": (nothing, ["prune", "--keep", "0.5", "--round-to", "1000", "--run", R,
+                                                   *QUICK_PRUNE], ["--round-to 1000", "lower --round-to"]),
     "prune-unknown-strategy": (nothing, ["prune", "--keep", "0.5", "--strategy", "nosuch", "--run", R],
                                ["unknown strategy"]),
     "prune-unknown-dataset": (nothing, ["prune", "--keep", "0.5", "--data", "nosuch", "--run", R],

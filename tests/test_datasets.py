@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import socket
 import struct
 from pathlib import Path
@@ -142,6 +143,48 @@ def test_folder_builder(tmp_path: Path, test_split: str) -> None:
     image, label = splits.test[5]
     assert image.shape == spec.input_shape == (3, 224, 224) and image.dtype == torch.float32
     assert label == 2
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 16), (3, 32, 48)])
+def test_folder_resizes_to_the_model_input_shape(tmp_path: Path, shape: tuple[int, int, int]) -> None:
+    write_folder(tmp_path, {"train": ["ant", "bee"], "val": ["ant", "bee"]})
+    splits = get_dataset("folder").splits_for(tmp_path, shape)
+    assert splits.train[0][0].shape == splits.test[3][0].shape == shape
+    with pytest.raises(BnnslimError, match="1- or 3-channel"):
+        get_dataset("folder").splits_for(tmp_path, (4, 16, 16))
+    # a dataset of fixed-size images ignores the shape (the binarize check then compares it with the model's)
+    assert get_dataset("fashion-mnist-mini").splits_for(None, shape).train[0][0].shape == (1, 28, 28)
+
+
+FOLDER_NET = """
+from torch import nn
+INPUT_SHAPE = (3, 24, 24)
+
+def build_model(num_classes=10, in_channels=3):
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Hardtanh(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Hardtanh(),
+        nn.Conv2d(8, num_classes, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+"""
+
+
+def test_folder_data_trains_and_prunes_at_the_models_own_input_shape(tmp_path: Path) -> None:
+    """A 3x24x24 model on --data folder: binarize, prune and export read the images at 24x24, not 224x224."""
+    from bnnslim.stages.binarize import BinarizeOptions, binarize
+    from bnnslim.stages.prune import PruneOptions, prune
+    from bnnslim.train import TrainConfig
+
+    write_folder(tmp_path / "data", {"train": ["ant", "bee"], "val": ["ant", "bee"]}, per_class=4)
+    (tmp_path / "net.py").write_text(FOLDER_NET)
+    run = tmp_path / "run"
+    result = binarize(BinarizeOptions(model=str(tmp_path / "net.py"), run=run, data="folder",
+                                      data_root=tmp_path / "data", train=TrainConfig(epochs=1, batch_size=4)))
+    assert result.test_accuracy is not None
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["input_shape"] == [3, 24, 24] and manifest["model"]["num_classes"] == 2
+    pruned = prune(run, PruneOptions(keep=0.5, strategy="bn", retrain_steps=1, finetune_steps=1, batch_size=4,
+                                     heldout=2))
+    assert pruned.kept_filters == 4
 
 
 def test_imagenet_builder_with_1000_classes(tmp_path: Path) -> None:

@@ -107,6 +107,21 @@ def test_keep_below_the_floor_is_rejected_with_the_minimum() -> None:
         Budget([group("a", 100), group("b", 100)], 0.05, min_keep=0.1)
 
 
+def test_keep_below_the_floor_blames_min_keep() -> None:
+    with pytest.raises(BnnslimError, match="--min-keep") as info:
+        Budget([group("a", 100), group("b", 100)], 0.05, min_keep=0.1)
+    assert "--round-to" not in str(info.value)
+
+
+def test_rounding_that_leaves_no_count_blames_round_to_not_min_keep() -> None:
+    """``--round-to 1000`` on layers of 32 and 64 filters: only whole layers are left, and the message says why."""
+    with pytest.raises(BnnslimError) as info:
+        Budget([group("a", 32), group("b", 64)], 0.5, round_to=1000)
+    message, hint = info.value.problem, info.value.fix or ""
+    assert "--round-to 1000" in message and "smaller than 1000 filters" in message
+    assert "lower --round-to" in hint and "--min-keep" not in hint
+
+
 @pytest.mark.parametrize("arch", ["plain", "residual", "concat"])
 @pytest.mark.parametrize("measure", ["ops", "params"])
 @pytest.mark.parametrize("keep", [0.3, 0.6])

@@ -136,23 +136,28 @@ def test_info_lists_the_convs_prune_keeps_whole_and_why(tmp_path: Path, monkeypa
     assert "│ 3 │ grouped or depthwise conv" in text
 
 
-def test_chance_warning_is_a_warning_line_from_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What `bnnslim prune` calls after pruning: a BnnslimWarning, printed as one `warning:` line."""
-    import typer
+def test_prune_lists_the_convs_it_keeps_whole_and_warns_about_a_dead_model(tmp_path: Path) -> None:
+    """Prune's output and manifest say which convs stay whole and why; a model whose output no longer depends
+    on its input (here: the last conv zeroed, no retraining) gets one `warning:` line, not silence."""
+    (tmp_path / "net.py").write_text(textwrap.dedent(GROUPED).replace("INPUT_SHAPE = (1, 8, 8)", ""))
+    run = tmp_path / "run"
+    binarize(BinarizeOptions(model=str(tmp_path / "net.py"), run=run, data="fashion-mnist-mini"))
+    quick = ["--select-steps", "1", "--retrain-steps", "0", "--finetune-steps", "0", "--batch-size", "16"]
+    result = CliRunner().invoke(app, ["prune", "--keep", "0.6", "--run", str(run), *quick])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "kept whole (not prunable): 3 (grouped or depthwise conv" in text
+    assert "the same for every input" not in text  # untrained: at chance (warned), but alive
+    assert "3" in json.loads((run / "manifest.json").read_text())["prune"]["unprunable"]
 
-    from bnnslim.checks import warn_about_accuracy
-    from bnnslim.cli._common import friendly_errors
-
-    probe = typer.Typer()
-
-    @probe.command()
-    @friendly_errors
-    def check(accuracy: float = 0.08) -> None:
-        warn_about_accuracy(accuracy, 10)
-
-    result = CliRunner().invoke(probe, [])
-    assert result.exit_code == 0
-    assert [line for line in result.output.splitlines() if line.startswith("warning:")] == [
-        "warning: test accuracy 8.0% is at chance for 10 classes (10.0%): the model does not classify (dead "
-        "layers, too few filters kept, or too little retraining)"]
-    assert CliRunner().invoke(probe, ["--accuracy", "0.5"]).output == ""
+    loaded = load_run_model(RunDir(run)).model
+    with torch.no_grad():
+        loaded.get_submodule("9").weight.zero_()
+        loaded.get_submodule("9").bias.zero_()
+    save_weights(RunDir(run).binary_weights, loaded, kind="binary-latent")
+    RunDir(run).write_manifest(RunDir(run).read_manifest())
+    result = CliRunner().invoke(app, ["prune", "--keep", "0.6", "--run", str(run), *quick])
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert warned and "the same for every input" in warned[0], result.output
+    assert json.loads((run / "manifest.json").read_text())["prune"]["warnings"]

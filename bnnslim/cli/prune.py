@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bnnslim.cli._common import DEFAULT_RUN, RunOption, console, friendly_errors, locks_run
+from bnnslim.errors import BnnslimWarning
 
 
 @friendly_errors
@@ -90,7 +92,8 @@ def prune_command(
                       f"{result.kept_filters} is the nearest count the layer sizes allow")
     console.print(f"test accuracy: {result.accuracy_before:.2%} before, [bold]{result.accuracy_after:.2%}[/] after "
                   f"({result.seconds:.1f} s)")
-    from bnnslim.checks import warn_about_accuracy  # issue 12: a model pruned to chance is said so
-    from bnnslim.rundir import RunDir
-
-    warn_about_accuracy(result.accuracy_after, RunDir(run).read_manifest()["model"].get("num_classes"))
+    if result.unprunable:
+        whole = "; ".join(f"{name} ({why})" for name, why in result.unprunable.items())
+        console.print(f"kept whole (not prunable): {whole}", highlight=False)
+    for message in result.warnings:  # issue 12: a dead model or one at chance is said so, as a warning line
+        warnings.warn(message, BnnslimWarning, stacklevel=1)

@@ -350,12 +350,27 @@ def build_imagenet(root: Path | None) -> DatasetSplits:
 
 
 def build_folder(root: Path | None) -> DatasetSplits:
-    """Any ImageFolder collection: resized to 256, centre-cropped to 224 (training adds a random flip).
+    """Any ImageFolder collection at 3x224x224 (see :func:`build_folder_at`)."""
+    return build_folder_at(root, (3, 224, 224))
 
-    The number of classes is that of the class folders found; the datasets expose ``.classes``.
+
+def build_folder_at(root: Path | None, shape: tuple[int, int, int]) -> DatasetSplits:
+    """Any ImageFolder collection at ``shape`` = (C, H, W), C 1 (grey) or 3 (RGB).
+
+    Images are resized so that the shorter side is H / 0.875 (256 for 224, as
+    for ImageNet) and centre-cropped to H x W; training adds a random flip. The
+    number of classes is that of the class folders found; the datasets expose
+    ``.classes``.
     """
     import torchvision.transforms as T
 
-    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    train_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.RandomHorizontalFlip(), *norm])
-    return _folder_splits(root, "folder", ("val", "test"), train_tf, _eval_transform())
+    c, h, w = shape
+    if c not in (1, 3):
+        raise BnnslimError(f"--data folder gives 1- or 3-channel images, the model takes {c} channels",
+                           "use a model with 1 or 3 input channels, or a dataset plugin for this data")
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else ((0.449,), (0.226,))
+    grey = [T.Grayscale(1)] if c == 1 else []
+    size = [T.Resize(round(min(h, w) / 0.875)), T.CenterCrop((h, w))]
+    norm = [T.ToTensor(), T.Normalize(mean, std)]
+    train_tf = T.Compose([*grey, *size, T.RandomHorizontalFlip(), *norm])
+    return _folder_splits(root, "folder", ("val", "test"), train_tf, T.Compose([*grey, *size, *norm]))

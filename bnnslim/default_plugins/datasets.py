@@ -63,9 +63,11 @@ def bnnslim_datasets() -> Iterator[DatasetSpec]:
     yield DatasetSpec(
         name="folder",
         description="any image collection: --data-root holds train/<class>/ and val/<class>/ (or test/); "
-        "resized to 256, centre-cropped to 224; classes found from the folders",
+        "resized and centre-cropped to the model's input shape (INPUT_SHAPE or --input-shape; 3x224x224 when "
+        "neither is given); classes found from the folders",
         input_shape=(3, 224, 224),
         num_classes=FOUND_FROM_DATA,
         build=builtin.build_folder,
         needs_root=True,
+        build_at=builtin.build_folder_at,
     )

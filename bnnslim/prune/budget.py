@@ -176,10 +176,20 @@ class Budget:
         minimum = self.costs.cost([a[0] for a in self.floors])
         if self.requested < minimum:
             what = {"filters": "filters", "ops": "binary operations"}.get(self.measure, "parameters")
+            at_least = math.ceil(1000 * minimum / self.total) / 1000
+            unrounded = self.costs.cost([allowed_counts(g.size, self.min_keep, 1)[0] for g in self.groups])
+            if self.round_to > 1 and self.requested >= unrounded:  # the rounding, not --min-keep, is in the way
+                stuck = [g.size for g, a in zip(self.groups, self.floors, strict=True) if a == [g.size]]
+                raise BnnslimError(
+                    f"--keep {self.keep} asks for {self.requested} of {self.total} {what}, but with --round-to "
+                    f"{self.round_to} every layer keeps at least {minimum} in all"
+                    + (f" ({len(stuck)} layers are smaller than {self.round_to} filters and must stay whole)"
+                       if stuck else ""),
+                    f"lower --round-to (e.g. to {max(1, min(self.sizes) // 2)}) or raise --keep to at least {at_least}")
             raise BnnslimError(
                 f"--keep {self.keep} asks for {self.requested} of {self.total} {what}, but every layer must keep at "
                 f"least {self.min_keep:.0%} of its filters ({minimum} in all)",
-                f"raise --keep to at least {math.ceil(1000 * minimum / self.total) / 1000} or lower --min-keep")
+                f"raise --keep to at least {at_least} or lower --min-keep")
         self.fraction = self._uniform_fraction(self.requested, [])
         self.allowed = [self._band(i) for i in range(len(self.groups))]
         if self.measure == "filters":

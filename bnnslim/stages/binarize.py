@@ -269,13 +269,14 @@ def binarize(opts: BinarizeOptions, on_step: Callable[[StepEvent], None] | None 
         raise BnnslimError(f"nothing to resume in '{run.path}'", "run the same command without --resume")
     if opts.resume and opts.train is None:
         raise BnnslimError("--resume needs --data: only training can be resumed", "add the --data of the first run")
-    splits = spec.build(opts.data_root) if (spec is not None and opts.train is not None) else None
-    num_classes = _num_classes(spec, splits) if spec else None
-    in_channels = spec.input_shape[0] if spec else None
-    shape = opts.input_shape or (spec.input_shape if spec else None) or source.input_shape
+    # a dataset that resizes (folder) follows the model's shape; any other gives the shape it has
+    shape = opts.input_shape or (spec.shape_for(source.input_shape) if spec else None) or source.input_shape
     if shape is None:
         raise BnnslimError("the input shape is unknown",
                            "pass --input-shape C,H,W, a --data set, or set INPUT_SHAPE in the model file")
+    splits = spec.splits_for(opts.data_root, shape) if (spec is not None and opts.train is not None) else None
+    num_classes = _num_classes(spec, splits) if spec else None
+    in_channels = (shape[0] if spec.build_at is not None else spec.input_shape[0]) if spec else None
     if in_channels is None:
         in_channels = shape[0]
     if splits is not None:

@@ -133,7 +133,8 @@ def _export(run: RunDir, forms: tuple[str, ...], output: Path | None, evaluate_d
     if evaluate_data and dataset:
         from bnnslim.train import evaluate
 
-        data = get_dataset(dataset["name"]).build(Path(dataset["root"]) if dataset.get("root") else None)
+        data = get_dataset(dataset["name"]).splits_for(Path(dataset["root"]) if dataset.get("root") else None,
+                                                        loaded.input_shape)
         accuracy = evaluate(slim_model, data.test, torch.device("cpu")).accuracy
     with torch.no_grad():
         probe_outputs = slim_model(example)

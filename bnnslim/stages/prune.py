@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from bnnslim import distributed as D
 from bnnslim._atomic import save_tensors
+from bnnslim.checks import chance_warnings, dead_model_warnings
 from bnnslim.errors import BnnslimError
 from bnnslim.plugins import get_dataset
 from bnnslim.prune.groups import PrunableGroup
@@ -72,6 +73,8 @@ class PruneResult:
     layer_counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer -> (before, after)
     budget: dict[str, object] = field(default_factory=dict)  # measure, total, target, kept
     finetune_seconds: float = 0.0
+    unprunable: dict[str, str] = field(default_factory=dict)  # binary conv kept whole -> why
+    warnings: list[str] = field(default_factory=list)  # dead-model checks on the pruned model (checks.py)
 
 
 def _batches(dataset: Dataset, batch_size: int, seed: int,
@@ -123,7 +126,7 @@ def prune(run_path: Path, opts: PruneOptions, resume: bool = False,
     schedule = PruneSchedule(model, example, opts.schedule_config(), teacher=teacher, device=device,
                              on_event=on_event, strategy=spec,
                              after_phase=lambda s: _checkpoint(checkpoint_path, s, opts, accuracy_before))
-    dataset = get_dataset(data_name).build(Path(data_root) if data_root else None)
+    dataset = get_dataset(data_name).splits_for(Path(data_root) if data_root else None, loaded.input_shape)
     train_set, heldout_set = _split_heldout(dataset.train, opts.heldout, opts.seed)
     hx, hy = next(iter(DataLoader(heldout_set, batch_size=len(heldout_set))))  # type: ignore[arg-type]  # same on every rank
     schedule.heldout = (hx.to(device), hy.to(device))
@@ -147,6 +150,7 @@ def prune(run_path: Path, opts: PruneOptions, resume: bool = False,
         finetune_seconds = time.perf_counter() - finetune_started
         masks = dict(schedule.masks)
         accuracy_after = evaluate(model, dataset.test, device).accuracy  # with the masks applied
+        warnings = _dead_model_check(model, hx.to(device), accuracy_after, manifest["model"].get("num_classes"))
         D.check_same_on_all_ranks({**model.state_dict(), **masks}, "retrained weights and masks")
     finally:
         schedule.close()
@@ -158,6 +162,7 @@ def prune(run_path: Path, opts: PruneOptions, resume: bool = False,
                          kept_filters=budget.kept, accuracy_before=accuracy_before, accuracy_after=accuracy_after,
                          seconds=time.perf_counter() - started, resumed_after=start,
                          layer_counts=schedule.layer_counts(), finetune_seconds=finetune_seconds,
+                         unprunable=dict(schedule.skipped), warnings=warnings,
                          budget={"measure": budget.measure, "total": budget.total, "requested": budget.requested,
                                  "kept": budget.spent, "uniform_fraction": round(budget.fraction, 6)})
     if D.is_main_process():
@@ -200,6 +205,19 @@ def _load_checkpoint(path: Path, opts: PruneOptions) -> tuple[dict[str, object],
     return state, float(meta["accuracy_before"])
 
 
+def _dead_model_check(model: torch.nn.Module, probe: torch.Tensor, accuracy: float,
+                      classes: int | None) -> list[str]:
+    """:func:`checks.dead_model_warnings` on the masked model's outputs for the held-out images."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        outputs = model(probe)
+    model.train(was_training)
+    if isinstance(outputs, torch.Tensor):
+        return dead_model_warnings(outputs, accuracy)
+    return chance_warnings(accuracy, classes)
+
+
 def _write_result(run: RunDir, model: torch.nn.Module, result: PruneResult, opts: PruneOptions,
                   state: dict[str, torch.Tensor], data_name: str, data_root: str | None) -> None:
     extra = {f"mask.{k}": v for k, v in result.masks.items()}
@@ -216,6 +234,7 @@ def _write_result(run: RunDir, model: torch.nn.Module, result: PruneResult, opts
         "finetune_steps": opts.finetune_budget,
         "filters_total": result.total_filters, "filters_requested": result.requested_filters,
         "filters_kept": result.kept_filters,
+        "unprunable": result.unprunable, "warnings": result.warnings,
         "groups": [asdict(r) for r in result.records],
         "layers": {k: {"before": b, "after": a} for k, (b, a) in result.layer_counts.items()},
         "accuracy_before": result.accuracy_before, "accuracy_after": result.accuracy_after,
