@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUNDLED, SMALL_CNN
+from _helpers import BUNDLED, SMALL_CNN
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_clean_error
+from _helpers import REPO, assert_clean_error
 from safetensors.torch import load_file, save_file
 from typer.testing import Result
 

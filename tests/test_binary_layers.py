@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import builtin_scheme
+from _helpers import builtin_scheme
 from torch import nn
 
 from bnnslim.binary.layers import BinaryConv2d

@@ -7,14 +7,16 @@ the fix, print no traceback, and leave the run directory as it was.
 from __future__ import annotations
 
 import builtins
+import shutil
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUNDLED, SMALL_CNN, TOY_MODEL, assert_clean_error, snapshot
+from _helpers import BUNDLED, SMALL_CNN, TOY_MODEL, assert_clean_error, snapshot
 from safetensors.torch import load_file, save_file
 from torch import nn
+from typer.testing import CliRunner
 
 from bnnslim.rundir import RunDir
 
@@ -463,13 +465,26 @@ def test_resume_a_run_that_was_never_trained(cli, existing_run: Path, toy_model_
     fails_cleanly(cli, ("binarize", toy_model_file, "--resume"), "nothing to resume", run=existing_run)
 
 
-@pytest.fixture
-def interrupted_run(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A 2-epoch training run of the tiny CNN stopped after epoch 1."""
-    with monkeypatch.context() as m:
+@pytest.fixture(scope="module")
+def interrupted_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-epoch training run of the tiny CNN stopped after epoch 1 (trained once per module)."""
+    from bnnslim.cli.app import app
+
+    base = tmp_path_factory.mktemp("interrupted")
+    with pytest.MonkeyPatch.context() as m:
+        m.chdir(base)
+        m.setenv("BNNSLIM_DISABLE_EXTERNAL_PLUGINS", "1")
+        m.setenv("BNNSLIM_OFFLINE", "1")
         interrupt_after_first_epoch(m)
-        assert cli("binarize", TINY_CNN, *QUICK_TRAIN, "--epochs", "2").exit_code == 130
-    return tmp_path / "bnnslim-run"
+        result = CliRunner().invoke(app, ["binarize", TINY_CNN, *QUICK_TRAIN, "--epochs", "2"])
+        assert result.exit_code == 130, result.output
+    return base / "bnnslim-run"
+
+
+@pytest.fixture
+def interrupted_run(interrupted_once: Path, tmp_path: Path) -> Path:
+    """A copy of the interrupted run in the test's working directory (each test may change its own)."""
+    return Path(shutil.copytree(interrupted_once, tmp_path / "bnnslim-run"))
 
 
 @pytest.mark.parametrize("changed", [("--lr", "0.01"), ("--epochs", "3"), ("--batch-size", "16")],

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch_pruning as tp
-from conftest import EXAMPLE_FILES, builtin_scheme
+from _helpers import EXAMPLE_FILES, builtin_scheme
 from torch import nn
 
 from bnnslim.binary.convert import apply_binarization, binary_convs, clip_latent_weights, plan_binarization

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUNDLED, SMALL_CNN
+from _helpers import BUNDLED, SMALL_CNN
 
 import bnnslim
 from bnnslim.errors import BnnslimError

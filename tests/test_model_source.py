@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_CNN
+from _helpers import SMALL_CNN
 from torch import nn
 
 from bnnslim.errors import BnnslimError

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean_error
+from _helpers import assert_clean_error
 from torch import nn
 from typer.testing import Result
 

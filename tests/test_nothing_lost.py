@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUNDLED, SMALL_CNN
+from _helpers import BUNDLED, SMALL_CNN
 from typer.testing import CliRunner
 
 from bnnslim._atomic import remove_stale_temporaries, save_tensors, write_json

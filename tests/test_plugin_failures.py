@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_CNN
+from _helpers import SMALL_CNN
 from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 

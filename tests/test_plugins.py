@@ -88,11 +88,19 @@ def test_builtins_are_registered_like_plugins_from_the_list(fresh_manager: None)
         assert info.builtin and info.distribution == "bnnslim"
 
 
-def test_manager_is_created_lazily_and_cached(fresh_manager: None) -> None:
-    assert plugins.get_plugin_manager.cache_info().currsize == 0
-    assert plugins.get_plugin_manager() is plugins.get_plugin_manager()
+def test_installed_plugins_are_discovered_once_until_reset(monkeypatch: pytest.MonkeyPatch,
+                                                           fresh_manager: None) -> None:
+    """Entry points are scanned on first use only (not at import, not per command step); reset scans again."""
+    scans: list[str | None] = []
+    monkeypatch.delenv(plugins.DISABLE_EXTERNAL_ENV, raising=False)
+    monkeypatch.setattr(plugins.importlib.metadata, "entry_points", lambda group=None: scans.append(group) or [])
+    assert scans == []
+    plugins.get_dataset("fashion-mnist-mini")
+    plugins.get_scheme("xnor")
+    assert scans == ["bnnslim"]
     plugins.reset_plugin_manager()
-    assert plugins.get_plugin_manager.cache_info().currsize == 0
+    plugins.get_scheme("xnor")
+    assert scans == ["bnnslim", "bnnslim"]
 
 
 def test_environment_variable_blocks_external_plugins(monkeypatch: pytest.MonkeyPatch, fresh_manager: None) -> None:
@@ -306,7 +314,7 @@ def test_every_hookspec_example_runs_and_returns_its_type(hook: str) -> None:
     exec(compile(_example(hook), f"<{hook} example>", "exec"), ns)
     items = list(ns[hook]())  # type: ignore[operator]
     assert items and all(isinstance(i, plugins.HOOKS[hook]) for i in items)
-    assert plugins._check_item(items[0]) is None
+    plugins._check_item(items[0])  # raises for an item that breaks its contract
 
 
 def test_hooks_table_lists_every_hookspec() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import typer
-from conftest import assert_clean_error, snapshot
+from _helpers import QUICK, TINY_MODEL, assert_clean_error, snapshot
 from typer.testing import CliRunner, Result
 
 from bnnslim import plugins
@@ -24,20 +24,6 @@ from bnnslim.plugin_types import CommandSpec, Selection, SelectionContext, Strat
 from bnnslim.stages.binarize import BinarizeOptions, binarize
 from bnnslim.stages.prune import PruneOptions, prune
 from bnnslim.train import TrainConfig
-
-TINY_MODEL = """
-    from torch import nn
-
-    INPUT_SHAPE = (1, 28, 28)
-
-    def block(cin, cout):
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.Hardtanh())
-
-    def build_model(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
-        return nn.Sequential(block(in_channels, 8), block(8, 8), nn.MaxPool2d(2), block(8, 8),
-                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
-"""
-QUICK = ("--select-steps", "2", "--retrain-steps", "2", "--batch-size", "32")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from test_plugins_cli import QUICK, TINY_MODEL
+from _helpers import QUICK, TINY_MODEL
 from typer.testing import Result
 
 from bnnslim import plugins

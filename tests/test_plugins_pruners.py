@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_clean_error
+from _helpers import assert_clean_error
 from typer.testing import Result
 
 from bnnslim import plugins

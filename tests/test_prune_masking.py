@@ -81,7 +81,8 @@ def test_masks_of_several_groups_meeting_in_one_consumer_combine() -> None:
     assert mask.tolist() == [0.0] * 6 + [1.0] * 10
 
 
-@pytest.mark.parametrize("name", TORCHVISION)
+@pytest.mark.parametrize("name", [n if n == "resnet18" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in TORCHVISION])  # ResNet-18 in the quick suite, all six in CI
 def test_torchvision_masked_model_equals_slimmed_model(name: str) -> None:
     b = binarized(torchvision_model(name), (3, 32, 32))
     assert b.groups, f"{name} has no prunable group"

@@ -132,7 +132,7 @@ def test_learned_selection_keeps_the_informative_channels_and_drops_the_noise() 
     The noise channels have the largest BatchNorm scales, so the ``bn`` rule keeps
     them; the learned selectors must find the informative ones.
     """
-    from conftest import builtin_scheme, toy_splits
+    from _helpers import builtin_scheme, toy_splits
     from torch import nn
     from torch.utils.data import DataLoader
 

@@ -16,7 +16,7 @@ from types import ModuleType
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import EXAMPLES, builtin_scheme
+from _helpers import EXAMPLES, builtin_scheme
 from torch import nn
 
 from bnnslim.binary.convert import apply_binarization, plan_binarization

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TOY_MODEL
+from _helpers import TOY_MODEL
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
