@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from bnnslim.binary.layers import BinaryConv2d
 from bnnslim.errors import BnnslimError
 from bnnslim.model_source import ModelSource
 from bnnslim.packing import pack_signs, unpack_signs
-from bnnslim.plugins import get_scheme
+from bnnslim.plugins import get_scheme, provenance
 from bnnslim.rundir import load_with_metadata
 from bnnslim.trust import ModelArg, RecordedModel, model_source_for, recorded_model
 
@@ -120,6 +120,7 @@ def header(manifest: dict[str, Any], model: nn.Module, form: str, metrics: dict[
         "binary_layers": json.dumps(manifest["layers"]["binary"]),
         "layers": json.dumps(layer_shapes(model)), "input_shape": json.dumps(manifest["input_shape"]),
         "metrics": json.dumps(metrics),
+        "plugins": json.dumps({"scheme": provenance("scheme", manifest["scheme"])}),  # what to install to load it
     }
     if manifest.get("model_signature"):
         meta["model_signature"] = str(manifest["model_signature"])  # this account's, see bnnslim.trust
@@ -189,6 +190,7 @@ class Header:
     input_shape: tuple[int, ...]
     metrics: dict[str, Any]
     signature: str | None
+    plugins: dict[str, Any] = field(default_factory=dict)  # kind -> plugins.provenance record
 
 
 def _field(meta: dict[str, str], key: str, path: Path, kind: type, required: bool = True) -> Any:
@@ -230,8 +232,9 @@ def parse_header(meta: dict[str, str], path: Path) -> Header:
     if not shape or len(shape) > 4 or not all(_count(d) for d in shape):
         raise BnnslimError(f"'{path}': the header's input shape {shape!r} is not a list of positive sizes", damaged)
     metrics = _field(meta, "metrics", path, dict, required=False)
+    plugins = _field(meta, "plugins", path, dict, required=False)  # files before 0.x lack it
     return Header(model=model, scheme=scheme, binary_layers=binary, layers=layers, input_shape=tuple(shape),
-                  metrics=metrics, signature=meta.get("model_signature"))
+                  metrics=metrics, signature=meta.get("model_signature"), plugins=plugins)
 
 
 def load(path: str | Path, model: ModelArg = None, *, runtime: str = "torch", trust_source: bool = False) -> nn.Module:
@@ -285,7 +288,7 @@ def rebuild(path: Path, meta: dict[str, str], head: Header, source: ModelSource,
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise BnnslimError(f"'{path}' is damaged ({exc})", "export it again") from exc
     _check_layer_tensors(path, head.layers, tensors, meta.get("form") == "packed")
-    apply_binarization(model, head.binary_layers, get_scheme(head.scheme))
+    apply_binarization(model, head.binary_layers, get_scheme(head.scheme, head.plugins.get("scheme")))
     resize_layers(model, head.layers)
     stored = tensors
     if meta.get("form") == "packed":

@@ -333,10 +333,20 @@ KIND_HOOKS = {"dataset": "bnnslim_datasets", "scheme": "bnnslim_schemes", "strat
               "model source": "bnnslim_model_sources", "pruner": "bnnslim_pruners", "command": "bnnslim_commands"}
 
 
-def choose(kind: str, name: str, options: dict[str, Provided]) -> Any:
-    """Return the spec called ``name``; an error that lists the known names (and plugin problems), or an ambiguity."""
+def choose(kind: str, name: str, options: dict[str, Provided], recorded: Any = None) -> Any:
+    """Return the spec called ``name``; an error that lists the known names (and plugin problems), or an ambiguity.
+
+    ``recorded`` is the :func:`provenance` a run or file stored for it: when the
+    plugin that provided it is not installed now, the error says what to install.
+    """
     key = name.strip().lower()
     if key not in options:
+        dist = recorded.get("distribution") if isinstance(recorded, dict) and not recorded.get("builtin") else None
+        if isinstance(dist, str) and dist:
+            version = recorded.get("version")
+            was = f"{dist} {version}" if isinstance(version, str) and version else dist
+            raise BnnslimError(f"{kind} '{name}' came from the plugin {was}, which is not installed here",
+                               f"pip install {dist} (the run used {was}){_problems_note()}")
         known = ", ".join(sorted(options)) or "none"
         raise BnnslimError(f"unknown {kind} '{name}'", f"choose one of: {known}{_problems_note()}")
     if options[key].conflict:
@@ -386,17 +396,39 @@ def customized_pruners() -> dict[type, BasePruningFunc]:
     return {p.spec.layer_type: p.spec.pruner for p in found.values()}
 
 
-def get_dataset(name: str) -> DatasetSpec:
+def provenance(kind: str, name: str) -> dict[str, Any]:
+    """Who provides the ``kind`` (dataset, scheme, strategy) called ``name``, as runs and files record it.
+
+    ``{"name", "plugin", "distribution", "version", "builtin"}``; a later
+    :func:`get_scheme` (etc.) given this record says what to install when the
+    plugin is gone.
+    """
+    options = {"dataset": datasets, "scheme": schemes, "strategy": strategies}[kind]()
+    provided = options.get(name.strip().lower())
+    if provided is None:
+        return {"name": name}
+    info = provided.info
+    return {"name": name, "plugin": info.name, "distribution": info.distribution, "version": info.version,
+            "builtin": info.builtin}
+
+
+def recorded_plugin(manifest: Any, kind: str) -> Any:
+    """The provenance a run's manifest (``plugins.KIND``) or a file's header records for ``kind``, else None."""
+    plugins = manifest.get("plugins") if isinstance(manifest, dict) else None
+    return plugins.get(kind) if isinstance(plugins, dict) else None
+
+
+def get_dataset(name: str, recorded: Any = None) -> DatasetSpec:
     """The dataset called ``name``, its ``build`` guarded so that a failing plugin is named."""
     options = datasets()
-    spec: DatasetSpec = choose("dataset", name, options)
+    spec: DatasetSpec = choose("dataset", name, options, recorded)
     return guard_dataset(spec, options[name.strip().lower()].info)
 
 
-def get_scheme(name: str) -> SchemeSpec:
+def get_scheme(name: str, recorded: Any = None) -> SchemeSpec:
     """The scheme called ``name``; a plugin's scheme guarded so that its failures name the plugin, not the model."""
     options = schemes()
-    spec: SchemeSpec = choose("scheme", name, options)
+    spec: SchemeSpec = choose("scheme", name, options, recorded)
     info = options[name.strip().lower()].info
     return spec if info.builtin else guard_scheme(spec, info)
 
@@ -450,10 +482,10 @@ def guard_scheme(spec: SchemeSpec, info: PluginInfo) -> SchemeSpec:
                                scale=guard(spec.scale, "scale"))
 
 
-def get_strategy(name: str) -> StrategySpec:
+def get_strategy(name: str, recorded: Any = None) -> StrategySpec:
     """The strategy called ``name``, its ``select`` guarded so that failures name the plugin."""
     options = strategies()
-    spec: StrategySpec = choose("strategy", name, options)
+    spec: StrategySpec = choose("strategy", name, options, recorded)
     return guard_strategy(spec, options[name.strip().lower()].info)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from bnnslim.binary.convert import apply_binarization
 from bnnslim.errors import BnnslimError
 from bnnslim.model_source import ModelSource, file_sha256
-from bnnslim.plugins import get_scheme
+from bnnslim.plugins import get_scheme, recorded_plugin
 from bnnslim.rundir import RunDir, load_state, load_tensors
 from bnnslim.runlock import run_lock
 from bnnslim.trust import ModelArg, RecordedModel, model_source_for, recorded_model, sign
@@ -48,7 +48,8 @@ def build_binary_model(source: ModelSource, manifest: dict[str, Any]) -> nn.Modu
         if not isinstance(modules.get(name), nn.Conv2d):
             raise BnnslimError(f"the run's manifest binarizes layer '{name}', which {source.where} has no Conv2d for",
                                "the manifest does not belong to this model: start a new run with --run DIR")
-    return apply_binarization(model, manifest["layers"]["binary"], get_scheme(manifest["scheme"]))
+    return apply_binarization(model, manifest["layers"]["binary"],
+                              get_scheme(manifest["scheme"], recorded_plugin(manifest, "scheme")))
 
 
 def check_manifest(manifest: dict[str, Any], run: RunDir) -> None:

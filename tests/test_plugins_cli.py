@@ -17,10 +17,12 @@ import typer
 from _helpers import QUICK, TINY_MODEL, assert_clean_error, snapshot
 from typer.testing import CliRunner, Result
 
+import bnnslim
 from bnnslim import plugins
 from bnnslim.cli.plugins import add_plugin_commands
+from bnnslim.errors import BnnslimError
 from bnnslim.hookspecs import hookimpl
-from bnnslim.plugin_types import CommandSpec, Selection, SelectionContext, StrategySpec
+from bnnslim.plugin_types import CommandSpec, SchemeSpec, Selection, SelectionContext, StrategySpec
 from bnnslim.stages.binarize import BinarizeOptions, binarize
 from bnnslim.stages.prune import PruneOptions, prune
 from bnnslim.train import TrainConfig
@@ -279,3 +281,42 @@ def test_help_loads_plugins_but_no_heavy_plugin_code() -> None:
 def test_help_imports_neither_torch_nor_datasets() -> None:
     modules, _ = _help_modules()
     assert sorted(m for m in modules if m == "torch" or m.startswith(("torch.", "bnnslim.data"))) == []
+
+
+# -- runs record the plugins they used ------------------------------------------------------------------------
+
+
+def test_a_run_records_its_plugins_and_names_the_missing_one(tmp_path: Path, register: Callable[..., object],
+                                                              cli: Callable[..., Result]) -> None:
+    """A run made with a plugin's scheme and strategy records the distribution and version of each; once the
+    scheme's plugin is uninstalled, loading the run or its export says what to install instead of 'unknown'."""
+    from bnnslim.default_plugins.schemes import bnnslim_schemes
+
+    xnor = next(s for s in bnnslim_schemes() if s.name == "xnor")
+
+    class SchemePlugin:
+        @hookimpl
+        def bnnslim_schemes(self):  # type: ignore[no-untyped-def]
+            yield SchemeSpec("myxnor", "xnor under another name", xnor.binarize_input, xnor.binarize_weight,
+                             xnor.scale)
+
+    register(SchemePlugin(), "myxnor-plugin", "bnnslim-myxnor", "1.2")
+    register(strategy_plugin("first", lambda ctx: Selection(torch.arange(ctx.group.size) < 4)), "first-plugin",
+             "bnnslim-first", "0.3")
+    (tmp_path / "tiny.py").write_text(textwrap.dedent(TINY_MODEL))
+    assert cli("binarize", "tiny.py", "--scheme", "myxnor", "--data", "fashion-mnist-mini", "--steps-per-epoch",
+               "2", "--batch-size", "32").exit_code == 0
+    assert cli("prune", "--keep", "0.5", "--strategy", "first", *QUICK, "--finetune-steps", "0").exit_code == 0
+    assert cli("export", "--no-evaluate", "-f", "plain").exit_code == 0
+    manifest = json.loads((tmp_path / "bnnslim-run" / "manifest.json").read_text())
+    assert manifest["plugins"]["scheme"] == {"name": "myxnor", "plugin": "myxnor-plugin",
+                                             "distribution": "bnnslim-myxnor", "version": "1.2", "builtin": False}
+    assert manifest["plugins"]["dataset"]["builtin"] is True
+    assert manifest["prune"]["strategy_plugin"]["distribution"] == "bnnslim-first"
+
+    plugins.reset_plugin_manager()  # a fresh manager: built-ins only, as after uninstalling the plugins
+    assert_clean_error(cli("export", "--no-evaluate", "-f", "plain"),
+                       "scheme 'myxnor' came from the plugin bnnslim-myxnor 1.2, which is not installed",
+                       "pip install bnnslim-myxnor")
+    with pytest.raises(BnnslimError, match="pip install bnnslim-myxnor"):
+        bnnslim.load(tmp_path / "bnnslim-run" / "model.safetensors", model=str(tmp_path / "tiny.py"))

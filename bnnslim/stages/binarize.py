@@ -33,7 +33,7 @@ from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
 from bnnslim.model_source import ModelSource, load_model_source
 from bnnslim.plugin_types import DatasetSpec, DatasetSplits
-from bnnslim.plugins import get_dataset, get_scheme
+from bnnslim.plugins import get_dataset, get_scheme, provenance
 from bnnslim.rundir import RunDir, load_state, load_tensors, save_weights
 from bnnslim.train import Checkpoint, EpochRecord, StepEvent, TrainConfig, evaluate, train_epochs
 
@@ -305,6 +305,8 @@ def binarize(opts: BinarizeOptions, on_step: Callable[[StepEvent], None] | None 
         "dataset": {"name": spec.name, "root": str(opts.data_root) if opts.data_root else None} if spec else None,
         "binarize": {"trained": False},
         "teacher": _teacher_identity(opts),
+        "plugins": {"scheme": provenance("scheme", scheme.name),
+                    **({"dataset": provenance("dataset", spec.name)} if spec else {})},
     }
     result = BinarizeResult(run=run, plan=plan, model=model)
     if opts.train is not None and splits is not None:

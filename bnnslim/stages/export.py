@@ -32,7 +32,7 @@ from bnnslim.checks import dead_model_warnings
 from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
 from bnnslim.model_file import write_model_file
-from bnnslim.plugins import get_dataset
+from bnnslim.plugins import get_dataset, recorded_plugin
 from bnnslim.prune.groups import find_groups
 from bnnslim.prune.masking import MaskController
 from bnnslim.prune.slim import TOLERANCE, first_divergence, slim
@@ -133,8 +133,10 @@ def _export(run: RunDir, forms: tuple[str, ...], output: Path | None, evaluate_d
     if evaluate_data and dataset:
         from bnnslim.train import evaluate
 
-        data = get_dataset(dataset["name"]).splits_for(Path(dataset["root"]) if dataset.get("root") else None,
-                                                        loaded.input_shape)
+        recorded = recorded_plugin(manifest, "dataset")
+        same = isinstance(recorded, dict) and recorded.get("name") == dataset["name"]
+        root = Path(dataset["root"]) if dataset.get("root") else None
+        data = get_dataset(dataset["name"], recorded if same else None).splits_for(root, loaded.input_shape)
         accuracy = evaluate(slim_model, data.test, torch.device("cpu")).accuracy
     with torch.no_grad():
         probe_outputs = slim_model(example)

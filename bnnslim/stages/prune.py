@@ -26,7 +26,7 @@ from bnnslim import distributed as D
 from bnnslim._atomic import save_tensors
 from bnnslim.checks import chance_warnings, dead_model_warnings
 from bnnslim.errors import BnnslimError
-from bnnslim.plugins import get_dataset
+from bnnslim.plugins import get_dataset, provenance, recorded_plugin
 from bnnslim.prune.groups import PrunableGroup
 from bnnslim.prune.schedule import SEED_STRIDE, GroupRecord, PruneEvent, PruneSchedule, ScheduleConfig
 from bnnslim.run_model import load_run_model
@@ -126,7 +126,8 @@ def prune(run_path: Path, opts: PruneOptions, resume: bool = False,
     schedule = PruneSchedule(model, example, opts.schedule_config(), teacher=teacher, device=device,
                              on_event=on_event, strategy=spec,
                              after_phase=lambda s: _checkpoint(checkpoint_path, s, opts, accuracy_before))
-    dataset = get_dataset(data_name).splits_for(Path(data_root) if data_root else None, loaded.input_shape)
+    recorded = None if opts.data else recorded_plugin(manifest, "dataset")  # the run's own dataset: say what to install
+    dataset = get_dataset(data_name, recorded).splits_for(Path(data_root) if data_root else None, loaded.input_shape)
     train_set, heldout_set = _split_heldout(dataset.train, opts.heldout, opts.seed)
     hx, hy = next(iter(DataLoader(heldout_set, batch_size=len(heldout_set))))  # type: ignore[arg-type]  # same on every rank
     schedule.heldout = (hx.to(device), hy.to(device))
@@ -227,6 +228,7 @@ def _write_result(run: RunDir, model: torch.nn.Module, result: PruneResult, opts
                 "weight": opts.distill, "temperature": opts.temperature} if opts.distill > 0 else None)
     run.update_manifest(prune={
         "strategy": opts.strategy, "keep": opts.keep, "options": json.loads(opts.resume_key()),
+        "strategy_plugin": provenance("strategy", opts.strategy),
         "dataset": {"name": data_name, "root": data_root},
         "counted": "output filters of the binary convs that produce prunable groups",
         "budget": result.budget,
