@@ -11,11 +11,10 @@ same algorithms over a run directory (:mod:`bnnslim.stages`).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,7 +27,7 @@ from bnnslim.graph import build_graph
 from bnnslim.plugin_types import DatasetSplits, SchemeSpec
 
 if TYPE_CHECKING:
-    from bnnslim.prune.groups import PrunableGroup
+    pass
 
 
 
@@ -74,46 +73,15 @@ def slim(model: nn.Module, masks: Mapping[str, torch.Tensor], example_inputs: to
     layer that diverges. ``model`` itself is left as it was.
     """
     from bnnslim.prune.groups import find_groups
-    from bnnslim.prune.slim import TOLERANCE, first_divergence
-    from bnnslim.prune.slim import slim as slim_in_place
+    from bnnslim.prune.slim import checked_slim
 
     was_training = model.training
     model.eval()
     try:
         groups = find_groups(model, build_graph(model, example_inputs), example_inputs, exclude=exclude).groups
-        unknown = sorted(set(masks) - {g.id for g in groups})
-        if unknown:
-            raise BnnslimError(f"masks name '{unknown[0]}', which is not a prunable group of this model",
-                               "pass the masks that learn_masks returned for this model")
-        fixed = {k: torch.as_tensor(v).detach().flatten().cpu() for k, v in masks.items()}
-        with _masked(model, groups, fixed), torch.no_grad():
-            expected = model(example_inputs)
-        slim_model = copy.deepcopy(model)
-        slim_in_place(slim_model, groups, fixed, example_inputs)
-        with torch.no_grad():
-            got = slim_model(example_inputs)
-        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=TOLERANCE, atol=TOLERANCE):
-            with _masked(model, groups, fixed):
-                where = first_divergence(model, slim_model, groups, fixed, example_inputs)
-            raise BnnslimError(f"the slim model does not compute what the masked model computes (first at {where})",
-                               "report this with the model: pruning this layer is not exact")
     finally:
         model.train(was_training)
-    return slim_model
-
-
-@contextlib.contextmanager
-def _masked(model: nn.Module, groups: list[PrunableGroup], masks: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """``model`` with ``masks`` applied at every consumer of their groups, for the duration."""
-    from bnnslim.prune.masking import MaskController
-
-    controller = MaskController(model, groups)
-    try:
-        for gid, mask in masks.items():
-            controller.set_fixed(gid, mask)
-        yield
-    finally:
-        controller.remove()
+    return checked_slim(model, groups, masks, example_inputs)[0]
 
 
 def save(model: nn.Module, path: str | Path, *, input_shape: Sequence[int], packed: bool = False,

@@ -217,20 +217,48 @@ def bench(path: str | Path, batches: Sequence[int] = (1,), threads: Sequence[int
     Engine are timed too, at the first batch size and one thread
     (:func:`compare_engines`).
     """
-    import bnnslim
     from bnnslim.model_file import read_header
-    from bnnslim.runtime import (
-        RuntimeFallbackWarning,
-        ThreadsWarning,
-        available_cores,
-        cpu_model,
-        kernel_status,
-        plan_runtime,
-        runtime_plan,
-        set_threads,
-        with_emulation,
-    )
+    from bnnslim.runtime import available_cores, cpu_model, kernel_status, plan_runtime, runtime_plan, set_threads
 
+    batches, threads = _checked_counts(batches, threads, repeats, warmup)
+    say = progress or (lambda _: None)
+    file = resolve_model_path(Path(path))
+    meta = read_header(file)
+    shape = [int(d) for d in json.loads(meta["input_shape"])]
+    previous_threads = torch.get_num_threads()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status = kernel_status()
+        models = _bench_models(meta, file, model_file, trust_source)
+        try:
+            x0 = torch.randn(batches[0], *shape, generator=torch.Generator().manual_seed(0))
+            choices = []
+            if plan_layers and status.available:
+                say("planning (each binary conv packed vs float)")
+                set_threads(threads[0])
+                choices = [asdict(c) for c in plan_runtime(models["packed"], x0)]
+            plan = runtime_plan(models["packed"])
+            max_diff, exact = _agreement(models, x0)
+            points = _time_points(models, shape, batches, threads, repeats, warmup, layers, say)
+            compared = None
+            if compare:
+                say("timing ONNX Runtime and Larq Compute Engine")
+                set_threads(1)
+                compared = compare_engines(models, x0, repeats, warmup)
+        finally:
+            torch.set_num_threads(previous_threads)
+    notes = _bench_notes(caught, status, plan, threads, exact)
+    info = json.loads(meta["model"])
+    return BenchResult(
+        file=file, form=meta.get("form", "?"), model=f"{info['source']}:{info['name']}", input_shape=shape,
+        cpu=cpu_model(), cores=available_cores(), kernel=status.isa, fast_popcount=status.fast_popcount,
+        repeats=repeats, warmup=warmup, plan=asdict(plan), max_abs_difference=max_diff, matches_emulation=exact,
+        points=points, warnings=notes, layer_plan=choices, compare=compared)
+
+
+def _checked_counts(batches: Sequence[int], threads: Sequence[int], repeats: int,
+                    warmup: int) -> tuple[list[int], list[int]]:
+    """``--batch``/``--threads`` lists (``[1]`` when empty), refused when a count is not positive."""
     batches, threads = list(batches) or [1], list(threads) or [1]
     for what, values in (("--batch", batches), ("--threads", threads)):
         bad = [v for v in values if v < 1]
@@ -240,59 +268,62 @@ def bench(path: str | Path, batches: Sequence[int] = (1,), threads: Sequence[int
         raise BnnslimError(f"--repeats {repeats} times nothing", "give 1 or more")
     if warmup < 0:
         raise BnnslimError(f"--warmup {warmup} is negative", "give 0 or more")
-    file = resolve_model_path(Path(path))
-    meta = read_header(file)
+    return batches, threads
+
+
+def _bench_models(meta: dict[str, str], file: Path, model_file: str | Path | None,
+                  trust_source: bool) -> dict[str, nn.Module]:
+    """The three models timed against each other: float original, torch binary, packed runtime."""
+    import bnnslim
+
+    return {
+        "float": float_original(meta, model_file, file, trust_source),
+        "torch_binary": bnnslim.load(file, model_file, trust_source=trust_source),
+        "packed": bnnslim.load(file, model_file, runtime="packed", trust_source=trust_source),
+    }
+
+
+def _agreement(models: dict[str, nn.Module], x: torch.Tensor) -> tuple[float, bool]:
+    """Largest |packed - torch binary| on ``x``, and whether packed equals its own emulation exactly."""
+    from bnnslim.runtime import with_emulation
+
+    with torch.no_grad():
+        y_packed = models["packed"](x)
+        y_torch = models["torch_binary"](x)
+        y_emul = with_emulation(models["packed"])(x)
+    return float((y_packed - y_torch).abs().max()), bool(torch.equal(y_packed, y_emul))
+
+
+def _time_points(models: dict[str, nn.Module], shape: list[int], batches: list[int], threads: list[int],
+                 repeats: int, warmup: int, layers: bool, say: Callable[[str], None]) -> list[BenchPoint]:
+    """Median latencies and speed-up ratios at every (batch, threads), round-robin so that noise hits all alike."""
+    from bnnslim.runtime import set_threads
+
+    points = []
+    for b in batches:
+        x = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b))
+        for t in threads:
+            set_threads(t)
+            say(f"batch {b}, {t} thread{'s' if t > 1 else ''}")
+            times = time_round_robin(models, x, repeats, warmup)
+            latency = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            point = BenchPoint(b, t, latency, {
+                "packed_vs_float": median_ratio(times, "float", "packed"),
+                "packed_vs_torch_binary": median_ratio(times, "torch_binary", "packed"),
+                "torch_binary_vs_float": median_ratio(times, "float", "torch_binary"),
+            })
+            if layers:
+                point.layers = _layer_rows(models, per_layer_times(models, x, repeats), latency)
+            points.append(point)
+    return points
+
+
+def _bench_notes(caught: list[warnings.WarningMessage], status: Any, plan: Any, threads: list[int],
+                 exact: bool) -> list[str]:
+    """What the user should know about the numbers: fallbacks, thread oversubscription, missing popcount."""
+    from bnnslim.runtime import RuntimeFallbackWarning, ThreadsWarning
+
     notes: list[str] = []
-    previous_threads = torch.get_num_threads()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        status = kernel_status()
-        models: dict[str, nn.Module] = {
-            "float": float_original(meta, model_file, file, trust_source),
-            "torch_binary": bnnslim.load(file, model_file, trust_source=trust_source),
-            "packed": bnnslim.load(file, model_file, runtime="packed", trust_source=trust_source),
-        }
-        shape = [int(d) for d in json.loads(meta["input_shape"])]
-        try:
-            x0 = torch.randn(batches[0], *shape, generator=torch.Generator().manual_seed(0))
-            choices = []
-            if plan_layers and status.available:
-                if progress:
-                    progress("planning (each binary conv packed vs float)")
-                set_threads(threads[0])
-                choices = [asdict(c) for c in plan_runtime(models["packed"], x0)]
-            plan = runtime_plan(models["packed"])
-            with torch.no_grad():
-                y_packed = models["packed"](x0)
-                y_torch = models["torch_binary"](x0)
-                y_emul = with_emulation(models["packed"])(x0)
-            max_diff = float((y_packed - y_torch).abs().max())
-            exact = bool(torch.equal(y_packed, y_emul))
-            points = []
-            for b in batches:
-                x = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b))
-                for t in threads:
-                    set_threads(t)
-                    if progress:
-                        progress(f"batch {b}, {t} thread{'s' if t > 1 else ''}")
-                    times = time_round_robin(models, x, repeats, warmup)
-                    latency = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-                    point = BenchPoint(b, t, latency, {
-                        "packed_vs_float": median_ratio(times, "float", "packed"),
-                        "packed_vs_torch_binary": median_ratio(times, "torch_binary", "packed"),
-                        "torch_binary_vs_float": median_ratio(times, "float", "torch_binary"),
-                    })
-                    if layers:
-                        point.layers = _layer_rows(models, per_layer_times(models, x, repeats), latency)
-                    points.append(point)
-            compared = None
-            if compare:
-                if progress:
-                    progress("timing ONNX Runtime and Larq Compute Engine")
-                set_threads(1)
-                compared = compare_engines(models, x0, repeats, warmup)
-        finally:
-            torch.set_num_threads(previous_threads)
     for w in caught:
         if issubclass(w.category, RuntimeFallbackWarning):
             continue  # said below, whether or not this process had said it before
@@ -320,12 +351,7 @@ def bench(path: str | Path, batches: Sequence[int] = (1,), threads: Sequence[int
         notes.append(f"{_layers(names)} not packed (a torch binary conv in the packed model): {reason}")
     if not exact:
         notes.append("the packed runtime's output differs from its own torch emulation: please report this as a bug")
-    info = json.loads(meta["model"])
-    return BenchResult(
-        file=file, form=meta.get("form", "?"), model=f"{info['source']}:{info['name']}", input_shape=shape,
-        cpu=cpu_model(), cores=available_cores(), kernel=status.isa, fast_popcount=status.fast_popcount,
-        repeats=repeats, warmup=warmup, plan=asdict(plan), max_abs_difference=max_diff, matches_emulation=exact,
-        points=points, warnings=notes, layer_plan=choices, compare=compared)
+    return notes
 
 
 COMPARE_CALLS = 10  # calls per engine per round in compare_engines

@@ -44,6 +44,10 @@ from bnnslim._state import load_optimizer_state, load_rng_state, optimizer_state
 from bnnslim.binary.convert import clip_latent_weights
 from bnnslim.errors import BnnslimError
 
+#: Mixes a seed with a phase (epoch, group) into one generator seed: a prime larger than any phase count,
+#: so that (seed, phase) pairs never collide.
+SEED_STRIDE = 1_000_003
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -191,7 +195,7 @@ def make_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, shuffl
         sampler = SequentialSampler(cast(Sized, dataset))
     elif shuffle:
         g = torch.Generator()
-        g.manual_seed(seed * 1_000_003 + epoch)
+        g.manual_seed(seed * SEED_STRIDE + epoch)
         sampler = RandomSampler(cast(Sized, dataset), generator=g)
     else:
         sampler = SequentialSampler(cast(Sized, dataset))

@@ -185,7 +185,7 @@ def test_unwritable_output_leaves_nothing_behind(small_run: Path, tmp_path: Path
 def test_slim_mismatch_is_reported_with_the_layer_and_nothing_written(small_run: Path, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     run = copy_run(small_run, tmp_path)
-    import bnnslim.stages.export as ex
+    import bnnslim.prune.slim as ex
 
     real_slim = ex.slim
 

@@ -31,6 +31,8 @@ from bnnslim.binary.convert import forward_order
 from bnnslim.binary.layers import BinaryConv2d
 
 _NORMS_ACROSS_CHANNELS = (tp.ops.OPTYPE.GN, tp.ops.OPTYPE.LN, tp.ops.OPTYPE.IN)
+#: Forward-order position of a layer the traced pass never reached: after every traced one.
+UNTRACED = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -132,10 +134,10 @@ def find_groups(model: nn.Module, graph: tp.DependencyGraph, example: torch.Tens
             for p in [p for p in producers if isinstance(modules[p], BinaryConv2d)] or [name]:
                 scan.skipped.setdefault(p, reason)
             continue
-        root = min(producers, key=lambda n: order.get(n, 1 << 30))
+        root = min(producers, key=lambda n: order.get(n, UNTRACED))
         scan.groups.append(PrunableGroup(id=root, size=conv.out_channels, producers=tuple(sorted(
-            producers, key=lambda n: order.get(n, 1 << 30))), consumers=tuple(_merge(consumers)),
-            order=order.get(root, 1 << 30), norms=tuple(sorted(set(norms)))))
+            producers, key=lambda n: order.get(n, UNTRACED))), consumers=tuple(_merge(consumers)),
+            order=order.get(root, UNTRACED), norms=tuple(sorted(set(norms)))))
     scan.groups.sort(key=lambda g: g.order)
     return scan
 

@@ -50,10 +50,9 @@ from bnnslim.plugin_types import SelectionContext, StrategySpec
 from bnnslim.prune.budget import Budget
 from bnnslim.prune.groups import PrunableGroup, find_groups
 from bnnslim.prune.masking import MaskController
-from bnnslim.train import Distillation, Teacher, as_teacher, training_loss
+from bnnslim.train import SEED_STRIDE, Distillation, Teacher, as_teacher, training_loss
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-SEED_STRIDE = 1_000_003
 FINETUNE_PER_RETRAIN = 10  # default fine-tuning: as many steps as retraining ten groups (quick runs stay quick)
 
 

@@ -3,12 +3,16 @@ where a slim model stops computing what its masked original computes."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
 from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
 from bnnslim.prune.groups import PrunableGroup
+from bnnslim.prune.masking import MaskController
 
 #: Slim and masked outputs may differ by float rounding only.
 TOLERANCE = 1e-4
@@ -81,3 +85,50 @@ def first_divergence(masked: nn.Module, slim_model: nn.Module, groups: list[Prun
         if not torch.allclose(out, other, rtol=TOLERANCE, atol=TOLERANCE):
             return name
     return "the model output"
+
+
+def checked_slim(model: nn.Module, groups: list[PrunableGroup], masks: Mapping[str, torch.Tensor],
+                 example: torch.Tensor) -> tuple[nn.Module, float]:
+    """A slim copy of ``model`` (eval mode) that must compute what ``model`` computes with ``masks`` applied at
+    every consumer; returns it with the largest output difference on ``example``.
+
+    Raises :class:`BnnslimError` naming the first layer that diverges. ``model``
+    is left as it was (its masks are removed again).
+    """
+    unknown = sorted(set(masks) - {g.id for g in groups})
+    if unknown:
+        raise BnnslimError(f"masks name '{unknown[0]}', which is not a prunable group of this model",
+                           "use the masks learned for this model (rerun `bnnslim prune` or learn_masks)")
+    fixed = {k: torch.as_tensor(v).detach().flatten().cpu() for k, v in masks.items()}
+    was_training = model.training
+    model.eval()
+    controller = _masked(model, groups, fixed)
+    try:
+        with torch.no_grad():
+            expected = model(example)
+        controller.remove()  # before copying: the slim copy must carry no mask hooks
+        slim_model = copy.deepcopy(model)
+        slim(slim_model, groups, fixed, example)
+        with torch.no_grad():
+            got = slim_model(example)
+        difference = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
+        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=TOLERANCE, atol=TOLERANCE):
+            controller = _masked(model, groups, fixed)
+            layer = first_divergence(model, slim_model, groups, fixed, example)
+            raise BnnslimError(
+                f"the slimmed model differs from the masked model (max difference {difference:.3g}), first at "
+                f"layer '{layer}'",
+                "that layer mixes channels in a way torch-pruning cannot slice: exclude it (`bnnslim prune "
+                "--exclude`, or exclude= in Python), or register a custom pruner for it through a plugin")
+    finally:
+        controller.remove()
+        model.train(was_training)
+    return slim_model, difference
+
+
+def _masked(model: nn.Module, groups: list[PrunableGroup], masks: dict[str, torch.Tensor]) -> MaskController:
+    """``masks`` applied to ``model`` at every consumer of their groups, until ``.remove()``."""
+    controller = MaskController(model, groups)
+    for gid, m in masks.items():
+        controller.set_fixed(gid, m)
+    return controller

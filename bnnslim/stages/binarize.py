@@ -269,24 +269,12 @@ def binarize(opts: BinarizeOptions, on_step: Callable[[StepEvent], None] | None 
         raise BnnslimError(f"nothing to resume in '{run.path}'", "run the same command without --resume")
     if opts.resume and opts.train is None:
         raise BnnslimError("--resume needs --data: only training can be resumed", "add the --data of the first run")
-    # a dataset that resizes (folder) follows the model's shape; any other gives the shape it has
-    shape = opts.input_shape or (spec.shape_for(source.input_shape) if spec else None) or source.input_shape
-    if shape is None:
-        raise BnnslimError("the input shape is unknown",
-                           "pass --input-shape C,H,W, a --data set, or set INPUT_SHAPE in the model file")
-    splits = spec.splits_for(opts.data_root, shape) if (spec is not None and opts.train is not None) else None
-    num_classes = _num_classes(spec, splits) if spec else None
-    in_channels = (shape[0] if spec.build_at is not None else spec.input_shape[0]) if spec else None
-    if in_channels is None:
-        in_channels = shape[0]
-    if splits is not None:
-        check_dataset_sample(splits.train, tuple(shape), str(opts.data))
-
+    inputs = _model_inputs(opts, source, spec)
     torch.manual_seed(opts.train.seed if opts.train is not None else 0)  # the same command, the same initial weights
-    model = source.build(num_classes=num_classes, in_channels=in_channels)
+    model = source.build(num_classes=inputs.num_classes, in_channels=inputs.in_channels)
     if opts.weights is not None:
         load_weights_into(model, opts.weights)
-    example = _check_forward(model, shape, source)
+    example = _check_forward(model, inputs.shape, source)
     plan = plan_binarization(model, example, opts.real, opts.binary, opts.keep_first_last_real)
     if not plan.binary:
         reasons = "; ".join(f"{n}: {r}" for n, r in plan.real.items()) or "it has no Conv2d layer"
@@ -298,8 +286,8 @@ def binarize(opts: BinarizeOptions, on_step: Callable[[StepEvent], None] | None 
 
     manifest: dict[str, Any] = {
         "model": {"source": str(source.path), "name": source.name, "sha256": source.sha256,
-                  "num_classes": num_classes, "in_channels": in_channels},
-        "input_shape": list(shape),
+                  "num_classes": inputs.num_classes, "in_channels": inputs.in_channels},
+        "input_shape": list(inputs.shape),
         "scheme": scheme.name,
         "layers": {"binary": plan.binary, "real": plan.real},
         "dataset": {"name": spec.name, "root": str(opts.data_root) if opts.data_root else None} if spec else None,
@@ -309,48 +297,83 @@ def binarize(opts: BinarizeOptions, on_step: Callable[[StepEvent], None] | None 
                     **({"dataset": provenance("dataset", spec.name)} if spec else {})},
     }
     result = BinarizeResult(run=run, plan=plan, model=model)
-    if opts.train is not None and splits is not None:
-        device = resolve_device(opts.device)
-        model.to(device)
-        checkpoint = Checkpoint(run.checkpoints / "train.safetensors", opts.train)
-        if opts.resume:
-            _check_resume_matches(run.read_manifest(), manifest)
-        elif D.is_main_process():
-            # a fresh run replaces the old one: its checkpoint and weights must not pass for the new run's
-            checkpoint.path.unlink(missing_ok=True)
-            run.binary_weights.unlink(missing_ok=True)
-            run.path.mkdir(parents=True, exist_ok=True)
-            run.write_manifest(manifest)  # the run exists from the first epoch on, so it can be resumed
-        D.barrier()
-        teacher, teacher_accuracy = None, None
-        if manifest["teacher"] is not None:
-            teacher, teacher_accuracy = _float_teacher(opts, source, run, splits, num_classes, in_channels, device)
-            if opts.teacher_epochs and opts.weights is None and not opts.resume:
-                with torch.no_grad():  # start from the float weights (latent weights clipped to [-1, 1])
-                    model.load_state_dict(teacher.state_dict())
-                clip_latent_weights(model, opts.train.clip or 1.0)
-        trained = train_epochs(wrap_for_training(model, device, opts.sync_bn), splits.train, splits.test, opts.train,
-                               device, checkpoint, opts.resume, on_step=on_step, on_epoch=on_epoch, teacher=teacher)
-        model = unwrap_sync_bn(model).to("cpu")
-        result.model = model
-        D.check_same_on_all_ranks(model.state_dict(), "binary network weights")
-        result.history = trained.history
-        result.test_accuracy = trained.history[-1].test_accuracy if trained.history else (
-            evaluate(model, splits.test, torch.device("cpu")).accuracy)
-        manifest["binarize"] = {"trained": True, "train": asdict(opts.train),
-                                "history": [asdict(h) for h in trained.history],
-                                "test_accuracy": result.test_accuracy,
-                                "processes": D.world_size()}
-        if manifest["teacher"] is not None:
-            manifest["binarize"]["loss"] = (f"cross-entropy + {opts.train.distill:g} * T^2 * KL(teacher || student) "
-                                            f"at T = {opts.train.temperature:g}")
-            if teacher_accuracy is not None:
-                manifest["binarize"]["teacher_test_accuracy"] = teacher_accuracy
+    if opts.train is not None and inputs.splits is not None:
+        _train(opts, run, source, inputs, manifest, result, on_step, on_epoch)
     result.seconds = time.perf_counter() - started
     manifest["binarize"]["seconds"] = round(result.seconds, 2)
     if D.is_main_process():
         run.path.mkdir(parents=True, exist_ok=True)
-        save_weights(run.binary_weights, model, kind="binary-latent")
+        save_weights(run.binary_weights, result.model, kind="binary-latent")
         run.write_manifest(manifest)
     D.barrier()
     return result
+
+
+@dataclass
+class ModelInputs:
+    """What the model is built for and run on: input shape, classes, channels, and the data (when training)."""
+
+    shape: tuple[int, ...]
+    num_classes: int | None
+    in_channels: int
+    splits: DatasetSplits | None
+
+
+def _model_inputs(opts: BinarizeOptions, source: ModelSource, spec: DatasetSpec | None) -> ModelInputs:
+    """The input shape (--input-shape, the dataset's, or INPUT_SHAPE) and the data, checked against each other."""
+    # a dataset that resizes (folder) follows the model's shape; any other gives the shape it has
+    shape = opts.input_shape or (spec.shape_for(source.input_shape) if spec else None) or source.input_shape
+    if shape is None:
+        raise BnnslimError("the input shape is unknown",
+                           "pass --input-shape C,H,W, a --data set, or set INPUT_SHAPE in the model file")
+    splits = spec.splits_for(opts.data_root, shape) if (spec is not None and opts.train is not None) else None
+    num_classes = _num_classes(spec, splits) if spec else None
+    in_channels = spec.input_shape[0] if spec is not None and spec.build_at is None else shape[0]
+    if splits is not None:
+        check_dataset_sample(splits.train, tuple(shape), str(opts.data))
+    return ModelInputs(tuple(shape), num_classes, in_channels, splits)
+
+
+def _train(opts: BinarizeOptions, run: RunDir, source: ModelSource, inputs: ModelInputs, manifest: dict[str, Any],
+           result: BinarizeResult, on_step: Callable[[StepEvent], None] | None,
+           on_epoch: Callable[[EpochRecord], None] | None) -> None:
+    """Train ``result.model`` (checkpointed, resumable; a float teacher first when asked) and record it."""
+    assert opts.train is not None and inputs.splits is not None
+    splits, model = inputs.splits, result.model
+    device = resolve_device(opts.device)
+    model.to(device)
+    checkpoint = Checkpoint(run.checkpoints / "train.safetensors", opts.train)
+    if opts.resume:
+        _check_resume_matches(run.read_manifest(), manifest)
+    elif D.is_main_process():
+        # a fresh run replaces the old one: its checkpoint and weights must not pass for the new run's
+        checkpoint.path.unlink(missing_ok=True)
+        run.binary_weights.unlink(missing_ok=True)
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.write_manifest(manifest)  # the run exists from the first epoch on, so it can be resumed
+    D.barrier()
+    teacher, teacher_accuracy = None, None
+    if manifest["teacher"] is not None:
+        teacher, teacher_accuracy = _float_teacher(opts, source, run, splits, inputs.num_classes, inputs.in_channels,
+                                                   device)
+        if opts.teacher_epochs and opts.weights is None and not opts.resume:
+            with torch.no_grad():  # start from the float weights (latent weights clipped to [-1, 1])
+                model.load_state_dict(teacher.state_dict())
+            clip_latent_weights(model, opts.train.clip or 1.0)
+    trained = train_epochs(wrap_for_training(model, device, opts.sync_bn), splits.train, splits.test, opts.train,
+                           device, checkpoint, opts.resume, on_step=on_step, on_epoch=on_epoch, teacher=teacher)
+    model = unwrap_sync_bn(model).to("cpu")
+    result.model = model
+    D.check_same_on_all_ranks(model.state_dict(), "binary network weights")
+    result.history = trained.history
+    result.test_accuracy = trained.history[-1].test_accuracy if trained.history else (
+        evaluate(model, splits.test, torch.device("cpu")).accuracy)
+    manifest["binarize"] = {"trained": True, "train": asdict(opts.train),
+                            "history": [asdict(h) for h in trained.history],
+                            "test_accuracy": result.test_accuracy,
+                            "processes": D.world_size()}
+    if manifest["teacher"] is not None:
+        manifest["binarize"]["loss"] = (f"cross-entropy + {opts.train.distill:g} * T^2 * KL(teacher || student) "
+                                        f"at T = {opts.train.temperature:g}")
+        if teacher_accuracy is not None:
+            manifest["binarize"]["teacher_test_accuracy"] = teacher_accuracy

@@ -17,7 +17,6 @@ A run that was never pruned exports its binary model as it is (and says so).
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -34,8 +33,7 @@ from bnnslim.graph import build_graph
 from bnnslim.model_file import write_model_file
 from bnnslim.plugins import get_dataset, recorded_plugin
 from bnnslim.prune.groups import find_groups
-from bnnslim.prune.masking import MaskController
-from bnnslim.prune.slim import TOLERANCE, first_divergence, slim
+from bnnslim.prune.slim import checked_slim
 from bnnslim.report import compare, kept_chart, layer_costs
 from bnnslim.run_model import load_run_model
 from bnnslim.rundir import RunDir, load_tensors
@@ -94,36 +92,16 @@ def _export(run: RunDir, forms: tuple[str, ...], output: Path | None, evaluate_d
     model = loaded.model.eval()
     example = probe_batch(loaded.input_shape)
     before = layer_costs(model, example)
-    slim_model = copy.deepcopy(model)
-    max_diff = 0.0
+    slim_model, max_diff = model, 0.0
     if prune_info:
         tensors = load_tensors(pruned_path)  # type: ignore[arg-type]
         masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}
-        graph = build_graph(model, example)
-        groups = find_groups(model, graph, example, exclude=tuple(prune_info["options"].get("exclude", ()))).groups
-        unknown = set(masks) - {g.id for g in groups}
-        if unknown:
-            raise BnnslimError(f"masks for unknown groups {sorted(unknown)[:3]}",
+        exclude = tuple(prune_info["options"].get("exclude", ()))
+        groups = find_groups(model, build_graph(model, example), example, exclude=exclude).groups
+        if set(masks) - {g.id for g in groups}:
+            raise BnnslimError(f"masks for unknown groups {sorted(set(masks) - {g.id for g in groups})[:3]}",
                                "the run directory does not match the model: rerun `bnnslim prune`")
-        controller = MaskController(model, groups)
-        for gid, m in masks.items():
-            controller.set_fixed(gid, m)
-        with torch.no_grad():
-            expected = model(example)
-        slim(slim_model, groups, masks, example)
-        slim_model.eval()
-        with torch.no_grad():
-            got = slim_model(example)
-        max_diff = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
-        if not torch.allclose(got, expected, rtol=TOLERANCE, atol=TOLERANCE):
-            layer = first_divergence(model, slim_model, groups, masks, example)
-            controller.remove()
-            raise BnnslimError(
-                f"the slimmed model differs from the masked model (max difference {max_diff:.3g}), first at layer "
-                f"'{layer}'; nothing was written",
-                "that layer mixes channels in a way torch-pruning cannot slice: exclude it with "
-                "`bnnslim prune --exclude`, or register a custom pruner for it through a plugin")
-        controller.remove()
+        slim_model, max_diff = checked_slim(model, groups, masks, example)
     else:
         notes.append("the run was not pruned: exporting the binary model unslimmed")
     after = layer_costs(slim_model, example)

@@ -28,11 +28,11 @@ from bnnslim.checks import chance_warnings, dead_model_warnings
 from bnnslim.errors import BnnslimError
 from bnnslim.plugins import get_dataset, provenance, recorded_plugin
 from bnnslim.prune.groups import PrunableGroup
-from bnnslim.prune.schedule import SEED_STRIDE, GroupRecord, PruneEvent, PruneSchedule, ScheduleConfig
+from bnnslim.prune.schedule import GroupRecord, PruneEvent, PruneSchedule, ScheduleConfig
 from bnnslim.run_model import load_run_model
 from bnnslim.rundir import RunDir, save_weights
 from bnnslim.stages.binarize import resolve_device
-from bnnslim.train import Teacher, evaluate, make_loader
+from bnnslim.train import SEED_STRIDE, Teacher, evaluate, make_loader
 
 PRUNED_WEIGHTS = "pruned.safetensors"
 CHECKPOINT = "prune.safetensors"
