@@ -14,6 +14,10 @@ from bnnslim.binary.layers import BinaryConv2d
 
 @dataclass
 class LayerCost:
+    """One conv or linear layer's size and work per image; ``params`` counts its weights (biases are not
+    counted anywhere in bnnslim: they stay real and are few), as ``bnnslim info``, the export report and
+    ``--budget params`` all do."""
+
     name: str
     kind: str  # "binary conv" | "conv" | "linear"
     filters: int
@@ -21,6 +25,7 @@ class LayerCost:
     macs: int  # multiply-accumulates of real layers, per image (summed over every call)
     binary_ops: int  # XNOR-popcount operations of binary layers, per image (summed over every call)
     calls: int = 1  # how often the forward pass runs the layer (weight sharing: more than once)
+    in_channels: int = 0  # input channels (convs) or features (linears)
 
 
 def layer_costs(model: nn.Module, example: torch.Tensor) -> dict[str, LayerCost]:
@@ -48,9 +53,10 @@ def layer_costs(model: nn.Module, example: torch.Tensor) -> dict[str, LayerCost]
                 ops = per_out * out[0].numel()
                 binary = isinstance(m, BinaryConv2d)
                 add(LayerCost(name, "binary conv" if binary else "conv", m.out_channels,
-                              m.weight.numel(), 0 if binary else ops, ops if binary else 0))
+                              m.weight.numel(), 0 if binary else ops, ops if binary else 0, in_channels=m.in_channels))
             elif isinstance(m, nn.Linear):
-                add(LayerCost(name, "linear", m.out_features, m.weight.numel(), m.in_features * out[0].numel(), 0))
+                add(LayerCost(name, "linear", m.out_features, m.weight.numel(), m.in_features * out[0].numel(), 0,
+                              in_channels=m.in_features))
         return record
 
     for name, m in model.named_modules():

@@ -52,9 +52,10 @@ def test_binarize_convert_only_then_info(cli, toy_model_file: Path, tmp_path: Pa
     text = info.stdout
     assert f"{toy_model_file.resolve()}:build_model" in text
     assert "1x8x8" in text and "xnor" in text and "not trained" in text
-    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") == 6}
-    assert set(rows) == {"0", "1", "3", "4", "6"}  # every conv and batchnorm
-    assert "binary conv" in rows["3"] and "576" in rows["3"]  # 8*8*3*3 parameters
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") == 8}
+    assert set(rows) == {"0", "3", "6"}  # every conv and linear layer
+    assert "binary conv" in rows["3"] and "576" in rows["3"]  # 8*8*3*3 weights
+    assert "36,864" in rows["3"]  # binary operations per image: 576 per output position, 8x8 positions
     assert "binary" not in rows["0"] and "binary" not in rows["6"]
 
 

@@ -106,9 +106,12 @@ def test_a_shared_conv_counts_every_call() -> None:
     assert costs["stem"].calls == 1
 
 
-def test_info_lists_the_datasets_with_their_shapes() -> None:
-    result = CliRunner().invoke(app, ["info", "--datasets"])
-    assert result.exit_code == 0
+def test_info_lists_the_datasets_with_their_shapes(cli) -> None:  # type: ignore[no-untyped-def]
+    from bnnslim import plugins
+
+    plugins.reset_plugin_manager()  # built-ins only (conftest's setting), whatever an earlier test registered
+    result = cli("info", "--datasets")
+    assert result.exit_code == 0, result.output
     assert "fashion-mnist-mini" in result.output and "1x28x28" in result.output and "3x32x32" in result.output
 
 

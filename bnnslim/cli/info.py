@@ -32,9 +32,9 @@ def info_command(
     if path is not None and path.is_file():
         _file_info(path)
         return
+    from bnnslim.report import layer_costs
     from bnnslim.run_model import load_run_model
     from bnnslim.rundir import RunDir
-    from bnnslim.summary import layer_rows
 
     loaded = load_run_model(RunDir(path or run), model=model, trust_source=trust_source)
     m = loaded.manifest
@@ -48,12 +48,13 @@ def info_command(
     head.add_row("binary test accuracy", f"{acc:.2%}" if acc is not None else "not trained")
     head.add_row("bnnslim version", m.get("bnnslim_version", "?"))
     console.print(head)
-    table = Table(title="layers")
-    for col in ("layer", "type", "in", "out (filters)", "parameters"):
-        table.add_column(col, justify="right" if col in ("in", "out (filters)", "parameters") else "left")
-    for row in layer_rows(loaded.model):
+    table = Table(title="layers (counted as the export report counts them)")
+    for col in ("layer", "type", "in", "out (filters)", "weights", "MACs", "binary ops"):
+        table.add_column(col, justify="left" if col in ("layer", "type") else "right")
+    for row in layer_costs(loaded.model, loaded.example()).values():
         style = "bold" if row.kind == "binary conv" else None
-        table.add_row(row.name, row.kind, str(row.in_channels), str(row.out_channels), f"{row.params:,}", style=style)
+        table.add_row(row.name, row.kind, str(row.in_channels), str(row.filters), f"{row.params:,}", f"{row.macs:,}",
+                      f"{row.binary_ops:,}", style=style)
     console.print(table)
     _unprunable(loaded)
 
