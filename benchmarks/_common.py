@@ -13,15 +13,19 @@ import torch
 
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
+    cpu, isa = platform.processor() or "?", "?"
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        info = Path("/proc/cpuinfo").read_text()
+        for line in info.splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
+        flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+        isa = ("AVX-512" + (" VPOPCNTDQ" if "avx512_vpopcntdq" in flags else "") if "avx512f" in flags
+               else "AVX2" if "avx2" in flags else "no AVX2")
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    return (f"{cpu} ({isa}), {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"Python {platform.python_version()}, {platform.system()} {platform.machine()}")
 
 
