@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import shutil
 from pathlib import Path
 
@@ -229,13 +230,28 @@ def test_resume_equals_uninterrupted_run_with_distillation_and_finetuning(runs, 
     assert manifest["options"]["finetune_steps"] == 3
 
 
-def test_distillation_changes_the_result_and_is_recorded(runs, tmp_path) -> None:
+def test_distillation_changes_the_result_and_is_recorded(runs, tmp_path, monkeypatch) -> None:
     plain = prune(fresh(runs, "plain", tmp_path / "p"), PruneOptions(keep=0.5, distill=0.0, finetune_steps=2, **QUICK))
     run = fresh(runs, "plain", tmp_path / "d")
     taught = prune(run, PruneOptions(keep=0.5, distill=1.0, finetune_steps=2, **QUICK))
     assert RunDir(run).read_manifest()["prune"]["teacher"]["network"].startswith("the unpruned binary network")
     assert plain.kept_filters == taught.kept_filters
     assert any(a.retrain_loss != b.retrain_loss for a, b in zip(plain.records, taught.records, strict=True))
+
+    # the user sees which teacher and which loss trained the weights: in `bnnslim info` and the export report
+    from bnnslim.cli import _common
+    from bnnslim.stages.export import export
+
+    monkeypatch.setattr(_common.console, "width", 250)
+    shown = [" ".join(line.replace("│", " ").split()) for line in
+             CliRunner().invoke(app, ["info", str(run)]).output.splitlines()]
+    assert "prune loss cross-entropy + 1 * T^2 * KL(teacher || student) at T = 4; teacher: the unpruned binary " \
+           "network of this run (binary.safetensors), frozen" in shown
+    assert "prune fine-tuning 2 steps, masks fixed" in shown
+    training = json.loads(export(run, ("plain",), evaluate_data=False).report_path.read_text())["training"]
+    assert training["prune"]["loss"].startswith("cross-entropy + 1 * T^2 * KL")
+    assert training["prune"]["teacher"]["network"].startswith("the unpruned binary network")
+    assert training["prune"]["finetune_steps"] == 2 and training["binarize"]["teacher"] is None
 
 
 def test_learn_masks_on_an_in_memory_model_with_the_users_loader(tmp_path, monkeypatch) -> None:

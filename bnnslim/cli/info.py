@@ -46,6 +46,8 @@ def info_command(
     head.add_row("dataset", m["dataset"]["name"] if m.get("dataset") else "-")
     acc = m.get("binarize", {}).get("test_accuracy")
     head.add_row("binary test accuracy", f"{acc:.2%}" if acc is not None else "not trained")
+    for stage, text in _training_rows(m).items():
+        head.add_row(stage, text)
     head.add_row("bnnslim version", m.get("bnnslim_version", "?"))
     console.print(head)
     table = Table(title="layers (counted as the export report counts them)")
@@ -57,6 +59,25 @@ def info_command(
                       f"{row.binary_ops:,}", style=style)
     console.print(table)
     _unprunable(loaded)
+
+
+def _training_rows(manifest: dict) -> dict[str, str]:
+    """How each stage trained: its teacher and loss, and what pruning kept (issue 11: say which teacher, which loss)."""
+    rows: dict[str, str] = {}
+    binarize, teacher = manifest.get("binarize") or {}, manifest.get("teacher")
+    if binarize.get("trained"):
+        rows["binarize loss"] = binarize.get("loss", "cross-entropy") + (
+            f"; teacher: {teacher.get('network')}" if isinstance(teacher, dict) else "")
+    prune = manifest.get("prune")
+    if isinstance(prune, dict):
+        t = prune.get("teacher")
+        rows["prune"] = (f"--keep {prune.get('keep')} --strategy {prune.get('strategy')}: {prune.get('filters_kept')} "
+                         f"of {prune.get('filters_total')} filters, test accuracy {prune.get('accuracy_before', 0):.2%}"
+                         f" before, {prune.get('accuracy_after', 0):.2%} after")
+        rows["prune loss"] = f"{prune.get('loss', '?')}; teacher: " + (t.get("network", "?") if isinstance(t, dict)
+                                                                          else "none")
+        rows["prune fine-tuning"] = f"{prune.get('finetune_steps', '?')} steps, masks fixed"
+    return rows
 
 
 def _unprunable(loaded: RunModel) -> None:

@@ -141,10 +141,22 @@ def _export(run: RunDir, forms: tuple[str, ...], output: Path | None, evaluate_d
     write_json(result.report_path, {"files": {k: str(v) for k, v in files.items()}, "sizes_bytes": sizes,
                                     "max_difference_slim_vs_masked": max_diff, "accuracy": accuracy,
                                     "layers": rows, "notes": notes, "warnings": warnings,
+                                    "training": _training(manifest),
                                     "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     result.chart_path = run.path / "kept-filters.png"
     kept_chart(rows, result.chart_path)
     return result
+
+
+def _training(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Which teacher and which loss trained the exported weights, stage by stage (from the manifest)."""
+    binarize, prune = manifest.get("binarize") or {}, manifest.get("prune") or {}
+    out: dict[str, Any] = {"binarize": {"loss": binarize.get("loss", "cross-entropy"),
+                                        "teacher": manifest.get("teacher")}}
+    if prune:
+        out["prune"] = {"strategy": prune.get("strategy"), "keep": prune.get("keep"), "loss": prune.get("loss"),
+                        "teacher": prune.get("teacher"), "finetune_steps": prune.get("finetune_steps")}
+    return out
 
 
 def _write_onnx(model: nn.Module, example: torch.Tensor, target: Path) -> None:
