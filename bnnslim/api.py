@@ -24,6 +24,7 @@ from torch import nn
 from bnnslim.binary.convert import BinarizePlan, apply_binarization, binary_convs, plan_binarization
 from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
+from bnnslim.modes import evaluating
 from bnnslim.plugin_types import DatasetSplits, SchemeSpec
 
 if TYPE_CHECKING:
@@ -75,12 +76,8 @@ def slim(model: nn.Module, masks: Mapping[str, torch.Tensor], example_inputs: to
     from bnnslim.prune.groups import find_groups
     from bnnslim.prune.slim import checked_slim
 
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         groups = find_groups(model, build_graph(model, example_inputs), example_inputs, exclude=exclude).groups
-    finally:
-        model.train(was_training)
     return checked_slim(model, groups, masks, example_inputs)[0]
 
 

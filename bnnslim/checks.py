@@ -121,20 +121,17 @@ def binarization_warnings(model: Any, example: Any) -> list[str]:
       whole channels, and binarizing it costs accuracy for nothing;
     * a binary depthwise conv: the packed runtime runs it in float anyway.
     """
-    import torch
 
     from bnnslim.binary.layers import BinaryConv2d
 
     seen: dict[str, Any] = {}
     handles = [m.register_forward_pre_hook(lambda _m, args, n=n: seen.__setitem__(n, args[0].detach()))
                for n, m in model.named_modules() if isinstance(m, BinaryConv2d)]
-    was = model.training
-    model.eval()
+    from bnnslim.modes import eval_outputs
+
     try:
-        with torch.no_grad():
-            model(example)
+        eval_outputs(model, example)
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     convs = dict(model.named_modules())

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from bnnslim.binary.layers import BinaryConv2d
+from bnnslim.modes import eval_outputs
 
 
 @dataclass
@@ -62,15 +63,11 @@ def layer_costs(model: nn.Module, example: torch.Tensor) -> dict[str, LayerCost]
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             handles.append(m.register_forward_hook(hook(name)))
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            model(example[:1])
+        eval_outputs(model, example[:1])
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
     return costs
 
 

@@ -43,6 +43,7 @@ from bnnslim._atomic import save_tensors
 from bnnslim._state import load_optimizer_state, load_rng_state, optimizer_state, rng_state
 from bnnslim.binary.convert import clip_latent_weights
 from bnnslim.errors import BnnslimError
+from bnnslim.modes import evaluating
 
 #: Mixes a seed with a phase (epoch, group) into one generator seed: a prime larger than any phase count,
 #: so that (seed, phase) pairs never collide.
@@ -234,15 +235,13 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: to
 def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 256,
              limit: int | None = None) -> Metrics:
     """Loss and top-1 accuracy on ``dataset`` (the first ``limit`` batches), summed over ranks."""
-    was_training = model.training
-    model.eval()
     totals = torch.zeros(3, dtype=torch.float64)
-    for x, y in limited(make_loader(dataset, batch_size, 0, 0, shuffle=False), limit):
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
-        totals += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(),
-                                float((logits.argmax(1) == y).sum()), float(y.numel())], dtype=torch.float64)
-    model.train(was_training)
+    with evaluating(model):
+        for x, y in limited(make_loader(dataset, batch_size, 0, 0, shuffle=False), limit):
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            totals += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(),
+                                    float((logits.argmax(1) == y).sum()), float(y.numel())], dtype=torch.float64)
     loss_sum, correct, count = D.all_reduce_sum(totals).tolist()
     if count == 0:
         raise BnnslimError("the evaluation set is empty", "check the dataset")

@@ -234,3 +234,19 @@ def test_fit_trains_an_in_memory_model_on_a_users_loader_with_a_teacher() -> Non
     for k, v in teacher.module.state_dict().items():
         assert torch.equal(v, frozen[k]), f"the teacher changed: {k}"
     assert len(fit(student, DataLoader(splits.train, batch_size=64), epochs=1)) == 4  # 256 / 64
+
+
+def test_evaluation_restores_the_training_mode_even_when_the_forward_fails() -> None:
+    """A failing forward pass inside bnnslim's checks must not leave the user's model in eval mode."""
+    from bnnslim.modes import eval_outputs
+
+    class Fails(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert not self.training  # evaluated in eval mode ...
+            raise RuntimeError("boom")
+
+    model = Fails().train()
+    with pytest.raises(RuntimeError, match="boom"):
+        eval_outputs(model, torch.zeros(1))
+    assert model.training  # ... and its mode given back
+    assert not eval_outputs(nn.BatchNorm1d(2).eval(), torch.ones(3, 2)).requires_grad

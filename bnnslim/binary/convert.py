@@ -18,6 +18,7 @@ from torch import nn
 
 from bnnslim.binary.layers import BinaryConv2d
 from bnnslim.errors import BnnslimError
+from bnnslim.modes import eval_outputs
 from bnnslim.plugin_types import SchemeSpec
 
 
@@ -40,15 +41,11 @@ def forward_order(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
                if n and not list(m.children())]
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            model(example)
+        eval_outputs(model, example)
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
     return order
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
+from bnnslim.modes import evaluating
 from bnnslim.prune.groups import PrunableGroup
 from bnnslim.prune.masking import MaskController
 
@@ -100,29 +101,27 @@ def checked_slim(model: nn.Module, groups: list[PrunableGroup], masks: Mapping[s
         raise BnnslimError(f"masks name '{unknown[0]}', which is not a prunable group of this model",
                            "use the masks learned for this model (rerun `bnnslim prune` or learn_masks)")
     fixed = {k: torch.as_tensor(v).detach().flatten().cpu() for k, v in masks.items()}
-    was_training = model.training
-    model.eval()
-    controller = _masked(model, groups, fixed)
-    try:
-        with torch.no_grad():
-            expected = model(example)
-        controller.remove()  # before copying: the slim copy must carry no mask hooks
-        slim_model = copy.deepcopy(model)
-        slim(slim_model, groups, fixed, example)
-        with torch.no_grad():
-            got = slim_model(example)
-        difference = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
-        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=TOLERANCE, atol=TOLERANCE):
-            controller = _masked(model, groups, fixed)
-            layer = first_divergence(model, slim_model, groups, fixed, example)
-            raise BnnslimError(
-                f"the slimmed model differs from the masked model (max difference {difference:.3g}), first at "
-                f"layer '{layer}'",
-                "that layer mixes channels in a way torch-pruning cannot slice: exclude it (`bnnslim prune "
-                "--exclude`, or exclude= in Python), or register a custom pruner for it through a plugin")
-    finally:
-        controller.remove()
-        model.train(was_training)
+    with evaluating(model):
+        controller = _masked(model, groups, fixed)
+        try:
+            with torch.no_grad():
+                expected = model(example)
+            controller.remove()  # before copying: the slim copy must carry no mask hooks
+            slim_model = copy.deepcopy(model)  # in eval mode, as the model is here
+            slim(slim_model, groups, fixed, example)
+            with torch.no_grad():
+                got = slim_model(example)
+            difference = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
+            if got.shape != expected.shape or not torch.allclose(got, expected, rtol=TOLERANCE, atol=TOLERANCE):
+                controller = _masked(model, groups, fixed)
+                layer = first_divergence(model, slim_model, groups, fixed, example)
+                raise BnnslimError(
+                    f"the slimmed model differs from the masked model (max difference {difference:.3g}), first at "
+                    f"layer '{layer}'",
+                    "that layer mixes channels in a way torch-pruning cannot slice: exclude it (`bnnslim prune "
+                    "--exclude`, or exclude= in Python), or register a custom pruner for it through a plugin")
+        finally:
+            controller.remove()
     return slim_model, difference
 
 

@@ -32,6 +32,7 @@ from bnnslim.checks import check_dataset_sample, check_model_output, warn_about_
 from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
 from bnnslim.model_source import ModelSource, load_model_source
+from bnnslim.modes import eval_outputs
 from bnnslim.plugin_types import DatasetSpec, DatasetSplits
 from bnnslim.plugins import get_dataset, get_scheme, provenance
 from bnnslim.rundir import RunDir, load_state, load_tensors, save_weights
@@ -151,18 +152,13 @@ def _load_failure(exc: Exception) -> str:
 
 def _check_forward(model: nn.Module, shape: tuple[int, ...], source: ModelSource) -> torch.Tensor:
     example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            output = model(example)
+        output = eval_outputs(model, example)
     except Exception as exc:
         raise BnnslimError(
             f"the model rejects inputs of shape {tuple(shape)}: {type(exc).__name__}: {str(exc).splitlines()[0]}",
             "give the right shape with --input-shape C,H,W (or INPUT_SHAPE in the model file), or another --data",
         ) from exc
-    finally:
-        model.train(was)
     check_model_output(output, tuple(shape), source.where)
     return example
 

@@ -26,6 +26,7 @@ from bnnslim import distributed as D
 from bnnslim._atomic import save_tensors
 from bnnslim.checks import chance_warnings, dead_model_warnings
 from bnnslim.errors import BnnslimError
+from bnnslim.modes import eval_outputs
 from bnnslim.plugins import get_dataset, provenance, recorded_plugin
 from bnnslim.prune.groups import PrunableGroup
 from bnnslim.prune.schedule import GroupRecord, PruneEvent, PruneSchedule, ScheduleConfig
@@ -209,11 +210,7 @@ def _load_checkpoint(path: Path, opts: PruneOptions) -> tuple[dict[str, object],
 def _dead_model_check(model: torch.nn.Module, probe: torch.Tensor, accuracy: float,
                       classes: int | None) -> list[str]:
     """:func:`checks.dead_model_warnings` on the masked model's outputs for the held-out images."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        outputs = model(probe)
-    model.train(was_training)
+    outputs = eval_outputs(model, probe)
     if isinstance(outputs, torch.Tensor):
         return dead_model_warnings(outputs, accuracy)
     return chance_warnings(accuracy, classes)
