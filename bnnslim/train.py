@@ -213,11 +213,15 @@ def limited(batches: Iterable, limit: int | None) -> Iterator:
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
                clip: float | None, amp: bool = False, teacher: Teacher | None = None,
-               distill: Distillation | None = None) -> tuple[float, int]:
+               distill: Distillation | None = None,
+               after_backward: Callable[[], None] | None = None) -> tuple[float, int]:
     """One step of cross-entropy (plus distillation) training; returns (loss, correct count).
 
     With ``amp`` the forward pass runs under bfloat16 autocast (no loss scaling
-    needed); latent weights and the optimizer stay float32.
+    needed); latent weights and the optimizer stay float32. ``after_backward``
+    runs between the backward pass and the update (e.g. averaging gradients
+    across processes without DDP). The one training step of bnnslim: binarize,
+    ``fit`` and the prune schedule's retraining and fine-tuning all take it.
     """
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
@@ -225,6 +229,8 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: to
         logits = model(x)
         loss = training_loss(logits, y, soft, distill)
     loss.backward()
+    if after_backward is not None:
+        after_backward()
     optimizer.step()
     if clip:
         clip_latent_weights(model, clip)

@@ -43,16 +43,17 @@ import torch
 from torch import nn
 
 from bnnslim import distributed as D
-from bnnslim.binary.convert import clip_latent_weights, forward_order
+from bnnslim.binary.convert import forward_order
 from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
 from bnnslim.plugin_types import SelectionContext, StrategySpec
 from bnnslim.prune.budget import Budget
 from bnnslim.prune.groups import PrunableGroup, find_groups
 from bnnslim.prune.masking import MaskController
-from bnnslim.train import SEED_STRIDE, Distillation, Teacher, as_teacher, training_loss
+from bnnslim.train import SEED_STRIDE, Distillation, Teacher, as_teacher, train_step, training_loss
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+LATENT_CLIP = 1.0  # latent weights clipped to [-1, 1] after every update (BinaryConnect), as binarize trains them
 FINETUNE_PER_RETRAIN = 10  # default fine-tuning: as many steps as retraining ten groups (quick runs stay quick)
 
 
@@ -166,18 +167,12 @@ def retrain(model: nn.Module, group: PrunableGroup | None, order: dict[str, int]
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
             for step in range(steps):
                 x, y = next(batches)
-                optimizer.zero_grad(set_to_none=True)
-                soft = use_teacher(x) if use_teacher is not None else None
-                logits = model(x)
-                loss = training_loss(logits, y, soft, distill)
-                loss.backward()
-                D.average_gradients(trainable)
-                optimizer.step()
+                loss_value, correct = train_step(model, x, y, optimizer, LATENT_CLIP, teacher=use_teacher,
+                                                 distill=distill,
+                                                 after_backward=lambda: D.average_gradients(trainable))
                 scheduler.step()
-                clip_latent_weights(model)
-                loss_value = loss.item()
                 if on_step is not None:
-                    on_step(step + 1, loss_value, float((logits.argmax(1) == y).float().mean()))
+                    on_step(step + 1, loss_value, correct / y.numel())
         D.average_buffers(model)  # BatchNorm statistics agree on every rank
     finally:
         for p, flag in frozen_state:
