@@ -318,6 +318,10 @@ CLI_CASES: dict[str, tuple[Callable[[Path], None], list[str], list[str]]] = {
     "prune-binary-weights-replaced": (edit_tensors("run/binary.safetensors", lambda t: t.update(
         {k: v + 1 for k, v in t.items() if v.is_floating_point()})), ["prune", "--keep", "0.5", "--run", R],
         ["does not belong to run"]),
+    "prune-resume-checkpoint-without-records": (
+        lambda w: (w / "run" / "checkpoints").mkdir(exist_ok=True) or save_file(
+            {"model.x": torch.zeros(1)}, str(w / "run" / "checkpoints" / "prune.safetensors"), {"options": "{}"}),
+        ["prune", "--keep", "0.5", "--run", R, "--resume", *QUICK_PRUNE], ["lacks records", "without --resume"]),
     "prune-untrained-run": (own_run_of("conv_only.py", GOOD_NET.format(out="self.a(x)")),
                             ["prune", "--keep", "0.5", "--run", "{w}/own", *QUICK_PRUNE], ["data"]),
     # -------------------------------------------------------------- export

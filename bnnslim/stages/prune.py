@@ -188,23 +188,21 @@ def _checkpoint(path: Path, schedule: PruneSchedule, opts: PruneOptions, accurac
 
 
 def _load_checkpoint(path: Path, opts: PruneOptions) -> tuple[dict[str, object], float]:
-    from safetensors import SafetensorError, safe_open
+    from bnnslim.rundir import read_checkpoint
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
-    except (SafetensorError, OSError) as exc:
-        raise BnnslimError(f"the prune checkpoint '{path}' is damaged ({exc})", "run without --resume") from exc
-    if meta.get("options") != opts.resume_key():
+    meta, tensors = read_checkpoint(path, ("options", "records", "accuracy_before"))
+    if meta["options"] != opts.resume_key():
         raise BnnslimError("--resume with different options than the interrupted run",
-                           f"repeat the first run's options: {meta.get('options')}")
-    state = {"model": {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
-             "masks": {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")},
-             "state": {k[6:]: v for k, v in tensors.items() if k.startswith("state.")},
-             "records": json.loads(meta["records"]), "finetuned": json.loads(meta.get("finetuned", "false")),
-             "finetune_loss": float(meta.get("finetune_loss", "0.0"))}
-    return state, float(meta["accuracy_before"])
+                           f"repeat the first run's options: {meta['options']}")
+    try:
+        state = {"model": {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
+                 "masks": {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")},
+                 "state": {k[6:]: v for k, v in tensors.items() if k.startswith("state.")},
+                 "records": json.loads(meta["records"]), "finetuned": json.loads(meta.get("finetuned", "false")),
+                 "finetune_loss": float(meta.get("finetune_loss", "0.0"))}
+        return state, float(meta["accuracy_before"])
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        raise BnnslimError(f"the prune checkpoint '{path}' is damaged ({exc})", "run without --resume") from exc
 
 
 def _dead_model_check(model: torch.nn.Module, probe: torch.Tensor, accuracy: float,
