@@ -46,6 +46,7 @@ from bnnslim import distributed as D
 from bnnslim.binary.convert import forward_order
 from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
+from bnnslim.modes import frozen
 from bnnslim.plugin_types import SelectionContext, StrategySpec
 from bnnslim.prune.budget import Budget
 from bnnslim.prune.groups import PrunableGroup, find_groups
@@ -144,24 +145,21 @@ def retrain(model: nn.Module, group: PrunableGroup | None, order: dict[str, int]
     modules = dict(model.named_modules())
     upward = {n for n, i in order.items() if group is None or i >= group.order}
     trainable: list[nn.Parameter] = []
-    frozen_state = [(p, p.requires_grad) for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(group is None)
-    model.train()
-    if group is None:
-        trainable = list(model.parameters())
-    for name, module in modules.items():
-        if group is None:
-            break
-        if name in upward:
-            for p in module.parameters(recurse=False):
-                p.requires_grad_(True)
-                trainable.append(p)
-        elif not list(module.children()):
-            module.eval()
-    use_teacher = teacher if distill is not None and distill.active else None
     loss_value = 0.0
-    try:
+    with frozen(model):
+        model.train()
+        for name, module in modules.items():
+            if group is None:
+                break
+            if name in upward:
+                trainable += module.parameters(recurse=False)
+            elif not list(module.children()):
+                module.eval()
+        if group is None:
+            trainable = list(model.parameters())
+        for p in trainable:
+            p.requires_grad_(True)
+        use_teacher = teacher if distill is not None and distill.active else None
         if trainable and steps > 0:
             optimizer = torch.optim.Adam(trainable, lr=lr)
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
@@ -174,10 +172,7 @@ def retrain(model: nn.Module, group: PrunableGroup | None, order: dict[str, int]
                 if on_step is not None:
                     on_step(step + 1, loss_value, correct / y.numel())
         D.average_buffers(model)  # BatchNorm statistics agree on every rank
-    finally:
-        for p, flag in frozen_state:
-            p.requires_grad_(flag)
-        model.train()
+    model.train()
     return loss_value
 
 

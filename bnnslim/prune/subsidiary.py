@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from bnnslim.distributed import average_gradients
+from bnnslim.modes import frozen
 from bnnslim.plugin_types import Selection, SelectionContext
 
 TRAIN_MODE_BN = False
@@ -72,43 +73,37 @@ def select_subsidiary(ctx: SelectionContext) -> Selection:
     selector = torch.full((n,), SELECTOR_INIT, device=ctx.device, requires_grad=True)
     target = ctx.suggested_keep / n
     model = ctx.model
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    for p, _ in frozen:
-        p.requires_grad_(False)
-    saved_buffers = None
-    if TRAIN_MODE_BN:  # batch statistics in the forward pass; the running ones are put back afterwards
-        saved_buffers = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("weight")
-                         and not k.endswith("bias")}
-        model.train()
-    else:
-        model.eval()  # BatchNorm statistics stay fixed
-    ctx.masks.set_source(ctx.group.id, lambda: selector_mask(selector))
-    # SGD on the loss divided by the typical cross-entropy gradient: selectors move by about ``lr``
-    # per step, and channels keep their relative importance (Adam would give every selector the same
-    # step and make the whole group cross zero together).
-    optimizer = torch.optim.SGD([selector], lr=ctx.lr, momentum=0.9)
-    try:
-        weight: torch.Tensor | None = None
-        scale: torch.Tensor | float = 1.0
-        for _ in range(ctx.steps):
-            x, y = next(ctx.batches)
-            optimizer.zero_grad(set_to_none=True)
-            ce = ctx.objective(model(x), y, x)  # cross-entropy (+ distillation to the teacher)
-            if weight is None:  # calibrate on this group's cross-entropy gradients
-                (grad,) = torch.autograd.grad(ce, selector, retain_graph=True)
-                typical = average_gradients_value(grad.abs().mean()).clamp(min=1e-12)
-                weight, scale = ctx.penalty * penalty_weight(typical, n), 1.0 / typical
-            loss = (ce + weight * (selector_mask(selector).mean() - target) ** 2) * scale
-            loss.backward()
-            average_gradients([selector])  # identical selectors on every rank under torchrun
-            optimizer.step()
-    finally:
-        for p, flag in frozen:
-            p.requires_grad_(flag)
-        if saved_buffers is not None:
-            model.load_state_dict(saved_buffers, strict=False)
-        model.train(was_training)
-        ctx.masks.clear(ctx.group.id)
+    with frozen(model):  # the main network is fixed while its selectors learn
+        saved_buffers = None
+        if TRAIN_MODE_BN:  # batch statistics in the forward pass; the running ones are put back afterwards
+            saved_buffers = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("weight")
+                             and not k.endswith("bias")}
+            model.train()
+        else:
+            model.eval()  # BatchNorm statistics stay fixed
+        ctx.masks.set_source(ctx.group.id, lambda: selector_mask(selector))
+        # SGD on the loss divided by the typical cross-entropy gradient: selectors move by about ``lr``
+        # per step, and channels keep their relative importance (Adam would give every selector the same
+        # step and make the whole group cross zero together).
+        optimizer = torch.optim.SGD([selector], lr=ctx.lr, momentum=0.9)
+        try:
+            weight: torch.Tensor | None = None
+            scale: torch.Tensor | float = 1.0
+            for _ in range(ctx.steps):
+                x, y = next(ctx.batches)
+                optimizer.zero_grad(set_to_none=True)
+                ce = ctx.objective(model(x), y, x)  # cross-entropy (+ distillation to the teacher)
+                if weight is None:  # calibrate on this group's cross-entropy gradients
+                    (grad,) = torch.autograd.grad(ce, selector, retain_graph=True)
+                    typical = average_gradients_value(grad.abs().mean()).clamp(min=1e-12)
+                    weight, scale = ctx.penalty * penalty_weight(typical, n), 1.0 / typical
+                loss = (ce + weight * (selector_mask(selector).mean() - target) ** 2) * scale
+                loss.backward()
+                average_gradients([selector])  # identical selectors on every rank under torchrun
+                optimizer.step()
+        finally:
+            if saved_buffers is not None:
+                model.load_state_dict(saved_buffers, strict=False)
+            ctx.masks.clear(ctx.group.id)
     learned = int((selector > 0).sum())
     return Selection(scores=selector.detach().clone(), keep=learned, state={"selector": selector.detach().clone()})
