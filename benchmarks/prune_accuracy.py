@@ -117,9 +117,15 @@ def step_times(run: Path, device: torch.device, batch: int, steps: int = 10) -> 
 
 
 def load_results(path: Path) -> list[dict]:
+    """The recorded runs, one per cell (a cell run twice, e.g. by two processes, counts once: the first)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    seen: dict[tuple, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            seen.setdefault(cell_key(r), r)
+    return list(seen.values())
 
 
 def cell_key(r: dict) -> tuple:
@@ -154,6 +160,63 @@ def table(results: list[dict], model: str, schedule: str, keeps: list[float], st
                          f"{m:.2f} ± {s:.2f} | {drop} | {cell[0]['kept_filters']}/{cell[0]['total_filters']} | "
                          f"{100 * ops:.1f} % | {statistics.fmean(r['seconds'] for r in cell):.0f} |")
     return lines
+
+
+README_START, README_END = "<!-- prune-accuracy: start -->", "<!-- prune-accuracy: end -->"
+
+
+def accuracies(results: list[dict], model: str, keep: float, strategy: str) -> list[float]:
+    """Test accuracies (%) of one cell with the default schedule, by seed."""
+    cell = [r for r in results if r["model"] == model and r["schedule"] == "defaults" and r["keep"] == keep
+            and r["strategy"] == strategy]
+    return [100 * r["accuracy"] for r in sorted(cell, key=lambda r: r["seed"])]
+
+
+def verdict(results: list[dict], model: str, keep: float, strategies: list[str]) -> str:
+    """Which strategy wins at ``keep``: ahead only by more than two seed standard deviations (issue 11's bar)."""
+    stats = {s: mean_std(a) for s in strategies if len(a := accuracies(results, model, keep, s)) >= 3}
+    if len(stats) < 2:
+        return "fewer than two strategies with 3 seeds"
+    ranked = sorted(stats, key=lambda s: -stats[s][0])
+    best, second = ranked[0], ranked[1]
+    gap, bar = stats[best][0] - stats[second][0], 2 * max(stats[best][1], stats[second][1])
+    if gap > bar:
+        return f"**{best}** ahead of {second} by {gap:.2f} pt (> 2 std = {bar:.2f})"
+    return f"no clear winner: {best} leads {second} by {gap:.2f} pt, within 2 std ({bar:.2f})"
+
+
+def readme_table(results: list[dict]) -> list[str]:
+    """The README's accuracy table: mean ± std over seeds and the drop against the control, per model and keep."""
+    strategies = [s for s in STRATEGIES if any(r["strategy"] == s for r in results)]
+    lines = ["| model (binary, Fashion-MNIST) | keep | " + " | ".join(f"`{s}`" for s in strategies) + " | winner |",
+             "|---" * (len(strategies) + 3) + "|"]
+    for model in dict.fromkeys(r["model"] for r in results if r["schedule"] == "defaults"):
+        control = accuracies(results, model, 1.0, CONTROL)
+        if len(control) < 3:
+            continue
+        c_mean, c_std = mean_std(control)
+        lines.append(f"| {model} | 1.0 (control) | {c_mean:.2f} ± {c_std:.2f} |" + " |" * len(strategies))
+        for keep in sorted({r["keep"] for r in results if r["model"] == model and r["keep"] < 1}, reverse=True):
+            row = []
+            for s in strategies:
+                accs = accuracies(results, model, keep, s)
+                if not accs:
+                    row.append("")
+                    continue
+                m, sd = mean_std(accs)
+                few = "" if len(accs) >= 3 else f" [{len(accs)} seed{'s' if len(accs) > 1 else ''}]"
+                row.append(f"{m:.2f} ± {sd:.2f} ({m - c_mean:+.2f}){few}")
+            won = verdict(results, model, keep, strategies)
+            lines.append(f"| {model} | {keep} | " + " | ".join(row) + f" | {won} |")
+    return lines
+
+
+def update_readme(readme: Path, results: list[dict]) -> None:
+    """Rewrite the README's accuracy table (between the markers) from the recorded results."""
+    text = readme.read_text()
+    head, _, rest = text.partition(README_START)
+    _, _, tail = rest.partition(README_END)
+    readme.write_text(head + README_START + "\n" + "\n".join(readme_table(results)) + "\n" + README_END + tail)
 
 
 def ops_fraction(run: Path, masks: dict[str, torch.Tensor]) -> float:
@@ -198,6 +261,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=HERE / "prune_accuracy.jsonl")
     parser.add_argument("--out", type=Path, default=HERE / "prune_accuracy.md")
     parser.add_argument("--report-only", action="store_true", help="rewrite --out from --results")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="also rewrite this README's accuracy table (between its prune-accuracy markers)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     overrides = {k: v for k, v in {"select_steps": args.select_steps, "retrain_steps": args.retrain_steps,
@@ -249,6 +314,8 @@ def main() -> None:
                       f"({record['seconds']:.0f} s) split {[g.kept for g in r.records]}", flush=True)
                 shutil.rmtree(run, ignore_errors=True)
     write_report(args, results, speed)
+    if args.readme is not None:
+        update_readme(args.readme, results)
 
 
 def write_report(args: argparse.Namespace, results: list[dict], speed: dict[str, dict[str, float]]) -> None:
@@ -265,6 +332,7 @@ def write_report(args: argparse.Namespace, results: list[dict], speed: dict[str,
                        f"with the distillation teacher {1000 * s['distilled']:.0f} ms "
                        f"(**{s['distilled'] / s['plain']:.2f}x**); one selector-learning step (distilled) "
                        f"{1000 * s['select']:.0f} ms (**{s['select'] / s['plain']:.2f}x**).")
+    out += ["\n## Summary (the README's table)\n", *readme_table(results)]
     notes = ""
     if args.out.is_file() and NOTES in args.out.read_text():  # hand-written analysis below the marker stays
         notes = args.out.read_text().split(NOTES, 1)[1]
