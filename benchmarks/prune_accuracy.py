@@ -12,11 +12,13 @@ group beyond its training steps.
 Every finished run is appended to ``--results`` (JSON lines), so an interrupted
 benchmark continues where it stopped and a subset can be added to later.
 
-    # the full grid of the issue (hours on a CPU)
-    python benchmarks/prune_accuracy.py --keeps 0.8 0.5 0.3 --seeds 0 1 2 \\
-        --strategies subsidiary l1 alpha bn random greedy --models small_cnn.py nin.py@0.25
-    # the subset recorded in prune_accuracy.md
-    python benchmarks/prune_accuracy.py --keeps 0.5 0.3 --seeds 0 1 2 --strategies subsidiary bn random
+    # what prune_accuracy.md records (about 4 hours of one CPU core; see the notes there)
+    python benchmarks/prune_accuracy.py --models small_cnn.py --strategies subsidiary l1 bn random greedy
+    python benchmarks/prune_accuracy.py --models vgg11.py@0.25 --strategies subsidiary bn random
+    python benchmarks/prune_accuracy.py --models vgg11.py@0.25 --strategies subsidiary bn --keeps 0.5 \\
+        --budget ops --no-control
+    # rewrite the report and the README's table from the recorded runs
+    python benchmarks/prune_accuracy.py --models small_cnn.py --report-only --readme README.md
 """
 
 from __future__ import annotations
@@ -277,7 +279,7 @@ def main() -> None:
     for mi, spec in enumerate(args.models):
         path, label = model_file(args.work, spec)
         base = args.base[mi] if mi < len(args.base) else args.work / f"{path.stem}-base"
-        if not (base / "binary.safetensors").is_file():
+        if not args.report_only and not (base / "binary.safetensors").is_file():
             t = time.perf_counter()
             trained = binarize(BinarizeOptions(model=str(path), run=base, data=args.data, data_root=args.data_root,
                                                device=args.device, overwrite=True,
