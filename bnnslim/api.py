@@ -16,7 +16,6 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,10 +25,6 @@ from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
 from bnnslim.modes import evaluating
 from bnnslim.plugin_types import DatasetSplits, SchemeSpec
-
-if TYPE_CHECKING:
-    pass
-
 
 
 def binarize(model: nn.Module, example_inputs: torch.Tensor, scheme: str | SchemeSpec = "xnor", *,

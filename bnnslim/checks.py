@@ -100,6 +100,19 @@ def dead_model_warnings(outputs: Any, accuracy: float | None) -> list[str]:
     return found
 
 
+def dead_model_check(model: Any, probe: Any, accuracy: float | None, classes: int | None) -> list[str]:
+    """:func:`dead_model_warnings` on ``model``'s eval-mode outputs for ``probe`` (different inputs); a model whose
+    output is not a logits tensor gets the chance check alone (``bnnslim prune`` and ``export`` call this)."""
+    import torch
+
+    from bnnslim.modes import eval_outputs
+
+    outputs = eval_outputs(model, probe)
+    if isinstance(outputs, torch.Tensor):
+        return dead_model_warnings(outputs, accuracy)
+    return chance_warnings(accuracy, classes)
+
+
 def chance_warnings(accuracy: float | None, classes: int | None) -> list[str]:
     """A warning when ``accuracy`` is no better than guessing among ``classes``."""
     if accuracy is None or not classes or classes < 2 or accuracy > 1.25 / classes:
@@ -121,14 +134,12 @@ def binarization_warnings(model: Any, example: Any) -> list[str]:
       whole channels, and binarizing it costs accuracy for nothing;
     * a binary depthwise conv: the packed runtime runs it in float anyway.
     """
-
     from bnnslim.binary.layers import BinaryConv2d
+    from bnnslim.modes import eval_outputs
 
     seen: dict[str, Any] = {}
     handles = [m.register_forward_pre_hook(lambda _m, args, n=n: seen.__setitem__(n, args[0].detach()))
                for n, m in model.named_modules() if isinstance(m, BinaryConv2d)]
-    from bnnslim.modes import eval_outputs
-
     try:
         eval_outputs(model, example)
     finally:

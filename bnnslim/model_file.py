@@ -38,7 +38,7 @@ from bnnslim.binary.layers import BinaryConv2d
 from bnnslim.errors import BnnslimError
 from bnnslim.model_source import ModelSource
 from bnnslim.packing import pack_signs, unpack_signs
-from bnnslim.plugins import get_scheme, provenance
+from bnnslim.plugins import get_scheme, provenance, recorded_plugin
 from bnnslim.rundir import load_with_metadata
 from bnnslim.trust import ModelArg, RecordedModel, model_source_for, recorded_model
 
@@ -120,7 +120,9 @@ def header(manifest: dict[str, Any], model: nn.Module, form: str, metrics: dict[
         "binary_layers": json.dumps(manifest["layers"]["binary"]),
         "layers": json.dumps(layer_shapes(model)), "input_shape": json.dumps(manifest["input_shape"]),
         "metrics": json.dumps(metrics),
-        "plugins": json.dumps({"scheme": provenance("scheme", manifest["scheme"])}),  # what to install to load it
+        # what to install to load it: the run's record, or (bnnslim.save of an in-memory model) who provides it now
+        "plugins": json.dumps({"scheme": recorded_plugin(manifest, "scheme")
+                               or provenance("scheme", manifest["scheme"])}),
     }
     if manifest.get("model_signature"):
         meta["model_signature"] = str(manifest["model_signature"])  # this account's, see bnnslim.trust

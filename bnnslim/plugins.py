@@ -336,12 +336,14 @@ KIND_HOOKS = {"dataset": "bnnslim_datasets", "scheme": "bnnslim_schemes", "strat
 def choose(kind: str, name: str, options: dict[str, Provided], recorded: Any = None) -> Any:
     """Return the spec called ``name``; an error that lists the known names (and plugin problems), or an ambiguity.
 
-    ``recorded`` is the :func:`provenance` a run or file stored for it: when the
-    plugin that provided it is not installed now, the error says what to install.
+    ``recorded`` is the :func:`provenance` a run or file stored (ignored unless it
+    names ``name``): when the plugin that provided it is not installed now, the
+    error says what to install.
     """
     key = name.strip().lower()
     if key not in options:
-        dist = recorded.get("distribution") if isinstance(recorded, dict) and not recorded.get("builtin") else None
+        about_it = isinstance(recorded, dict) and str(recorded.get("name", "")).strip().lower() == key
+        dist = recorded.get("distribution") if about_it and not recorded.get("builtin") else None
         if isinstance(dist, str) and dist:
             version = recorded.get("version")
             was = f"{dist} {version}" if isinstance(version, str) and version else dist

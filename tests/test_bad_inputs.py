@@ -516,3 +516,13 @@ def test_bad_file_for_the_python_api(case: str, work: Path, base: Path) -> None:
 
 def test_the_catalogue_holds_at_least_100_distinct_inputs() -> None:
     assert len(CLI_CASES) + len(LOAD_CASES) >= 100
+
+
+def test_damaged_training_records_show_as_unknown_in_info(work: Path) -> None:
+    """`bnnslim info` shows what it can of a run whose training records are damaged: '?' and no traceback."""
+    edit_manifest(lambda m: (setitem("prune.accuracy_before", "x")(m), setitem("prune.teacher", 5)(m),
+                             setitem("teacher", [1])(m)))(work)
+    result = CliRunner().invoke(app, ["info", "--run", str(work / "run")])
+    assert result.exit_code == 0 and result.exception is None, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "test accuracy ? before" in text and "teacher: none" in text

@@ -62,20 +62,25 @@ def info_command(
 
 
 def _training_rows(manifest: dict) -> dict[str, str]:
-    """How each stage trained: its teacher and loss, and what pruning kept (issue 11: say which teacher, which loss)."""
+    """How each stage trained: its teacher and loss, and what pruning kept (a damaged entry shows as '?')."""
+    def section(value: object) -> dict:
+        return value if isinstance(value, dict) else {}
+
+    def percent(value: object) -> str:
+        return f"{value:.2%}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
+
     rows: dict[str, str] = {}
-    binarize, teacher = manifest.get("binarize") or {}, manifest.get("teacher")
+    binarize, teacher = section(manifest.get("binarize")), section(manifest.get("teacher"))
     if binarize.get("trained"):
-        rows["binarize loss"] = binarize.get("loss", "cross-entropy") + (
-            f"; teacher: {teacher.get('network')}" if isinstance(teacher, dict) else "")
+        rows["binarize loss"] = f"{binarize.get('loss', 'cross-entropy')}" + (
+            f"; teacher: {teacher.get('network', '?')}" if teacher else "")
     prune = manifest.get("prune")
     if isinstance(prune, dict):
-        t = prune.get("teacher")
+        t = section(prune.get("teacher"))
         rows["prune"] = (f"--keep {prune.get('keep')} --strategy {prune.get('strategy')}: {prune.get('filters_kept')} "
-                         f"of {prune.get('filters_total')} filters, test accuracy {prune.get('accuracy_before', 0):.2%}"
-                         f" before, {prune.get('accuracy_after', 0):.2%} after")
-        rows["prune loss"] = f"{prune.get('loss', '?')}; teacher: " + (t.get("network", "?") if isinstance(t, dict)
-                                                                          else "none")
+                         f"of {prune.get('filters_total')} filters, test accuracy "
+                         f"{percent(prune.get('accuracy_before'))} before, {percent(prune.get('accuracy_after'))} after")
+        rows["prune loss"] = f"{prune.get('loss', '?')}; teacher: {t.get('network', '?') if t else 'none'}"
         rows["prune fine-tuning"] = f"{prune.get('finetune_steps', '?')} steps, masks fixed"
     return rows
 

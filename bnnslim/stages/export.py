@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from bnnslim._atomic import write_json
-from bnnslim.checks import dead_model_warnings
+from bnnslim.checks import dead_model_check
 from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
 from bnnslim.model_file import write_model_file
@@ -98,9 +98,6 @@ def _export(run: RunDir, forms: tuple[str, ...], output: Path | None, evaluate_d
         masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}
         exclude = tuple(prune_info["options"].get("exclude", ()))
         groups = find_groups(model, build_graph(model, example), example, exclude=exclude).groups
-        if set(masks) - {g.id for g in groups}:
-            raise BnnslimError(f"masks for unknown groups {sorted(set(masks) - {g.id for g in groups})[:3]}",
-                               "the run directory does not match the model: rerun `bnnslim prune`")
         slim_model, max_diff = checked_slim(model, groups, masks, example)
     else:
         notes.append("the run was not pruned: exporting the binary model unslimmed")
@@ -111,14 +108,10 @@ def _export(run: RunDir, forms: tuple[str, ...], output: Path | None, evaluate_d
     if evaluate_data and dataset:
         from bnnslim.train import evaluate
 
-        recorded = recorded_plugin(manifest, "dataset")
-        same = isinstance(recorded, dict) and recorded.get("name") == dataset["name"]
         root = Path(dataset["root"]) if dataset.get("root") else None
-        data = get_dataset(dataset["name"], recorded if same else None).splits_for(root, loaded.input_shape)
+        data = get_dataset(dataset["name"], recorded_plugin(manifest, "dataset")).splits_for(root, loaded.input_shape)
         accuracy = evaluate(slim_model, data.test, torch.device("cpu")).accuracy
-    with torch.no_grad():
-        probe_outputs = slim_model(example)
-    warnings = dead_model_warnings(probe_outputs if isinstance(probe_outputs, torch.Tensor) else None, accuracy)
+    warnings = dead_model_check(slim_model, example, accuracy, manifest["model"].get("num_classes"))
     metrics = {"accuracy": accuracy, "pruned": bool(prune_info),
                "keep": prune_info["keep"] if prune_info else 1.0,
                "strategy": prune_info["strategy"] if prune_info else None}
@@ -150,7 +143,7 @@ def _export(run: RunDir, forms: tuple[str, ...], output: Path | None, evaluate_d
 
 def _training(manifest: dict[str, Any]) -> dict[str, Any]:
     """Which teacher and which loss trained the exported weights, stage by stage (from the manifest)."""
-    binarize, prune = manifest.get("binarize") or {}, manifest.get("prune") or {}
+    binarize, prune = (v if isinstance(v, dict) else {} for v in (manifest.get("binarize"), manifest.get("prune")))
     out: dict[str, Any] = {"binarize": {"loss": binarize.get("loss", "cross-entropy"),
                                         "teacher": manifest.get("teacher")}}
     if prune:

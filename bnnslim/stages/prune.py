@@ -24,9 +24,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from bnnslim import distributed as D
 from bnnslim._atomic import save_tensors
-from bnnslim.checks import chance_warnings, dead_model_warnings
+from bnnslim.checks import dead_model_check
 from bnnslim.errors import BnnslimError
-from bnnslim.modes import eval_outputs
 from bnnslim.plugins import get_dataset, provenance, recorded_plugin
 from bnnslim.prune.groups import PrunableGroup
 from bnnslim.prune.schedule import GroupRecord, PruneEvent, PruneSchedule, ScheduleConfig
@@ -127,8 +126,8 @@ def prune(run_path: Path, opts: PruneOptions, resume: bool = False,
     schedule = PruneSchedule(model, example, opts.schedule_config(), teacher=teacher, device=device,
                              on_event=on_event, strategy=spec,
                              after_phase=lambda s: _checkpoint(checkpoint_path, s, opts, accuracy_before))
-    recorded = None if opts.data else recorded_plugin(manifest, "dataset")  # the run's own dataset: say what to install
-    dataset = get_dataset(data_name, recorded).splits_for(Path(data_root) if data_root else None, loaded.input_shape)
+    root = Path(data_root) if data_root else None
+    dataset = get_dataset(data_name, recorded_plugin(manifest, "dataset")).splits_for(root, loaded.input_shape)
     train_set, heldout_set = _split_heldout(dataset.train, opts.heldout, opts.seed)
     hx, hy = next(iter(DataLoader(heldout_set, batch_size=len(heldout_set))))  # type: ignore[arg-type]  # same on every rank
     schedule.heldout = (hx.to(device), hy.to(device))
@@ -152,7 +151,7 @@ def prune(run_path: Path, opts: PruneOptions, resume: bool = False,
         finetune_seconds = time.perf_counter() - finetune_started
         masks = dict(schedule.masks)
         accuracy_after = evaluate(model, dataset.test, device).accuracy  # with the masks applied
-        warnings = _dead_model_check(model, hx.to(device), accuracy_after, manifest["model"].get("num_classes"))
+        warnings = dead_model_check(model, hx.to(device), accuracy_after, manifest["model"].get("num_classes"))
         D.check_same_on_all_ranks({**model.state_dict(), **masks}, "retrained weights and masks")
     finally:
         schedule.close()
@@ -203,15 +202,6 @@ def _load_checkpoint(path: Path, opts: PruneOptions) -> tuple[dict[str, object],
         return state, float(meta["accuracy_before"])
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
         raise BnnslimError(f"the prune checkpoint '{path}' is damaged ({exc})", "run without --resume") from exc
-
-
-def _dead_model_check(model: torch.nn.Module, probe: torch.Tensor, accuracy: float,
-                      classes: int | None) -> list[str]:
-    """:func:`checks.dead_model_warnings` on the masked model's outputs for the held-out images."""
-    outputs = eval_outputs(model, probe)
-    if isinstance(outputs, torch.Tensor):
-        return dead_model_warnings(outputs, accuracy)
-    return chance_warnings(accuracy, classes)
 
 
 def _write_result(run: RunDir, model: torch.nn.Module, result: PruneResult, opts: PruneOptions,
