@@ -24,9 +24,11 @@ from bnnslim.binary.layers import BinaryConv2d
 from bnnslim.errors import BnnslimError
 from bnnslim.packing import pack_signs
 from bnnslim.runtime import (
+    FoldedAway,
     FusedAway,
     PackedBinaryConv2d,
     PackedMaxPool2d,
+    PackSigns,
     RuntimeFallbackWarning,
     ThreadsWarning,
     available_cores,
@@ -37,6 +39,7 @@ from bnnslim.runtime import (
     to_runtime,
     with_emulation,
 )
+from bnnslim.runtime.fuse import unpack_input
 
 ALL_ISAS = ["avx512", "avx2", "popcnt", "scalar"]
 
@@ -494,6 +497,95 @@ def test_negative_scale_flips_thresholds(isa: str) -> None:
     with torch.no_grad():
         torch.testing.assert_close(fused(x), to_runtime(model, fuse=False)(x), rtol=1e-5, atol=1e-5)
         assert torch.equal(fused(x), with_emulation(fused)(x))
+
+
+class _TwoUses(nn.Module):
+    """A binary conv and its batch norm whose output is used twice (the norm folds, nothing after it)."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = binary_conv(16, 24, 3, padding=1), nn.BatchNorm2d(24), act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return self.act(y) + y
+
+
+class _ConvOutputTwice(_TwoUses):
+    """The conv's own output is used twice: nothing folds."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+@pytest.mark.parametrize(("case", "folded"), [
+    ("hardtanh", ["1", "2"]), ("relu", ["1", "2"]), ("relu6", ["1", "2"]), ("bn_then_pool", ["1"]),
+    ("two_uses", ["bn"]), ("conv_output_twice", None)])
+def test_float_tails_fold_into_the_epilogue(case: str, folded: list[str] | None, isa: str) -> None:
+    """A batch norm (and a clamp activation after it) after a float-output packed conv runs in its epilogue."""
+    torch.manual_seed(6)
+    acts = {"hardtanh": nn.Hardtanh(-0.5, 0.7), "relu": nn.ReLU(), "relu6": nn.ReLU6(), "bn_then_pool": nn.AvgPool2d(2)}
+    model: nn.Module
+    if case == "two_uses":
+        model = _TwoUses(nn.Hardtanh())
+    elif case == "conv_output_twice":
+        model = _ConvOutputTwice(nn.Identity())
+    else:
+        model = nn.Sequential(binary_conv(16, 24, 3, padding=1), nn.BatchNorm2d(24), acts[case])
+    model.eval()
+    _random_bn(model, seed=7)
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    with torch.no_grad():
+        bn.weight[:12] = -bn.weight[:12].abs() - 0.1  # negative scales: the map decreases on half the channels
+    x = torch.randn(2, 16, 9, 11)
+    fused = to_runtime(model)
+    plain = to_runtime(model, fuse=False)
+    plan = runtime_plan(fused)
+    layer = next(m for m in fused.modules() if isinstance(m, PackedBinaryConv2d))
+    with torch.no_grad():
+        y, want, emulated = fused(x), plain(x), with_emulation(fused)(x)
+    if folded is None:
+        assert not plan.folded and layer.out_clamp is None
+        assert torch.equal(y, want)
+        return
+    assert list(plan.folded.values()) == [folded]
+    assert all(isinstance(fused.get_submodule(n), FoldedAway) for n in folded)
+    assert "folded into the epilogue" in repr(fused)
+    assert torch.equal(y, emulated), "folded epilogue == its torch emulation, bit for bit"
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)  # folding changes float rounding only
+    if case == "hardtanh":
+        assert torch.equal(y.amin(), torch.tensor(-0.5)) and torch.equal(y.amax(), torch.tensor(0.7))  # clamped
+
+
+@pytest.mark.parametrize(("act", "packs"), [(nn.Hardtanh(), True), (nn.Hardtanh(0.0, 1.0), False),
+                                           (nn.ReLU(), False)])
+def test_real_activations_enter_a_chain_as_bits(act: nn.Module, packs: bool, isa: str) -> None:
+    """Real conv -> batch norm -> sign-keeping activation -> max pool -> binary conv: the norm folds into the real
+    conv, the activation's input is packed once, the pooling pools bits; undone, the floats come back."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), act, nn.MaxPool2d(2),
+                          binary_conv(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.Hardtanh()).eval()
+    _random_bn(model, seed=9)
+    x = torch.randn(2, 3, 10, 12)
+    fused, plain = to_runtime(model), to_runtime(model, fuse=False)
+    plan = runtime_plan(fused)
+    assert plan.folded == {"0": ["1"], "4": ["5", "6"]}
+    assert plan.packed_inputs == ({"4": ["1", "2", "3"]} if packs else {})
+    assert fused[4].input_bits is packs
+    if packs:
+        # the folded norm's place packs (the conv's output signs are the activation's), the rest pass bits
+        assert isinstance(fused[1], PackSigns) and isinstance(fused[2], FusedAway)
+        assert isinstance(fused[3], PackedMaxPool2d)
+        assert torch.equal(_consumer_inputs(fused, x, ["4"])["4"], _consumer_inputs(plain, x, ["4"])["4"])
+    with torch.no_grad():
+        y = fused(x)
+        assert torch.equal(y, with_emulation(fused)(x))
+        torch.testing.assert_close(y, plain(x), rtol=1e-5, atol=1e-5)
+        unpack_input(fused, "4")
+        assert not fused[4].input_bits and isinstance(fused[1], FoldedAway)
+        assert type(fused[2]) is type(act) and type(fused[3]) is nn.MaxPool2d
+        torch.testing.assert_close(fused(x), y, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", ["avgpool", "hardswish", "pool_after_negative_bn", "shared", "functional"])

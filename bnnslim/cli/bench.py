@@ -97,7 +97,7 @@ def bench_command(
                   "binary model in torch (`bnnslim.load(path)`); packed: the same on bnnslim's XNOR-popcount runtime "
                   "(`bnnslim.load(path, runtime=\"packed\")`)", style="dim", highlight=False)
     if result.layer_plan:
-        console.print(_plan_table(result.layer_plan, result.plan.get("fused", {})))
+        console.print(_plan_table(result.layer_plan, result.plan))
     if result.compare is not None:
         console.print(_compare_table(result.compare))
     for p in result.points:
@@ -107,12 +107,17 @@ def bench_command(
         err_console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
-def _plan_table(choices: list[dict[str, Any]], fused: dict[str, str]) -> Table:
+def _plan_table(choices: list[dict[str, Any]], plan: dict[str, Any]) -> Table:
+    fused, folded, packed = plan.get("fused", {}), plan.get("folded", {}), plan.get("packed_inputs", {})
     table = Table(title="plan: each binary conv timed packed and as a float conv on its input (median ms)")
     for col in ("layer", "input", "packed", "float", "runs", "why"):
         table.add_column(col, justify="right" if col in ("packed", "float") else "left")
     for c in choices:
         why = c["why"] + (f"; bits to '{fused[c['layer']]}'" if c["layer"] in fused else "")
+        if c["layer"] in folded:
+            why += "; folded in: " + ", ".join(folded[c["layer"]])
+        if c["layer"] in packed:
+            why += "; reads bits packed once, skipping: " + ", ".join(packed[c["layer"]])
         table.add_row(c["layer"], "x".join(map(str, c["shape"])), _ms(c["packed_ms"]), _ms(c["float_ms"]),
                       c["runs"], escape(why), style=None if c["runs"] == "packed" else "yellow")
     return table

@@ -22,14 +22,16 @@ from bnnslim.runtime.build import (
     set_threads,
 )
 from bnnslim.runtime.convert import RuntimePlan, runtime_plan, to_runtime, with_emulation
-from bnnslim.runtime.fuse import FusedAway, PackedMaxPool2d
+from bnnslim.runtime.fuse import FoldedAway, FusedAway, PackedMaxPool2d, PackSigns
 from bnnslim.runtime.layers import PackedBinaryConv2d, kernel_weights
 from bnnslim.runtime.planner import LayerChoice, plan_runtime
 
 __all__ = [
+    "FoldedAway",
     "FusedAway",
     "KernelStatus",
     "LayerChoice",
+    "PackSigns",
     "PackedBinaryConv2d",
     "PackedMaxPool2d",
     "RuntimeFallbackWarning",

@@ -19,6 +19,7 @@
 // Per output (o, p):  P = sum popcount((s ^ w) & nz),  V = sum popcount(nz),
 //   dot = V - 2 P  (= sum over nonzero inputs of sign(x) * sign(w), exactly),
 //   y = float(dot) * alpha[o] + bias[o]   (mul then add, as torch does),
+//   then min(max(y, lo), hi) with a clamp (a Hardtanh / ReLU folded in, fuse.py),
 //   or, with output thresholds (a fused chain, see fuse.py), packed ternary
 //   bits [N, OH, OW, ceil(O/64), 2] for the next binary conv, which reads them
 //   with binary_conv2d_bits; bits_max_pool2d pools them (an OR of sign bits).
@@ -549,6 +550,76 @@ at::Tensor pack_impl(const at::Tensor& x_in, const Geo& g, const c10::optional<a
   return out;
 }
 
+// Floats -> packed ternary bits [N, H, W, NW, 2] (sign = x > 0, nonzero = x > 0
+// or x < 0, so NaN gives 0 as in the packers above): a real layer's output
+// entering a fused chain (fuse.py's PackSigns), read channels-last.
+void pack_signs_scalar(const float* x, int64_t pixels, int64_t C, int64_t NW, int64_t* out) {
+  for (int64_t p = 0; p < pixels; ++p) {
+    const float* xp = x + p * C;
+    int64_t* w = out + p * NW * 2;
+    for (int64_t j = 0; j < NW; ++j) {
+      uint64_t sb = 0, zb = 0;
+      const int64_t kmax = std::min<int64_t>(64, C - 64 * j);
+      for (int64_t k = 0; k < kmax; ++k) {
+        const float v = xp[64 * j + k];
+        sb |= static_cast<uint64_t>(v > 0.0f) << k;
+        zb |= static_cast<uint64_t>(v > 0.0f || v < 0.0f) << k;
+      }
+      w[2 * j] = static_cast<int64_t>(sb);
+      w[2 * j + 1] = static_cast<int64_t>(zb);
+    }
+  }
+}
+
+#if BNN_X86
+// 8 channels per compare: movemask gives a byte of sign bits and one of nonzero bits
+__attribute__((target("avx2"))) void pack_signs_avx2(const float* x, int64_t pixels, int64_t C, int64_t NW,
+                                                     int64_t* out) {
+  const __m256 zero = _mm256_setzero_ps();
+  const int64_t C8 = C / 8 * 8;
+  for (int64_t p = 0; p < pixels; ++p) {
+    const float* xp = x + p * C;
+    uint8_t* w = reinterpret_cast<uint8_t*>(out + p * NW * 2);
+    std::memset(w, 0, NW * 16);
+    int64_t c = 0;
+    for (; c < C8; c += 8) {
+      const __m256 v = _mm256_loadu_ps(xp + c);
+      const int sb = _mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ));
+      const int zb = _mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_OQ));
+      w[(c / 64) * 16 + (c % 64) / 8] = static_cast<uint8_t>(sb);
+      w[(c / 64) * 16 + 8 + (c % 64) / 8] = static_cast<uint8_t>(zb);
+    }
+    for (; c < C; ++c) {
+      const float v = xp[c];
+      w[(c / 64) * 16 + (c % 64) / 8] |= static_cast<uint8_t>((v > 0.0f) << (c % 8));
+      w[(c / 64) * 16 + 8 + (c % 64) / 8] |= static_cast<uint8_t>((v > 0.0f || v < 0.0f) << (c % 8));
+    }
+  }
+}
+#endif
+
+at::Tensor pack_signs_op(const at::Tensor& x_in, int64_t isa) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "bnnslim runtime: pack_signs takes a 4-d CPU tensor");
+  isa = resolve_isa(isa);
+  const at::Tensor x = x_in.scalar_type() == at::kFloat && x_in.is_contiguous(at::MemoryFormat::ChannelsLast)
+                           ? x_in
+                           : x_in.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), NW = ceil_div(C, 64);
+  at::Tensor out = empty_long({N, H, W, NW, 2});
+  const float* src = x.data_ptr<float>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  at::parallel_for(0, N * H, 8, [&](int64_t b, int64_t e) {
+#if BNN_X86
+    if (isa == ISA_AVX2 || isa == ISA_AVX512) {
+      pack_signs_avx2(src + b * W * C, (e - b) * W, C, NW, dst + b * W * NW * 2);
+      return;
+    }
+#endif
+    pack_signs_scalar(src + b * W * C, (e - b) * W, C, NW, dst + b * W * NW * 2);
+  });
+  return out;
+}
+
 // ---------------------------------------------------------------- conv
 
 struct ConvArgs {
@@ -997,7 +1068,8 @@ BNN_AVX2 void conv_avx2(const ConvArgs& a, int64_t n, int64_t gi, int64_t vb, in
 
 at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& wwords,
                      const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& bias, bool counts,
-                     bool nhwc, int64_t isa, const c10::optional<at::Tensor>& thresholds) {
+                     bool nhwc, int64_t isa, const c10::optional<at::Tensor>& thresholds,
+                     const c10::optional<at::Tensor>& clamp) {
   TORCH_CHECK(wwords.device().is_cpu() && wwords.scalar_type() == at::kLong && wwords.is_contiguous() &&
                   wwords.dim() == 6,
               "bnnslim runtime: packed weights must be contiguous int64 [G, OBg, KH, KW, NWg, 8] on the CPU");
@@ -1076,6 +1148,15 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
       }
     }
   });
+  if (clamp.has_value() && clamp->defined() && args.out != nullptr) {
+    // a following Hardtanh / ReLU folded in (fuse.py): min(max(y, lo), hi) on the finished values
+    const at::Tensor c_t = as_type(*clamp, at::kFloat);
+    TORCH_CHECK(c_t.numel() == 2, "bnnslim runtime: clamp must be float32 [lo, hi]");
+    const float lo = c_t.data_ptr<float>()[0], hi = c_t.data_ptr<float>()[1];
+    float* y = args.out;
+    const int64_t count = out.numel();
+    for (int64_t i = 0; i < count; ++i) y[i] = std::min(std::max(y[i], lo), hi);
+  }
   return out;
 }
 
@@ -1094,13 +1175,13 @@ at::Tensor binary_conv2d_op(const at::Tensor& x, const at::Tensor& wwords, const
                             const c10::optional<at::Tensor>& bias, int64_t out_channels, int64_t kh, int64_t kw,
                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                             int64_t groups, const c10::optional<at::Tensor>& in_mask, bool counts, int64_t isa,
-                            const c10::optional<at::Tensor>& thresholds) {
+                            const c10::optional<at::Tensor>& thresholds, const c10::optional<at::Tensor>& clamp) {
   isa = resolve_isa(isa);
   const Geo g = make_geo(x, out_channels, kh, kw, stride, padding, dilation, groups);
   const at::Tensor packed = pack_impl(x, g, in_mask, isa);
   // like torch's conv: the output keeps a channels-last input's memory format
   const bool nhwc = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  return conv_impl(packed, g, wwords, alpha, bias, counts, nhwc, isa, thresholds);
+  return conv_impl(packed, g, wwords, alpha, bias, counts, nhwc, isa, thresholds, clamp);
 }
 
 at::Tensor binary_conv2d_bits_op(const at::Tensor& bits, int64_t in_channels, const at::Tensor& wwords,
@@ -1108,13 +1189,14 @@ at::Tensor binary_conv2d_bits_op(const at::Tensor& bits, int64_t in_channels, co
                                  int64_t out_channels, int64_t kh, int64_t kw, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                  const c10::optional<at::Tensor>& in_mask, bool counts, int64_t isa,
-                                 const c10::optional<at::Tensor>& thresholds) {
+                                 const c10::optional<at::Tensor>& thresholds,
+                                 const c10::optional<at::Tensor>& clamp) {
   isa = resolve_isa(isa);
   TORCH_CHECK(bits.dim() == 5, "bnnslim runtime: packed activations must be int64 [N, H, W, NW, 2]");
   const Geo g = make_geo_dims(bits.size(0), in_channels, bits.size(1), bits.size(2), out_channels, kh, kw, stride,
                               padding, dilation, groups);
   const at::Tensor packed = pack_from_bits(bits, g, in_mask);
-  return conv_impl(packed, g, wwords, alpha, bias, counts, /*nhwc=*/true, isa, thresholds);
+  return conv_impl(packed, g, wwords, alpha, bias, counts, /*nhwc=*/true, isa, thresholds, clamp);
 }
 
 // ---------------------------------------------------------------- peak microbenchmark
@@ -1270,12 +1352,13 @@ TORCH_LIBRARY(bnnslim_rt, m) {
   m.def("pack_input(Tensor x, int[] padding, int stride_w, int groups, Tensor? in_mask, int isa) -> Tensor");
   m.def("binary_conv2d(Tensor x, Tensor wwords, Tensor? alpha, Tensor? bias, int out_channels, int kh, int kw, "
         "int[] stride, int[] padding, int[] dilation, int groups, Tensor? in_mask, bool counts, int isa, "
-        "Tensor? thresholds) -> Tensor");
+        "Tensor? thresholds, Tensor? clamp) -> Tensor");
   m.def("binary_conv2d_bits(Tensor bits, int in_channels, Tensor wwords, Tensor? alpha, Tensor? bias, "
         "int out_channels, int kh, int kw, int[] stride, int[] padding, int[] dilation, int groups, Tensor? in_mask, "
-        "bool counts, int isa, Tensor? thresholds) -> Tensor");
+        "bool counts, int isa, Tensor? thresholds, Tensor? clamp) -> Tensor");
   m.def("bits_max_pool2d(Tensor bits, int[] kernel, int[] stride, int[] padding, int[] dilation, bool ceil_mode) "
         "-> Tensor");
+  m.def("pack_signs(Tensor x, int isa) -> Tensor");
   m.def("isa_name(int isa) -> str", &isa_name_op);
   m.def("cpu_has(int isa) -> bool", &cpu_has_op);
 }
@@ -1285,6 +1368,7 @@ TORCH_LIBRARY_IMPL(bnnslim_rt, CPU, m) {
   m.impl("binary_conv2d", binary_conv2d_op);
   m.impl("binary_conv2d_bits", binary_conv2d_bits_op);
   m.impl("bits_max_pool2d", bits_max_pool2d_op);
+  m.impl("pack_signs", pack_signs_op);
 }
 
 // The same ops as a Python module: a direct pybind11 call costs a few
@@ -1294,5 +1378,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("binary_conv2d", &binary_conv2d_op);
   m.def("binary_conv2d_bits", &binary_conv2d_bits_op);
   m.def("bits_max_pool2d", &bits_max_pool2d_op);
+  m.def("pack_signs", &pack_signs_op);
   m.def("popcount_peak", &popcount_peak_op);
 }

@@ -29,6 +29,8 @@ class RuntimePlan:
     kernel: list[str] = field(default_factory=list)           # packed, C++ kernel
     fused: dict[str, str] = field(default_factory=dict)       # writes packed bits for this consumer
     not_fused: dict[str, str] = field(default_factory=dict)   # on the kernels, float output: why
+    folded: dict[str, list[str]] = field(default_factory=dict)  # batch norm / activation in its epilogue (or weights)
+    packed_inputs: dict[str, list[str]] = field(default_factory=dict)  # reads bits: the real layers skipped
     emulated: dict[str, str] = field(default_factory=dict)    # packed, torch emulation: reason
     unchanged: dict[str, str] = field(default_factory=dict)   # left a BinaryConv2d: reason
 
@@ -122,11 +124,11 @@ def with_emulation(model: nn.Module) -> nn.Module:
     dot product that is exactly 0 can come out as +-1e-8 there, and a following
     sign() may then differ.)
     """
-    from bnnslim.runtime.fuse import PackedMaxPool2d
+    from bnnslim.runtime.fuse import PackedMaxPool2d, PackSigns
 
     twin = copy.deepcopy(model)
     for module in twin.modules():
-        if isinstance(module, (PackedBinaryConv2d, PackedMaxPool2d)):
+        if isinstance(module, (PackedBinaryConv2d, PackedMaxPool2d, PackSigns)):
             module.use_emulation("emulation requested")
     return twin
 
@@ -139,6 +141,10 @@ def runtime_plan(model: nn.Module) -> RuntimePlan:
     status = build.kernel_status()
     for name, module in model.named_modules():
         if isinstance(module, PackedBinaryConv2d):
+            if module.folded:
+                plan.folded[name] = list(module.folded)
+            if module.packed_chain:
+                plan.packed_inputs[name] = [n for n, _ in module.packed_chain]
             if module.mode == "emulation":
                 plan.emulated[name] = module.reason or "emulation chosen"
             elif not status.available:
@@ -149,6 +155,8 @@ def runtime_plan(model: nn.Module) -> RuntimePlan:
                     plan.fused[name] = module.fused_into
                 elif getattr(module, "fuse_reason", None):
                     plan.not_fused[name] = str(module.fuse_reason)
+        elif isinstance(module, nn.Conv2d) and getattr(module, "bnnslim_folded", None):
+            plan.folded[name] = [str(n) for n in getattr(module, "bnnslim_folded")]  # noqa: B009
         elif isinstance(module, BinaryConv2d):
             plan.unchanged[name] = str(getattr(module, "runtime_reason", "not converted"))
     return plan

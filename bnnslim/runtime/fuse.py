@@ -13,6 +13,22 @@ packed bits (:mod:`bnnslim.runtime.bits`), the elementwise layers become
 :class:`FusedAway`, the pooling a :class:`PackedMaxPool2d` (an OR of bits), and
 C reads the bits: no float tensor, batch norm or re-packing in between.
 
+A packed conv whose float output goes to an eval-mode batch norm alone (and
+from it, maybe, to a Hardtanh, ReLU or ReLU6 alone) takes them into its own
+epilogue instead (:func:`fold_float_tails`): the batch norm's per-channel
+affine map into ``alpha`` and ``bias`` (``y = dot * alpha' + bias'``), the
+activation into a clamp. At batch 1 each of those torch calls costs tens of
+microseconds, more than the arithmetic; folding changes the float rounding by
+an ulp or so (the runtime and its emulation still agree bit for bit).
+
+The same holds before the chains: a real conv followed by a batch norm alone
+takes it into its weights and bias (:func:`fold_real_conv_batch_norms`), and a
+binary conv whose input comes through sign-keeping layers (Hardtanh with
+``min < 0 < max``, Identity, Dropout) and at most one max pooling from a real
+layer (:func:`pack_sign_chains`) gets packed bits from a :class:`PackSigns`
+(``sign(hardtanh(x)) = sign(x)``, and max pooling commutes with sign): the
+float activation and pooling are not run.
+
 Max pooling commutes with the signs only where every layer before it is monotone
 per channel and the whole chain is monotone the same way; otherwise (or for a
 non-monotone activation, a shared layer, a functional call in between, a model
@@ -22,13 +38,15 @@ torch.fx cannot trace) the chain is left as it is and the reason recorded.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx, nn
 
 from bnnslim.runtime import build
-from bnnslim.runtime.bits import max_pool_emulated, thresholds_ternary
+from bnnslim.runtime.bits import max_pool_emulated, pack_ternary, thresholds_ternary
 from bnnslim.runtime.layers import PackedBinaryConv2d
 
 #: layers that act on each element with per-channel parameters at most (exact types: a subclass may differ)
@@ -60,6 +78,65 @@ class FusedAway(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{type(self.original).__name__} folded into the thresholds of '{self.into}'"
+
+
+class FoldedAway(nn.Module):
+    """A batch norm or activation folded into a packed conv's float epilogue: passes its input through."""
+
+    original: nn.Module  # set with object.__setattr__, as in FusedAway
+
+    def __init__(self, original: nn.Module, into: str) -> None:
+        super().__init__()
+        self.into = into
+        object.__setattr__(self, "original", original)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{type(self.original).__name__} folded into the epilogue of '{self.into}'"
+
+
+#: activations a float epilogue can take as a clamp [lo, hi]
+CLAMPS: dict[type[nn.Module], Callable[[Any], tuple[float, float]]] = {
+    nn.Hardtanh: lambda m: (float(m.min_val), float(m.max_val)),
+    nn.ReLU: lambda m: (0.0, float("inf")),
+    nn.ReLU6: lambda m: (0.0, 6.0),
+}
+
+
+class PackSigns(nn.Module):
+    """A sign-keeping layer where a real activation enters a fused chain: writes the signs of its input as bits."""
+
+    original: nn.Module  # set with object.__setattr__, as in FusedAway
+
+    def __init__(self, original: nn.Module, into: str) -> None:
+        super().__init__()
+        self.into = into
+        self.mode = "kernel"
+        object.__setattr__(self, "original", original)
+
+    def use_emulation(self, reason: str) -> None:
+        """Pack through torch from now on."""
+        self.mode = "emulation"
+        self.reason = reason
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "kernel" and build.kernel_status().available and x.dtype == torch.float32:
+            return build.fast_ops().pack_signs(x, build.isa_code())
+        return pack_ternary(torch.nan_to_num(x.float(), nan=0.0))
+
+    def extra_repr(self) -> str:
+        return f"{type(self.original).__name__}, packs the signs of its input as bits for '{self.into}'"
+
+
+def _sign_keeping(m: nn.Module) -> bool:
+    """Whether sign(m(x)) == sign(x) for every finite x (exact types: a subclass may differ)."""
+    if type(m) is nn.Hardtanh:
+        return m.min_val < 0 < m.max_val
+    if type(m) in (nn.Dropout, nn.Dropout2d):
+        return not m.training
+    return type(m) in (nn.Identity, FoldedAway)
 
 
 class PackedMaxPool2d(nn.Module):
@@ -103,6 +180,8 @@ class FusionReport:
     fused: dict[str, str]      # producer -> consumer
     not_fused: dict[str, str]  # producer -> reason
     traced: bool = True
+    folded: dict[str, list[str]] = field(default_factory=dict)  # producer -> layers folded into its epilogue
+    packed_inputs: dict[str, list[str]] = field(default_factory=dict)  # consumer -> layers its input bits skip
 
 
 class _Tracer(fx.Tracer):
@@ -277,7 +356,155 @@ def fuse_binary_chains(model: nn.Module) -> FusionReport:
         report.fused[name] = cname
     for name, reason in report.not_fused.items():
         modules[name].fuse_reason = reason  # shown by runtime_plan
+    fold_float_tails(model, graph, modules, calls, report)
+    fold_real_conv_batch_norms(model, graph, modules, calls, report)
+    pack_sign_chains(model, graph, calls, report)
     return report
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    """The one module call that takes ``node``'s output alone, or None."""
+    if len(node.users) != 1:
+        return None
+    nxt = next(iter(node.users))
+    return nxt if nxt.op == "call_module" and nxt.args == (node,) and not nxt.kwargs else None
+
+
+def fold_real_conv_batch_norms(model: nn.Module, graph: fx.Graph, modules: dict[str, nn.Module],
+                               calls: Counter[int], report: FusionReport) -> None:
+    """Fold each eval-mode batch norm that alone takes a real conv's output into the conv's weights and bias.
+
+    ``bn(conv(x)) = conv'(x)`` with ``W' = W s`` and ``b' = b s + t`` per output
+    channel (:func:`batch_norm_affine`; float64 math). The conv records the
+    norm's name in ``bnnslim_folded`` (for the plan).
+    """
+    for node in graph.nodes:
+        conv = modules[node.target] if node.op == "call_module" else None
+        if type(conv) is not nn.Conv2d:
+            continue
+        assert isinstance(conv, nn.Conv2d)
+        bn_node = _only_user(node)
+        bn = None if bn_node is None else modules[str(bn_node.target)]
+        if (calls[id(conv)] != 1 or not isinstance(bn, nn.BatchNorm2d) or calls[id(bn)] != 1
+                or not _elementwise(bn) or bn.num_features != conv.out_channels):
+            continue
+        assert bn_node is not None
+        s, t = batch_norm_affine(bn)
+        w = conv.weight.detach()
+        with torch.no_grad():
+            conv.weight.copy_((w.double() * s.view(-1, 1, 1, 1)).to(w.dtype))
+            b = t if conv.bias is None else conv.bias.detach().double() * s + t
+            conv.bias = nn.Parameter(b.to(w.dtype), requires_grad=False)
+        setattr(conv, "bnnslim_folded", [str(bn_node.target)])  # noqa: B010 (not an nn.Conv2d attribute)
+        _set_submodule(model, str(bn_node.target), FoldedAway(bn, str(node.target)))
+        report.folded[str(node.target)] = [str(bn_node.target)]
+
+
+def pack_sign_chains(model: nn.Module, graph: fx.Graph, calls: Counter[int], report: FusionReport) -> None:
+    """Real activations that reach a packed conv through sign-keeping layers and a max pooling: pack them once."""
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        consumer = model.get_submodule(str(node.target))
+        if (not isinstance(consumer, PackedBinaryConv2d) or consumer.input_bits or consumer.mode != "kernel"
+                or consumer.padding_mode != "zeros" or (consumer.groups > 1 and (consumer.in_channels
+                                                                                // consumer.groups) % 64)):
+            continue
+        chain: list[fx.Node] = []
+        pooled = False
+        cur = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        while isinstance(cur, fx.Node) and cur.op == "call_module" and _only_user(cur) is not None:
+            m = model.get_submodule(str(cur.target))
+            stateless = next(iter(m.parameters()), None) is None and next(iter(m.buffers()), None) is None
+            if calls[id(m)] != 1 and (not stateless or type(m) is nn.MaxPool2d):
+                break  # a shared max pooling would pool bits at its other call too
+            if type(m) is nn.MaxPool2d and not m.return_indices and not pooled:
+                pooled = True
+            elif not _sign_keeping(m):
+                break
+            chain.insert(0, cur)
+            cur = cur.args[0] if len(cur.args) == 1 and not cur.kwargs else None
+        while chain and type(model.get_submodule(str(chain[0].target))) is nn.MaxPool2d:
+            chain.pop(0)  # the chain starts with the layer that packs: a sign-keeping one
+        if not chain:
+            continue
+        first = model.get_submodule(str(chain[0].target))
+        if calls[id(first.original if isinstance(first, FoldedAway) else first)] != 1:
+            continue  # PackSigns replaces it at every call
+        name = str(node.target)
+        originals = [(str(n.target), model.get_submodule(str(n.target))) for n in chain]
+        _set_submodule(model, originals[0][0], PackSigns(originals[0][1], name))
+        for lname, m in originals[1:]:
+            if type(m) is nn.MaxPool2d:
+                _set_submodule(model, lname, PackedMaxPool2d(m, consumer.in_channels))
+            else:
+                _set_submodule(model, lname, FusedAway(m, name))
+        consumer.input_bits = True
+        consumer.packed_chain = originals  # what unfuse() puts back
+        report.packed_inputs[name] = [lname for lname, _ in originals]
+
+
+def batch_norm_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode batch norm as ``y = x s + t`` per channel, float64: ``s = weight / sqrt(var + eps)``,
+    ``t = bias - mean s`` (weight 1 and bias 0 without affine)."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    s = 1.0 / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+    if bn.weight is not None:
+        s = s * bn.weight.detach().double()
+    t = -bn.running_mean.detach().double() * s
+    if bn.bias is not None:
+        t = t + bn.bias.detach().double()
+    return s, t
+
+
+def fold_batch_norm(layer: PackedBinaryConv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold an eval-mode batch norm into ``layer``'s epilogue scale and shift (float64 math, stored float32).
+
+    ``bn(dot * a + b) = dot * (a s) + (b s + t)``, ``(s, t)`` from :func:`batch_norm_affine`.
+    """
+    s, t = batch_norm_affine(bn)
+    alpha = s if layer.alpha is None else layer.alpha.double() * s
+    bias = t if layer.bias is None else layer.bias.double() * s + t
+    layer.epilogue_scale = alpha.float()
+    layer.epilogue_shift = bias.float()
+
+
+def fold_float_tails(model: nn.Module, graph: fx.Graph, modules: dict[str, nn.Module], calls: Counter[int],
+                     report: FusionReport) -> None:
+    """Fold batch norm (and a clamp activation after it) into packed convs with float outputs (module docstring)."""
+
+    def only_user(node: fx.Node, kinds: tuple[type[nn.Module], ...]) -> fx.Node | None:
+        if len(node.users) != 1:
+            return None
+        nxt = next(iter(node.users))
+        if nxt.op != "call_module" or nxt.args != (node,) or nxt.kwargs:
+            return None
+        m = modules[str(nxt.target)]
+        return nxt if type(m) in kinds and calls[id(m)] == 1 else None
+
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], PackedBinaryConv2d):
+            continue
+        name, layer = str(node.target), modules[node.target]
+        if layer.out_thresholds is not None or calls[id(layer)] != 1:
+            continue
+        bn_node = only_user(node, (nn.BatchNorm2d,))
+        bn = None if bn_node is None else modules[str(bn_node.target)]
+        if not isinstance(bn, nn.BatchNorm2d) or not _elementwise(bn) or bn.num_features != layer.out_channels:
+            continue
+        assert bn_node is not None
+        fold_batch_norm(layer, bn)
+        folded = [str(bn_node.target)]
+        _set_submodule(model, str(bn_node.target), FoldedAway(bn, name))
+        act_node = only_user(bn_node, tuple(CLAMPS))
+        if act_node is not None:
+            act = modules[str(act_node.target)]
+            lo, hi = CLAMPS[type(act)](act)
+            layer.out_clamp = torch.tensor([lo, hi], dtype=torch.float32)
+            folded.append(str(act_node.target))
+            _set_submodule(model, str(act_node.target), FoldedAway(act, name))
+        layer.folded = folded
+        report.folded[name] = folded
 
 
 def unfuse(model: nn.Module, producer_name: str, reason: str) -> None:
@@ -289,8 +516,23 @@ def unfuse(model: nn.Module, producer_name: str, reason: str) -> None:
         _set_submodule(model, name, original)
     consumer = model.get_submodule(producer.fused_into)
     assert isinstance(consumer, PackedBinaryConv2d)
-    consumer.input_bits = False
+    _restore_input(model, consumer)
     producer.out_thresholds = None
     producer.fused_into = None
     producer.fused_chain = []  # type: ignore[assignment]
     producer.fuse_reason = reason  # type: ignore[assignment]
+
+
+def _restore_input(model: nn.Module, consumer: PackedBinaryConv2d) -> None:
+    """The consumer reads floats again; layers a PackSigns chain replaced come back."""
+    for name, original in consumer.packed_chain:
+        _set_submodule(model, name, original)
+    consumer.packed_chain = []
+    consumer.input_bits = False
+
+
+def unpack_input(model: nn.Module, consumer_name: str) -> None:
+    """Undo a PackSigns chain into ``consumer_name`` (its input comes back as floats)."""
+    consumer = model.get_submodule(consumer_name)
+    if isinstance(consumer, PackedBinaryConv2d) and consumer.packed_chain:
+        _restore_input(model, consumer)

@@ -111,6 +111,9 @@ class PackedBinaryConv2d(nn.Module):
     input_mask: torch.Tensor | None
     kernel_words: torch.Tensor
     out_thresholds: torch.Tensor | None
+    out_clamp: torch.Tensor | None
+    epilogue_scale: torch.Tensor | None
+    epilogue_shift: torch.Tensor | None
 
     def __init__(
         self,
@@ -170,6 +173,14 @@ class PackedBinaryConv2d(nn.Module):
         # ternary bits (bnnslim.runtime.bits) instead of floats; with input_bits
         # it reads them. fused_into names the consumer, for the plan.
         self.register_buffer("out_thresholds", None)
+        # A batch norm after a float output is folded into the epilogue's scale
+        # and shift (alpha and bias stay the file's), a Hardtanh / ReLU after it
+        # into out_clamp [lo, hi] (fuse.fold_float_tails).
+        self.register_buffer("epilogue_scale", None, persistent=False)
+        self.register_buffer("epilogue_shift", None, persistent=False)
+        self.register_buffer("out_clamp", None, persistent=False)
+        self.folded: list[str] = []  # the layers folded into the epilogue, for the plan
+        self.packed_chain: list[tuple[str, nn.Module]] = []  # layers a PackSigns chain replaced (fuse.py)
         self.input_bits = False
         self.fused_into: str | None = None
         self._fast: tuple[object, ...] | None = None  # see _make_fast
@@ -236,18 +247,26 @@ class PackedBinaryConv2d(nn.Module):
         t, b, left, r = self.padding4
         return F.pad(x, (left, r, t, b), mode=self.padding_mode), (0, 0, 0, 0)
 
+    def epilogue(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(scale, shift) of the float output ``dot * scale + shift``: alpha and bias, or with a folded batch norm."""
+        if self.epilogue_scale is not None:
+            return self.epilogue_scale, self.epilogue_shift
+        return self.alpha, self.bias
+
     def _run_kernel(self, x: torch.Tensor, counts: bool) -> torch.Tensor:
         thresholds = None if counts else self.out_thresholds
+        scale, shift = self.epilogue()
         if self.input_bits:
             return build.ops().binary_conv2d_bits(
-                x, self.in_channels, self.kernel_words, self.alpha, self.bias, self.out_channels,
+                x, self.in_channels, self.kernel_words, scale, shift, self.out_channels,
                 self.kernel_size[0], self.kernel_size[1], list(self.stride), list(self.padding4),
-                list(self.dilation), self.groups, self.input_mask, counts, build.isa_code(), thresholds)
+                list(self.dilation), self.groups, self.input_mask, counts, build.isa_code(), thresholds,
+                self.out_clamp)
         x, pad = self._pad_input(x)
         return build.ops().binary_conv2d(
-            x, self.kernel_words, self.alpha, self.bias, self.out_channels, self.kernel_size[0],
+            x, self.kernel_words, scale, shift, self.out_channels, self.kernel_size[0],
             self.kernel_size[1], list(self.stride), list(pad), list(self.dilation), self.groups,
-            self.input_mask, counts, build.isa_code(), thresholds)
+            self.input_mask, counts, build.isa_code(), thresholds, self.out_clamp)
 
     def weight_signs(self) -> torch.Tensor:
         """The float {-1, +1} weights ``[out, in/groups, kh, kw]`` unpacked from ``weight_bits`` (cached)."""
@@ -276,10 +295,14 @@ class PackedBinaryConv2d(nn.Module):
         y = self._emulate_counts(x)
         if self.out_thresholds is not None:
             return apply_thresholds(y.round().to(torch.int64), self.out_thresholds)
-        if self.alpha is not None:
-            y = y * self.alpha.to(y.device).view(1, -1, 1, 1)
-        if self.bias is not None:
-            y = y + self.bias.to(y.device).view(1, -1, 1, 1)
+        scale, shift = self.epilogue()
+        if scale is not None:
+            y = y * scale.to(y.device).view(1, -1, 1, 1)
+        if shift is not None:
+            y = y + shift.to(y.device).view(1, -1, 1, 1)
+        if self.out_clamp is not None:
+            lo, hi = (float(v) for v in self.out_clamp)
+            y = y.clamp(lo, hi)
         return y.to(x.dtype) if x.is_floating_point() else y
 
     def counts(self, x: torch.Tensor) -> torch.Tensor:
@@ -303,14 +326,16 @@ class PackedBinaryConv2d(nn.Module):
         """What the kernel call's arguments depend on (the fast path is rebuilt when it changes)."""
         b = self._buffers
         return (self.mode, self.input_bits, id(b["kernel_words"]), id(b["alpha"]), id(b["bias"]),
-                id(b["input_mask"]), id(b["out_thresholds"]), os.environ.get(build.ENV_ISA), id(build._status))
+                id(b["input_mask"]), id(b["out_thresholds"]), id(b["out_clamp"]),
+                id(b["epilogue_scale"]), id(b["epilogue_shift"]), os.environ.get(build.ENV_ISA),
+                id(build._status))
 
     def _make_fast(self) -> None:
         """Cache the op and its arguments (all but the input), to cut the per-call Python cost."""
         ops = build.fast_ops()
-        tail = (self.alpha, self.bias, self.out_channels, self.kernel_size[0], self.kernel_size[1],
+        tail = (*self.epilogue(), self.out_channels, self.kernel_size[0], self.kernel_size[1],
                 list(self.stride), list(self.padding4), list(self.dilation), self.groups, self.input_mask, False,
-                build.isa_code(), self.out_thresholds)
+                build.isa_code(), self.out_thresholds, self.out_clamp)
         args: tuple[object, ...]
         if self.input_bits:
             op, args = ops.binary_conv2d_bits, (self.in_channels, self.kernel_words, *tail)
@@ -346,4 +371,6 @@ class PackedBinaryConv2d(nn.Module):
             parts.append("input=bits")
         if self.fused_into is not None:
             parts.append(f"output=bits for '{self.fused_into}'")
+        if self.folded:
+            parts.append("folded=" + "+".join(self.folded))
         return ", ".join(parts)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnnslim.runtime.bits import unpack_ternary
-from bnnslim.runtime.fuse import unfuse
+from bnnslim.runtime.fuse import unfuse, unpack_input
 from bnnslim.runtime.layers import PackedBinaryConv2d
 
 
@@ -81,10 +81,13 @@ def float_version(layer: PackedBinaryConv2d, x: torch.Tensor) -> torch.Tensor:
         xb = F.pad(xb, (left, r, t, b), mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)
         t = left = 0
     y = F.conv2d(xb, layer.weight_signs(), None, layer.stride, (t, left), layer.dilation, layer.groups)
-    if layer.alpha is not None:
-        y = y * layer.alpha.view(1, -1, 1, 1)
-    if layer.bias is not None:
-        y = y + layer.bias.view(1, -1, 1, 1)
+    scale, shift = layer.epilogue()
+    if scale is not None:
+        y = y * scale.view(1, -1, 1, 1)
+    if shift is not None:
+        y = y + shift.view(1, -1, 1, 1)
+    if layer.out_clamp is not None:
+        y = y.clamp(float(layer.out_clamp[0]), float(layer.out_clamp[1]))
     return y
 
 
@@ -125,6 +128,7 @@ def plan_runtime(model: nn.Module, x: torch.Tensor, *, calls: int = 5, rounds: i
                     for pname, m in modules.items():
                         if isinstance(m, PackedBinaryConv2d) and m.fused_into == name:
                             unfuse(model, pname, why_unfused)
+                    unpack_input(model, name)
                 why = f"float conv {float_ms:.3f} ms < packed {packed_ms:.3f} ms on input {shape}"
                 runs = "float"
                 if apply:
