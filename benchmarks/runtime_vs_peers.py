@@ -23,6 +23,9 @@ MLAS and LCE pick their kernels themselves and cannot be capped).
 
     BNNSLIM_ORT_PYTHON=/work/venvs/ort/bin/python BNNSLIM_LCE_PYTHON=/work/venvs/lce/bin/python \\
         python benchmarks/runtime_vs_peers.py          # writes runtime_vs_peers.md beside it
+
+On a CPU without AVX-512, ``auto`` is the AVX2 kernel already: the record for
+such a machine is ``--isas auto --out benchmarks/runtime_vs_peers_avx2.md``.
 """
 
 from __future__ import annotations
@@ -53,21 +56,23 @@ LABELS = {
 TARGETS = {"lce_indirect_bgemm": 1.5, "ort_int8:original": 3.0, "ort_int8:slim": 3.0, "torch_original": 8.0}
 LIMITS = """## What limits the figures where a target is missed
 
-- AVX2: this CPU's XNOR-popcount peak is 420 G bit-ops/s with Harley-Seal (386 with the nibble lookup the
-  kernels use) against 1307 with AVX-512 VPOPCNTDQ (`runtime_popcount_peak.md`, best rounds); the AVX2 3x3
-  kernels reach 65-77 % of the Harley-Seal peak in their best rounds, so an AVX2 binary conv costs about
-  three times its AVX-512 twin whatever the scheduling. LCE (its kernels are portable ones and cannot be
-  capped) runs the same in both runs, so on AVX2 it is level with bnnslim. Harley-Seal inside the conv
-  was tried and gave nothing here (the 9-36 words per output are too few to amortise its carry-save
-  tree), so the kernel keeps the lookup.
-- Small late layers (VGG-11's 4x4 and 2x2 maps, 256 channels): a layer costs a few microseconds of fixed
-  work (Python module call, argument passing, buffers) on top of its popcounts; ONNX Runtime and LCE run
-  their whole graph in C++. A C++ runner for a fused segment would remove most of it (not built yet).
-- The real first conv (3 input channels) and the layers around residual adds and average pooling run in
-  torch on floats: 10-25 % of the packed model's time.
-- ONNX Runtime int8 of the *slim* model is a strong contender: the slim float model is already small, and
-  VNNI int8 dot products (this CPU has them) make its convs cheap; against int8 of the original model (what a
-  user without bnnslim would quantize) the packed runtime is 1.2-4.4x faster.
+- AVX2 machines: the XNOR-popcount peak with AVX2 is about a third of AVX-512 VPOPCNTDQ's
+  (`runtime_popcount_peak.md`: 420 vs 1307 G bit-ops/s on one EPYC), and the AVX2 3x3 kernels reach 65-77 %
+  of the Harley-Seal peak in their best rounds; Harley-Seal inside the conv gave nothing (9-36 words per
+  output are too few to amortise its carry-save tree). Layers with fewer than 64 input channels per group
+  (ResNet-18's first stage at width 0.5: 32) fill half of each 64-bit word, so they run at half that.
+- Batch 1 on a slow, shared VM: a torch call on a small tensor costs 10-50 us whatever its size (a batch
+  norm on 256x2x2 about 35 us, a Hardtanh 11-19 us), so every float layer left between binary convs costs
+  about as much as a small binary conv. Batch norms after binary and real convs, the clamp activations after
+  them, and sign-keeping activations and max pooling before a binary conv are folded (README, "Folded float
+  layers"); what is left in torch is the real first conv (3 input channels, 10-25 % of the packed model),
+  residual adds with the activation after them, average pooling and the classifier. LCE and ONNX Runtime run
+  their whole graph in C++ at a few microseconds per op. A C++ runner for whole segments was measured first
+  as an fx graph without the pass-through modules: it gained 0-2 %, so the cost is in the torch ops, not in
+  Python's module calls.
+- ONNX Runtime int8 of the *slim* model is a strong contender: the slim float model is already small and
+  int8 dot products (VNNI where the CPU has it) make its convs cheap; against int8 of the original model (what
+  a user without bnnslim would quantize) the packed runtime is faster.
 """
 
 
