@@ -39,6 +39,7 @@ from bnnslim.runtime import (
     to_runtime,
     with_emulation,
 )
+from bnnslim.runtime.bits import apply_thresholds
 from bnnslim.runtime.fuse import unpack_input
 
 ALL_ISAS = ["avx512", "avx2", "popcnt", "scalar"]
@@ -107,6 +108,17 @@ def check_layer(layer: BinaryConv2d, x: torch.Tensor, force_kernel: bool = False
     emulated = packed.emulate(x)
     assert torch.equal(got, emulated), "kernel and emulation must agree bit for bit"
     assert got.stride() == emulated.stride(), "and on the memory format"
+    x_cl = x.contiguous(memory_format=torch.channels_last)  # the runtime's format: other output paths
+    got_cl = packed(x_cl)
+    emulated_cl = packed.emulate(x_cl)
+    assert torch.equal(got_cl, emulated_cl) and got_cl.stride() == emulated_cl.stride()
+    # a fused layer's bits output: random per-channel thresholds (a, b, flip) near the typical dot products
+    g = torch.Generator().manual_seed(0)
+    low = torch.randint(-4, 5, (packed.out_channels,), generator=g)
+    thresholds = torch.stack([low, low + torch.randint(0, 3, low.shape, generator=g),
+                              torch.randint(0, 2, low.shape, generator=g)], dim=1).to(torch.int32)
+    packed.out_thresholds = thresholds
+    assert torch.equal(packed(x_cl), apply_thresholds(counts.to(torch.int64), thresholds))
 
 
 # (cin, cout, k, stride, padding, H, W, batch, bias, scheme): channels off multiples of 64 and 8,

@@ -636,6 +636,7 @@ struct ConvArgs {
   const int32_t* thr;   // [O, 3] (a, b, flip) output thresholds, or null (see finish_one)
   int64_t* bits;        // [N, OH, OW, NWo, 2] packed ternary output when thr is set (zeroed)
   int64_t NWo;          // words per output pixel: ceil(O / 64)
+  const int16_t* thr16 = nullptr;  // thresholds as 16-bit lanes for conv_avx2_short (see short_thresholds)
 };
 
 // Offset (in words) of tap (kh, kw), packed word j, relative to the word of
@@ -987,6 +988,123 @@ BNN_AVX2 inline __m256i popcnt_bytes_avx2(__m256i v) {
   return _mm256_add_epi8(lo, hi);
 }
 
+// Short dot products (kk <= 31 words: 1x1 convs, 3x3 on < 256 channels): the
+// per-output epilogue, not the popcounts, dominates. Counts fit 16 bits, so the
+// 8 channels x 4 pixels of a block travel as two vectors of 16-bit lanes
+// (lane 16 * (4 * pixel + channel % 4), channels 0-3 in `lo`, 4-7 in `hi`):
+// thresholds are 2 compares per vector and one movemask, float outputs 8
+// consecutive channels per pixel (mul then add, as the scalar path).
+BNN_AVX2 inline __m256i spread16_avx2(__m256i v) {  // 4 x u64 (< 2^16) -> each repeated in its 4 x 16-bit lanes
+  v = _mm256_or_si256(v, _mm256_slli_epi64(v, 16));
+  return _mm256_or_si256(v, _mm256_slli_epi64(v, 32));
+}
+
+BNN_AVX2 inline __m256i join4_avx2(const __m256i* b) {  // byte counters of 4 channels -> their 16-bit sums
+  const __m256i zero = _mm256_setzero_si256();
+  return _mm256_or_si256(
+      _mm256_or_si256(_mm256_sad_epu8(b[0], zero), _mm256_slli_epi64(_mm256_sad_epu8(b[1], zero), 16)),
+      _mm256_or_si256(_mm256_slli_epi64(_mm256_sad_epu8(b[2], zero), 32),
+                      _mm256_slli_epi64(_mm256_sad_epu8(b[3], zero), 48)));
+}
+
+// Per block of 8 channels, 6 rows of 16 x int16: thresholds a and b, then the flip
+// mask, each for channels 0-3 then 4-7, repeated for the 4 pixels. |dot| <= 64 * 31,
+// so clamping the thresholds to +-4096 keeps every comparison.
+std::vector<int16_t> short_thresholds(const Geo& g, const int32_t* thr) {
+  std::vector<int16_t> tv(g.G * g.OBg * 6 * 16, 0);
+  for (int64_t gi = 0; gi < g.G; ++gi)
+    for (int64_t ob = 0; ob < g.OBg; ++ob)
+      for (int o = 0; o < NB && ob * NB + o < g.Og; ++o) {
+        const int32_t* t = thr + 3 * (gi * g.Og + ob * NB + o);
+        for (int l = 0; l < 4; ++l) {
+          int16_t* row = tv.data() + ((gi * g.OBg + ob) * 6 + (o < 4 ? 0 : 1)) * 16 + 4 * l + o % 4;
+          row[0] = static_cast<int16_t>(std::min(std::max(t[0], -4096), 4096));
+          row[2 * 16] = static_cast<int16_t>(std::min(std::max(t[1], -4096), 4096));
+          row[4 * 16] = static_cast<int16_t>(t[2] ? -1 : 0);
+        }
+      }
+  return tv;
+}
+
+BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t vb, int64_t ve) {
+  const Geo& g = *a.g;
+  const int64_t vpr = ceil_div(g.OW, 4);
+  const int64_t* img = a.act + n * g.img_stride + gi * g.NWg * g.word_stride;
+  const __m256i zero = _mm256_setzero_si256();
+  const int64_t kk = a.kk;
+  const int64_t* offs = a.offs;
+  for (int64_t v = vb; v < ve; ++v) {
+    const int64_t oh = v / vpr, ow0 = (v % vpr) * 4;
+    const int64_t* base = img + oh * g.SH * g.row_stride + ow0;
+    const int64_t pix0 = oh * g.OW + ow0;
+    const int nl = static_cast<int>(std::min<int64_t>(4, g.OW - ow0));
+    __m256i vbytes = zero;
+    for (int64_t i = 0; i < kk; ++i)
+      vbytes = _mm256_add_epi8(vbytes, popcnt_bytes_avx2(_mm256_loadu_si256(
+                                           reinterpret_cast<const __m256i*>(base + offs[i] + g.plane))));
+    const __m256i valid16 = spread16_avx2(_mm256_sad_epu8(vbytes, zero));
+    for (int64_t ob = 0; ob < g.OBg; ++ob) {
+      const int64_t* wb = a.wts + (gi * g.OBg + ob) * kk * NB;
+      __m256i bytes[NB];
+      for (int o = 0; o < NB; ++o) bytes[o] = zero;
+      for (int64_t i = 0; i < kk; ++i, wb += NB) {
+        const __m256i sv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + offs[i]));
+        const __m256i zv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + offs[i] + g.plane));
+        for (int o = 0; o < NB; ++o)
+          bytes[o] = _mm256_add_epi8(
+              bytes[o], popcnt_bytes_avx2(_mm256_and_si256(_mm256_xor_si256(sv, _mm256_set1_epi64x(wb[o])), zv)));
+      }
+      const __m256i dlo = _mm256_sub_epi16(valid16, _mm256_slli_epi16(join4_avx2(bytes), 1));
+      const __m256i dhi = _mm256_sub_epi16(valid16, _mm256_slli_epi16(join4_avx2(bytes + 4), 1));
+      const int nvalid = static_cast<int>(std::min<int64_t>(NB, g.Og - ob * NB));
+      const int64_t oc0 = gi * g.Og + ob * NB;
+      if (a.thr16 != nullptr && oc0 % 8 == 0) {
+        const __m256i* tb = reinterpret_cast<const __m256i*>(a.thr16 + (gi * g.OBg + ob) * 6 * 16);
+        const __m256i lo_l = _mm256_cmpgt_epi16(_mm256_loadu_si256(tb + 0), dlo);  // dot < a
+        const __m256i lo_h = _mm256_cmpgt_epi16(_mm256_loadu_si256(tb + 1), dhi);
+        const __m256i ones = _mm256_set1_epi16(-1);
+        const __m256i hi_l = _mm256_xor_si256(_mm256_cmpgt_epi16(_mm256_loadu_si256(tb + 2), dlo), ones);
+        const __m256i hi_h = _mm256_xor_si256(_mm256_cmpgt_epi16(_mm256_loadu_si256(tb + 3), dhi), ones);
+        const __m256i s_l = _mm256_blendv_epi8(hi_l, lo_l, _mm256_loadu_si256(tb + 4));  // flip: sign = lo
+        const __m256i s_h = _mm256_blendv_epi8(hi_h, lo_h, _mm256_loadu_si256(tb + 5));
+        // packs: per 128-bit lane, 8 bytes of lo (2 pixels x channels 0-3) then 8 of hi (channels 4-7)
+        const uint32_t ms = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_packs_epi16(s_l, s_h)));
+        const uint32_t mz = static_cast<uint32_t>(_mm256_movemask_epi8(
+            _mm256_packs_epi16(_mm256_or_si256(lo_l, hi_l), _mm256_or_si256(lo_h, hi_h))));
+        const uint32_t keep = (1u << nvalid) - 1u;
+        for (int l = 0; l < nl; ++l) {
+          const int sh = 16 * (l / 2) + 4 * (l % 2);  // pixel l's channels 0-3 at bit sh, 4-7 at sh + 8
+          uint8_t* w = reinterpret_cast<uint8_t*>(a.bits + ((n * g.OH * g.OW + pix0 + l) * a.NWo + oc0 / 64) * 2);
+          w[(oc0 % 64) / 8] = static_cast<uint8_t>((((ms >> sh) & 0xf) | (((ms >> (sh + 8)) & 0xf) << 4)) & keep);
+          w[8 + (oc0 % 64) / 8] = static_cast<uint8_t>((((mz >> sh) & 0xf) | (((mz >> (sh + 8)) & 0xf) << 4)) & keep);
+        }
+        continue;
+      }
+      if (a.thr == nullptr && a.counts == nullptr && a.nhwc && nvalid == NB) {
+        // pixels 0 and 2 / 1 and 3: channels 0-7 as 8 x int16 per 128-bit lane
+        const __m256i p02 = _mm256_unpacklo_epi64(dlo, dhi), p13 = _mm256_unpackhi_epi64(dlo, dhi);
+        const __m128i px[4] = {_mm256_castsi256_si128(p02), _mm256_castsi256_si128(p13),
+                               _mm256_extracti128_si256(p02, 1), _mm256_extracti128_si256(p13, 1)};
+        for (int l = 0; l < nl; ++l) {
+          __m256 y = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(px[l]));
+          if (a.alpha != nullptr) y = _mm256_mul_ps(y, _mm256_loadu_ps(a.alpha + oc0));
+          if (a.bias != nullptr) y = _mm256_add_ps(y, _mm256_loadu_ps(a.bias + oc0));
+          _mm256_storeu_ps(a.out + (n * g.OH * g.OW + pix0 + l) * g.O + oc0, y);
+        }
+        continue;
+      }
+      alignas(32) int16_t d16[2][16];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(d16[0]), dlo);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(d16[1]), dhi);
+      for (int l = 0; l < nl; ++l) {
+        int64_t dots[NB];
+        for (int o = 0; o < NB; ++o) dots[o] = d16[o / 4][4 * l + o % 4];
+        finish_block(a, n, oc0, nvalid, pix0 + l, dots);
+      }
+    }
+  }
+}
+
 BNN_AVX2 void conv_avx2(const ConvArgs& a, int64_t n, int64_t gi, int64_t vb, int64_t ve) {
   const Geo& g = *a.g;
   const int64_t vpr = ceil_div(g.OW, 4);
@@ -1111,6 +1229,13 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
       args.out = out.data_ptr<float>();
     }
   }
+  std::vector<int16_t> thr16;
+#if BNN_X86
+  if (isa == ISA_AVX2 && args.kk <= 31 && args.thr != nullptr) {
+    thr16 = short_thresholds(g, args.thr);
+    args.thr16 = thr16.data();
+  }
+#endif
   // Work items: (image, group, range of pixel vectors); each covers all output
   // channels of its group so its packed rows stay in L1 while weights stream.
   int64_t unit = 1;  // pixels per work unit
@@ -1141,7 +1266,13 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
             conv_avx512(args, n, gi, vb, ve);
           }
           break;
-        case ISA_AVX2: conv_avx2(args, n, gi, vb, ve); break;
+        case ISA_AVX2:
+          if (args.kk <= 31) {
+            conv_avx2_short(args, n, gi, vb, ve);
+          } else {
+            conv_avx2(args, n, gi, vb, ve);
+          }
+          break;
         case ISA_POPCNT: conv_popcnt(args, n, gi, vb, ve); break;
 #endif
         default: conv_scalar(args, n, gi, vb, ve); break;
