@@ -137,6 +137,8 @@ SHAPES = [
     # narrow outputs: the AVX-512 kernel puts output channels in its lanes there
     (64, 24, 3, 1, 1, 4, 4, 2, True, "xnor"),
     (100, 20, 3, 2, 1, 6, 5, 1, False, "sign"),
+    # over 62 words per output: the AVX2 kernel's long path (byte counters folded 3 times)
+    (520, 12, 3, 1, 1, 5, 6, 1, True, "xnor"),
 ]
 
 

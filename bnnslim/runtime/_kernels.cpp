@@ -988,12 +988,14 @@ BNN_AVX2 inline __m256i popcnt_bytes_avx2(__m256i v) {
   return _mm256_add_epi8(lo, hi);
 }
 
-// Short dot products (kk <= 31 words: 1x1 convs, 3x3 on < 256 channels): the
-// per-output epilogue, not the popcounts, dominates. Counts fit 16 bits, so the
+// Short dot products (kk <= SHORT_WORDS = 62 words: 1x1 convs, 3x3 up to 384 channels): the
+// per-output epilogue, not the popcounts, dominates. |dot| <= 64 * 62 < 4096 fits 16 bits, so the
 // 8 channels x 4 pixels of a block travel as two vectors of 16-bit lanes
 // (lane 16 * (4 * pixel + channel % 4), channels 0-3 in `lo`, 4-7 in `hi`):
 // thresholds are 2 compares per vector and one movemask, float outputs 8
 // consecutive channels per pixel (mul then add, as the scalar path).
+constexpr int64_t SHORT_WORDS = 62;
+
 BNN_AVX2 inline __m256i spread16_avx2(__m256i v) {  // 4 x u64 (< 2^16) -> each repeated in its 4 x 16-bit lanes
   v = _mm256_or_si256(v, _mm256_slli_epi64(v, 16));
   return _mm256_or_si256(v, _mm256_slli_epi64(v, 32));
@@ -1008,7 +1010,7 @@ BNN_AVX2 inline __m256i join4_avx2(const __m256i* b) {  // byte counters of 4 ch
 }
 
 // Per block of 8 channels, 6 rows of 16 x int16: thresholds a and b, then the flip
-// mask, each for channels 0-3 then 4-7, repeated for the 4 pixels. |dot| <= 64 * 31,
+// mask, each for channels 0-3 then 4-7, repeated for the 4 pixels. |dot| <= 64 * 62 < 4096,
 // so clamping the thresholds to +-4096 keeps every comparison.
 std::vector<int16_t> short_thresholds(const Geo& g, const int32_t* thr) {
   std::vector<int16_t> tv(g.G * g.OBg * 6 * 16, 0);
@@ -1038,24 +1040,36 @@ BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t 
     const int64_t* base = img + oh * g.SH * g.row_stride + ow0;
     const int64_t pix0 = oh * g.OW + ow0;
     const int nl = static_cast<int>(std::min<int64_t>(4, g.OW - ow0));
-    __m256i vbytes = zero;
-    for (int64_t i = 0; i < kk; ++i)
+    __m256i vbytes = zero, valid = zero;
+    for (int64_t i = 0; i < kk; ++i) {
       vbytes = _mm256_add_epi8(vbytes, popcnt_bytes_avx2(_mm256_loadu_si256(
                                            reinterpret_cast<const __m256i*>(base + offs[i] + g.plane))));
-    const __m256i valid16 = spread16_avx2(_mm256_sad_epu8(vbytes, zero));
+      if ((i + 1) % 31 == 0 || i + 1 == kk) {
+        valid = _mm256_add_epi64(valid, _mm256_sad_epu8(vbytes, zero));
+        vbytes = zero;
+      }
+    }
+    const __m256i valid16 = spread16_avx2(valid);
     for (int64_t ob = 0; ob < g.OBg; ++ob) {
       const int64_t* wb = a.wts + (gi * g.OBg + ob) * kk * NB;
-      __m256i bytes[NB];
-      for (int o = 0; o < NB; ++o) bytes[o] = zero;
-      for (int64_t i = 0; i < kk; ++i, wb += NB) {
-        const __m256i sv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + offs[i]));
-        const __m256i zv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + offs[i] + g.plane));
-        for (int o = 0; o < NB; ++o)
-          bytes[o] = _mm256_add_epi8(
-              bytes[o], popcnt_bytes_avx2(_mm256_and_si256(_mm256_xor_si256(sv, _mm256_set1_epi64x(wb[o])), zv)));
+      __m256i clo = zero, chi = zero;  // 16-bit counts, channels 0-3 and 4-7
+      // byte counters hold at most 8 per word: fold them every 31 words
+      for (int64_t i0 = 0; i0 < kk; i0 += 31) {
+        const int64_t i1 = std::min<int64_t>(kk, i0 + 31);
+        __m256i bytes[NB];
+        for (int o = 0; o < NB; ++o) bytes[o] = zero;
+        for (int64_t i = i0; i < i1; ++i, wb += NB) {
+          const __m256i sv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + offs[i]));
+          const __m256i zv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + offs[i] + g.plane));
+          for (int o = 0; o < NB; ++o)
+            bytes[o] = _mm256_add_epi8(
+                bytes[o], popcnt_bytes_avx2(_mm256_and_si256(_mm256_xor_si256(sv, _mm256_set1_epi64x(wb[o])), zv)));
+        }
+        clo = _mm256_add_epi16(clo, join4_avx2(bytes));
+        chi = _mm256_add_epi16(chi, join4_avx2(bytes + 4));
       }
-      const __m256i dlo = _mm256_sub_epi16(valid16, _mm256_slli_epi16(join4_avx2(bytes), 1));
-      const __m256i dhi = _mm256_sub_epi16(valid16, _mm256_slli_epi16(join4_avx2(bytes + 4), 1));
+      const __m256i dlo = _mm256_sub_epi16(valid16, _mm256_slli_epi16(clo, 1));
+      const __m256i dhi = _mm256_sub_epi16(valid16, _mm256_slli_epi16(chi, 1));
       const int nvalid = static_cast<int>(std::min<int64_t>(NB, g.Og - ob * NB));
       const int64_t oc0 = gi * g.Og + ob * NB;
       if (a.thr16 != nullptr && oc0 % 8 == 0) {
@@ -1231,7 +1245,7 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
   }
   std::vector<int16_t> thr16;
 #if BNN_X86
-  if (isa == ISA_AVX2 && args.kk <= 31 && args.thr != nullptr) {
+  if (isa == ISA_AVX2 && args.kk <= SHORT_WORDS && args.thr != nullptr) {
     thr16 = short_thresholds(g, args.thr);
     args.thr16 = thr16.data();
   }
@@ -1267,7 +1281,7 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
           }
           break;
         case ISA_AVX2:
-          if (args.kk <= 31) {
+          if (args.kk <= SHORT_WORDS) {
             conv_avx2_short(args, n, gi, vb, ve);
           } else {
             conv_avx2(args, n, gi, vb, ve);
