@@ -91,7 +91,7 @@ def measure(run: Path, rounds: int, inner: int) -> Result:
     packed_path, plain_path = run / "model.bnn.safetensors", run / "model.safetensors"
     meta = read_header(packed_path)
     shape = [int(d) for d in json.loads(meta["input_shape"])]
-    flt = float_original(meta, None)
+    flt = float_original(meta, None, packed_path)
     unpruned = load_run_model(RunDir(run)).model.eval()
     models: dict[str, nn.Module] = {
         "float NCHW": flt,
