@@ -164,9 +164,10 @@ def report(results: dict[str, Result], args: argparse.Namespace, cifar_data: str
               "both are shown so that the comparison is honest.",
               f"- The packed binary convs are {1 - max(outside):.0%}-{1 - min(outside):.0%} of the slim packed "
               "model's time (chains of binary convs are fused: batch norm, Hardtanh, max pooling and the next sign "
-              "run inside them as integer thresholds and OR-pooling of packed bits); the rest is the real first conv "
-              "and classifier, the layers around residual adds and average pooling, which need real values, and "
-              "Python's per-module cost.",
+              "run inside them as integer thresholds and OR-pooling of packed bits; batch norms and clamps after "
+              "them fold into their epilogues); the rest is the real first conv and classifier and the layers around "
+              "residual adds and average pooling, which need real values: at batch 1 each torch call costs 10-50 us "
+              "whatever its size (the per-layer hooks here add a few us each).",
               "- Pruning to keep 0.5 makes the packed model faster by the 'vs unpruned packed' factor only: its binary "
               "convs were already cheap."]
     lines += ["", "Checks: the slim packed model equals its own torch emulation bit for bit: "
