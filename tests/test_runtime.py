@@ -586,6 +586,8 @@ def test_real_activations_enter_a_chain_as_bits(act: nn.Module, packs: bool, isa
     plan = runtime_plan(fused)
     assert plan.folded == {"0": ["1"], "4": ["5", "6"]}
     assert plan.packed_inputs == ({"4": ["1", "2", "3"]} if packs else {})
+    # NCHW runtime: packing would first convert to channels-last, dearer than the layers it skips
+    assert not runtime_plan(to_runtime(model, channels_last=False)).packed_inputs
     assert fused[4].input_bits is packs
     if packs:
         # the folded norm's place packs (the conv's output signs are the activation's), the rest pass bits

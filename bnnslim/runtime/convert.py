@@ -110,7 +110,7 @@ def to_runtime(model: nn.Module, *, inplace: bool = False, channels_last: bool =
     if fuse:
         from bnnslim.runtime.fuse import fuse_binary_chains
 
-        fuse_binary_chains(target)
+        fuse_binary_chains(target, channels_last=channels_last)
     return target
 
 

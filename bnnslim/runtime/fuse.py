@@ -271,8 +271,14 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
-def fuse_binary_chains(model: nn.Module) -> FusionReport:
-    """Fuse every eligible chain of ``model`` (a runtime model, in eval mode) in place (module docstring)."""
+def fuse_binary_chains(model: nn.Module, *, channels_last: bool = True) -> FusionReport:
+    """Fuse every eligible chain of ``model`` (a runtime model, in eval mode) in place (module docstring).
+
+    ``channels_last`` says the model runs channels-last (``to_runtime``'s default):
+    only then are real activations packed by :class:`PackSigns`, which reads
+    channels-last floats (torch's conversion of an NCHW tensor costs more than
+    the layers it would skip).
+    """
     report = FusionReport({}, {})
     if not build.kernel_status().available:
         report.traced = False
@@ -358,7 +364,8 @@ def fuse_binary_chains(model: nn.Module) -> FusionReport:
         modules[name].fuse_reason = reason  # shown by runtime_plan
     fold_float_tails(model, graph, modules, calls, report)
     fold_real_conv_batch_norms(model, graph, modules, calls, report)
-    pack_sign_chains(model, graph, calls, report)
+    if channels_last:
+        pack_sign_chains(model, graph, calls, report)
     return report
 
 
