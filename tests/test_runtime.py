@@ -40,7 +40,7 @@ from bnnslim.runtime import (
     with_emulation,
 )
 from bnnslim.runtime.bits import apply_thresholds
-from bnnslim.runtime.fuse import unpack_input
+from bnnslim.runtime.fuse import fuse_binary_chains, unfuse, unpack_input
 
 ALL_ISAS = ["avx512", "avx2", "popcnt", "scalar"]
 
@@ -570,6 +570,45 @@ def test_float_tails_fold_into_the_epilogue(case: str, folded: list[str] | None,
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)  # folding changes float rounding only
     if case == "hardtanh":
         assert torch.equal(y.amin(), torch.tensor(-0.5)) and torch.equal(y.amax(), torch.tensor(0.7))  # clamped
+
+
+class _Fire(nn.Module):
+    """SqueezeNet's Fire module, binary: one squeeze conv feeding two expand convs (a branch point)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.squeeze, self.bn, self.act = binary_conv(16, 8, 1), nn.BatchNorm2d(8), nn.ReLU()
+        self.e1, self.e3 = binary_conv(8, 12, 1), binary_conv(8, 12, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.act(self.bn(self.squeeze(x)))
+        return torch.cat([self.e1(s), self.e3(s)], dim=1)
+
+
+def test_a_branch_point_hands_the_same_bits_to_every_binary_consumer(isa: str) -> None:
+    torch.manual_seed(10)
+    model = _Fire().eval()
+    _random_bn(model, seed=11)
+    x = torch.randn(2, 16, 7, 9)
+    fused, plain = to_runtime(model), to_runtime(model, fuse=False)
+    plan = runtime_plan(fused)
+    assert plan.fused == {"squeeze": "e1"} and plan.fused_also == {"squeeze": ["e3"]}
+    assert fused.e1.input_bits and fused.e3.input_bits
+    assert _consumer_inputs(fused, x, ["e1", "e3"]).keys() == {"e1", "e3"}
+    for name, signs in _consumer_inputs(fused, x, ["e1", "e3"]).items():
+        assert torch.equal(signs, _consumer_inputs(plain, x, [name])[name]), name
+    with torch.no_grad():
+        y = fused(x)
+        assert torch.equal(y, with_emulation(fused)(x))
+        torch.testing.assert_close(y, plain(x), rtol=1e-5, atol=1e-5)
+        unfuse(fused, "squeeze", "test")  # what the plan step does when float wins: both consumers read floats
+        assert not fused.e1.input_bits and not fused.e3.input_bits and not runtime_plan(fused).fused
+        torch.testing.assert_close(fused(x), y, rtol=1e-5, atol=1e-5)
+    # consumers that keep different inputs need different thresholds: not fused
+    masked = to_runtime(model, fuse=False)
+    masked.e3.input_mask = torch.arange(8) != 3
+    report = fuse_binary_chains(masked)
+    assert "mask different inputs" in report.not_fused["squeeze"]
 
 
 @pytest.mark.parametrize(("act", "packs"), [(nn.Hardtanh(), True), (nn.Hardtanh(0.0, 1.0), False),

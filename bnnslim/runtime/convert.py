@@ -28,6 +28,7 @@ class RuntimePlan:
 
     kernel: list[str] = field(default_factory=list)           # packed, C++ kernel
     fused: dict[str, str] = field(default_factory=dict)       # writes packed bits for this consumer
+    fused_also: dict[str, list[str]] = field(default_factory=dict)  # ... and for these (a branch point)
     not_fused: dict[str, str] = field(default_factory=dict)   # on the kernels, float output: why
     folded: dict[str, list[str]] = field(default_factory=dict)  # batch norm / activation in its epilogue (or weights)
     packed_inputs: dict[str, list[str]] = field(default_factory=dict)  # reads bits: the real layers skipped
@@ -153,6 +154,8 @@ def runtime_plan(model: nn.Module) -> RuntimePlan:
                 plan.kernel.append(name)
                 if module.fused_into is not None:
                     plan.fused[name] = module.fused_into
+                    if module.fused_also:
+                        plan.fused_also[name] = list(module.fused_also)
                 elif getattr(module, "fuse_reason", None):
                     plan.not_fused[name] = str(module.fuse_reason)
         elif isinstance(module, nn.Conv2d) and getattr(module, "bnnslim_folded", None):

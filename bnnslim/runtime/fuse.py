@@ -177,11 +177,12 @@ class PackedMaxPool2d(nn.Module):
 class FusionReport:
     """Which binary convs hand bits to which, and why other chains were not fused."""
 
-    fused: dict[str, str]      # producer -> consumer
+    fused: dict[str, str]      # producer -> consumer (the first, where there are several)
     not_fused: dict[str, str]  # producer -> reason
     traced: bool = True
     folded: dict[str, list[str]] = field(default_factory=dict)  # producer -> layers folded into its epilogue
     packed_inputs: dict[str, list[str]] = field(default_factory=dict)  # consumer -> layers its input bits skip
+    fused_also: dict[str, list[str]] = field(default_factory=dict)  # producer -> its other consumers
 
 
 class _Tracer(fx.Tracer):
@@ -271,6 +272,64 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
+#: (elementwise layers before and after the max pooling, the pooling, the consumers)
+Chain = tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]], tuple[str, nn.MaxPool2d] | None,
+              list[tuple[str, PackedBinaryConv2d]]]
+
+
+def _walk_chain(node: fx.Node, modules: dict[str, nn.Module], calls: Counter[int]) -> Chain | str:
+    """From a packed conv's node to the packed convs that read its output: (elementwise layers before and after
+    the max pooling, the pooling, the consumers), or why there is no such chain.
+
+    The way is one layer at a time, each taking the output alone; at its end one
+    packed conv, or several that all take the same output alone (an Inception or
+    SqueezeNet branch point: they read the same bits).
+    """
+    before: list[tuple[str, nn.Module]] = []
+    after: list[tuple[str, nn.Module]] = []
+    pool: tuple[str, nn.MaxPool2d] | None = None
+    cur = node
+    while len(cur.users) == 1:
+        nxt = next(iter(cur.users))
+        if nxt.op != "call_module" or nxt.args != (cur,) or nxt.kwargs:
+            return f"'{nxt.name}' is not a layer called on the output alone"
+        m = modules[str(nxt.target)]
+        stateless = next(iter(m.parameters()), None) is None and next(iter(m.buffers()), None) is None
+        if calls[id(m)] != 1 and not (stateless and _elementwise(m)):
+            return f"'{nxt.target}' is called more than once"
+        if isinstance(m, PackedBinaryConv2d):
+            return before, after, pool, [(str(nxt.target), m)]
+        if _elementwise(m):
+            (after if pool else before).append((str(nxt.target), m))
+        elif type(m) is nn.MaxPool2d and pool is None and not m.return_indices:
+            pool = (str(nxt.target), m)
+        else:
+            return f"'{nxt.target}' ({type(m).__name__}) needs real values"
+        cur = nxt
+    users = list(cur.users)
+    consumers: list[tuple[str, PackedBinaryConv2d]] = []
+    for u in users:
+        user = modules.get(str(u.target)) if u.op == "call_module" else None
+        if isinstance(user, PackedBinaryConv2d) and u.args == (cur,) and not u.kwargs and calls[id(user)] == 1:
+            consumers.append((str(u.target), user))
+    if len(users) < 2 or len(consumers) != len(users):
+        return "its output is used by more than one layer or by a non-binary layer"
+    return before, after, pool, consumers
+
+
+def _consumer_problem(producer: PackedBinaryConv2d, cname: str, cons: PackedBinaryConv2d) -> str | None:
+    """Why ``cons`` cannot read ``producer``'s bits, or None."""
+    if producer.mode != "kernel" or cons.mode != "kernel":
+        return "a layer of the chain runs the torch emulation"
+    if cons.padding_mode != "zeros":
+        return f"'{cname}' pads with '{cons.padding_mode}' (needs real values)"
+    if cons.groups > 1 and (cons.in_channels // cons.groups) % 64:
+        return f"'{cname}' has groups of {cons.in_channels // cons.groups} channels (not 64k)"
+    if cons.in_channels != producer.out_channels:
+        return "channel counts differ along the chain"
+    return None
+
+
 def fuse_binary_chains(model: nn.Module, *, channels_last: bool = True) -> FusionReport:
     """Fuse every eligible chain of ``model`` (a runtime model, in eval mode) in place (module docstring).
 
@@ -301,65 +360,40 @@ def fuse_binary_chains(model: nn.Module, *, channels_last: bool = True) -> Fusio
         if calls[id(producer)] != 1:
             report.not_fused[name] = "the layer is called more than once"
             continue
-        before: list[tuple[str, nn.Module]] = []
-        after: list[tuple[str, nn.Module]] = []
-        pool: tuple[str, nn.MaxPool2d] | None = None
-        consumer: tuple[str, PackedBinaryConv2d] | None = None
-        cur, why = node, "its output is used by more than one layer or by a non-binary layer"
-        while len(cur.users) == 1:
-            nxt = next(iter(cur.users))
-            if nxt.op != "call_module" or nxt.args != (cur,) or nxt.kwargs:
-                why = f"'{nxt.name}' is not a layer called on the output alone"
-                break
-            m = modules[nxt.target]
-            stateless = next(iter(m.parameters()), None) is None and next(iter(m.buffers()), None) is None
-            if calls[id(m)] != 1 and not (stateless and _elementwise(m)):
-                why = f"'{nxt.target}' is called more than once"
-                break
-            if isinstance(m, PackedBinaryConv2d):
-                consumer = (str(nxt.target), m)
-                break
-            if _elementwise(m):
-                (after if pool else before).append((str(nxt.target), m))
-            elif type(m) is nn.MaxPool2d and pool is None and not m.return_indices:
-                pool = (str(nxt.target), m)
-            else:
-                why = f"'{nxt.target}' ({type(m).__name__}) needs real values"
-                break
-            cur = nxt
-        if consumer is None:
-            report.not_fused[name] = why
+        chain = _walk_chain(node, modules, calls)
+        if isinstance(chain, str):
+            report.not_fused[name] = chain
             continue
-        cname, cons = consumer
-        if producer.mode != "kernel" or cons.mode != "kernel":
-            report.not_fused[name] = "a layer of the chain runs the torch emulation"
+        before, after, pool, consumers = chain
+        problems = [p for cname, cons in consumers if (p := _consumer_problem(producer, cname, cons))]
+        if problems:
+            report.not_fused[name] = problems[0]
             continue
-        if cons.padding_mode != "zeros":
-            report.not_fused[name] = f"'{cname}' pads with '{cons.padding_mode}' (needs real values)"
-            continue
-        if cons.groups > 1 and (cons.in_channels // cons.groups) % 64:
-            report.not_fused[name] = f"'{cname}' has groups of {cons.in_channels // cons.groups} channels (not 64k)"
-            continue
-        if cons.in_channels != producer.out_channels:
-            report.not_fused[name] = "channel counts differ along the chain"
-            continue
-        thr, reason = chain_thresholds(producer, [m for _, m in before], pool is not None, [m for _, m in after],
-                                       cons)
+        found = [chain_thresholds(producer, [m for _, m in before], pool is not None, [m for _, m in after], cons)
+                 for _, cons in consumers]
+        thr, reason = found[0]
         if thr is None:
             report.not_fused[name] = reason
             continue
-        plans.append((name, producer, before + after, pool, cname, cons, thr))
-    for name, producer, elementwise, pool, cname, cons, thr in plans:
+        if any(t is None or not torch.equal(t, thr) for t, _ in found[1:]):
+            report.not_fused[name] = "its binary consumers mask different inputs"
+            continue
+        plans.append((name, producer, before + after, pool, consumers, thr))
+    for name, producer, elementwise, pool, consumers, thr in plans:
         producer.out_thresholds = thr
-        producer.fused_into = cname
-        cons.input_bits = True
+        producer.fused_into = consumers[0][0]
+        producer.fused_also = [cname for cname, _ in consumers[1:]]
+        for _, cons in consumers:
+            cons.input_bits = True
         for ename, m in elementwise:
             _set_submodule(model, ename, FusedAway(m, name))
         if pool is not None:
             _set_submodule(model, pool[0], PackedMaxPool2d(pool[1], producer.out_channels))
         # what unfuse() puts back
         producer.fused_chain = [*elementwise, *([pool] if pool is not None else [])]
-        report.fused[name] = cname
+        report.fused[name] = consumers[0][0]
+        if consumers[1:]:
+            report.fused_also[name] = producer.fused_also
     for name, reason in report.not_fused.items():
         modules[name].fuse_reason = reason  # shown by runtime_plan
     fold_float_tails(model, graph, modules, calls, report)
@@ -521,9 +555,11 @@ def unfuse(model: nn.Module, producer_name: str, reason: str) -> None:
         return
     for name, original in getattr(producer, "fused_chain", []):
         _set_submodule(model, name, original)
-    consumer = model.get_submodule(producer.fused_into)
-    assert isinstance(consumer, PackedBinaryConv2d)
-    _restore_input(model, consumer)
+    for cname in [producer.fused_into, *producer.fused_also]:
+        consumer = model.get_submodule(cname)
+        assert isinstance(consumer, PackedBinaryConv2d)
+        _restore_input(model, consumer)
+    producer.fused_also = []
     producer.out_thresholds = None
     producer.fused_into = None
     producer.fused_chain = []  # type: ignore[assignment]

@@ -183,6 +183,7 @@ class PackedBinaryConv2d(nn.Module):
         self.packed_chain: list[tuple[str, nn.Module]] = []  # layers a PackSigns chain replaced (fuse.py)
         self.input_bits = False
         self.fused_into: str | None = None
+        self.fused_also: list[str] = []  # further consumers of the same bits (a branch point)
         self._fast: tuple[object, ...] | None = None  # see _make_fast
         if in_channels // groups == 1 and groups > 1:
             # one input bit per 64-bit word: the kernel would spend 64x the work
@@ -370,7 +371,7 @@ class PackedBinaryConv2d(nn.Module):
         if self.input_bits:
             parts.append("input=bits")
         if self.fused_into is not None:
-            parts.append(f"output=bits for '{self.fused_into}'")
+            parts.append("output=bits for " + ", ".join(f"'{c}'" for c in [self.fused_into, *self.fused_also]))
         if self.folded:
             parts.append("folded=" + "+".join(self.folded))
         return ", ".join(parts)

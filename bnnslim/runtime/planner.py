@@ -126,7 +126,7 @@ def plan_runtime(model: nn.Module, x: torch.Tensor, *, calls: int = 5, rounds: i
                     if bits_out:
                         unfuse(model, name, why_unfused)
                     for pname, m in modules.items():
-                        if isinstance(m, PackedBinaryConv2d) and m.fused_into == name:
+                        if isinstance(m, PackedBinaryConv2d) and name in (m.fused_into, *m.fused_also):
                             unfuse(model, pname, why_unfused)
                     unpack_input(model, name)
                 why = f"float conv {float_ms:.3f} ms < packed {packed_ms:.3f} ms on input {shape}"
