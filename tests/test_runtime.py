@@ -728,14 +728,16 @@ def test_build_without_ninja(tmp_path: Path) -> None:
     assert "built in" in done.stderr
 
 
-def test_plan_keeps_the_faster_version(kernels: build.KernelStatus, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", ["resnet18", "vgg11"])
+def test_plan_keeps_the_faster_version(name: str, kernels: build.KernelStatus, monkeypatch: pytest.MonkeyPatch) -> None:
     """The plan times every binary conv; an unfused one whose float version is faster switches to it."""
     from bnnslim.runtime import planner
 
-    model, x, binary = binary_example("resnet18", trained_bn=False, batch=1)
+    model, x, binary = binary_example(name, trained_bn=False, batch=1)
     _random_bn(model, seed=6)
     runtime = to_runtime(model)
     assert runtime_plan(runtime).fused
+    assert bool(runtime_plan(runtime).packed_inputs) == (name == "vgg11")  # its first binary conv reads bits
     with torch.no_grad():
         before = runtime(x)
     choices = planner.plan_runtime(runtime, x, calls=1, rounds=1, apply=False)
@@ -745,13 +747,14 @@ def test_plan_keeps_the_faster_version(kernels: build.KernelStatus, monkeypatch:
     monkeypatch.setattr(planner, "_median_ms", lambda fns, calls, rounds: {"packed": 2.0, "float": 1.0})
     choices = {c.layer: c for c in planner.plan_runtime(runtime, x)}
     assert sorted(choices) == sorted(binary)
-    for name, c in choices.items():
+    for layer_name, c in choices.items():
         assert c.runs == "float" and "float conv 1.000 ms < packed 2.000 ms" in c.why
-        layer = runtime.get_submodule(name)
+        layer = runtime.get_submodule(layer_name)
         assert layer.mode == "emulation" and not layer.input_bits and layer.out_thresholds is None
     plan = runtime_plan(runtime)
     assert not plan.fused and set(plan.emulated) == set(binary)
-    assert not any(isinstance(m, (FusedAway, PackedMaxPool2d)) for m in runtime.modules())
+    # fused pairs and inputs packed from real layers (vgg11's first binary conv) are both undone
+    assert not any(isinstance(m, (FusedAway, PackedMaxPool2d, PackSigns)) for m in runtime.modules())
     with torch.no_grad():
         torch.testing.assert_close(runtime(x), before, rtol=1e-5, atol=1e-5)  # the memory format may differ
 
