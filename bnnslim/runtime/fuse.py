@@ -515,13 +515,9 @@ def fold_float_tails(model: nn.Module, graph: fx.Graph, modules: dict[str, nn.Mo
     """Fold batch norm (and a clamp activation after it) into packed convs with float outputs (module docstring)."""
 
     def only_user(node: fx.Node, kinds: tuple[type[nn.Module], ...]) -> fx.Node | None:
-        if len(node.users) != 1:
-            return None
-        nxt = next(iter(node.users))
-        if nxt.op != "call_module" or nxt.args != (node,) or nxt.kwargs:
-            return None
-        m = modules[str(nxt.target)]
-        return nxt if type(m) in kinds and calls[id(m)] == 1 else None
+        nxt = _only_user(node)
+        m = None if nxt is None else modules[str(nxt.target)]
+        return nxt if m is not None and type(m) in kinds and calls[id(m)] == 1 else None
 
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules[node.target], PackedBinaryConv2d):
