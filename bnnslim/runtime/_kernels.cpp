@@ -988,6 +988,35 @@ BNN_AVX2 inline __m256i popcnt_bytes_avx2(__m256i v) {
   return _mm256_add_epi8(lo, hi);
 }
 
+// Per lane (pixel), the nonzero input bits over all kk words: byte counters folded every 31 words.
+BNN_AVX2 BNN_INLINE __m256i nonzero_counts_avx2(const int64_t* base, const int64_t* offs, int64_t kk, int64_t plane) {
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i valid = zero, vbytes = zero;
+  for (int64_t i = 0; i < kk; ++i) {
+    vbytes = _mm256_add_epi8(vbytes, popcnt_bytes_avx2(_mm256_loadu_si256(
+                                         reinterpret_cast<const __m256i*>(base + offs[i] + plane))));
+    if ((i + 1) % 31 == 0 || i + 1 == kk) {
+      valid = _mm256_add_epi64(valid, _mm256_sad_epu8(vbytes, zero));
+      vbytes = zero;
+    }
+  }
+  return valid;
+}
+
+// Byte counters of popcount((s ^ w) & z) for the 8 channels of a weight block over words i0..i1 (at most
+// 31: a byte holds 8 per word); wb points at word i0's 8 weights.
+BNN_AVX2 BNN_INLINE void xnor_bytes_avx2(const int64_t* base, const int64_t* offs, int64_t i0, int64_t i1,
+                                         int64_t plane, const int64_t* wb, __m256i* bytes) {
+  for (int o = 0; o < NB; ++o) bytes[o] = _mm256_setzero_si256();
+  for (int64_t i = i0; i < i1; ++i, wb += NB) {
+    const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + offs[i]));
+    const __m256i z = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + offs[i] + plane));
+    for (int o = 0; o < NB; ++o)
+      bytes[o] = _mm256_add_epi8(
+          bytes[o], popcnt_bytes_avx2(_mm256_and_si256(_mm256_xor_si256(s, _mm256_set1_epi64x(wb[o])), z)));
+  }
+}
+
 // Short dot products (kk <= SHORT_WORDS = 62 words: 1x1 convs, 3x3 up to 384 channels): the
 // per-output epilogue, not the popcounts, dominates. |dot| <= 64 * 62 < 4096 fits 16 bits, so the
 // 8 channels x 4 pixels of a block travel as two vectors of 16-bit lanes
@@ -1040,16 +1069,7 @@ BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t 
     const int64_t* base = img + oh * g.SH * g.row_stride + ow0;
     const int64_t pix0 = oh * g.OW + ow0;
     const int nl = static_cast<int>(std::min<int64_t>(4, g.OW - ow0));
-    __m256i vbytes = zero, valid = zero;
-    for (int64_t i = 0; i < kk; ++i) {
-      vbytes = _mm256_add_epi8(vbytes, popcnt_bytes_avx2(_mm256_loadu_si256(
-                                           reinterpret_cast<const __m256i*>(base + offs[i] + g.plane))));
-      if ((i + 1) % 31 == 0 || i + 1 == kk) {
-        valid = _mm256_add_epi64(valid, _mm256_sad_epu8(vbytes, zero));
-        vbytes = zero;
-      }
-    }
-    const __m256i valid16 = spread16_avx2(valid);
+    const __m256i valid16 = spread16_avx2(nonzero_counts_avx2(base, offs, kk, g.plane));
     for (int64_t ob = 0; ob < g.OBg; ++ob) {
       const int64_t* wb = a.wts + (gi * g.OBg + ob) * kk * NB;
       __m256i clo = zero, chi = zero;  // 16-bit counts, channels 0-3 and 4-7
@@ -1057,14 +1077,8 @@ BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t 
       for (int64_t i0 = 0; i0 < kk; i0 += 31) {
         const int64_t i1 = std::min<int64_t>(kk, i0 + 31);
         __m256i bytes[NB];
-        for (int o = 0; o < NB; ++o) bytes[o] = zero;
-        for (int64_t i = i0; i < i1; ++i, wb += NB) {
-          const __m256i sv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + offs[i]));
-          const __m256i zv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + offs[i] + g.plane));
-          for (int o = 0; o < NB; ++o)
-            bytes[o] = _mm256_add_epi8(
-                bytes[o], popcnt_bytes_avx2(_mm256_and_si256(_mm256_xor_si256(sv, _mm256_set1_epi64x(wb[o])), zv)));
-        }
+        xnor_bytes_avx2(base, offs, i0, i1, g.plane, wb, bytes);
+        wb += (i1 - i0) * NB;
         clo = _mm256_add_epi16(clo, join4_avx2(bytes));
         chi = _mm256_add_epi16(chi, join4_avx2(bytes + 4));
       }
@@ -1131,15 +1145,7 @@ BNN_AVX2 void conv_avx2(const ConvArgs& a, int64_t n, int64_t gi, int64_t vb, in
     const int64_t* base = img + oh * g.SH * g.row_stride + ow0;
     const int64_t pix0 = oh * g.OW + ow0;
     const int nl = static_cast<int>(std::min<int64_t>(4, g.OW - ow0));
-    __m256i valid = zero, vbytes = zero;
-    for (int64_t i = 0; i < kk; ++i) {
-      vbytes = _mm256_add_epi8(vbytes, popcnt_bytes_avx2(_mm256_loadu_si256(
-                                           reinterpret_cast<const __m256i*>(base + offs[i] + g.plane))));
-      if ((i + 1) % 31 == 0 || i + 1 == kk) {
-        valid = _mm256_add_epi64(valid, _mm256_sad_epu8(vbytes, zero));
-        vbytes = zero;
-      }
-    }
+    const __m256i valid = nonzero_counts_avx2(base, offs, kk, g.plane);
     alignas(32) int64_t vv[4], acc[NB][4];
     _mm256_store_si256(reinterpret_cast<__m256i*>(vv), valid);
     for (int64_t ob = 0; ob < g.OBg; ++ob) {
@@ -1149,15 +1155,8 @@ BNN_AVX2 void conv_avx2(const ConvArgs& a, int64_t n, int64_t gi, int64_t vb, in
       for (int64_t i0 = 0; i0 < kk; i0 += 31) {
         const int64_t i1 = std::min<int64_t>(kk, i0 + 31);
         __m256i bytes[NB];
-        for (int o = 0; o < NB; ++o) bytes[o] = zero;
-        for (int64_t i = i0; i < i1; ++i, wb += NB) {
-          const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + offs[i]));
-          const __m256i z = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + offs[i] + g.plane));
-          for (int o = 0; o < NB; ++o) {
-            const __m256i t = _mm256_and_si256(_mm256_xor_si256(s, _mm256_set1_epi64x(wb[o])), z);
-            bytes[o] = _mm256_add_epi8(bytes[o], popcnt_bytes_avx2(t));
-          }
-        }
+        xnor_bytes_avx2(base, offs, i0, i1, g.plane, wb, bytes);
+        wb += (i1 - i0) * NB;
         for (int o = 0; o < NB; ++o) {
           __m256i* at = reinterpret_cast<__m256i*>(acc[o]);
           _mm256_store_si256(at, _mm256_add_epi64(_mm256_load_si256(at), _mm256_sad_epu8(bytes[o], zero)));

@@ -137,13 +137,16 @@ def with_emulation(model: nn.Module) -> nn.Module:
 def runtime_plan(model: nn.Module) -> RuntimePlan:
     """Which binary convs of a runtime model run the kernel, the emulation, or were left unchanged, and why."""
     from bnnslim.runtime import build
+    from bnnslim.runtime.fuse import FoldedAway
 
     plan = RuntimePlan()
     status = build.kernel_status()
     for name, module in model.named_modules():
+        # a folded layer, or the layer that took its place when a chain was packed (PackSigns, FusedAway)
+        folded = module if isinstance(module, FoldedAway) else getattr(module, "original", None)
+        if isinstance(folded, FoldedAway):
+            plan.folded.setdefault(folded.into, []).append(name)
         if isinstance(module, PackedBinaryConv2d):
-            if module.folded:
-                plan.folded[name] = list(module.folded)
             if module.packed_chain:
                 plan.packed_inputs[name] = [n for n, _ in module.packed_chain]
             if module.mode == "emulation":
@@ -158,8 +161,6 @@ def runtime_plan(model: nn.Module) -> RuntimePlan:
                         plan.fused_also[name] = list(module.fused_also)
                 elif getattr(module, "fuse_reason", None):
                     plan.not_fused[name] = str(module.fuse_reason)
-        elif isinstance(module, nn.Conv2d) and getattr(module, "bnnslim_folded", None):
-            plan.folded[name] = [str(n) for n in getattr(module, "bnnslim_folded")]  # noqa: B009
         elif isinstance(module, BinaryConv2d):
             plan.unchanged[name] = str(getattr(module, "runtime_reason", "not converted"))
     return plan

@@ -81,20 +81,22 @@ class FusedAway(nn.Module):
 
 
 class FoldedAway(nn.Module):
-    """A batch norm or activation folded into a packed conv's float epilogue: passes its input through."""
+    """A batch norm or activation folded into a packed conv's float epilogue (or a real conv's weights): passes
+    its input through. ``runtime_plan`` lists these under the layer they went into."""
 
     original: nn.Module  # set with object.__setattr__, as in FusedAway
 
-    def __init__(self, original: nn.Module, into: str) -> None:
+    def __init__(self, original: nn.Module, into: str, where: str = "the epilogue of") -> None:
         super().__init__()
         self.into = into
+        self.where = where
         object.__setattr__(self, "original", original)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
     def extra_repr(self) -> str:
-        return f"{type(self.original).__name__} folded into the epilogue of '{self.into}'"
+        return f"{type(self.original).__name__} folded into {self.where} '{self.into}'"
 
 
 #: activations a float epilogue can take as a clamp [lo, hi]
@@ -317,15 +319,15 @@ def _walk_chain(node: fx.Node, modules: dict[str, nn.Module], calls: Counter[int
     return before, after, pool, consumers
 
 
-def _consumer_problem(producer: PackedBinaryConv2d, cname: str, cons: PackedBinaryConv2d) -> str | None:
-    """Why ``cons`` cannot read ``producer``'s bits, or None."""
-    if producer.mode != "kernel" or cons.mode != "kernel":
+def _consumer_problem(cname: str, cons: PackedBinaryConv2d, producer: PackedBinaryConv2d | None = None) -> str | None:
+    """Why ``cons`` cannot read packed bits (from ``producer``, or from a :class:`PackSigns`), or None."""
+    if cons.mode != "kernel" or (producer is not None and producer.mode != "kernel"):
         return "a layer of the chain runs the torch emulation"
     if cons.padding_mode != "zeros":
         return f"'{cname}' pads with '{cons.padding_mode}' (needs real values)"
     if cons.groups > 1 and (cons.in_channels // cons.groups) % 64:
         return f"'{cname}' has groups of {cons.in_channels // cons.groups} channels (not 64k)"
-    if cons.in_channels != producer.out_channels:
+    if producer is not None and cons.in_channels != producer.out_channels:
         return "channel counts differ along the chain"
     return None
 
@@ -365,7 +367,7 @@ def fuse_binary_chains(model: nn.Module, *, channels_last: bool = True) -> Fusio
             report.not_fused[name] = chain
             continue
         before, after, pool, consumers = chain
-        problems = [p for cname, cons in consumers if (p := _consumer_problem(producer, cname, cons))]
+        problems = [p for cname, cons in consumers if (p := _consumer_problem(cname, cons, producer))]
         if problems:
             report.not_fused[name] = problems[0]
             continue
@@ -416,8 +418,7 @@ def fold_real_conv_batch_norms(model: nn.Module, graph: fx.Graph, modules: dict[
     """Fold each eval-mode batch norm that alone takes a real conv's output into the conv's weights and bias.
 
     ``bn(conv(x)) = conv'(x)`` with ``W' = W s`` and ``b' = b s + t`` per output
-    channel (:func:`batch_norm_affine`; float64 math). The conv records the
-    norm's name in ``bnnslim_folded`` (for the plan).
+    channel (:func:`batch_norm_affine`; float64 math).
     """
     for node in graph.nodes:
         conv = modules[node.target] if node.op == "call_module" else None
@@ -436,8 +437,7 @@ def fold_real_conv_batch_norms(model: nn.Module, graph: fx.Graph, modules: dict[
             conv.weight.copy_((w.double() * s.view(-1, 1, 1, 1)).to(w.dtype))
             b = t if conv.bias is None else conv.bias.detach().double() * s + t
             conv.bias = nn.Parameter(b.to(w.dtype), requires_grad=False)
-        setattr(conv, "bnnslim_folded", [str(bn_node.target)])  # noqa: B010 (not an nn.Conv2d attribute)
-        _set_submodule(model, str(bn_node.target), FoldedAway(bn, str(node.target)))
+        _set_submodule(model, str(bn_node.target), FoldedAway(bn, str(node.target), "the weights of"))
         report.folded[str(node.target)] = [str(bn_node.target)]
 
 
@@ -447,9 +447,8 @@ def pack_sign_chains(model: nn.Module, graph: fx.Graph, calls: Counter[int], rep
         if node.op != "call_module":
             continue
         consumer = model.get_submodule(str(node.target))
-        if (not isinstance(consumer, PackedBinaryConv2d) or consumer.input_bits or consumer.mode != "kernel"
-                or consumer.padding_mode != "zeros" or (consumer.groups > 1 and (consumer.in_channels
-                                                                                // consumer.groups) % 64)):
+        if (not isinstance(consumer, PackedBinaryConv2d) or consumer.input_bits
+                or _consumer_problem(str(node.target), consumer) is not None):
             continue
         chain: list[fx.Node] = []
         pooled = False
@@ -540,7 +539,6 @@ def fold_float_tails(model: nn.Module, graph: fx.Graph, modules: dict[str, nn.Mo
             layer.out_clamp = torch.tensor([lo, hi], dtype=torch.float32)
             folded.append(str(act_node.target))
             _set_submodule(model, str(act_node.target), FoldedAway(act, name))
-        layer.folded = folded
         report.folded[name] = folded
 
 

@@ -179,7 +179,6 @@ class PackedBinaryConv2d(nn.Module):
         self.register_buffer("epilogue_scale", None, persistent=False)
         self.register_buffer("epilogue_shift", None, persistent=False)
         self.register_buffer("out_clamp", None, persistent=False)
-        self.folded: list[str] = []  # the layers folded into the epilogue, for the plan
         self.packed_chain: list[tuple[str, nn.Module]] = []  # layers a PackSigns chain replaced (fuse.py)
         self.input_bits = False
         self.fused_into: str | None = None
@@ -296,15 +295,21 @@ class PackedBinaryConv2d(nn.Module):
         y = self._emulate_counts(x)
         if self.out_thresholds is not None:
             return apply_thresholds(y.round().to(torch.int64), self.out_thresholds)
+        y = self.finish(y)
+        return y.to(x.dtype) if x.is_floating_point() else y
+
+    def finish(self, dots: torch.Tensor) -> torch.Tensor:
+        """Float dot products -> this layer's float output: ``dots * scale + shift`` (mul then add, as the
+        kernels), then the clamp of a folded activation."""
         scale, shift = self.epilogue()
+        y = dots
         if scale is not None:
             y = y * scale.to(y.device).view(1, -1, 1, 1)
         if shift is not None:
             y = y + shift.to(y.device).view(1, -1, 1, 1)
         if self.out_clamp is not None:
-            lo, hi = (float(v) for v in self.out_clamp)
-            y = y.clamp(lo, hi)
-        return y.to(x.dtype) if x.is_floating_point() else y
+            y = y.clamp(float(self.out_clamp[0]), float(self.out_clamp[1]))
+        return y
 
     def counts(self, x: torch.Tensor) -> torch.Tensor:
         """The integer dot products ``sum sign(x) * sign(W)``, int32 ``[N, out, OH, OW]``."""
@@ -372,6 +377,4 @@ class PackedBinaryConv2d(nn.Module):
             parts.append("input=bits")
         if self.fused_into is not None:
             parts.append("output=bits for " + ", ".join(f"'{c}'" for c in [self.fused_into, *self.fused_also]))
-        if self.folded:
-            parts.append("folded=" + "+".join(self.folded))
         return ", ".join(parts)

@@ -80,15 +80,8 @@ def float_version(layer: PackedBinaryConv2d, x: torch.Tensor) -> torch.Tensor:
     if layer.padding_mode != "zeros" or (t, left) != (b, r):
         xb = F.pad(xb, (left, r, t, b), mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)
         t = left = 0
-    y = F.conv2d(xb, layer.weight_signs(), None, layer.stride, (t, left), layer.dilation, layer.groups)
-    scale, shift = layer.epilogue()
-    if scale is not None:
-        y = y * scale.view(1, -1, 1, 1)
-    if shift is not None:
-        y = y + shift.view(1, -1, 1, 1)
-    if layer.out_clamp is not None:
-        y = y.clamp(float(layer.out_clamp[0]), float(layer.out_clamp[1]))
-    return y
+    return layer.finish(F.conv2d(xb, layer.weight_signs(), None, layer.stride, (t, left), layer.dilation,
+                                 layer.groups))
 
 
 def plan_runtime(model: nn.Module, x: torch.Tensor, *, calls: int = 5, rounds: int = 7,
