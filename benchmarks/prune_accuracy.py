@@ -241,9 +241,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["small_cnn.py"], help="example[@width]")
     parser.add_argument("--base", type=Path, nargs="*", default=[],
                         help="already trained binary runs, one per model (else trained here)")
+    parser.add_argument("--base-label", default=None, help="how the report names a --base network")
     parser.add_argument("--epochs", type=int, default=4, help="binary main network epochs (when trained here)")
-    parser.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.5, 0.3])
-    parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
+    parser.add_argument("--keeps", type=float, nargs="*", default=[0.8, 0.5, 0.3], help="none: the control only")
+    parser.add_argument("--strategies", nargs="*", default=STRATEGIES, help="none: the control only")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--no-control", action="store_true")
     parser.add_argument("--select-steps", type=int, default=None, help="default: bnnslim prune's")
@@ -253,6 +254,7 @@ def main() -> None:
     parser.add_argument("--finetune-lr", type=float, default=None)
     parser.add_argument("--distill", type=float, default=None)
     parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--teacher", default=None, help="float teacher weights (default: the unpruned binary network)")
     parser.add_argument("--max-shift", type=float, default=None)
     parser.add_argument("--budget", default=None)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -270,7 +272,8 @@ def main() -> None:
     overrides = {k: v for k, v in {"select_steps": args.select_steps, "retrain_steps": args.retrain_steps,
                                    "finetune_steps": args.finetune_steps, "distill": args.distill,
                                    "lr": args.lr, "finetune_lr": args.finetune_lr, "temperature": args.temperature,
-                                   "max_shift": args.max_shift, "budget": args.budget}.items() if v is not None}
+                                   "max_shift": args.max_shift, "budget": args.budget,
+                                   "teacher": args.teacher}.items() if v is not None}
     schedule = json.dumps(overrides, sort_keys=True) if overrides else "defaults"
     device = torch.device(args.device)
     results = load_results(args.results)
@@ -279,6 +282,8 @@ def main() -> None:
     for mi, spec in enumerate(args.models):
         path, label = model_file(args.work, spec)
         base = args.base[mi] if mi < len(args.base) else args.work / f"{path.stem}-base"
+        if mi < len(args.base):
+            label += f", base {args.base_label or base.name}"
         if not args.report_only and not (base / "binary.safetensors").is_file():
             t = time.perf_counter()
             trained = binarize(BinarizeOptions(model=str(path), run=base, data=args.data, data_root=args.data_root,

@@ -254,6 +254,47 @@ def test_distillation_changes_the_result_and_is_recorded(runs, tmp_path, monkeyp
     assert training["prune"]["finetune_steps"] == 2 and training["binarize"]["teacher"] is None
 
 
+def float_twin_weights(path: Path, spec: str = "examples/small_cnn.py:tiny", seed: int = 0) -> Path:
+    """Float weights of the model a run was binarized from (as `binarize --teacher-epochs` saves them)."""
+    from safetensors.torch import save_file
+
+    from bnnslim.model_source import load_model_source
+
+    torch.manual_seed(seed)
+    twin = load_model_source(str(REPO / spec)).build(num_classes=10, in_channels=1)
+    save_file({k: v.contiguous() for k, v in twin.state_dict().items()}, str(path))
+    return path
+
+
+def test_prune_distils_from_the_float_twin_named_by_teacher(runs, tmp_path, monkeypatch) -> None:
+    weights = float_twin_weights(tmp_path / "teacher.safetensors")
+    quick = ["--select-steps", "3", "--retrain-steps", "3", "--finetune-steps", "2", "--batch-size", "32"]
+    by_binary, by_float = fresh(runs, "plain", tmp_path / "b"), fresh(runs, "plain", tmp_path / "f")
+    runner = CliRunner()
+    ok = runner.invoke(app, ["prune", "--keep", "0.5", "--run", str(by_binary), "--distill", "1", *quick])
+    assert ok.exit_code == 0, ok.output
+    ok = runner.invoke(app, ["prune", "--keep", "0.5", "--run", str(by_float), "--teacher", str(weights), *quick])
+    assert ok.exit_code == 0, ok.output
+    recorded = RunDir(by_float).read_manifest()["prune"]
+    # --teacher turns distillation on (weight 1) and the manifest names the file and its digest
+    assert recorded["teacher"]["network"] == "the float model with the given weights, frozen"
+    assert recorded["teacher"]["weight"] == 1.0 and recorded["options"]["teacher"] == str(weights)
+    assert recorded["teacher"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    binary_taught = RunDir(by_binary).read_manifest()["prune"]
+    assert [g["retrain_loss"] for g in recorded["groups"]] != [g["retrain_loss"] for g in binary_taught["groups"]]
+
+    # a teacher with distillation off, a missing file, or another model's weights: one line, no traceback
+    for args, words in ((["--teacher", str(weights), "--distill", "0"], "distillation is off"),
+                        (["--teacher", str(tmp_path / "nope.safetensors")], "not found"),
+                        (["--teacher", str(float_twin_weights(tmp_path / "other.safetensors",
+                                                              "examples/nin.py"))], "teacher")):
+        bad = runner.invoke(app, ["prune", "--keep", "0.5", "--run", str(fresh(runs, "plain", tmp_path / "x")),
+                                  *args, *quick])
+        assert bad.exit_code != 0 and "Traceback" not in bad.output, bad.output
+        assert words in bad.output, bad.output
+        shutil.rmtree(tmp_path / "x")
+
+
 def test_learn_masks_on_an_in_memory_model_with_the_users_loader(tmp_path, monkeypatch) -> None:
     from _models import MODELS
     from torch.utils.data import DataLoader

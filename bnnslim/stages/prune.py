@@ -2,8 +2,9 @@
 
 This layer owns what the in-memory schedule does not: the run's model and
 dataset, the seeded data streams, the held-out batch, the teacher (the run's
-unpruned binary network, ``binary.safetensors``, frozen), checkpoints and the
-manifest. After every group, and after the final fine-tuning, the schedule's
+unpruned binary network, ``binary.safetensors``, frozen; or, with ``--teacher
+FILE``, the float model the run was binarized from, with those weights),
+checkpoints and the manifest. After every group, and after the final fine-tuning, the schedule's
 state (weights, masks, selectors, decisions) is written to
 ``checkpoints/prune.safetensors``; ``--resume`` continues after the last
 finished phase. Every phase starts from RNG state derived from ``(seed, phase)``
@@ -29,9 +30,9 @@ from bnnslim.errors import BnnslimError
 from bnnslim.plugins import get_dataset, provenance, recorded_plugin
 from bnnslim.prune.groups import PrunableGroup
 from bnnslim.prune.schedule import GroupRecord, PruneEvent, PruneSchedule, ScheduleConfig
-from bnnslim.run_model import load_run_model
-from bnnslim.rundir import RunDir, save_weights
-from bnnslim.stages.binarize import resolve_device
+from bnnslim.run_model import RunModel, load_run_model
+from bnnslim.rundir import RunDir, file_digest, save_weights
+from bnnslim.stages.binarize import load_weights_into, resolve_device
 from bnnslim.train import SEED_STRIDE, Teacher, evaluate, make_loader
 
 PRUNED_WEIGHTS = "pruned.safetensors"
@@ -47,6 +48,9 @@ class PruneOptions(ScheduleConfig):
     batch_size: int = 128
     heldout: int = 128
     device: str = "cpu"
+    #: float weights of the model the run was binarized from (its float twin): the distillation teacher
+    #: instead of the unpruned binary network (``--teacher FILE``; needs ``distill > 0``)
+    teacher: str | None = None
 
     def schedule_config(self) -> ScheduleConfig:
         return ScheduleConfig(**{f.name: getattr(self, f.name) for f in fields(ScheduleConfig)})
@@ -93,6 +97,37 @@ def _split_heldout(train: Dataset, size: int, seed: int) -> tuple[Dataset, Datas
     return Subset(train, perm[size:]), Subset(train, perm[:size])
 
 
+def _teacher(opts: PruneOptions, loaded: RunModel) -> Teacher | None:
+    """The frozen teacher: the float twin with ``opts.teacher``'s weights, else the unpruned binary network."""
+    if opts.teacher is None:
+        return Teacher.copy_of(loaded.model) if opts.distill > 0 else None  # binary.safetensors, frozen
+    if opts.distill <= 0:
+        raise BnnslimError("--teacher names a teacher but distillation is off (--distill 0)",
+                           "give --distill w > 0, or drop --teacher")
+    path = Path(opts.teacher)
+    if not path.is_file():
+        raise BnnslimError(f"teacher weights '{path}' not found", "check the --teacher path")
+    info = loaded.manifest["model"]
+    twin = loaded.source.build(num_classes=info.get("num_classes"), in_channels=info.get("in_channels"))
+    try:
+        load_weights_into(twin, path)
+    except BnnslimError as exc:
+        raise BnnslimError(f"teacher: {exc.problem}", "give float weights of the model this run was binarized "
+                           "from (binarize --teacher-epochs saves them as teacher.safetensors in the run)") from exc
+    return Teacher(twin)
+
+
+def teacher_description(opts: PruneOptions) -> dict[str, object] | None:
+    """What the manifest records as the prune teacher (None: no distillation)."""
+    if opts.distill <= 0:
+        return None
+    if opts.teacher is None:
+        return {"network": "the unpruned binary network of this run (binary.safetensors), frozen",
+                "weight": opts.distill, "temperature": opts.temperature}
+    return {"network": "the float model with the given weights, frozen", "weights": opts.teacher,
+            "sha256": file_digest(Path(opts.teacher)), "weight": opts.distill, "temperature": opts.temperature}
+
+
 def loss_description(opts: ScheduleConfig) -> str:
     if opts.distill > 0:
         return f"cross-entropy + {opts.distill:g} * T^2 * KL(teacher || student) at T = {opts.temperature:g}"
@@ -121,7 +156,7 @@ def prune(run_path: Path, opts: PruneOptions, resume: bool = False,
     checkpoint_path = run.checkpoints / CHECKPOINT
     if resume and not checkpoint_path.is_file():
         raise BnnslimError(f"nothing to resume: no prune checkpoint at '{checkpoint_path}'", "run without --resume")
-    teacher = Teacher.copy_of(model) if opts.distill > 0 else None  # the unpruned binary.safetensors, frozen
+    teacher = _teacher(opts, loaded)
     accuracy_before = 0.0
     schedule = PruneSchedule(model, example, opts.schedule_config(), teacher=teacher, device=device,
                              on_event=on_event, strategy=spec,
@@ -209,8 +244,7 @@ def _write_result(run: RunDir, model: torch.nn.Module, result: PruneResult, opts
     extra = {f"mask.{k}": v for k, v in result.masks.items()}
     extra.update({f"state.{k}": v for k, v in state.items()})
     save_weights(run.path / PRUNED_WEIGHTS, model, kind="binary-latent-masked", extra=extra)
-    teacher = ({"network": "the unpruned binary network of this run (binary.safetensors), frozen",
-                "weight": opts.distill, "temperature": opts.temperature} if opts.distill > 0 else None)
+    teacher = teacher_description(opts)
     run.update_manifest(prune={
         "strategy": opts.strategy, "keep": opts.keep, "options": json.loads(opts.resume_key()),
         "strategy_plugin": provenance("strategy", opts.strategy),
