@@ -269,6 +269,8 @@ def main() -> None:
                         help="also rewrite this README's accuracy table (between its prune-accuracy markers)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.teacher is not None and args.distill is None:
+        args.distill = 1.0  # as `bnnslim prune --teacher FILE` does
     overrides = {k: v for k, v in {"select_steps": args.select_steps, "retrain_steps": args.retrain_steps,
                                    "finetune_steps": args.finetune_steps, "distill": args.distill,
                                    "lr": args.lr, "finetune_lr": args.finetune_lr, "temperature": args.temperature,

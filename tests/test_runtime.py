@@ -40,7 +40,7 @@ from bnnslim.runtime import (
     with_emulation,
 )
 from bnnslim.runtime.bits import apply_thresholds
-from bnnslim.runtime.fuse import fuse_binary_chains, unfuse, unpack_input
+from bnnslim.runtime.fuse import ComputedByPackSigns, fuse_binary_chains, unfuse, unpack_input
 
 ALL_ISAS = ["avx512", "avx2", "popcnt", "scalar"]
 
@@ -624,23 +624,66 @@ def test_real_activations_enter_a_chain_as_bits(act: nn.Module, packs: bool, isa
     fused, plain = to_runtime(model), to_runtime(model, fuse=False)
     plan = runtime_plan(fused)
     assert plan.folded == {"0": ["1"], "4": ["5", "6"]}
-    assert plan.packed_inputs == ({"4": ["1", "2", "3"]} if packs else {})
+    assert plan.packed_inputs == ({"4": ["0", "1", "2", "3"]} if packs else {})
     # NCHW runtime: packing would first convert to channels-last, dearer than the layers it skips
     assert not runtime_plan(to_runtime(model, channels_last=False)).packed_inputs
     assert fused[4].input_bits is packs
     if packs:
-        # the folded norm's place packs (the conv's output signs are the activation's), the rest pass bits
-        assert isinstance(fused[1], PackSigns) and isinstance(fused[2], FusedAway)
-        assert isinstance(fused[3], PackedMaxPool2d)
+        # the folded norm's place packs the signs of the real conv (3 inputs: computed there, no floats stored),
+        # the rest pass bits
+        assert isinstance(fused[0], ComputedByPackSigns) and isinstance(fused[1], PackSigns)
+        assert fused[1].conv is not None
+        assert isinstance(fused[2], FusedAway) and isinstance(fused[3], PackedMaxPool2d)
         assert torch.equal(_consumer_inputs(fused, x, ["4"])["4"], _consumer_inputs(plain, x, ["4"])["4"])
     with torch.no_grad():
         y = fused(x)
         assert torch.equal(y, with_emulation(fused)(x))
         torch.testing.assert_close(y, plain(x), rtol=1e-5, atol=1e-5)
         unpack_input(fused, "4")
-        assert not fused[4].input_bits and isinstance(fused[1], FoldedAway)
+        assert not fused[4].input_bits and isinstance(fused[1], FoldedAway) and type(fused[0]) is nn.Conv2d
         assert type(fused[2]) is type(act) and type(fused[3]) is nn.MaxPool2d
         torch.testing.assert_close(fused(x), y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("cin", "cout", "k", "stride", "padding", "size"),
+                         [(3, 32, 3, 1, 1, (10, 12)), (1, 5, 3, 2, 0, (9, 7)), (4, 12, 5, 2, 2, (11, 40)),
+                          (3, 13, 7, 2, 3, (15, 13)), (2, 8, 1, 1, 0, (3, 4)), (1, 72, 5, 1, 2, (6, 20)),
+                          (3, 64, (3, 1), (1, 2), (2, 0), (6, 29)), (1, 130, 3, 1, 1, (5, 14))])
+def test_a_first_conv_writes_the_signs_of_its_output_as_bits(cin: int, cout: int, k: int | tuple[int, int],
+                                                              stride: int | tuple[int, int],
+                                                              padding: int | tuple[int, int], size: tuple[int, int],
+                                                              isa: str) -> None:
+    """A real conv with few inputs followed by a sign-keeping layer into a binary conv: the packing layer computes
+    the conv itself; its bits are the signs of torch's conv (values away from 0; NaN gives 0 as in the packers)."""
+    from bnnslim.runtime.bits import unpack_ternary
+
+    torch.manual_seed(cin * 1000 + cout)
+    model = nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=padding), nn.Hardtanh(),
+                          binary_conv(cout, 16, 3, padding=1)).eval()
+    x = torch.randn(2, cin, *size)
+    x[1, 0, 1, 2] = float("nan")
+    fused = to_runtime(model)
+    assert isinstance(fused[1], PackSigns) and fused[1].conv is not None and isinstance(fused[0], ComputedByPackSigns)
+    with torch.no_grad():
+        want = model[0](x)
+        bits = fused[1](fused[0](x.contiguous(memory_format=torch.channels_last)))
+    got = unpack_ternary(bits, cout)
+    expected = torch.sign(torch.nan_to_num(want, nan=0.0))
+    away_from_zero = want.abs() > 1e-5
+    assert torch.isnan(want).any() and (got[torch.isnan(want)] == 0).all()
+    assert torch.equal(got[away_from_zero], expected[away_from_zero])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), to_runtime(model, fuse=False)(x), rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_a_conv_with_many_inputs_or_other_users_is_not_taken_into_the_packing(kernels: build.KernelStatus) -> None:
+    """Only a conv with few inputs (an image's) that nothing else reads is computed by the packing layer."""
+    wide = to_runtime(nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.Hardtanh(), binary_conv(8, 8, 3)).eval())
+    assert isinstance(wide[1], PackSigns) and wide[1].conv is None and type(wide[0]) is nn.Conv2d
+    dilated = to_runtime(nn.Sequential(nn.Conv2d(3, 8, 3, dilation=2), nn.Hardtanh(), binary_conv(8, 8, 3)).eval())
+    assert isinstance(dilated[1], PackSigns) and dilated[1].conv is None
+    large = to_runtime(nn.Sequential(nn.Conv2d(3, 96, 5), nn.Hardtanh(), binary_conv(96, 8, 3)).eval())
+    assert isinstance(large[1], PackSigns) and large[1].conv is None  # torch's conv is faster there
 
 
 @pytest.mark.parametrize("case", ["avgpool", "hardswish", "pool_after_negative_bn", "shared", "functional"])
@@ -754,7 +797,8 @@ def test_plan_keeps_the_faster_version(name: str, kernels: build.KernelStatus, m
     plan = runtime_plan(runtime)
     assert not plan.fused and set(plan.emulated) == set(binary)
     # fused pairs and inputs packed from real layers (vgg11's first binary conv) are both undone
-    assert not any(isinstance(m, (FusedAway, PackedMaxPool2d, PackSigns)) for m in runtime.modules())
+    fusion = (FusedAway, PackedMaxPool2d, PackSigns, ComputedByPackSigns)
+    assert not any(isinstance(m, fusion) for m in runtime.modules())
     with torch.no_grad():
         torch.testing.assert_close(runtime(x), before, rtol=1e-5, atol=1e-5)  # the memory format may differ
 

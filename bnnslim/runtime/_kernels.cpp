@@ -620,6 +620,155 @@ at::Tensor pack_signs_op(const at::Tensor& x_in, int64_t isa) {
   return out;
 }
 
+// A real conv with few input channels whose output only enters a fused chain
+// (fuse.py's PackSigns over a conv): the signs of conv(x) + b as packed
+// ternary bits [N, OH, OW, NW, 2], without writing the floats. x is NHWC
+// floats; w is [KH, KW, Cin, CP] with CP = Cout rounded up to 8 (the extra
+// channels zero, so their bits stay 0 as pack_signs leaves them); b is [CP].
+// Each output sums bias, then the taps in (ky, kx, ci) order, zero padding
+// skipped: float rounding differs from torch's conv only in the last bits.
+struct SignConvArgs {
+  const float* x;
+  const float* w;
+  const float* b;
+  int64_t H, W, Cin, KH, KW, sh, sw, ph, pw, OH, OW, CP, NW;
+  int64_t* out;
+};
+
+void conv_sign_bits_scalar(const SignConvArgs& a, int64_t row_begin, int64_t row_end) {
+  std::vector<float> acc(a.CP);
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t n = row / a.OH, oy = row % a.OH;
+    for (int64_t ox = 0; ox < a.OW; ++ox) {
+      std::copy(a.b, a.b + a.CP, acc.begin());
+      for (int64_t ky = 0; ky < a.KH; ++ky) {
+        const int64_t iy = oy * a.sh - a.ph + ky;
+        if (iy < 0 || iy >= a.H) continue;
+        for (int64_t kx = 0; kx < a.KW; ++kx) {
+          const int64_t ix = ox * a.sw - a.pw + kx;
+          if (ix < 0 || ix >= a.W) continue;
+          const float* xp = a.x + ((n * a.H + iy) * a.W + ix) * a.Cin;
+          const float* wp = a.w + (ky * a.KW + kx) * a.Cin * a.CP;
+          for (int64_t ci = 0; ci < a.Cin; ++ci)
+            for (int64_t co = 0; co < a.CP; ++co) acc[co] += xp[ci] * wp[ci * a.CP + co];
+        }
+      }
+      int64_t* o = a.out + (row * a.OW + ox) * a.NW * 2;
+      for (int64_t j = 0; j < a.NW; ++j) {
+        uint64_t sb = 0, zb = 0;
+        for (int64_t k = 0; k < 64 && 64 * j + k < a.CP; ++k) {
+          const float v = acc[64 * j + k];
+          sb |= static_cast<uint64_t>(v > 0.0f) << k;
+          zb |= static_cast<uint64_t>(v > 0.0f || v < 0.0f) << k;
+        }
+        o[2 * j] = static_cast<int64_t>(sb);
+        o[2 * j + 1] = static_cast<int64_t>(zb);
+      }
+    }
+  }
+}
+
+#if BNN_X86
+// P output pixels (ox, ox + 1, ...) of row oy times NV vectors of 8 channels from c0, in registers: each
+// weight vector loaded is used for P pixels. P > 1 only where every tap of the P pixels is inside the
+// row (the x-padding is checked per tap for P == 1).
+template <int NV, int P>
+__attribute__((target("avx2,fma"))) void conv_sign_tile_avx2(const SignConvArgs& a, int64_t n, int64_t oy, int64_t ox,
+                                                              int64_t c0, uint8_t* row_out) {
+  __m256 acc[P][NV];
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < NV; ++v) acc[p][v] = _mm256_loadu_ps(a.b + c0 + 8 * v);
+  const int64_t step = a.sw * a.Cin;  // floats from one output pixel's input to the next one's
+  for (int64_t ky = 0; ky < a.KH; ++ky) {
+    const int64_t iy = oy * a.sh - a.ph + ky;
+    if (iy < 0 || iy >= a.H) continue;
+    for (int64_t kx = 0; kx < a.KW; ++kx) {
+      const int64_t ix = ox * a.sw - a.pw + kx;
+      if (P == 1 && (ix < 0 || ix >= a.W)) continue;
+      const float* xp = a.x + ((n * a.H + iy) * a.W + ix) * a.Cin;
+      const float* wp = a.w + (ky * a.KW + kx) * a.Cin * a.CP + c0;
+      for (int64_t ci = 0; ci < a.Cin; ++ci) {
+        __m256 wv[NV];
+        for (int v = 0; v < NV; ++v) wv[v] = _mm256_loadu_ps(wp + ci * a.CP + 8 * v);
+        for (int p = 0; p < P; ++p) {
+          const __m256 xv = _mm256_broadcast_ss(xp + p * step + ci);
+          for (int v = 0; v < NV; ++v) acc[p][v] = _mm256_fmadd_ps(xv, wv[v], acc[p][v]);
+        }
+      }
+    }
+  }
+  const __m256 zero = _mm256_setzero_ps();
+  for (int p = 0; p < P; ++p) {
+    uint8_t* word = row_out + (ox + p) * a.NW * 16 + (c0 / 64) * 16;  // sign bytes, then 8 on, nonzero bytes
+    for (int v = 0; v < NV; ++v) {
+      const int64_t byte = (c0 % 64) / 8 + v;
+      word[byte] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(acc[p][v], zero, _CMP_GT_OQ)));
+      word[8 + byte] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(acc[p][v], zero, _CMP_NEQ_OQ)));
+    }
+  }
+}
+
+// 16 channels x 6 pixels per tile (12 accumulators, 2 weight vectors and a broadcast: 15 of the 16 registers)
+template <int NV>
+__attribute__((target("avx2,fma"))) void conv_sign_row_avx2(const SignConvArgs& a, int64_t n, int64_t oy, int64_t c0,
+                                                             int64_t inner_begin, int64_t inner_end, uint8_t* row_out) {
+  constexpr int P = 6;
+  int64_t ox = 0;
+  for (; ox < std::min(inner_begin, a.OW); ++ox) conv_sign_tile_avx2<NV, 1>(a, n, oy, ox, c0, row_out);
+  for (; ox + P <= inner_end; ox += P) conv_sign_tile_avx2<NV, P>(a, n, oy, ox, c0, row_out);
+  for (; ox < a.OW; ++ox) conv_sign_tile_avx2<NV, 1>(a, n, oy, ox, c0, row_out);
+}
+
+__attribute__((target("avx2,fma"))) void conv_sign_bits_avx2(const SignConvArgs& a, int64_t row_begin,
+                                                              int64_t row_end) {
+  // output columns whose taps all lie inside the row: ox * sw - pw >= 0 and ox * sw - pw + KW - 1 < W
+  const int64_t inner_begin = ceil_div(a.pw, a.sw);
+  const int64_t last = a.W - a.KW + a.pw;
+  const int64_t inner_end = std::max(inner_begin, std::min(a.OW, last < 0 ? int64_t{0} : last / a.sw + 1));
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t n = row / a.OH, oy = row % a.OH;
+    uint8_t* row_out = reinterpret_cast<uint8_t*>(a.out + row * a.OW * a.NW * 2);
+    std::memset(row_out, 0, a.OW * a.NW * 16);
+    for (int64_t c0 = 0; c0 < a.CP; c0 += 16) {
+      if (a.CP - c0 >= 16) conv_sign_row_avx2<2>(a, n, oy, c0, inner_begin, inner_end, row_out);
+      else conv_sign_row_avx2<1>(a, n, oy, c0, inner_begin, inner_end, row_out);
+    }
+  }
+}
+#endif
+
+at::Tensor conv_sign_bits_op(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& b, int64_t kh, int64_t kw,
+                             at::IntArrayRef stride, at::IntArrayRef padding, int64_t isa) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "bnnslim runtime: conv_sign_bits takes a 4-d CPU tensor");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2, "bnnslim runtime: conv_sign_bits takes 2-d stride, padding");
+  isa = resolve_isa(isa);
+  const at::Tensor x = x_in.scalar_type() == at::kFloat && x_in.is_contiguous(at::MemoryFormat::ChannelsLast)
+                           ? x_in
+                           : x_in.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), CP = w.size(3);
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 4 && w.size(0) == kh &&
+                  w.size(1) == kw && w.size(2) == Cin && CP % 8 == 0,
+              "bnnslim runtime: conv_sign_bits weights must be float [kh, kw, Cin, Cout rounded up to 8]");
+  TORCH_CHECK(b.scalar_type() == at::kFloat && b.is_contiguous() && b.numel() == CP,
+              "bnnslim runtime: conv_sign_bits bias must be float [Cout rounded up to 8]");
+  const int64_t OH = (H + 2 * padding[0] - kh) / stride[0] + 1, OW = (W + 2 * padding[1] - kw) / stride[1] + 1;
+  TORCH_CHECK(OH > 0 && OW > 0, "bnnslim runtime: conv_sign_bits output would be empty");
+  const int64_t NW = ceil_div(CP, 64);
+  at::Tensor out = empty_long({N, OH, OW, NW, 2});
+  const SignConvArgs a{x.data_ptr<float>(), w.data_ptr<float>(), b.data_ptr<float>(), H, W, Cin, kh, kw,
+                       stride[0], stride[1], padding[0], padding[1], OH, OW, CP, NW, out.data_ptr<int64_t>()};
+  at::parallel_for(0, N * OH, 4, [&](int64_t rb, int64_t re) {
+#if BNN_X86
+    if ((isa == ISA_AVX2 || isa == ISA_AVX512) && __builtin_cpu_supports("fma")) {
+      conv_sign_bits_avx2(a, rb, re);
+      return;
+    }
+#endif
+    conv_sign_bits_scalar(a, rb, re);
+  });
+  return out;
+}
+
 // ---------------------------------------------------------------- conv
 
 struct ConvArgs {
@@ -1503,6 +1652,7 @@ TORCH_LIBRARY(bnnslim_rt, m) {
   m.def("bits_max_pool2d(Tensor bits, int[] kernel, int[] stride, int[] padding, int[] dilation, bool ceil_mode) "
         "-> Tensor");
   m.def("pack_signs(Tensor x, int isa) -> Tensor");
+  m.def("conv_sign_bits(Tensor x, Tensor w, Tensor b, int kh, int kw, int[] stride, int[] padding, int isa) -> Tensor");
   m.def("isa_name(int isa) -> str", &isa_name_op);
   m.def("cpu_has(int isa) -> bool", &cpu_has_op);
 }
@@ -1513,6 +1663,7 @@ TORCH_LIBRARY_IMPL(bnnslim_rt, CPU, m) {
   m.impl("binary_conv2d_bits", binary_conv2d_bits_op);
   m.impl("bits_max_pool2d", bits_max_pool2d_op);
   m.impl("pack_signs", pack_signs_op);
+  m.impl("conv_sign_bits", conv_sign_bits_op);
 }
 
 // The same ops as a Python module: a direct pybind11 call costs a few
@@ -1523,5 +1674,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("binary_conv2d_bits", &binary_conv2d_bits_op);
   m.def("bits_max_pool2d", &bits_max_pool2d_op);
   m.def("pack_signs", &pack_signs_op);
+  m.def("conv_sign_bits", &conv_sign_bits_op);
   m.def("popcount_peak", &popcount_peak_op);
 }
