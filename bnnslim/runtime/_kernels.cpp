@@ -553,22 +553,23 @@ at::Tensor pack_impl(const at::Tensor& x_in, const Geo& g, const c10::optional<a
 // Floats -> packed ternary bits [N, H, W, NW, 2] (sign = x > 0, nonzero = x > 0
 // or x < 0, so NaN gives 0 as in the packers above): a real layer's output
 // entering a fused chain (fuse.py's PackSigns), read channels-last.
-void pack_signs_scalar(const float* x, int64_t pixels, int64_t C, int64_t NW, int64_t* out) {
-  for (int64_t p = 0; p < pixels; ++p) {
-    const float* xp = x + p * C;
-    int64_t* w = out + p * NW * 2;
-    for (int64_t j = 0; j < NW; ++j) {
-      uint64_t sb = 0, zb = 0;
-      const int64_t kmax = std::min<int64_t>(64, C - 64 * j);
-      for (int64_t k = 0; k < kmax; ++k) {
-        const float v = xp[64 * j + k];
-        sb |= static_cast<uint64_t>(v > 0.0f) << k;
-        zb |= static_cast<uint64_t>(v > 0.0f || v < 0.0f) << k;
-      }
-      w[2 * j] = static_cast<int64_t>(sb);
-      w[2 * j + 1] = static_cast<int64_t>(zb);
+// one pixel's C floats -> its NW (sign, nonzero) word pairs
+void pack_sign_words(const float* xp, int64_t C, int64_t NW, int64_t* w) {
+  for (int64_t j = 0; j < NW; ++j) {
+    uint64_t sb = 0, zb = 0;
+    const int64_t kmax = std::min<int64_t>(64, C - 64 * j);
+    for (int64_t k = 0; k < kmax; ++k) {
+      const float v = xp[64 * j + k];
+      sb |= static_cast<uint64_t>(v > 0.0f) << k;
+      zb |= static_cast<uint64_t>(v > 0.0f || v < 0.0f) << k;
     }
+    w[2 * j] = static_cast<int64_t>(sb);
+    w[2 * j + 1] = static_cast<int64_t>(zb);
   }
+}
+
+void pack_signs_scalar(const float* x, int64_t pixels, int64_t C, int64_t NW, int64_t* out) {
+  for (int64_t p = 0; p < pixels; ++p) pack_sign_words(x + p * C, C, NW, out + p * NW * 2);
 }
 
 #if BNN_X86
@@ -653,17 +654,7 @@ void conv_sign_bits_scalar(const SignConvArgs& a, int64_t row_begin, int64_t row
             for (int64_t co = 0; co < a.CP; ++co) acc[co] += xp[ci] * wp[ci * a.CP + co];
         }
       }
-      int64_t* o = a.out + (row * a.OW + ox) * a.NW * 2;
-      for (int64_t j = 0; j < a.NW; ++j) {
-        uint64_t sb = 0, zb = 0;
-        for (int64_t k = 0; k < 64 && 64 * j + k < a.CP; ++k) {
-          const float v = acc[64 * j + k];
-          sb |= static_cast<uint64_t>(v > 0.0f) << k;
-          zb |= static_cast<uint64_t>(v > 0.0f || v < 0.0f) << k;
-        }
-        o[2 * j] = static_cast<int64_t>(sb);
-        o[2 * j + 1] = static_cast<int64_t>(zb);
-      }
+      pack_sign_words(acc.data(), a.CP, a.NW, a.out + (row * a.OW + ox) * a.NW * 2);
     }
   }
 }
