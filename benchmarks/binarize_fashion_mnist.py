@@ -1,21 +1,26 @@
 """Float vs binary small CNN on full Fashion-MNIST, with and without a float teacher (issue 11, item 4).
 
-Three ways to train ``examples/small_cnn.py`` for the same number of epochs,
-each over several seeds:
+Ways to train ``examples/small_cnn.py`` for the same number of epochs, each
+over several seeds:
 
 - ``float``: the float model itself (recorded by the ``distilled`` run: its
   float phase is exactly this model trained from scratch);
-- ``binary``: ``bnnslim binarize`` from scratch (xnor scheme, first conv and
-  classifier real);
+- ``binary``: ``bnnslim binarize`` from scratch (first conv and classifier
+  real);
 - ``distilled``: ``bnnslim binarize --teacher-epochs E``: the float model
   trained first, the binary network started from its weights and trained with
-  ``CE + T^2 KL`` against it (Real-to-Binary, Martinez et al. 2020).
+  ``CE + T^2 KL`` against it (Real-to-Binary, Martinez et al. 2020);
+- ``refit``: ``bnnslim binarize --teacher T --weights T`` with T the float
+  model the ``distilled`` run of the same seed trained (kept under
+  ``--keep-runs``): the same as ``distilled`` without training the float model
+  again, e.g. to try another ``--scheme``.
 
 Every finished run is appended to ``--results`` (JSON lines), so the cells can
 be split across processes and an interrupted run continues; the report is
 rewritten from all recorded runs. Needs Debian's ``dataset-fashion-mnist``.
 
-    python benchmarks/binarize_fashion_mnist.py --variants distilled binary --seeds 0 1 2
+    python benchmarks/binarize_fashion_mnist.py --variants distilled binary --keep-runs /tmp/runs
+    python benchmarks/binarize_fashion_mnist.py --variants refit --scheme bireal --keep-runs /tmp/runs
     python benchmarks/binarize_fashion_mnist.py --report-only
 """
 
@@ -37,7 +42,7 @@ sys.path.insert(0, str(HERE))
 from _common import header  # noqa: E402
 
 MODEL = str(HERE.parent / "examples" / "small_cnn.py")
-VARIANTS = ("binary", "distilled")
+VARIANTS = ("binary", "distilled", "refit")
 
 
 def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
@@ -46,18 +51,27 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
         work = args.keep_runs or Path(scratch)
         cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=128, seed=seed,
                           distill=args.distill, temperature=args.temperature)
+        twin = None
+        if variant == "refit":
+            twin = work / f"distilled-seed{seed}" / "teacher.safetensors"
+            if not twin.is_file():
+                raise SystemExit(f"refit needs the float model of a distilled run: {twin} not found "
+                                 "(run --variants distilled with the same --keep-runs first)")
         started = time.perf_counter()
-        result = binarize(BinarizeOptions(model=MODEL, run=work / f"{variant}-seed{seed}", overwrite=True,
-                                          data="fashion-mnist", data_root=args.data_root, train=cfg,
+        name = f"{variant}-seed{seed}" if args.scheme == "xnor" else f"{variant}-{args.scheme}-seed{seed}"
+        result = binarize(BinarizeOptions(model=MODEL, run=work / name,
+                                          overwrite=True, data="fashion-mnist", data_root=args.data_root, train=cfg,
+                                          scheme=args.scheme, teacher=twin, weights=twin,
                                           teacher_epochs=args.epochs if variant == "distilled" else 0))
         seconds = time.perf_counter() - started
         manifest = result.run.read_manifest()
-    record = {"variant": variant, "seed": seed, "epochs": args.epochs, "lr": args.lr,
+    record = {"variant": variant, "scheme": args.scheme, "seed": seed, "epochs": args.epochs, "lr": args.lr,
               "accuracy": result.test_accuracy, "history": [h.test_accuracy for h in result.history],
               "seconds": seconds, "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if variant != "binary":
+        record.update(distill=args.distill, temperature=args.temperature)
     if variant == "distilled":
-        record.update(distill=args.distill, temperature=args.temperature,
-                      float_accuracy=manifest["binarize"].get("teacher_test_accuracy"))
+        record["float_accuracy"] = manifest["binarize"].get("teacher_test_accuracy")
     return record
 
 
@@ -68,35 +82,34 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * std:.2f}"
 
 
+NAMES = {"binary": "binary (`bnnslim binarize --scheme {scheme}`)",
+         "distilled": "binary distilled from the float model (`--scheme {scheme} --teacher-epochs E`)",
+         "refit": "binary distilled from the float model (`--scheme {scheme} --teacher T --weights T`)"}
+
+
 def report(records: list[dict]) -> str:
     def per_seed(values: list[tuple[int, float]]) -> str:
         return " / ".join(f"{100 * v:.2f}" for _, v in sorted(values))
 
-    rows = {
-        "float (the same model, trained from scratch)":
-            [(r["seed"], r["float_accuracy"]) for r in records if r["variant"] == "distilled"],
-        "binary (`bnnslim binarize`)": [(r["seed"], r["accuracy"]) for r in records if r["variant"] == "binary"],
-        "binary distilled from the float model (`--teacher-epochs E`)":
-            [(r["seed"], r["accuracy"]) for r in records if r["variant"] == "distilled"],
-    }
+    floats = [(r["seed"], r["float_accuracy"]) for r in records if r["variant"] == "distilled"]
+    float_mean = statistics.mean(v for _, v in floats) if floats else None
     epochs = sorted({r["epochs"] for r in records})
     lines = [header("Binarize: float vs binary small CNN on full Fashion-MNIST"),
              f"\n60,000 train / 10,000 test images, batch 128, Adam lr {records[0]['lr'] if records else '?'} "
-             f"with cosine schedule, {', '.join(map(str, epochs))} epochs, xnor scheme (first conv and the linear "
-             "classifier real); distillation: CE + w T^2 KL with the defaults of `bnnslim binarize` "
-             "(w = 1, T = 4). One process per run, `OMP_NUM_THREADS=1`.\n",
+             f"with cosine schedule, {', '.join(map(str, epochs))} epochs, first conv and the linear classifier "
+             "real; distillation: CE + w T^2 KL with the defaults of `bnnslim binarize` (w = 1, T = 4). One process "
+             "per run, `OMP_NUM_THREADS=1`, up to three runs sharing the 2 cores.\n",
              "| network | seeds | test accuracy per seed (%) | mean ± std | behind float (pt) | minutes per run |",
-             "|---|---|---|---|---|---|"]
-    float_mean = statistics.mean(v for _, v in rows[next(iter(rows))]) if rows[next(iter(rows))] else None
-    minutes = {"binary": [r["seconds"] / 60 for r in records if r["variant"] == "binary"],
-               "distilled": [r["seconds"] / 60 for r in records if r["variant"] == "distilled"]}
-    for (name, values), key in zip(rows.items(), ("float", "binary", "distilled"), strict=True):
-        gap = "" if float_mean is None or not values or key == "float" else \
-            f"{100 * (float_mean - statistics.mean(v for _, v in values)):.2f}"
-        took = ("in the distilled run" if key == "float" else
-                f"{statistics.mean(minutes[key]):.0f}" if minutes[key] else "")
-        lines.append(f"| {name} | {len(values)} | {per_seed(values)} | {mean_std([v for _, v in values])} | "
-                     f"{gap} | {took} |")
+             "|---|---|---|---|---|---|",
+             f"| float (the same model, trained from scratch) | {len(floats)} | {per_seed(floats)} | "
+             f"{mean_std([v for _, v in floats])} |  | in the distilled run |"]
+    for variant, scheme in dict.fromkeys((r["variant"], r.get("scheme", "xnor")) for r in records):
+        cell = [r for r in records if r["variant"] == variant and r.get("scheme", "xnor") == scheme]
+        values = [(r["seed"], r["accuracy"]) for r in cell]
+        gap = "" if float_mean is None else f"{100 * (float_mean - statistics.mean(v for _, v in values)):.2f}"
+        minutes = statistics.mean(r["seconds"] / 60 for r in cell)
+        lines.append(f"| {NAMES[variant].format(scheme=scheme)} | {len(values)} | {per_seed(values)} | "
+                     f"{mean_std([v for _, v in values])} | {gap} | {minutes:.0f} |")
     lines.append("\nThe distilled run's minutes include its float phase (E float epochs, then E binary epochs).\n")
     return "\n".join(lines)
 
@@ -109,6 +122,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--distill", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=4.0)
+    parser.add_argument("--scheme", default="xnor")
     parser.add_argument("--data-root", type=Path, default=None)
     parser.add_argument("--results", type=Path, default=HERE / "binarize_fashion_mnist.jsonl")
     parser.add_argument("--out", type=Path, default=HERE / "binarize_fashion_mnist.md")
@@ -117,10 +131,10 @@ def main() -> None:
     args = parser.parse_args()
     records = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.is_file() else []
     if not args.report_only:
-        done = {(r["variant"], r["seed"], r["epochs"]) for r in records}
+        done = {(r["variant"], r.get("scheme", "xnor"), r["seed"], r["epochs"]) for r in records}
         for seed in args.seeds:
             for variant in args.variants:
-                if (variant, seed, args.epochs) in done:
+                if (variant, args.scheme, seed, args.epochs) in done:
                     continue
                 record = run_one(variant, seed, args)
                 print(json.dumps(record), flush=True)
