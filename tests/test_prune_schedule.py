@@ -282,6 +282,28 @@ def test_prune_distils_from_the_float_twin_named_by_teacher(runs, tmp_path, monk
     assert recorded["teacher"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     binary_taught = RunDir(by_binary).read_manifest()["prune"]
     assert [g["retrain_loss"] for g in recorded["groups"]] != [g["retrain_loss"] for g in binary_taught["groups"]]
+    from bnnslim.cli import _common
+
+    monkeypatch.setattr(_common.console, "width", 400)
+    shown = " ".join(runner.invoke(app, ["info", str(by_float)]).output.replace("│", " ").split())
+    assert f"teacher: the float model with the given weights, frozen ({weights})" in shown
+
+    # --resume with the float teacher ends where the uninterrupted run ended
+    cut = fresh(runs, "plain", tmp_path / "cut")
+    opts = PruneOptions(keep=0.5, finetune_steps=2, distill=1.0, teacher=str(weights), **QUICK)
+
+    def stop(ev) -> None:  # type: ignore[no-untyped-def]
+        if ev.phase == "done" and ev.index == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prune(cut, opts, on_event=stop)
+    uninterrupted = fresh(runs, "plain", tmp_path / "full")
+    full = prune(uninterrupted, opts)
+    resumed = prune(cut, opts, resume=True)
+    assert resumed.resumed_after == 2 and resumed.accuracy_after == full.accuracy_after
+    a, b = load_file(str(uninterrupted / "pruned.safetensors")), load_file(str(cut / "pruned.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     # a teacher with distillation off, a missing file, or another model's weights: one line, no traceback
     for args, words in ((["--teacher", str(weights), "--distill", "0"], "distillation is off"),

@@ -69,18 +69,21 @@ def _training_rows(manifest: dict) -> dict[str, str]:
     def percent(value: object) -> str:
         return f"{value:.2%}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
 
+    def named(t: dict) -> str:
+        return f"{t.get('network', '?')}" + (f" ({t['weights']})" if isinstance(t.get("weights"), str) else "")
+
     rows: dict[str, str] = {}
     binarize, teacher = section(manifest.get("binarize")), section(manifest.get("teacher"))
     if binarize.get("trained"):
         rows["binarize loss"] = f"{binarize.get('loss', 'cross-entropy')}" + (
-            f"; teacher: {teacher.get('network', '?')}" if teacher else "")
+            f"; teacher: {named(teacher)}" if teacher else "")
     prune = manifest.get("prune")
     if isinstance(prune, dict):
         t = section(prune.get("teacher"))
         rows["prune"] = (f"--keep {prune.get('keep')} --strategy {prune.get('strategy')}: {prune.get('filters_kept')} "
                          f"of {prune.get('filters_total')} filters, test accuracy "
                          f"{percent(prune.get('accuracy_before'))} before, {percent(prune.get('accuracy_after'))} after")
-        rows["prune loss"] = f"{prune.get('loss', '?')}; teacher: {t.get('network', '?') if t else 'none'}"
+        rows["prune loss"] = f"{prune.get('loss', '?')}; teacher: {named(t) if t else 'none'}"
         rows["prune fine-tuning"] = f"{prune.get('finetune_steps', '?')} steps, masks fixed"
     return rows
 
