@@ -43,6 +43,7 @@ from _common import header  # noqa: E402
 
 MODEL = str(HERE.parent / "examples" / "small_cnn.py")
 VARIANTS = ("binary", "distilled", "refit")
+NOTES = "<!-- notes: kept when the tables above are rewritten -->"
 
 
 def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
@@ -75,6 +76,16 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
     return record
 
 
+def load_records(path: Path) -> list[dict]:
+    """The recorded runs, one per cell (a cell run twice, e.g. by two processes, counts once: the first)."""
+    seen: dict[tuple, dict] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        if line.strip():
+            r = json.loads(line)
+            seen.setdefault((r["variant"], r.get("scheme", "xnor"), r["seed"], r["epochs"]), r)
+    return list(seen.values())
+
+
 def mean_std(values: list[float]) -> str:
     if not values:
         return ""
@@ -103,7 +114,8 @@ def report(records: list[dict]) -> str:
              "|---|---|---|---|---|---|",
              f"| float (the same model, trained from scratch) | {len(floats)} | {per_seed(floats)} | "
              f"{mean_std([v for _, v in floats])} |  | in the distilled run |"]
-    for variant, scheme in dict.fromkeys((r["variant"], r.get("scheme", "xnor")) for r in records):
+    cells = {(r["variant"], r.get("scheme", "xnor")) for r in records}
+    for variant, scheme in sorted(cells, key=lambda c: (VARIANTS.index(c[0]), c[1] != "xnor", c[1])):
         cell = [r for r in records if r["variant"] == variant and r.get("scheme", "xnor") == scheme]
         values = [(r["seed"], r["accuracy"]) for r in cell]
         gap = "" if float_mean is None else f"{100 * (float_mean - statistics.mean(v for _, v in values)):.2f}"
@@ -129,7 +141,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--keep-runs", type=Path, default=None, help="keep each run directory under this folder")
     args = parser.parse_args()
-    records = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.is_file() else []
+    records = load_records(args.results)
     if not args.report_only:
         done = {(r["variant"], r.get("scheme", "xnor"), r["seed"], r["epochs"]) for r in records}
         for seed in args.seeds:
@@ -142,8 +154,11 @@ def main() -> None:
                     f.write(json.dumps(record) + "\n")
                 records.append(record)
     records = [r for r in records if r["epochs"] == args.epochs]
-    args.out.write_text(report(records))
-    print(report(records))
+    text = report(records)
+    if args.out.is_file() and NOTES in args.out.read_text():  # hand-written notes survive a rewrite
+        text += "\n" + NOTES + args.out.read_text().split(NOTES, 1)[1]
+    args.out.write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
