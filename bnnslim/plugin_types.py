@@ -98,8 +98,9 @@ class SelectionContext:
     ``batches`` yields ``(x, y)`` training batches on ``device`` forever, in a
     seeded order; ``heldout`` is one fixed batch the training stream never yields.
 
-    Distillation: ``teacher`` is the frozen, unpruned network (eval mode, no
-    gradients; ``None`` when distillation is off) and ``loss(logits, y, x)`` is
+    Distillation: ``teacher`` is the frozen teacher, the unpruned network or
+    the float model that ``--teacher`` names (eval mode, no gradients; ``None``
+    when distillation is off) and ``loss(logits, y, x)`` is
     the loss the schedule trains with: cross-entropy plus, with a teacher,
     ``weight * T^2 * KL`` between the teacher's softened outputs on ``x`` and
     ``logits`` (:func:`bnnslim.train.training_loss`). A strategy that learns
