@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from bnnslim.cli.app import app
+from bnnslim.errors import BnnslimError
 from bnnslim.plugins import reset_plugin_manager
 from bnnslim.rundir import RunDir
 from bnnslim.stages.binarize import BinarizeOptions, binarize
@@ -277,7 +278,7 @@ def test_prune_distils_from_the_float_twin_named_by_teacher(runs, tmp_path, monk
     assert ok.exit_code == 0, ok.output
     recorded = RunDir(by_float).read_manifest()["prune"]
     # --teacher turns distillation on (weight 1) and the manifest names the file and its digest
-    assert recorded["teacher"]["network"] == "the float model with the given weights, frozen"
+    assert recorded["teacher"]["network"] == "the float model with the given weights"
     assert recorded["teacher"]["weight"] == 1.0 and recorded["options"]["teacher"] == str(weights)
     assert recorded["teacher"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     binary_taught = RunDir(by_binary).read_manifest()["prune"]
@@ -286,7 +287,7 @@ def test_prune_distils_from_the_float_twin_named_by_teacher(runs, tmp_path, monk
 
     monkeypatch.setattr(_common.console, "width", 400)
     shown = " ".join(runner.invoke(app, ["info", str(by_float)]).output.replace("│", " ").split())
-    assert f"teacher: the float model with the given weights, frozen ({weights})" in shown
+    assert f"teacher: the float model with the given weights ({weights})" in shown
 
     # --resume with the float teacher ends where the uninterrupted run ended
     cut = fresh(runs, "plain", tmp_path / "cut")
@@ -304,6 +305,14 @@ def test_prune_distils_from_the_float_twin_named_by_teacher(runs, tmp_path, monk
     assert resumed.resumed_after == 2 and resumed.accuracy_after == full.accuracy_after
     a, b = load_file(str(uninterrupted / "pruned.safetensors")), load_file(str(cut / "pruned.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # other weights at the same path: --resume refuses instead of mixing two teachers
+    changed = fresh(runs, "plain", tmp_path / "changed")
+    with pytest.raises(KeyboardInterrupt):
+        prune(changed, opts, on_event=stop)
+    float_twin_weights(weights, seed=1)
+    with pytest.raises(BnnslimError, match="another teacher"):
+        prune(changed, opts, resume=True)
 
     # a teacher with distillation off, a missing file, or another model's weights: one line, no traceback
     for args, words in ((["--teacher", str(weights), "--distill", "0"], "distillation is off"),

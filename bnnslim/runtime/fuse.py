@@ -147,6 +147,8 @@ class PackSigns(nn.Module):
                 bias[:conv.out_channels] = conv.bias.detach().float()
             self.register_buffer("conv_weight", weight, persistent=False)
             self.register_buffer("conv_bias", bias, persistent=False)
+            #: the kernel's arguments after weights and bias (built once: forward is on the batch-1 hot path)
+            self.conv_geometry = (*conv.kernel_size, list(conv.stride), list(conv.padding))
 
     def use_emulation(self, reason: str) -> None:
         """Pack through torch from now on."""
@@ -158,9 +160,8 @@ class PackSigns(nn.Module):
         if self.mode == "kernel" and build.kernel_status().available and x.dtype == torch.float32:
             if conv is None:
                 return build.fast_ops().pack_signs(x, build.isa_code())
-            kh, kw = conv.kernel_size
-            return build.fast_ops().conv_sign_bits(x, self.conv_weight, self.conv_bias, kh, kw, list(conv.stride),
-                                                   list(conv.padding), build.isa_code())
+            return build.fast_ops().conv_sign_bits(x, self.conv_weight, self.conv_bias, *self.conv_geometry,
+                                                   build.isa_code())
         if conv is not None:
             x = conv(x)
         return pack_ternary(torch.nan_to_num(x.float(), nan=0.0))

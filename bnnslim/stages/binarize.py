@@ -192,6 +192,15 @@ RESUME_MUST_MATCH = ("model", "input_shape", "scheme", "layers", "dataset", "tea
 TEACHER_WEIGHTS = "teacher.safetensors"
 
 
+def named_float_teacher(path: Path) -> dict[str, Any]:
+    """What identifies float teacher weights the user named (``--teacher FILE`` of binarize and prune)."""
+    from bnnslim.rundir import file_digest
+
+    if not path.is_file():
+        raise BnnslimError(f"teacher weights '{path}' not found", "check the --teacher path")
+    return {"network": "the float model with the given weights", "weights": str(path), "sha256": file_digest(path)}
+
+
 def _teacher_identity(opts: BinarizeOptions) -> dict[str, Any] | None:
     """What identifies the float teacher (recorded in the manifest; --resume must give the same)."""
     if opts.train is None or (opts.teacher is None and not opts.teacher_epochs):
@@ -200,12 +209,7 @@ def _teacher_identity(opts: BinarizeOptions) -> dict[str, Any] | None:
         raise BnnslimError("--teacher and --teacher-epochs both given", "name a float teacher, or have one trained")
     loss = {"distill": opts.train.distill, "temperature": opts.train.temperature}
     if opts.teacher is not None:
-        from bnnslim.rundir import file_digest
-
-        if not Path(opts.teacher).is_file():
-            raise BnnslimError(f"teacher weights '{opts.teacher}' not found", "check the --teacher path")
-        return {"network": "the float model with the given weights", "weights": str(opts.teacher),
-                "sha256": file_digest(Path(opts.teacher)), **loss}
+        return {**named_float_teacher(Path(opts.teacher)), **loss}
     return {"network": f"the float model trained {opts.teacher_epochs} epochs first ({TEACHER_WEIGHTS}), "
                        "which also gives the binary network its starting weights",
             "epochs": opts.teacher_epochs, **loss}

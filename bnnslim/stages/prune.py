@@ -31,8 +31,8 @@ from bnnslim.plugins import get_dataset, provenance, recorded_plugin
 from bnnslim.prune.groups import PrunableGroup
 from bnnslim.prune.schedule import GroupRecord, PruneEvent, PruneSchedule, ScheduleConfig
 from bnnslim.run_model import RunModel, load_run_model
-from bnnslim.rundir import RunDir, file_digest, save_weights
-from bnnslim.stages.binarize import load_weights_into, resolve_device
+from bnnslim.rundir import RunDir, save_weights
+from bnnslim.stages.binarize import load_weights_into, named_float_teacher, resolve_device
 from bnnslim.train import SEED_STRIDE, Teacher, evaluate, make_loader
 
 PRUNED_WEIGHTS = "pruned.safetensors"
@@ -97,35 +97,33 @@ def _split_heldout(train: Dataset, size: int, seed: int) -> tuple[Dataset, Datas
     return Subset(train, perm[size:]), Subset(train, perm[:size])
 
 
-def _teacher(opts: PruneOptions, loaded: RunModel) -> Teacher | None:
-    """The frozen teacher: the float twin with ``opts.teacher``'s weights, else the unpruned binary network."""
-    if opts.teacher is None:
-        return Teacher.copy_of(loaded.model) if opts.distill > 0 else None  # binary.safetensors, frozen
-    if opts.distill <= 0:
+def teacher_description(opts: PruneOptions) -> dict[str, object] | None:
+    """What identifies the prune teacher (manifest, checkpoint; None: no distillation); checks ``--teacher``."""
+    if opts.teacher is not None and opts.distill <= 0:
         raise BnnslimError("--teacher names a teacher but distillation is off (--distill 0)",
                            "give --distill w > 0, or drop --teacher")
-    path = Path(opts.teacher)
-    if not path.is_file():
-        raise BnnslimError(f"teacher weights '{path}' not found", "check the --teacher path")
+    if opts.distill <= 0:
+        return None
+    loss = {"weight": opts.distill, "temperature": opts.temperature}
+    if opts.teacher is None:
+        return {"network": "the unpruned binary network of this run (binary.safetensors), frozen", **loss}
+    return {**named_float_teacher(Path(opts.teacher)), **loss}
+
+
+def _teacher(opts: PruneOptions, loaded: RunModel) -> Teacher | None:
+    """The frozen teacher: the float twin with ``opts.teacher``'s weights, else the unpruned binary network."""
+    if opts.distill <= 0:
+        return None
+    if opts.teacher is None:
+        return Teacher.copy_of(loaded.model)  # binary.safetensors, frozen
     info = loaded.manifest["model"]
     twin = loaded.source.build(num_classes=info.get("num_classes"), in_channels=info.get("in_channels"))
     try:
-        load_weights_into(twin, path)
+        load_weights_into(twin, Path(opts.teacher))
     except BnnslimError as exc:
         raise BnnslimError(f"teacher: {exc.problem}", "give float weights of the model this run was binarized "
                            "from (binarize --teacher-epochs saves them as teacher.safetensors in the run)") from exc
     return Teacher(twin)
-
-
-def teacher_description(opts: PruneOptions) -> dict[str, object] | None:
-    """What the manifest records as the prune teacher (None: no distillation)."""
-    if opts.distill <= 0:
-        return None
-    if opts.teacher is None:
-        return {"network": "the unpruned binary network of this run (binary.safetensors), frozen",
-                "weight": opts.distill, "temperature": opts.temperature}
-    return {"network": "the float model with the given weights, frozen", "weights": opts.teacher,
-            "sha256": file_digest(Path(opts.teacher)), "weight": opts.distill, "temperature": opts.temperature}
 
 
 def loss_description(opts: ScheduleConfig) -> str:
@@ -156,11 +154,13 @@ def prune(run_path: Path, opts: PruneOptions, resume: bool = False,
     checkpoint_path = run.checkpoints / CHECKPOINT
     if resume and not checkpoint_path.is_file():
         raise BnnslimError(f"nothing to resume: no prune checkpoint at '{checkpoint_path}'", "run without --resume")
+    teacher_info = teacher_description(opts)
     teacher = _teacher(opts, loaded)
     accuracy_before = 0.0
     schedule = PruneSchedule(model, example, opts.schedule_config(), teacher=teacher, device=device,
                              on_event=on_event, strategy=spec,
-                             after_phase=lambda s: _checkpoint(checkpoint_path, s, opts, accuracy_before))
+                             after_phase=lambda s: _checkpoint(checkpoint_path, s, opts, teacher_info,
+                                                               accuracy_before))
     root = Path(data_root) if data_root else None
     dataset = get_dataset(data_name, recorded_plugin(manifest, "dataset")).splits_for(root, loaded.input_shape)
     train_set, heldout_set = _split_heldout(dataset.train, opts.heldout, opts.seed)
@@ -170,7 +170,7 @@ def prune(run_path: Path, opts: PruneOptions, resume: bool = False,
     start = 0
     try:
         if resume:
-            state, accuracy_before = _load_checkpoint(checkpoint_path, opts)
+            state, accuracy_before = _load_checkpoint(checkpoint_path, opts, teacher_info)
             schedule.load_state_dict(state)
             start = schedule.index
         else:
@@ -202,12 +202,13 @@ def prune(run_path: Path, opts: PruneOptions, resume: bool = False,
                          budget={"measure": budget.measure, "total": budget.total, "requested": budget.requested,
                                  "kept": budget.spent, "uniform_fraction": round(budget.fraction, 6)})
     if D.is_main_process():
-        _write_result(run, model, result, opts, schedule.state, data_name, data_root)
+        _write_result(run, model, result, opts, teacher_info, schedule.state, data_name, data_root)
     D.barrier()
     return result
 
 
-def _checkpoint(path: Path, schedule: PruneSchedule, opts: PruneOptions, accuracy_before: float) -> None:
+def _checkpoint(path: Path, schedule: PruneSchedule, opts: PruneOptions, teacher: dict[str, object] | None,
+                accuracy_before: float) -> None:
     if D.is_main_process():
         state = schedule.state_dict()
         tensors = {f"model.{k}": v for k, v in state["model"].items()}
@@ -217,17 +218,22 @@ def _checkpoint(path: Path, schedule: PruneSchedule, opts: PruneOptions, accurac
                                      "records": json.dumps(state["records"]),
                                      "finetuned": json.dumps(state["finetuned"]),
                                      "finetune_loss": repr(state["finetune_loss"]),
+                                     "teacher": json.dumps(teacher, sort_keys=True),
                                      "accuracy_before": repr(accuracy_before)})
     D.barrier()
 
 
-def _load_checkpoint(path: Path, opts: PruneOptions) -> tuple[dict[str, object], float]:
+def _load_checkpoint(path: Path, opts: PruneOptions,
+                     teacher: dict[str, object] | None) -> tuple[dict[str, object], float]:
     from bnnslim.rundir import read_checkpoint
 
     meta, tensors = read_checkpoint(path, ("options", "records", "accuracy_before"))
     if meta["options"] != opts.resume_key():
         raise BnnslimError("--resume with different options than the interrupted run",
                            f"repeat the first run's options: {meta['options']}")
+    if "teacher" in meta and meta["teacher"] != json.dumps(teacher, sort_keys=True):  # e.g. the file changed
+        raise BnnslimError("--resume with another teacher than the interrupted run (the weights file differs)",
+                           "give the first run's teacher weights, or run without --resume")
     try:
         state = {"model": {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
                  "masks": {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")},
@@ -240,11 +246,11 @@ def _load_checkpoint(path: Path, opts: PruneOptions) -> tuple[dict[str, object],
 
 
 def _write_result(run: RunDir, model: torch.nn.Module, result: PruneResult, opts: PruneOptions,
-                  state: dict[str, torch.Tensor], data_name: str, data_root: str | None) -> None:
+                  teacher: dict[str, object] | None, state: dict[str, torch.Tensor], data_name: str,
+                  data_root: str | None) -> None:
     extra = {f"mask.{k}": v for k, v in result.masks.items()}
     extra.update({f"state.{k}": v for k, v in state.items()})
     save_weights(run.path / PRUNED_WEIGHTS, model, kind="binary-latent-masked", extra=extra)
-    teacher = teacher_description(opts)
     run.update_manifest(prune={
         "strategy": opts.strategy, "keep": opts.keep, "options": json.loads(opts.resume_key()),
         "strategy_plugin": provenance("strategy", opts.strategy),
