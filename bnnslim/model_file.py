@@ -23,6 +23,7 @@ content changed since export is refused; so is any damaged header field.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,8 @@ FORMAT_VERSION = "1"
 RUNTIMES = ("torch", "packed")
 #: the largest channel count or input size a header may record (a damaged header must not allocate terabytes)
 MAX_COUNT = 1 << 20
+#: the most values one input of the recorded shape may hold (load runs the model once on such an input)
+MAX_INPUT_VALUES = 1 << 26
 
 
 def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
@@ -233,6 +236,9 @@ def parse_header(meta: dict[str, str], path: Path) -> Header:
     shape = _field(meta, "input_shape", path, list)
     if not shape or len(shape) > 4 or not all(_count(d) for d in shape):
         raise BnnslimError(f"'{path}': the header's input shape {shape!r} is not a list of positive sizes", damaged)
+    if math.prod(shape) > MAX_INPUT_VALUES:
+        raise BnnslimError(f"'{path}': the header's input shape {shape!r} holds more than {MAX_INPUT_VALUES} values",
+                           damaged)
     metrics = _field(meta, "metrics", path, dict, required=False)
     plugins = _field(meta, "plugins", path, dict, required=False)  # files before 0.x lack it
     return Header(model=model, scheme=scheme, binary_layers=binary, layers=layers, input_shape=tuple(shape),
@@ -305,6 +311,8 @@ def rebuild(path: Path, meta: dict[str, str], head: Header, source: ModelSource,
         raise BnnslimError(f"'{path}': tensor {bad[0]} has shape {tuple(tensors[bad[0]].shape)}, "
                            f"the rebuilt model expects {tuple(own[bad[0]].shape)}", "export it again")
     load_with_metadata(model, {k: tensors[k] for k in own})
+    model.eval()
+    _check_runs(path, model, head.input_shape)
     if runtime == "packed":
         from bnnslim.runtime import to_runtime
 
@@ -337,6 +345,22 @@ def _check_layer_tensors(path: Path, layers: dict[str, dict[str, int]], tensors:
         if not ok:
             raise BnnslimError(f"'{path}': the header's shape of layer '{name}' ({shape}) does not match its "
                                "stored tensors", "the file is damaged: export it again")
+
+
+def _check_runs(path: Path, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """One forward pass on zeros of the recorded input shape: the layer sizes fit together.
+
+    The header's sizes each agree with their own tensors (:func:`_check_layer_tensors`), but only running
+    the model shows that one layer's outputs match the next one's inputs: a packed conv stores its inputs
+    rounded up to whole bytes, so a damaged ``in`` of 12 for 10 passes every per-layer check.
+    """
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+    except (RuntimeError, ValueError, IndexError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BnnslimError(f"'{path}': the model rebuilt from its header does not run on its recorded input shape "
+                           f"{list(input_shape)} ({first_line})", "the file is damaged: export it again") from exc
 
 
 def _unpack(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -98,6 +98,10 @@ def test_header_field_mutations(exports, tmp_path: Path, form: str) -> None:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
     layers = json.loads(meta["layers"])
     first = next(iter(layers))
+    binary = json.loads(meta["binary_layers"])[-1]
+    n_in = layers[binary]["in"]
+    # another input count in the same number of packed bytes: only running the model shows it is wrong
+    same_bytes = n_in - 1 if n_in % 8 != 1 else n_in + 1
     wrong = {
         "model": ["null", "[]", "{}", '"x"', json.dumps({**json.loads(meta["model"]), "num_classes": -1}),
                   json.dumps({**json.loads(meta["model"]), "name": "os.system"})],
@@ -105,8 +109,10 @@ def test_header_field_mutations(exports, tmp_path: Path, form: str) -> None:
         "layers": ["null", "[]", json.dumps({first: {"in": 1}}),
                    json.dumps({first: {"in": 10**12, "out": 1, "groups": 1}}),
                    json.dumps({**layers, first: {"in": 3, "out": 5, "groups": 2}}),
-                   json.dumps({"nosuch": {"features": 3}}), json.dumps({**layers, first: {"features": 0}})],
-        "input_shape": ["null", "[]", "[0, 28, 28]", "[1, 28, 28, 1, 1]", '["1"]', "[1e400]"],
+                   json.dumps({"nosuch": {"features": 3}}), json.dumps({**layers, first: {"features": 0}}),
+                   json.dumps({**layers, binary: {**layers[binary], "in": same_bytes}})],
+        "input_shape": ["null", "[]", "[0, 28, 28]", "[1, 28, 28, 1, 1]", '["1"]', "[1e400]", "[2, 28, 28]",
+                        "[1, 1048576, 1048576]"],
         "metrics": ["null", "[]", "{"],
         "scheme": ["", "nosuch"],
         "form": ["packed" if form == "plain" else "plain", "other"],
