@@ -648,7 +648,8 @@ def test_real_activations_enter_a_chain_as_bits(act: nn.Module, packs: bool, isa
 @pytest.mark.parametrize(("cin", "cout", "k", "stride", "padding", "size"),
                          [(3, 32, 3, 1, 1, (10, 12)), (1, 5, 3, 2, 0, (9, 7)), (4, 12, 5, 2, 2, (11, 40)),
                           (3, 13, 7, 2, 3, (15, 13)), (2, 8, 1, 1, 0, (3, 4)), (1, 72, 5, 1, 2, (6, 20)),
-                          (3, 64, (3, 1), (1, 2), (2, 0), (6, 29)), (1, 130, 3, 1, 1, (5, 14))])
+                          (3, 64, (3, 1), (1, 2), (2, 0), (6, 29)), (1, 130, 3, 1, 1, (5, 14)),
+                          (3, 96, 5, 1, 2, (4, 30)), (3, 40, 7, 2, 3, (9, 64))])
 def test_a_first_conv_writes_the_signs_of_its_output_as_bits(cin: int, cout: int, k: int | tuple[int, int],
                                                               stride: int | tuple[int, int],
                                                               padding: int | tuple[int, int], size: tuple[int, int],
@@ -682,8 +683,8 @@ def test_a_conv_with_many_inputs_or_other_users_is_not_taken_into_the_packing(ke
     assert isinstance(wide[1], PackSigns) and wide[1].conv is None and type(wide[0]) is nn.Conv2d
     dilated = to_runtime(nn.Sequential(nn.Conv2d(3, 8, 3, dilation=2), nn.Hardtanh(), binary_conv(8, 8, 3)).eval())
     assert isinstance(dilated[1], PackSigns) and dilated[1].conv is None
-    large = to_runtime(nn.Sequential(nn.Conv2d(3, 96, 5), nn.Hardtanh(), binary_conv(96, 8, 3)).eval())
-    assert isinstance(large[1], PackSigns) and large[1].conv is None  # torch's conv is faster there
+    large = to_runtime(nn.Sequential(nn.Conv2d(3, 256, 5), nn.Hardtanh(), binary_conv(256, 8, 3)).eval())
+    assert isinstance(large[1], PackSigns) and large[1].conv is None  # beyond what runtime_first_conv measured
 
 
 @pytest.mark.parametrize("case", ["avgpool", "hardswish", "pool_after_negative_bn", "shared", "functional"])

@@ -624,107 +624,167 @@ at::Tensor pack_signs_op(const at::Tensor& x_in, int64_t isa) {
 // A real conv with few input channels whose output only enters a fused chain
 // (fuse.py's PackSigns over a conv): the signs of conv(x) + b as packed
 // ternary bits [N, OH, OW, NW, 2], without writing the floats. x is NHWC
-// floats; w is [KH, KW, Cin, CP] with CP = Cout rounded up to 8 (the extra
-// channels zero, so their bits stay 0 as pack_signs leaves them); b is [CP].
-// Each output sums bias, then the taps in (ky, kx, ci) order, zero padding
-// skipped: float rounding differs from torch's conv only in the last bits.
+// floats, already zero-padded (the op pads it: no tap is ever out of range);
+// w is [KH, KW, Cin, CP] with CP = Cout rounded up to 8 (the extra channels
+// zero, so their bits stay 0 as pack_signs leaves them); b is [CP]. Each
+// output sums bias, then the taps in (ky, kx, ci) order: float rounding
+// differs from torch's conv only in the last bits.
 struct SignConvArgs {
   const float* x;
   const float* w;
   const float* b;
-  int64_t H, W, Cin, KH, KW, sh, sw, ph, pw, OH, OW, CP, NW;
+  int64_t H, W, Cin, KH, KW, sh, sw, OH, OW, CP, NW;
   int64_t* out;
-};
 
-void conv_sign_bits_scalar(const SignConvArgs& a, int64_t row_begin, int64_t row_end) {
-  std::vector<float> acc(a.CP);
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    const int64_t n = row / a.OH, oy = row % a.OH;
-    for (int64_t ox = 0; ox < a.OW; ++ox) {
-      std::copy(a.b, a.b + a.CP, acc.begin());
-      for (int64_t ky = 0; ky < a.KH; ++ky) {
-        const int64_t iy = oy * a.sh - a.ph + ky;
-        if (iy < 0 || iy >= a.H) continue;
-        for (int64_t kx = 0; kx < a.KW; ++kx) {
-          const int64_t ix = ox * a.sw - a.pw + kx;
-          if (ix < 0 || ix >= a.W) continue;
-          const float* xp = a.x + ((n * a.H + iy) * a.W + ix) * a.Cin;
-          const float* wp = a.w + (ky * a.KW + kx) * a.Cin * a.CP;
-          for (int64_t ci = 0; ci < a.Cin; ++ci)
-            for (int64_t co = 0; co < a.CP; ++co) acc[co] += xp[ci] * wp[ci * a.CP + co];
-        }
-      }
-      pack_sign_words(acc.data(), a.CP, a.NW, a.out + (row * a.OW + ox) * a.NW * 2);
+  int64_t taps() const { return KH * KW * Cin; }
+  // The inputs of output row `row` as a [taps, OW] matrix (tap t = (ky, kx, ci), the weights' order): then the
+  // row is a small GEMM, patch^T x w, and a tile's pixels are adjacent floats of one patch row.
+  void fill_patch(int64_t row, float* patch) const {
+    const int64_t n = row / OH, oy = row % OH, per_row = KW * Cin;
+    for (int64_t ky = 0; ky < KH; ++ky) {
+      const float* src = x + ((n * H + oy * sh + ky) * W) * Cin;
+      float* dst = patch + ky * per_row * OW;
+      for (int64_t ox = 0; ox < OW; ++ox)
+        for (int64_t j = 0; j < per_row; ++j) dst[j * OW + ox] = src[ox * sw * Cin + j];
     }
   }
+  // the output bytes of a row: per pixel NW words of sign bits then NW of nonzero bits
+  uint8_t* row_bytes(int64_t row) const { return reinterpret_cast<uint8_t*>(out + row * OW * NW * 2); }
+};
+
+void conv_sign_bits_scalar(const SignConvArgs& a, const float* patch, int64_t row) {
+  std::vector<float> acc(a.CP);
+  for (int64_t ox = 0; ox < a.OW; ++ox) {
+    std::copy(a.b, a.b + a.CP, acc.begin());
+    for (int64_t t = 0; t < a.taps(); ++t)
+      for (int64_t co = 0; co < a.CP; ++co) acc[co] += patch[t * a.OW + ox] * a.w[t * a.CP + co];
+    pack_sign_words(acc.data(), a.CP, a.NW, a.out + (row * a.OW + ox) * a.NW * 2);
+  }
+}
+
+// Output pixels of one row in tiles of P, then Q, then 1 (tile.run<width>(ox) computes `width` pixels from ox)
+template <int P, int Q, typename Tile>
+inline void sign_conv_row(int64_t OW, const Tile& tile) {
+  int64_t ox = 0;
+  for (; ox + P <= OW; ox += P) tile.template run<P>(ox);
+  for (; ox + Q <= OW; ox += Q) tile.template run<Q>(ox);
+  for (; ox < OW; ++ox) tile.template run<1>(ox);
 }
 
 #if BNN_X86
-// P output pixels (ox, ox + 1, ...) of row oy times NV vectors of 8 channels from c0, in registers: each
-// weight vector loaded is used for P pixels. P > 1 only where every tap of the P pixels is inside the
-// row (the x-padding is checked per tap for P == 1).
-template <int NV, int P>
-__attribute__((target("avx2,fma"))) void conv_sign_tile_avx2(const SignConvArgs& a, int64_t n, int64_t oy, int64_t ox,
-                                                              int64_t c0, uint8_t* row_out) {
-  __m256 acc[P][NV];
-  for (int p = 0; p < P; ++p)
-    for (int v = 0; v < NV; ++v) acc[p][v] = _mm256_loadu_ps(a.b + c0 + 8 * v);
-  const int64_t step = a.sw * a.Cin;  // floats from one output pixel's input to the next one's
-  for (int64_t ky = 0; ky < a.KH; ++ky) {
-    const int64_t iy = oy * a.sh - a.ph + ky;
-    if (iy < 0 || iy >= a.H) continue;
-    for (int64_t kx = 0; kx < a.KW; ++kx) {
-      const int64_t ix = ox * a.sw - a.pw + kx;
-      if (P == 1 && (ix < 0 || ix >= a.W)) continue;
-      const float* xp = a.x + ((n * a.H + iy) * a.W + ix) * a.Cin;
-      const float* wp = a.w + (ky * a.KW + kx) * a.Cin * a.CP + c0;
-      for (int64_t ci = 0; ci < a.Cin; ++ci) {
-        __m256 wv[NV];
-        for (int v = 0; v < NV; ++v) wv[v] = _mm256_loadu_ps(wp + ci * a.CP + 8 * v);
-        for (int p = 0; p < P; ++p) {
-          const __m256 xv = _mm256_broadcast_ss(xp + p * step + ci);
-          for (int v = 0; v < NV; ++v) acc[p][v] = _mm256_fmadd_ps(xv, wv[v], acc[p][v]);
-        }
+// every register-tile loop unrolled completely, so the accumulators stay in registers (else GCC 12 stores
+// each one to the stack on every iteration)
+#define BNN_UNROLL _Pragma("GCC unroll 32")
+
+// One register tile's inputs: the row's patch (SignConvArgs::fill_patch), the first output channel, the row's bytes
+struct SignConvTile {
+  const SignConvArgs& a;
+  const float* patch;
+  int64_t c0;
+  uint8_t* row_out;
+};
+
+// P output pixels (ox, ox + 1, ...) times NV vectors of 8 channels from c0, in registers: each weight vector
+// loaded is used for P pixels, each input broadcast for NV vectors.
+template <int NV>
+struct SignConvTileAvx2 : SignConvTile {
+
+  template <int P>
+  __attribute__((target("avx2,fma"))) void run(int64_t ox) const {
+    __m256 acc[P][NV];
+    BNN_UNROLL
+    for (int p = 0; p < P; ++p)
+      BNN_UNROLL
+      for (int v = 0; v < NV; ++v) acc[p][v] = _mm256_loadu_ps(a.b + c0 + 8 * v);
+    const float* xp = patch + ox;
+    const float* wp = a.w + c0;
+    const int64_t row_step = a.OW, tap_step = a.CP;  // locals: kept in registers across the loop
+    for (int64_t t = a.taps(); t > 0; --t, xp += row_step, wp += tap_step) {
+      __m256 wv[NV];
+      BNN_UNROLL
+      for (int v = 0; v < NV; ++v) wv[v] = _mm256_loadu_ps(wp + 8 * v);
+      BNN_UNROLL
+      for (int p = 0; p < P; ++p) {
+        const __m256 xv = _mm256_broadcast_ss(xp + p);
+        BNN_UNROLL
+        for (int v = 0; v < NV; ++v) acc[p][v] = _mm256_fmadd_ps(xv, wv[v], acc[p][v]);
+      }
+    }
+    const __m256 zero = _mm256_setzero_ps();
+    BNN_UNROLL
+    for (int p = 0; p < P; ++p) {
+      uint8_t* word = row_out + (ox + p) * a.NW * 16 + (c0 / 64) * 16;  // sign bytes, then 8 on, nonzero bytes
+      BNN_UNROLL
+      for (int v = 0; v < NV; ++v) {
+        const int64_t byte = (c0 % 64) / 8 + v;
+        word[byte] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(acc[p][v], zero, _CMP_GT_OQ)));
+        word[8 + byte] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(acc[p][v], zero, _CMP_NEQ_OQ)));
       }
     }
   }
-  const __m256 zero = _mm256_setzero_ps();
-  for (int p = 0; p < P; ++p) {
-    uint8_t* word = row_out + (ox + p) * a.NW * 16 + (c0 / 64) * 16;  // sign bytes, then 8 on, nonzero bytes
-    for (int v = 0; v < NV; ++v) {
-      const int64_t byte = (c0 % 64) / 8 + v;
-      word[byte] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(acc[p][v], zero, _CMP_GT_OQ)));
-      word[8 + byte] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(acc[p][v], zero, _CMP_NEQ_OQ)));
-    }
-  }
-}
+};
 
 // 16 channels x 6 pixels per tile (12 accumulators, 2 weight vectors and a broadcast: 15 of the 16 registers)
-template <int NV>
-__attribute__((target("avx2,fma"))) void conv_sign_row_avx2(const SignConvArgs& a, int64_t n, int64_t oy, int64_t c0,
-                                                             int64_t inner_begin, int64_t inner_end, uint8_t* row_out) {
-  constexpr int P = 6;
-  int64_t ox = 0;
-  for (; ox < std::min(inner_begin, a.OW); ++ox) conv_sign_tile_avx2<NV, 1>(a, n, oy, ox, c0, row_out);
-  for (; ox + P <= inner_end; ox += P) conv_sign_tile_avx2<NV, P>(a, n, oy, ox, c0, row_out);
-  for (; ox < a.OW; ++ox) conv_sign_tile_avx2<NV, 1>(a, n, oy, ox, c0, row_out);
+__attribute__((target("avx2,fma"))) void conv_sign_bits_avx2(const SignConvArgs& a, const float* patch, int64_t row) {
+  uint8_t* row_out = a.row_bytes(row);
+  for (int64_t c0 = 0; c0 < a.CP; c0 += 16) {
+    if (a.CP - c0 >= 16) sign_conv_row<6, 3>(a.OW, SignConvTileAvx2<2>{{a, patch, c0, row_out}});
+    else sign_conv_row<6, 3>(a.OW, SignConvTileAvx2<1>{{a, patch, c0, row_out}});
+  }
 }
 
-__attribute__((target("avx2,fma"))) void conv_sign_bits_avx2(const SignConvArgs& a, int64_t row_begin,
-                                                              int64_t row_end) {
-  // output columns whose taps all lie inside the row: ox * sw - pw >= 0 and ox * sw - pw + KW - 1 < W
-  const int64_t inner_begin = ceil_div(a.pw, a.sw);
-  const int64_t last = a.W - a.KW + a.pw;
-  const int64_t inner_end = std::max(inner_begin, std::min(a.OW, last < 0 ? int64_t{0} : last / a.sw + 1));
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    const int64_t n = row / a.OH, oy = row % a.OH;
-    uint8_t* row_out = reinterpret_cast<uint8_t*>(a.out + row * a.OW * a.NW * 2);
-    std::memset(row_out, 0, a.OW * a.NW * 16);
-    for (int64_t c0 = 0; c0 < a.CP; c0 += 16) {
-      if (a.CP - c0 >= 16) conv_sign_row_avx2<2>(a, n, oy, c0, inner_begin, inner_end, row_out);
-      else conv_sign_row_avx2<1>(a, n, oy, c0, inner_begin, inner_end, row_out);
+// The same with AVX-512: 2 vectors of 16 channels (masked past CP, so their bits stay 0) x P pixels.
+struct SignConvTileAvx512 : SignConvTile {
+
+  template <int P>
+  __attribute__((target("avx512f"))) void run(int64_t ox) const {
+    constexpr int NV = 2;
+    __mmask16 lanes[NV];
+    __m512 acc[P][NV];
+    BNN_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, a.CP - c0 - 16 * v));
+      lanes[v] = static_cast<__mmask16>((1u << left) - 1u);
+      const __m512 bias = _mm512_maskz_loadu_ps(lanes[v], a.b + c0 + 16 * v);
+      BNN_UNROLL
+      for (int p = 0; p < P; ++p) acc[p][v] = bias;
+    }
+    const float* xp = patch + ox;
+    const float* wp = a.w + c0;
+    const int64_t row_step = a.OW, tap_step = a.CP;  // locals: kept in registers across the loop
+    for (int64_t t = a.taps(); t > 0; --t, xp += row_step, wp += tap_step) {
+      __m512 wv[NV];
+      BNN_UNROLL
+      for (int v = 0; v < NV; ++v) wv[v] = _mm512_maskz_loadu_ps(lanes[v], wp + 16 * v);
+      BNN_UNROLL
+      for (int p = 0; p < P; ++p) {
+        const __m512 xv = _mm512_set1_ps(xp[p]);
+        BNN_UNROLL
+        for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_fmadd_ps(xv, wv[v], acc[p][v]);
+      }
+    }
+    const __m512 zero = _mm512_setzero_ps();
+    BNN_UNROLL
+    for (int p = 0; p < P; ++p) {
+      uint8_t* word = row_out + (ox + p) * a.NW * 16 + (c0 / 64) * 16;
+      BNN_UNROLL
+      for (int v = 0; v < NV; ++v) {
+        if (lanes[v] == 0) continue;
+        const int64_t byte = (c0 % 64) / 8 + 2 * v;  // a 16-channel group never straddles a 64-channel word
+        const uint16_t sb = _mm512_cmp_ps_mask(acc[p][v], zero, _CMP_GT_OQ);
+        const uint16_t zb = _mm512_cmp_ps_mask(acc[p][v], zero, _CMP_NEQ_OQ);
+        std::memcpy(word + byte, &sb, 2);
+        std::memcpy(word + 8 + byte, &zb, 2);
+      }
     }
   }
+};
+
+// 32 channels x 12 pixels per tile (24 accumulators, 2 weight vectors and a broadcast of the 32 registers)
+__attribute__((target("avx512f"))) void conv_sign_bits_avx512(const SignConvArgs& a, const float* patch,
+                                                               int64_t row) {
+  for (int64_t c0 = 0; c0 < a.CP; c0 += 32)
+    sign_conv_row<12, 4>(a.OW, SignConvTileAvx512{{a, patch, c0, a.row_bytes(row)}});
 }
 #endif
 
@@ -733,29 +793,39 @@ at::Tensor conv_sign_bits_op(const at::Tensor& x_in, const at::Tensor& w, const 
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "bnnslim runtime: conv_sign_bits takes a 4-d CPU tensor");
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2, "bnnslim runtime: conv_sign_bits takes 2-d stride, padding");
   isa = resolve_isa(isa);
-  const at::Tensor x = x_in.scalar_type() == at::kFloat && x_in.is_contiguous(at::MemoryFormat::ChannelsLast)
-                           ? x_in
-                           : x_in.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
-  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), CP = w.size(3);
+  const int64_t N = x_in.size(0), Cin = x_in.size(1), ph = padding[0], pw = padding[1];
+  const int64_t H = x_in.size(2) + 2 * ph, W = x_in.size(3) + 2 * pw, CP = w.size(3);
+  // NHWC floats with the zero padding written out
+  at::Tensor x = at::zeros({N, H, W, Cin}, x_in.options().dtype(at::kFloat));
+  x.narrow(1, ph, H - 2 * ph).narrow(2, pw, W - 2 * pw).copy_(x_in.permute({0, 2, 3, 1}));
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 4 && w.size(0) == kh &&
                   w.size(1) == kw && w.size(2) == Cin && CP % 8 == 0,
               "bnnslim runtime: conv_sign_bits weights must be float [kh, kw, Cin, Cout rounded up to 8]");
   TORCH_CHECK(b.scalar_type() == at::kFloat && b.is_contiguous() && b.numel() == CP,
               "bnnslim runtime: conv_sign_bits bias must be float [Cout rounded up to 8]");
-  const int64_t OH = (H + 2 * padding[0] - kh) / stride[0] + 1, OW = (W + 2 * padding[1] - kw) / stride[1] + 1;
-  TORCH_CHECK(OH > 0 && OW > 0, "bnnslim runtime: conv_sign_bits output would be empty");
+  const int64_t OH = (H - kh) / stride[0] + 1, OW = (W - kw) / stride[1] + 1;
+  TORCH_CHECK(H >= kh && W >= kw, "bnnslim runtime: conv_sign_bits output would be empty");
   const int64_t NW = ceil_div(CP, 64);
   at::Tensor out = empty_long({N, OH, OW, NW, 2});
   const SignConvArgs a{x.data_ptr<float>(), w.data_ptr<float>(), b.data_ptr<float>(), H, W, Cin, kh, kw,
-                       stride[0], stride[1], padding[0], padding[1], OH, OW, CP, NW, out.data_ptr<int64_t>()};
+                       stride[0], stride[1], OH, OW, CP, NW, out.data_ptr<int64_t>()};
   at::parallel_for(0, N * OH, 4, [&](int64_t rb, int64_t re) {
+    std::vector<float> patch(a.taps() * OW);
+    for (int64_t row = rb; row < re; ++row) {
+      a.fill_patch(row, patch.data());
+      std::memset(a.row_bytes(row), 0, OW * NW * 16);
 #if BNN_X86
-    if ((isa == ISA_AVX2 || isa == ISA_AVX512) && __builtin_cpu_supports("fma")) {
-      conv_sign_bits_avx2(a, rb, re);
-      return;
-    }
+      if (isa == ISA_AVX512) {
+        conv_sign_bits_avx512(a, patch.data(), row);
+        continue;
+      }
+      if (isa == ISA_AVX2 && __builtin_cpu_supports("fma")) {
+        conv_sign_bits_avx2(a, patch.data(), row);
+        continue;
+      }
 #endif
-    conv_sign_bits_scalar(a, rb, re);
+      conv_sign_bits_scalar(a, patch.data(), row);
+    }
   });
   return out;
 }

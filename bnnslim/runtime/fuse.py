@@ -113,11 +113,11 @@ CLAMPS: dict[type[nn.Module], Callable[[Any], tuple[float, float]]] = {
 
 #: a real conv is computed by the :class:`PackSigns` after it when it has at most this many input channels (an
 #: image's) and at most this many multiply-adds per output pixel (in x kh x kw x out): the direct kernel
-#: (AVX2 FMA, 6 pixels x 16 channels per tile) beats torch's conv plus packing on small first convs
-#: (3 -> 32 3x3: 1.8x, 3 -> 64 3x3: 1.2x) but not on large ones (3 -> 96 5x5: 0.4x; AVX-512 EPYC,
-#: one thread, where torch's conv uses AVX-512)
+#: (register tiles of 12 pixels x 32 channels with AVX-512, 6 x 16 with AVX2 FMA) beats torch's conv plus
+#: packing on the first convs of VGG, NIN and ResNet, 3 -> 32 3x3 up to 3 -> 192 5x5, with torch on AVX-512
+#: and on AVX2 alike (benchmarks/runtime_first_conv.md); larger convs are not measured
 SIGN_CONV_MAX_INPUTS = 4
-SIGN_CONV_MAX_MACS = 2048
+SIGN_CONV_MAX_MACS = 16384
 
 
 class PackSigns(nn.Module):
