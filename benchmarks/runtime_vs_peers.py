@@ -65,10 +65,9 @@ LIMITS = """## What limits the figures where a target is missed
   norm on 256x2x2 about 35 us, a Hardtanh 11-19 us), so every float layer left between binary convs costs
   about as much as a small binary conv. Batch norms after binary and real convs, the clamp activations after
   them, and sign-keeping activations and max pooling before a binary conv are folded (README, "Folded float
-  layers"); a small real first conv feeding a binary conv (VGG-11's 3->32 3x3) is computed by the sign
-  packing itself; what is left in torch is a larger first conv (NIN's 3->96 5x5, 10-25 % of the packed
-  model: torch's AVX-512 conv beat our AVX2 one there), residual adds with the activation after them,
-  average pooling and the classifier. LCE and ONNX Runtime run
+  layers"); a real first conv feeding a binary conv (VGG-11's 3->32 3x3, NIN's 3->96 5x5) is computed by
+  the sign packing itself (`runtime_first_conv.md`); what is left in torch is residual adds with the
+  activation after them, average pooling and the classifier. LCE and ONNX Runtime run
   their whole graph in C++ at a few microseconds per op. A C++ runner for whole segments was measured first
   as an fx graph without the pass-through modules: it gained 0-2 %, so the cost is in the torch ops, not in
   Python's module calls.
