@@ -66,7 +66,7 @@ def time_case(case: tuple[str, int, int, int, int, int, int], rounds: int, inner
     far = reference.abs() > 1e-4
     contenders: dict[str, Callable[[], torch.Tensor]] = {}
     for isa, code in ISA_CODES.items():
-        kernel = partial(ops.conv_sign_bits, x, w, b, k, k, [s, s], [p, p], code)
+        kernel = partial(ops.conv_sign_bits, x, w, b, k, k, [s, s], [p, p], code, False)
         try:
             got = unpack_ternary(kernel(), cout)
         except RuntimeError:  # the CPU lacks the ISA
@@ -76,7 +76,7 @@ def time_case(case: tuple[str, int, int, int, int, int, int], rounds: int, inner
 
     def torch_then_pack() -> torch.Tensor:
         with torch.no_grad():
-            return ops.pack_signs(conv(x), 0)
+            return ops.pack_signs(conv(x), 0, False)
 
     contenders["torch conv + pack"] = torch_then_pack
     times: dict[str, list[float]] = {c: [] for c in contenders}

@@ -611,8 +611,8 @@ def test_a_branch_point_hands_the_same_bits_to_every_binary_consumer(isa: str) -
     assert "mask different inputs" in report.not_fused["squeeze"]
 
 
-@pytest.mark.parametrize(("act", "packs"), [(nn.Hardtanh(), True), (nn.Hardtanh(0.0, 1.0), False),
-                                           (nn.ReLU(), False)])
+@pytest.mark.parametrize(("act", "packs"), [(nn.Hardtanh(), True), (nn.Hardtanh(0.0, 1.0), True), (nn.ReLU(), True),
+                                           (nn.ReLU6(), True), (nn.Hardtanh(-1.0, 0.0), False), (nn.Sigmoid(), False)])
 def test_real_activations_enter_a_chain_as_bits(act: nn.Module, packs: bool, isa: str) -> None:
     """Real conv -> batch norm -> sign-keeping activation -> max pool -> binary conv: the norm folds into the real
     conv, the activation's input is packed once, the pooling pools bits; undone, the floats come back."""
@@ -675,6 +675,29 @@ def test_a_first_conv_writes_the_signs_of_its_output_as_bits(cin: int, cout: int
     assert torch.equal(got[away_from_zero], expected[away_from_zero])
     with torch.no_grad():
         torch.testing.assert_close(fused(x), to_runtime(model, fuse=False)(x), rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(inplace=True), nn.ReLU6(), nn.Hardtanh(0.0, 2.0)])
+def test_a_first_conv_then_relu_writes_the_signs_of_its_positive_part(act: nn.Module, isa: str) -> None:
+    """conv -> ReLU -> max pool -> binary conv (a VGG's or SqueezeNet's entry): the binary conv sees +1 where the
+    conv is positive and 0 elsewhere, never -1; the packing computes the conv and writes exactly that."""
+    from bnnslim.runtime.bits import unpack_ternary
+
+    torch.manual_seed(21)
+    model = nn.Sequential(nn.Conv2d(3, 40, 5, stride=2, padding=2), act, nn.MaxPool2d(3, 2, ceil_mode=True),
+                          binary_conv(40, 16, 1)).eval()
+    x = torch.randn(2, 3, 23, 30)
+    fused = to_runtime(model)
+    assert isinstance(fused[1], PackSigns) and fused[1].positive and fused[1].conv is not None
+    with torch.no_grad():
+        want = model[0](x)
+        got = unpack_ternary(fused[1](fused[0](x.contiguous(memory_format=torch.channels_last))), 40)
+        away_from_zero = want.abs() > 1e-5
+        assert torch.equal(got[away_from_zero], (want[away_from_zero] > 0).float())
+        assert (got >= 0).all()
+        y = fused(x)
+        assert torch.equal(y, with_emulation(fused)(x))
+        torch.testing.assert_close(y, to_runtime(model, fuse=False)(x), rtol=1e-5, atol=1e-5)
 
 
 def test_a_conv_with_many_inputs_or_other_users_is_not_taken_into_the_packing(kernels: build.KernelStatus) -> None:

@@ -552,30 +552,32 @@ at::Tensor pack_impl(const at::Tensor& x_in, const Geo& g, const c10::optional<a
 
 // Floats -> packed ternary bits [N, H, W, NW, 2] (sign = x > 0, nonzero = x > 0
 // or x < 0, so NaN gives 0 as in the packers above): a real layer's output
-// entering a fused chain (fuse.py's PackSigns), read channels-last.
+// entering a fused chain (fuse.py's PackSigns), read channels-last. With
+// `positive` (a ReLU on the way: relu(x) is +1 or 0 to a binary conv) nonzero
+// is x > 0 too.
 // one pixel's C floats -> its NW (sign, nonzero) word pairs
-void pack_sign_words(const float* xp, int64_t C, int64_t NW, int64_t* w) {
+void pack_sign_words(const float* xp, int64_t C, int64_t NW, int64_t* w, bool positive) {
   for (int64_t j = 0; j < NW; ++j) {
     uint64_t sb = 0, zb = 0;
     const int64_t kmax = std::min<int64_t>(64, C - 64 * j);
     for (int64_t k = 0; k < kmax; ++k) {
       const float v = xp[64 * j + k];
       sb |= static_cast<uint64_t>(v > 0.0f) << k;
-      zb |= static_cast<uint64_t>(v > 0.0f || v < 0.0f) << k;
+      zb |= static_cast<uint64_t>(v > 0.0f || (v < 0.0f && !positive)) << k;
     }
     w[2 * j] = static_cast<int64_t>(sb);
     w[2 * j + 1] = static_cast<int64_t>(zb);
   }
 }
 
-void pack_signs_scalar(const float* x, int64_t pixels, int64_t C, int64_t NW, int64_t* out) {
-  for (int64_t p = 0; p < pixels; ++p) pack_sign_words(x + p * C, C, NW, out + p * NW * 2);
+void pack_signs_scalar(const float* x, int64_t pixels, int64_t C, int64_t NW, int64_t* out, bool positive) {
+  for (int64_t p = 0; p < pixels; ++p) pack_sign_words(x + p * C, C, NW, out + p * NW * 2, positive);
 }
 
 #if BNN_X86
 // 8 channels per compare: movemask gives a byte of sign bits and one of nonzero bits
 __attribute__((target("avx2"))) void pack_signs_avx2(const float* x, int64_t pixels, int64_t C, int64_t NW,
-                                                     int64_t* out) {
+                                                     int64_t* out, bool positive) {
   const __m256 zero = _mm256_setzero_ps();
   const int64_t C8 = C / 8 * 8;
   for (int64_t p = 0; p < pixels; ++p) {
@@ -586,20 +588,20 @@ __attribute__((target("avx2"))) void pack_signs_avx2(const float* x, int64_t pix
     for (; c < C8; c += 8) {
       const __m256 v = _mm256_loadu_ps(xp + c);
       const int sb = _mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ));
-      const int zb = _mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_OQ));
+      const int zb = positive ? sb : _mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_OQ));
       w[(c / 64) * 16 + (c % 64) / 8] = static_cast<uint8_t>(sb);
       w[(c / 64) * 16 + 8 + (c % 64) / 8] = static_cast<uint8_t>(zb);
     }
     for (; c < C; ++c) {
       const float v = xp[c];
       w[(c / 64) * 16 + (c % 64) / 8] |= static_cast<uint8_t>((v > 0.0f) << (c % 8));
-      w[(c / 64) * 16 + 8 + (c % 64) / 8] |= static_cast<uint8_t>((v > 0.0f || v < 0.0f) << (c % 8));
+      w[(c / 64) * 16 + 8 + (c % 64) / 8] |= static_cast<uint8_t>((v > 0.0f || (v < 0.0f && !positive)) << (c % 8));
     }
   }
 }
 #endif
 
-at::Tensor pack_signs_op(const at::Tensor& x_in, int64_t isa) {
+at::Tensor pack_signs_op(const at::Tensor& x_in, int64_t isa, bool positive) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "bnnslim runtime: pack_signs takes a 4-d CPU tensor");
   isa = resolve_isa(isa);
   const at::Tensor x = x_in.scalar_type() == at::kFloat && x_in.is_contiguous(at::MemoryFormat::ChannelsLast)
@@ -612,11 +614,11 @@ at::Tensor pack_signs_op(const at::Tensor& x_in, int64_t isa) {
   at::parallel_for(0, N * H, 8, [&](int64_t b, int64_t e) {
 #if BNN_X86
     if (isa == ISA_AVX2 || isa == ISA_AVX512) {
-      pack_signs_avx2(src + b * W * C, (e - b) * W, C, NW, dst + b * W * NW * 2);
+      pack_signs_avx2(src + b * W * C, (e - b) * W, C, NW, dst + b * W * NW * 2, positive);
       return;
     }
 #endif
-    pack_signs_scalar(src + b * W * C, (e - b) * W, C, NW, dst + b * W * NW * 2);
+    pack_signs_scalar(src + b * W * C, (e - b) * W, C, NW, dst + b * W * NW * 2, positive);
   });
   return out;
 }
@@ -635,6 +637,7 @@ struct SignConvArgs {
   const float* b;
   int64_t H, W, Cin, KH, KW, sh, sw, OH, OW, CP, NW;
   int64_t* out;
+  bool positive;  // nonzero = x > 0 (a ReLU after the conv), else x != 0
 
   int64_t taps() const { return KH * KW * Cin; }
   // The inputs of output row `row` as a [taps, OW] matrix (tap t = (ky, kx, ci), the weights' order): then the
@@ -658,7 +661,7 @@ void conv_sign_bits_scalar(const SignConvArgs& a, const float* patch, int64_t ro
     std::copy(a.b, a.b + a.CP, acc.begin());
     for (int64_t t = 0; t < a.taps(); ++t)
       for (int64_t co = 0; co < a.CP; ++co) acc[co] += patch[t * a.OW + ox] * a.w[t * a.CP + co];
-    pack_sign_words(acc.data(), a.CP, a.NW, a.out + (row * a.OW + ox) * a.NW * 2);
+    pack_sign_words(acc.data(), a.CP, a.NW, a.out + (row * a.OW + ox) * a.NW * 2, a.positive);
   }
 }
 
@@ -718,7 +721,8 @@ struct SignConvTileAvx2 : SignConvTile {
       for (int v = 0; v < NV; ++v) {
         const int64_t byte = (c0 % 64) / 8 + v;
         word[byte] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(acc[p][v], zero, _CMP_GT_OQ)));
-        word[8 + byte] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(acc[p][v], zero, _CMP_NEQ_OQ)));
+        word[8 + byte] = a.positive ? word[byte]
+                                    : static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(acc[p][v], zero, _CMP_NEQ_OQ)));
       }
     }
   }
@@ -772,7 +776,7 @@ struct SignConvTileAvx512 : SignConvTile {
         if (lanes[v] == 0) continue;
         const int64_t byte = (c0 % 64) / 8 + 2 * v;  // a 16-channel group never straddles a 64-channel word
         const uint16_t sb = _mm512_cmp_ps_mask(acc[p][v], zero, _CMP_GT_OQ);
-        const uint16_t zb = _mm512_cmp_ps_mask(acc[p][v], zero, _CMP_NEQ_OQ);
+        const uint16_t zb = a.positive ? sb : _mm512_cmp_ps_mask(acc[p][v], zero, _CMP_NEQ_OQ);
         std::memcpy(word + byte, &sb, 2);
         std::memcpy(word + 8 + byte, &zb, 2);
       }
@@ -789,7 +793,7 @@ __attribute__((target("avx512f"))) void conv_sign_bits_avx512(const SignConvArgs
 #endif
 
 at::Tensor conv_sign_bits_op(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& b, int64_t kh, int64_t kw,
-                             at::IntArrayRef stride, at::IntArrayRef padding, int64_t isa) {
+                             at::IntArrayRef stride, at::IntArrayRef padding, int64_t isa, bool positive) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "bnnslim runtime: conv_sign_bits takes a 4-d CPU tensor");
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2, "bnnslim runtime: conv_sign_bits takes 2-d stride, padding");
   isa = resolve_isa(isa);
@@ -808,7 +812,7 @@ at::Tensor conv_sign_bits_op(const at::Tensor& x_in, const at::Tensor& w, const 
   const int64_t NW = ceil_div(CP, 64);
   at::Tensor out = empty_long({N, OH, OW, NW, 2});
   const SignConvArgs a{x.data_ptr<float>(), w.data_ptr<float>(), b.data_ptr<float>(), H, W, Cin, kh, kw,
-                       stride[0], stride[1], OH, OW, CP, NW, out.data_ptr<int64_t>()};
+                       stride[0], stride[1], OH, OW, CP, NW, out.data_ptr<int64_t>(), positive};
   at::parallel_for(0, N * OH, 4, [&](int64_t rb, int64_t re) {
     std::vector<float> patch(a.taps() * OW);
     for (int64_t row = rb; row < re; ++row) {
@@ -1712,8 +1716,9 @@ TORCH_LIBRARY(bnnslim_rt, m) {
         "bool counts, int isa, Tensor? thresholds, Tensor? clamp) -> Tensor");
   m.def("bits_max_pool2d(Tensor bits, int[] kernel, int[] stride, int[] padding, int[] dilation, bool ceil_mode) "
         "-> Tensor");
-  m.def("pack_signs(Tensor x, int isa) -> Tensor");
-  m.def("conv_sign_bits(Tensor x, Tensor w, Tensor b, int kh, int kw, int[] stride, int[] padding, int isa) -> Tensor");
+  m.def("pack_signs(Tensor x, int isa, bool positive) -> Tensor");
+  m.def("conv_sign_bits(Tensor x, Tensor w, Tensor b, int kh, int kw, int[] stride, int[] padding, int isa, "
+        "bool positive) -> Tensor");
   m.def("isa_name(int isa) -> str", &isa_name_op);
   m.def("cpu_has(int isa) -> bool", &cpu_has_op);
 }

@@ -24,10 +24,12 @@ an ulp or so (the runtime and its emulation still agree bit for bit).
 The same holds before the chains: a real conv followed by a batch norm alone
 takes it into its weights and bias (:func:`fold_real_conv_batch_norms`), and a
 binary conv whose input comes through sign-keeping layers (Hardtanh with
-``min < 0 < max``, Identity, Dropout) and at most one max pooling from a real
-layer (:func:`pack_sign_chains`) gets packed bits from a :class:`PackSigns`
-(``sign(hardtanh(x)) = sign(x)``, and max pooling commutes with sign): the
-float activation and pooling are not run. Where that real layer is a conv with
+``min < 0 < max``, Identity, Dropout), ReLU-like ones (ReLU, ReLU6, Hardtanh
+with ``min = 0``) and at most one max pooling from a real layer
+(:func:`pack_sign_chains`) gets packed bits from a :class:`PackSigns`
+(``sign(hardtanh(x)) = sign(x)``, ``sign(relu(x)) = sign(x) > 0``: +1 or 0,
+and max pooling commutes with both): the float activation and pooling are not
+run. Where that real layer is a conv with
 few input channels and filters (an image's first conv, :data:`SIGN_CONV_MAX_MACS`)
 used only there, the :class:`PackSigns` computes the conv too and writes the signs
 of its output without storing the floats (the conv's sums run in another order
@@ -131,10 +133,12 @@ class PackSigns(nn.Module):
     original: nn.Module  # set with object.__setattr__, as in FusedAway
     conv: nn.Conv2d | None
 
-    def __init__(self, original: nn.Module, into: str, conv: nn.Conv2d | None = None) -> None:
+    def __init__(self, original: nn.Module, into: str, conv: nn.Conv2d | None = None, positive: bool = False) -> None:
         super().__init__()
         self.into = into
         self.mode = "kernel"
+        #: a ReLU-like layer is on the way: the consumer sees relu(x)'s signs, +1 or 0 (never -1)
+        self.positive = positive
         object.__setattr__(self, "original", original)
         object.__setattr__(self, "conv", conv)
         if conv is not None:  # the kernel's layout: [kh, kw, in, out rounded up to 8], extra channels zero
@@ -159,16 +163,18 @@ class PackSigns(nn.Module):
         conv = self.conv
         if self.mode == "kernel" and build.kernel_status().available and x.dtype == torch.float32:
             if conv is None:
-                return build.fast_ops().pack_signs(x, build.isa_code())
+                return build.fast_ops().pack_signs(x, build.isa_code(), self.positive)
             return build.fast_ops().conv_sign_bits(x, self.conv_weight, self.conv_bias, *self.conv_geometry,
-                                                   build.isa_code())
+                                                   build.isa_code(), self.positive)
         if conv is not None:
             x = conv(x)
-        return pack_ternary(torch.nan_to_num(x.float(), nan=0.0))
+        x = torch.nan_to_num(x.float(), nan=0.0)
+        return pack_ternary(torch.relu(x) if self.positive else x)
 
     def extra_repr(self) -> str:
         what = "its input" if self.conv is None else "the conv it took in"
-        return f"{type(self.original).__name__}, packs the signs of {what} as bits for '{self.into}'"
+        part = "the positive part of " if self.positive else ""
+        return f"{type(self.original).__name__}, packs the signs of {part}{what} as bits for '{self.into}'"
 
 
 class ComputedByPackSigns(nn.Module):
@@ -198,6 +204,13 @@ def _sign_conv(node: fx.Node, model: nn.Module, calls: Counter[int]) -> nn.Conv2
             or conv.weight.dtype != torch.float32 or conv.weight.device.type != "cpu"):
         return None
     return conv
+
+
+def _positive_part(m: nn.Module) -> bool:
+    """Whether sign(m(x)) == sign(relu(x)) for every finite x: ReLU, ReLU6, Hardtanh(0, max > 0) (exact types)."""
+    if type(m) is nn.Hardtanh:
+        return m.min_val == 0 < m.max_val
+    return type(m) in (nn.ReLU, nn.ReLU6)
 
 
 def _sign_keeping(m: nn.Module) -> bool:
@@ -528,12 +541,12 @@ def pack_sign_chains(model: nn.Module, graph: fx.Graph, calls: Counter[int], rep
                 break  # a shared max pooling would pool bits at its other call too
             if type(m) is nn.MaxPool2d and not m.return_indices and not pooled:
                 pooled = True
-            elif not _sign_keeping(m):
+            elif not (_sign_keeping(m) or _positive_part(m)):
                 break
             chain.insert(0, cur)
             cur = cur.args[0] if len(cur.args) == 1 and not cur.kwargs else None
         while chain and type(model.get_submodule(str(chain[0].target))) is nn.MaxPool2d:
-            chain.pop(0)  # the chain starts with the layer that packs: a sign-keeping one
+            chain.pop(0)  # the chain starts with the layer that packs: a sign-keeping or ReLU-like one
         if not chain:
             continue
         first = model.get_submodule(str(chain[0].target))
@@ -543,7 +556,9 @@ def pack_sign_chains(model: nn.Module, graph: fx.Graph, calls: Counter[int], rep
         originals = [(str(n.target), model.get_submodule(str(n.target))) for n in chain]
         source = chain[0].args[0]
         conv = _sign_conv(source, model, calls) if isinstance(source, fx.Node) else None
-        _set_submodule(model, originals[0][0], PackSigns(originals[0][1], name, conv))
+        # relu commutes with max pooling and sign-keeping layers: the whole chain is relu's signs if one is a relu
+        positive = any(_positive_part(m) for _, m in originals)
+        _set_submodule(model, originals[0][0], PackSigns(originals[0][1], name, conv, positive))
         for lname, m in originals[1:]:
             if type(m) is nn.MaxPool2d:
                 _set_submodule(model, lname, PackedMaxPool2d(m, consumer.in_channels))
