@@ -200,6 +200,27 @@ def test_threads_give_the_same_result(kernels: build.KernelStatus) -> None:
         torch.set_num_threads(before)
 
 
+def test_a_runtime_model_in_use_can_be_copied_and_saved(kernels: build.KernelStatus, tmp_path: Path) -> None:
+    """After calls (which cache the kernel's arguments in a C++ object) the model still deep-copies and pickles,
+    and the copy computes the same; changing the copy's thresholds does not change the original."""
+    import copy
+
+    torch.manual_seed(3)
+    model = nn.Sequential(binary_conv(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.Hardtanh(),
+                          binary_conv(24, 8, 3, padding=1)).eval()
+    _random_bn(model, seed=4)
+    fused = to_runtime(model)
+    x = torch.randn(2, 16, 9, 9)
+    with torch.no_grad():
+        y = fused(x)
+        twin = copy.deepcopy(fused)
+        assert torch.equal(twin(x), y)
+        torch.save(fused, tmp_path / "m.pt")
+        assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False)(x), y)
+        twin[0].out_thresholds = torch.zeros_like(twin[0].out_thresholds)
+        assert not torch.equal(twin(x), y) and torch.equal(fused(x), y)
+
+
 def test_packed_input_layout(kernels: build.KernelStatus) -> None:
     """pack_input: sign and nonzero bits along channels, LSB first, zero padding, stride phases."""
     x = torch.randn(1, 70, 3, 5)

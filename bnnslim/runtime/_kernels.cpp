@@ -1557,6 +1557,29 @@ at::Tensor binary_conv2d_bits_op(const at::Tensor& bits, int64_t in_channels, co
   return conv_impl(packed, g, wwords, alpha, bias, counts, /*nhwc=*/true, isa, thresholds, clamp);
 }
 
+// A packed conv's fixed arguments held on the C++ side (PackedBinaryConv2d's fast path): a call converts only
+// its input, not the seventeen arguments the op takes, which cost as much as a small layer's arithmetic.
+struct PackedConvCall {
+  bool input_bits;
+  int64_t in_channels;
+  at::Tensor wwords;
+  c10::optional<at::Tensor> alpha, bias;
+  int64_t out_channels, kh, kw;
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t groups;
+  c10::optional<at::Tensor> in_mask;
+  int64_t isa;
+  c10::optional<at::Tensor> thresholds, clamp;
+
+  at::Tensor operator()(const at::Tensor& x) const {
+    if (input_bits)
+      return binary_conv2d_bits_op(x, in_channels, wwords, alpha, bias, out_channels, kh, kw, stride, padding,
+                                   dilation, groups, in_mask, false, isa, thresholds, clamp);
+    return binary_conv2d_op(x, wwords, alpha, bias, out_channels, kh, kw, stride, padding, dilation, groups, in_mask,
+                            false, isa, thresholds, clamp);
+  }
+};
+
 // ---------------------------------------------------------------- peak microbenchmark
 //
 // XNOR-popcount throughput on L1-resident data: sum popcount((a ^ w) & z) over
@@ -1736,6 +1759,11 @@ TORCH_LIBRARY_IMPL(bnnslim_rt, CPU, m) {
 // microseconds less than torch.ops' boxed dispatch, which matters for the small
 // layers of a batch-1 network (layers.py calls these on its fast path).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<PackedConvCall>(m, "PackedConvCall")
+      .def(pybind11::init<bool, int64_t, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>, int64_t,
+                          int64_t, int64_t, std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, int64_t,
+                          c10::optional<at::Tensor>, int64_t, c10::optional<at::Tensor>, c10::optional<at::Tensor>>())
+      .def("__call__", &PackedConvCall::operator());
   m.def("binary_conv2d", &binary_conv2d_op);
   m.def("binary_conv2d_bits", &binary_conv2d_bits_op);
   m.def("bits_max_pool2d", &bits_max_pool2d_op);

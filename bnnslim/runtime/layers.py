@@ -336,27 +336,31 @@ class PackedBinaryConv2d(nn.Module):
                 id(b["epilogue_scale"]), id(b["epilogue_shift"]), os.environ.get(build.ENV_ISA),
                 id(build._status))
 
+    def __getstate__(self) -> dict[str, object]:
+        """Copies and pickles leave the fast path out (a C++ object; the copy rebuilds its own on first call)."""
+        state = dict(self.__dict__)
+        state["_fast"] = None
+        return state
+
     def _make_fast(self) -> None:
-        """Cache the op and its arguments (all but the input), to cut the per-call Python cost."""
-        ops = build.fast_ops()
-        tail = (*self.epilogue(), self.out_channels, self.kernel_size[0], self.kernel_size[1],
-                list(self.stride), list(self.padding4), list(self.dilation), self.groups, self.input_mask, False,
-                build.isa_code(), self.out_thresholds, self.out_clamp)
-        args: tuple[object, ...]
+        """Hold the kernel call's arguments (all but the input) in a C++ object, to cut the per-call cost."""
+        scale, shift = self.epilogue()
+        call = build.fast_ops().PackedConvCall(
+            self.input_bits, self.in_channels, self.kernel_words, scale, shift, self.out_channels,
+            self.kernel_size[0], self.kernel_size[1], list(self.stride), list(self.padding4), list(self.dilation),
+            self.groups, self.input_mask, build.isa_code(), self.out_thresholds, self.out_clamp)
         if self.input_bits:
-            op, args = ops.binary_conv2d_bits, (self.in_channels, self.kernel_words, *tail)
             key = (torch.int64, 5, 3, words(self.in_channels))
         else:
-            op, args = ops.binary_conv2d, (self.kernel_words, *tail)
             key = (torch.float32, 4, 1, self.in_channels)
-        self._fast = (self._state(), key, op, args)
+        self._fast = (self._state(), key, call)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fast = self.__dict__.get("_fast")
         if fast is not None and not (x.requires_grad and torch.is_grad_enabled()) and x.device.type == "cpu":
-            state, (dtype, dim, axis, size), op, args = fast
+            state, (dtype, dim, axis, size), call = fast
             if x.dtype == dtype and x.dim() == dim and x.shape[axis] == size and state == self._state():
-                return op(x, *args)
+                return call(x)
         self._check_input(x)
         if self._kernel_ready(x):
             if self.padding_mode == "zeros" or self.padding4 == (0, 0, 0, 0):
