@@ -334,6 +334,13 @@ def fast_ops() -> Any:
     return _module
 
 
+def available_ops() -> Any | None:
+    """The pybind ops when the kernels are available (built on first use), else None: the hot paths' check,
+    without the lock and lookups of :func:`fast_ops`."""
+    status = _status if _status is not None else kernel_status()
+    return _module if status.available else None
+
+
 def isa_code() -> int:
     """The kernel code to run: ``BNNSLIM_RUNTIME_ISA`` if set (checked against the CPU), else 0 (auto)."""
     name = os.environ.get(ENV_ISA, "auto").strip().lower() or "auto"

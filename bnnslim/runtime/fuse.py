@@ -161,11 +161,12 @@ class PackSigns(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
-        if self.mode == "kernel" and build.kernel_status().available and x.dtype == torch.float32:
+        ops = build.available_ops() if self.mode == "kernel" else None
+        if ops is not None and x.dtype == torch.float32:
             if conv is None:
-                return build.fast_ops().pack_signs(x, build.isa_code(), self.positive)
-            return build.fast_ops().conv_sign_bits(x, self.conv_weight, self.conv_bias, *self.conv_geometry,
-                                                   build.isa_code(), self.positive)
+                return ops.pack_signs(x, build.isa_code(), self.positive)
+            return ops.conv_sign_bits(x, self.conv_weight, self.conv_bias, *self.conv_geometry, build.isa_code(),
+                                      self.positive)
         if conv is not None:
             x = conv(x)
         x = torch.nan_to_num(x.float(), nan=0.0)
@@ -238,6 +239,9 @@ class PackedMaxPool2d(nn.Module):
         self.dilation = pair(pool.dilation)
         self.ceil_mode = bool(pool.ceil_mode)
         self.mode = "kernel"
+        #: the kernel's arguments after the input (built once: forward is on the batch-1 hot path)
+        self.pool_geometry = (list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation),
+                              self.ceil_mode)
 
     def use_emulation(self, reason: str) -> None:
         """Pool through torch (unpack, max_pool2d, pack) from now on."""
@@ -245,9 +249,9 @@ class PackedMaxPool2d(nn.Module):
         self.reason = reason
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "kernel" and build.kernel_status().available:
-            return build.fast_ops().bits_max_pool2d(
-                x, list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation), self.ceil_mode)
+        ops = build.available_ops() if self.mode == "kernel" else None
+        if ops is not None:
+            return ops.bits_max_pool2d(x, *self.pool_geometry)
         return max_pool_emulated(x, self.channels, self.kernel_size, self.stride, self.padding, self.dilation,
                                  self.ceil_mode)
 
