@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import shutil
@@ -219,6 +220,76 @@ def test_a_runtime_model_in_use_can_be_copied_and_saved(kernels: build.KernelSta
         assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False)(x), y)
         twin[0].out_thresholds = torch.zeros_like(twin[0].out_thresholds)
         assert not torch.equal(twin(x), y) and torch.equal(fused(x), y)
+
+
+def _chain_model() -> nn.Module:
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Hardtanh(), nn.MaxPool2d(2),
+                          binary_conv(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.Hardtanh(), nn.MaxPool2d(2),
+                          binary_conv(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.Hardtanh(),
+                          binary_conv(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.Hardtanh(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+    _random_bn(model, seed=6)
+    return model
+
+
+def _module_by_module(model: nn.Module) -> nn.Module:
+    from bnnslim.runtime.segments import PackedSequential
+
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if type(m) is PackedSequential:
+            m.__class__ = nn.Sequential
+    return twin
+
+
+def test_a_fused_sequence_calls_its_kernels_directly_and_equals_the_layer_by_layer_run(isa: str) -> None:
+    """The runtime's nn.Sequential runs a fused chain's convs and bit poolings without module calls and skips the
+    layers folded or fused away; the output is the layer-by-layer run's, bit for bit, before and after changes."""
+    from bnnslim.runtime.layers import PackedBinaryConv2d
+    from bnnslim.runtime.segments import PackedSequential, plan_steps
+
+    fused = to_runtime(_chain_model())
+    assert type(fused) is PackedSequential
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = _module_by_module(fused)(x)
+        assert torch.equal(fused(x), want) and torch.equal(fused(x), want)  # the second call runs the plan
+        planned = plan_steps(list(fused))
+        assert planned is not None
+        steps, bypassed = planned
+        direct = [m for m in bypassed if isinstance(m, (PackedBinaryConv2d, PackedMaxPool2d))]
+        assert [type(m).__name__ for m in direct] == ["PackedMaxPool2d", "PackedBinaryConv2d", "PackedMaxPool2d",
+                                                      "PackedBinaryConv2d", "PackedBinaryConv2d"]
+        assert len(steps) < len(fused) - 6  # folded norms, fused activations skipped
+        assert torch.equal(fused(x), with_emulation(fused)(x))
+        fused(x)  # planned again (the emulated copy's changes count as changes)
+        # a change to a layer replans (each run before the copy that the reference makes): new thresholds, then
+        # the emulation, then an undone fusion
+        fused[8].out_thresholds = fused[8].out_thresholds.flip(0)
+        got = fused(x)
+        assert torch.equal(got, _module_by_module(fused)(x)) and not torch.equal(got, want)
+        fused[11].use_emulation("test")
+        got = fused(x)
+        assert torch.equal(got, _module_by_module(fused)(x))
+        unfuse(fused, "8", "test")
+        got = fused(x)
+        assert torch.equal(got, _module_by_module(fused)(x))
+
+
+def test_hooks_on_a_layer_of_a_fused_sequence_still_fire(kernels: build.KernelStatus) -> None:
+    """A hook on a layer the plan would call directly (bench's per-layer timing) makes the sequence call it."""
+    fused = to_runtime(_chain_model())
+    x = torch.randn(1, 3, 16, 16)
+    seen: list[torch.Size] = []
+    with torch.no_grad():
+        y = fused(x)
+        fused(x)
+        handle = fused[11].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        assert torch.equal(fused(x), y) and len(seen) == 1
+        handle.remove()
+        fused(x)
+    assert len(seen) == 1
 
 
 def test_packed_input_layout(kernels: build.KernelStatus) -> None:

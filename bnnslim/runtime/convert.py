@@ -110,8 +110,10 @@ def to_runtime(model: nn.Module, *, inplace: bool = False, channels_last: bool =
     target.eval()
     if fuse:
         from bnnslim.runtime.fuse import fuse_binary_chains
+        from bnnslim.runtime.segments import use_packed_sequences
 
         fuse_binary_chains(target, channels_last=channels_last)
+        use_packed_sequences(target)
     return target
 
 

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from bnnslim.runtime import build
+from bnnslim.runtime import build, segments
 from bnnslim.runtime.bits import max_pool_emulated, pack_ternary, thresholds_ternary
 from bnnslim.runtime.layers import PackedBinaryConv2d
 
@@ -154,6 +154,10 @@ class PackSigns(nn.Module):
             #: the kernel's arguments after weights and bias (built once: forward is on the batch-1 hot path)
             self.conv_geometry = (*conv.kernel_size, list(conv.stride), list(conv.padding))
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        segments.changed()
+
     def use_emulation(self, reason: str) -> None:
         """Pack through torch from now on."""
         self.mode = "emulation"
@@ -242,6 +246,10 @@ class PackedMaxPool2d(nn.Module):
         #: the kernel's arguments after the input (built once: forward is on the batch-1 hot path)
         self.pool_geometry = (list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation),
                               self.ceil_mode)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        segments.changed()
 
     def use_emulation(self, reason: str) -> None:
         """Pool through torch (unpack, max_pool2d, pack) from now on."""
@@ -649,8 +657,8 @@ def unfuse(model: nn.Module, producer_name: str, reason: str) -> None:
     producer.fused_also = []
     producer.out_thresholds = None
     producer.fused_into = None
-    producer.fused_chain = []  # type: ignore[assignment]
-    producer.fuse_reason = reason  # type: ignore[assignment]
+    producer.fused_chain = []
+    producer.fuse_reason = reason
 
 
 def _restore_input(model: nn.Module, consumer: PackedBinaryConv2d) -> None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ from torch import nn
 
 from bnnslim.errors import BnnslimError
 from bnnslim.packing import BITS, unpack_signs
-from bnnslim.runtime import build
+from bnnslim.runtime import build, segments
 from bnnslim.runtime.bits import apply_thresholds, unpack_ternary, words
 
 WORD_BITS = 64
@@ -335,6 +335,10 @@ class PackedBinaryConv2d(nn.Module):
                 id(b["input_mask"]), id(b["out_thresholds"]), id(b["out_clamp"]),
                 id(b["epilogue_scale"]), id(b["epilogue_shift"]), os.environ.get(build.ENV_ISA),
                 id(build._status))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        segments.changed()  # a PackedSequential holding this layer's kernel object plans again
 
     def __getstate__(self) -> dict[str, object]:
         """Copies and pickles leave the fast path out (a C++ object; the copy rebuilds its own on first call)."""

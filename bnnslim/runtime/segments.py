@@ -1,0 +1,133 @@
+"""Run an ``nn.Sequential`` of the packed runtime without a module call per packed layer.
+
+At batch 1 a module call and the checks at the top of a packed layer's
+``forward`` cost a few microseconds, as much as a small late layer's
+arithmetic (a 256 -> 256 3x3 conv at 2x2). Inside a fused chain what each
+layer receives is known from the layer before it (packed bits after a
+:class:`~bnnslim.runtime.fuse.PackSigns`, a thresholded conv or a bit max
+pooling), so :class:`PackedSequential` settles those checks once: it plans its
+children into steps (a packed conv reading bits calls its kernel object
+directly, a bit max pooling its kernel, a layer folded or fused away is
+skipped, everything else is called as the module it is) and replans whenever a
+packed layer or the sequence changes (every such change goes through
+``__setattr__``, which calls :func:`changed`), when the kernel ISA is switched,
+or when hooks are registered on a layer it would not call.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules import module as torch_module
+
+from bnnslim.runtime import build
+
+Step = Callable[[torch.Tensor], torch.Tensor]
+
+_generation = 0
+
+
+def changed() -> None:
+    """A packed layer or a packed sequence changed: every plan is made again on its next call."""
+    global _generation
+    _generation += 1
+
+
+class PackedSequential(nn.Sequential):
+    """An ``nn.Sequential`` of a runtime model: runs of packed layers run without module calls (see module doc).
+
+    :func:`bnnslim.runtime.to_runtime` gives every plain ``nn.Sequential`` of a fused model this class (same
+    children, same state dict). A layer changed through ``layer._buffers[...]`` directly is not noticed:
+    assign attributes instead.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        changed()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = self._steps(x)
+        if steps is None:
+            return super().forward(x)
+        for step in steps:
+            x = step(x)
+        return x
+
+    def _steps(self, x: object) -> list[Step] | None:
+        """The planned steps, or None where the plain module-by-module call must run."""
+        if not isinstance(x, torch.Tensor) or (x.requires_grad and torch.is_grad_enabled()):
+            return None  # tracing, or autograd: the layers' own forward handles those
+        key = (_generation, os.environ.get(build.ENV_ISA), id(build._status))
+        plan = self.__dict__.get("_plan")
+        if plan is None or plan[0] != key:
+            made = plan_steps(list(self))
+            if made is None:
+                return None  # a layer has not built its fast path yet: the next call plans
+            plan = (key, *made)
+            self.__dict__["_plan"] = plan
+        _, steps, bypassed = plan
+        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks or any(
+                m._forward_hooks or m._forward_pre_hooks for m in bypassed):
+            return None
+        return steps
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        state.pop("_plan", None)  # holds kernel objects; a copy plans for itself
+        return state
+
+
+def plan_steps(children: list[nn.Module]) -> tuple[list[Step], list[nn.Module]] | None:
+    """(steps, the children they do not call as modules) for a sequence, or None if a packed conv that would
+    be called directly has not made its kernel object yet."""
+    from bnnslim.runtime.fuse import ComputedByPackSigns, FoldedAway, FusedAway, PackedMaxPool2d, PackSigns
+    from bnnslim.runtime.layers import PackedBinaryConv2d
+
+    ops = build.available_ops()
+    steps: list[Step] = []
+    bypassed: list[nn.Module] = []
+    bits = False  # whether the previous step hands on packed bits
+    for i, child in enumerate(children):
+        if isinstance(child, (FoldedAway, ComputedByPackSigns)) or (isinstance(child, FusedAway) and bits):
+            bypassed.append(child)  # passes its input through
+            continue
+        direct: Step | None = None
+        if i > 0 and bits and ops is not None and isinstance(child, PackedBinaryConv2d) and child.input_bits \
+                and child.mode == "kernel":
+            fast = child.__dict__.get("_fast")
+            if fast is None or fast[0] != child._state():
+                return None
+            direct = fast[2]
+        elif i > 0 and bits and ops is not None and isinstance(child, PackedMaxPool2d) and child.mode == "kernel":
+            direct = _pool_step(ops.bits_max_pool2d, child.pool_geometry)
+        if direct is not None:
+            steps.append(direct)
+            bypassed.append(child)
+        else:
+            steps.append(child)
+        if isinstance(child, PackedBinaryConv2d):
+            bits = child.out_thresholds is not None
+        elif isinstance(child, (PackSigns, PackedMaxPool2d)):
+            bits = True
+        elif not isinstance(child, FusedAway):
+            bits = False
+    return steps, bypassed
+
+
+def _pool_step(op: Callable[..., torch.Tensor], geometry: tuple[object, ...]) -> Step:
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        return op(x, *geometry)
+
+    return pool
+
+
+def use_packed_sequences(model: nn.Module) -> None:
+    """Give every plain ``nn.Sequential`` in ``model`` the :class:`PackedSequential` class (in place)."""
+    for m in model.modules():
+        if type(m) is nn.Sequential:
+            m.__class__ = PackedSequential
+    changed()
