@@ -68,9 +68,10 @@ LIMITS = """## What limits the figures where a target is missed
   layers"); a real first conv feeding a binary conv (VGG-11's 3->32 3x3, NIN's 3->96 5x5) is computed by
   the sign packing itself (`runtime_first_conv.md`); what is left in torch is residual adds with the
   activation after them, average pooling and the classifier. LCE and ONNX Runtime run
-  their whole graph in C++ at a few microseconds per op. A C++ runner for whole segments was measured first
-  as an fx graph without the pass-through modules: it gained 0-2 %, so the cost is in the torch ops, not in
-  Python's module calls.
+  their whole graph in C++ at a few microseconds per op. Python's own cost per layer (a module call and a
+  packed layer's input checks, a few microseconds) is gone inside plain `nn.Sequential`s, which run their
+  fused chains straight on the kernels (README, "Sequences without module calls": 1.2-1.4x on the examples
+  in an A/B); blocks with their own forward (ResNet's BasicBlock) still call each layer as a module.
 - ONNX Runtime int8 of the *slim* model is a strong contender: the slim float model is already small and
   int8 dot products (VNNI where the CPU has it) make its convs cheap; against int8 of the original model (what
   a user without bnnslim would quantize) the packed runtime is faster.
