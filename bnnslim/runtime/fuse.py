@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from bnnslim.runtime import build, segments
+from bnnslim.runtime import build, changes
 from bnnslim.runtime.bits import max_pool_emulated, pack_ternary, thresholds_ternary
 from bnnslim.runtime.layers import PackedBinaryConv2d
 
@@ -156,7 +156,7 @@ class PackSigns(nn.Module):
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
-        segments.changed()
+        changes.changed()
 
     def use_emulation(self, reason: str) -> None:
         """Pack through torch from now on."""
@@ -249,7 +249,7 @@ class PackedMaxPool2d(nn.Module):
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
-        segments.changed()
+        changes.changed()
 
     def use_emulation(self, reason: str) -> None:
         """Pool through torch (unpack, max_pool2d, pack) from now on."""

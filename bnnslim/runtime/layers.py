@@ -41,7 +41,7 @@ from torch import nn
 
 from bnnslim.errors import BnnslimError
 from bnnslim.packing import BITS, unpack_signs
-from bnnslim.runtime import build, segments
+from bnnslim.runtime import build, changes
 from bnnslim.runtime.bits import apply_thresholds, unpack_ternary, words
 
 WORD_BITS = 64
@@ -338,7 +338,7 @@ class PackedBinaryConv2d(nn.Module):
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
-        segments.changed()  # a PackedSequential holding this layer's kernel object plans again
+        changes.changed()  # a PackedSequential holding this layer's kernel object plans again
 
     def __getstate__(self) -> dict[str, object]:
         """Copies and pickles leave the fast path out (a C++ object; the copy rebuilds its own on first call)."""

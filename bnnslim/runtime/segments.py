@@ -10,7 +10,7 @@ children into steps (a packed conv reading bits calls its kernel object
 directly, a bit max pooling its kernel, a layer folded or fused away is
 skipped, everything else is called as the module it is) and replans whenever a
 packed layer or the sequence changes (every such change goes through
-``__setattr__``, which calls :func:`changed`), when the kernel ISA is switched,
+``__setattr__``, which calls :func:`bnnslim.runtime.changes.changed`), when the kernel ISA is switched,
 or when hooks are registered on a layer it would not call.
 """
 
@@ -25,17 +25,11 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from bnnslim.runtime import build
+from bnnslim.runtime.changes import changed, generation
+from bnnslim.runtime.fuse import ComputedByPackSigns, FoldedAway, FusedAway, PackedMaxPool2d, PackSigns
+from bnnslim.runtime.layers import PackedBinaryConv2d
 
 Step = Callable[[torch.Tensor], torch.Tensor]
-
-_generation = 0
-
-
-def changed() -> None:
-    """A packed layer or a packed sequence changed: every plan is made again on its next call."""
-    global _generation
-    _generation += 1
-
 
 class PackedSequential(nn.Sequential):
     """An ``nn.Sequential`` of a runtime model: runs of packed layers run without module calls (see module doc).
@@ -61,7 +55,7 @@ class PackedSequential(nn.Sequential):
         """The planned steps, or None where the plain module-by-module call must run."""
         if not isinstance(x, torch.Tensor) or (x.requires_grad and torch.is_grad_enabled()):
             return None  # tracing, or autograd: the layers' own forward handles those
-        key = (_generation, os.environ.get(build.ENV_ISA), id(build._status))
+        key = (generation(), os.environ.get(build.ENV_ISA), id(build._status))
         plan = self.__dict__.get("_plan")
         if plan is None or plan[0] != key:
             made = plan_steps(list(self))
@@ -84,9 +78,6 @@ class PackedSequential(nn.Sequential):
 def plan_steps(children: list[nn.Module]) -> tuple[list[Step], list[nn.Module]] | None:
     """(steps, the children they do not call as modules) for a sequence, or None if a packed conv that would
     be called directly has not made its kernel object yet."""
-    from bnnslim.runtime.fuse import ComputedByPackSigns, FoldedAway, FusedAway, PackedMaxPool2d, PackSigns
-    from bnnslim.runtime.layers import PackedBinaryConv2d
-
     ops = build.available_ops()
     steps: list[Step] = []
     bypassed: list[nn.Module] = []
