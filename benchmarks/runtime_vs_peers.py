@@ -56,6 +56,11 @@ LABELS = {
 TARGETS = {"lce_indirect_bgemm": 1.5, "ort_int8:original": 3.0, "ort_int8:slim": 3.0, "torch_original": 8.0}
 LIMITS = """## What limits the figures where a target is missed
 
+- The "avx2" section holds only bnnslim (`BNNSLIM_RUNTIME_ISA`) and torch (`ATEN_CPU_CAPABILITY`,
+  `ONEDNN_MAX_CPU_ISA`) to AVX2. ONNX Runtime's MLAS and LCE's kernels pick their code from the CPU's flags
+  and have no switch we found, so there they still use AVX-512 and VNNI int8 dot products (their medians are
+  the same in both sections): that section's ratios against them are lower bounds for a CPU without AVX-512.
+  `runtime_vs_peers_avx2.md` is a run on a real AVX2-only machine (an older revision).
 - AVX2 machines: the XNOR-popcount peak with AVX2 is about a third of AVX-512 VPOPCNTDQ's
   (`runtime_popcount_peak.md`: 420 vs 1307 G bit-ops/s on one EPYC), and the AVX2 3x3 kernels reach 65-77 %
   of the Harley-Seal peak in their best rounds; Harley-Seal inside the conv gave nothing (9-36 words per
