@@ -61,6 +61,9 @@ def wall(n: int, strategy: str, steps: int) -> tuple[float, int]:
     return seconds, n * steps * (2 if strategy == "subsidiary" else 1)
 
 
+NOTES = "<!-- notes: kept when the tables above are rewritten -->"
+
+
 def measure(n: int, strategy: str, k: int, repeats: int = 3) -> dict[str, float]:
     """Overhead and per-step time from runs at k and 3k steps per group (medians of ``repeats``)."""
     low = [wall(n, strategy, k) for _ in range(repeats)]
@@ -95,7 +98,10 @@ def main() -> None:
                     f"{r['overhead']:.2f} | {r['per_group']:.3f} |")
             print(line, flush=True)
             out.append(line)
-    args.out.write_text("\n".join(out) + "\n")
+    notes = ""
+    if args.out.is_file() and NOTES in args.out.read_text():  # hand-written analysis below the marker stays
+        notes = args.out.read_text().split(NOTES, 1)[1]
+    args.out.write_text("\n".join(out) + "\n\n" + NOTES + notes)
 
 
 if __name__ == "__main__":
