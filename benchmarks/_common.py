@@ -44,3 +44,19 @@ def git_revision() -> str:
 def header(title: str) -> str:
     return (f"# {title}\n\n- command: `{command()}`\n- machine: {machine()}\n- revision: {git_revision()}\n"
             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+
+
+NOTES = "<!-- notes: kept when the tables above are rewritten -->"
+
+
+def write_record(path: Path, text: str) -> None:
+    """Write a benchmark record, keeping the hand-written notes below :data:`NOTES` in the file it replaces.
+
+    Written to a temporary file and renamed, so an interrupted rewrite leaves the old record whole.
+    """
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    notes = old.split(NOTES, 1)[1] if NOTES in old else "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text.rstrip() + "\n\n" + NOTES + notes, encoding="utf-8")
+    tmp.replace(path)
+

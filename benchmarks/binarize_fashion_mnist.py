@@ -39,11 +39,10 @@ from bnnslim.train import TrainConfig
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import header  # noqa: E402
+from _common import header, write_record  # noqa: E402
 
 MODEL = str(HERE.parent / "examples" / "small_cnn.py")
 VARIANTS = ("binary", "distilled", "refit")
-NOTES = "<!-- notes: kept when the tables above are rewritten -->"
 
 
 def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
@@ -155,9 +154,7 @@ def main() -> None:
                 records.append(record)
     records = [r for r in records if r["epochs"] == args.epochs]
     text = report(records)
-    if args.out.is_file() and NOTES in args.out.read_text():  # hand-written notes survive a rewrite
-        text += "\n" + NOTES + args.out.read_text().split(NOTES, 1)[1]
-    args.out.write_text(text)
+    write_record(args.out, text)
     print(text)
 
 

@@ -41,11 +41,10 @@ from bnnslim.train import TrainConfig
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import header  # noqa: E402
+from _common import header, write_record  # noqa: E402
 
 STRATEGIES = ["subsidiary", "l1", "alpha", "bn", "random", "greedy"]
 CONTROL = "control"  # keep 1.0, same schedule: nothing removed
-NOTES = "<!-- notes: kept when the tables above are rewritten -->"
 
 
 def model_file(work: Path, spec: str) -> tuple[Path, str]:
@@ -342,10 +341,7 @@ def write_report(args: argparse.Namespace, results: list[dict], speed: dict[str,
                        f"(**{s['distilled'] / s['plain']:.2f}x**); one selector-learning step (distilled) "
                        f"{1000 * s['select']:.0f} ms (**{s['select'] / s['plain']:.2f}x**).")
     out += ["\n## Summary (the README's table)\n", *readme_table(results)]
-    notes = ""
-    if args.out.is_file() and NOTES in args.out.read_text():  # hand-written analysis below the marker stays
-        notes = args.out.read_text().split(NOTES, 1)[1]
-    args.out.write_text("\n".join(out) + "\n\n" + NOTES + notes)
+    write_record(args.out, "\n".join(out))
     print("\n".join(out))
 
 

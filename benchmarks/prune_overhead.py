@@ -26,7 +26,7 @@ import bnnslim
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import header  # noqa: E402
+from _common import header, write_record  # noqa: E402
 
 BATCH, WIDTH, SIZE = 32, 16, 16
 
@@ -59,9 +59,6 @@ def wall(n: int, strategy: str, steps: int) -> tuple[float, int]:
     seconds = time.perf_counter() - t
     assert len(masks) == n
     return seconds, n * steps * (2 if strategy == "subsidiary" else 1)
-
-
-NOTES = "<!-- notes: kept when the tables above are rewritten -->"
 
 
 def measure(n: int, strategy: str, k: int, repeats: int = 3) -> dict[str, float]:
@@ -98,10 +95,7 @@ def main() -> None:
                     f"{r['overhead']:.2f} | {r['per_group']:.3f} |")
             print(line, flush=True)
             out.append(line)
-    notes = ""
-    if args.out.is_file() and NOTES in args.out.read_text():  # hand-written analysis below the marker stays
-        notes = args.out.read_text().split(NOTES, 1)[1]
-    args.out.write_text("\n".join(out) + "\n\n" + NOTES + notes)
+    write_record(args.out, "\n".join(out))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import header  # noqa: E402
+from _common import header, write_record  # noqa: E402
 
 from bnnslim.runtime import build  # noqa: E402
 from bnnslim.runtime.bits import unpack_ternary  # noqa: E402
@@ -133,13 +133,9 @@ def main(argv: list[str] | None = None) -> None:
         f"SIGN_CONV_MAX_MACS = {SIGN_CONV_MAX_MACS}\n",
         "## torch as installed\n", table(rows), "",
         "## torch held to AVX2 (`ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`, a separate process)\n",
-        table(avx2_rows, "kernel avx2" if "kernel avx2" in avx2_rows[0]["us"] else None), "",
-        "<!-- NOTES -->",
+        table(avx2_rows, "kernel avx2" if "kernel avx2" in avx2_rows[0]["us"] else None),
     ])
-    old = args.out.read_text(encoding="utf-8") if args.out.exists() else ""
-    if "<!-- NOTES -->" in old:
-        text += old.split("<!-- NOTES -->", 1)[1]
-    args.out.write_text(text.rstrip() + "\n", encoding="utf-8")
+    write_record(args.out, text)
     print(text)
 
 
