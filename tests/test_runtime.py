@@ -372,6 +372,138 @@ def test_examples_equal_their_emulation(name: str, channels_last: bool, kernels:
         assert torch.equal(runtime(x), reference(x))
 
 
+def _as_written(model: nn.Module) -> nn.Module:
+    """A copy whose blocks run their class's forward (no planned graphs) and whose sequences call every layer."""
+    from bnnslim.runtime.blocks import BlockForward
+
+    twin = _module_by_module(model)
+    for m in twin.modules():
+        if isinstance(m.__dict__.get("forward"), BlockForward):
+            del m.forward
+    return twin
+
+
+def _runs_a_plan(block: nn.Module) -> bool:
+    """Whether the block's last call made or kept a plan (rather than falling back to its own forward)."""
+    made = block.forward.__dict__.get("_made")
+    return made is not None and made[1] is not None
+
+
+class _TwoPaths(nn.Module):
+    """A block torch.fx cannot trace (the branch depends on a value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = binary_conv(8, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.Hardtanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return self.act(y + x) if bool(x.sum() > 0) else self.act(y - x)
+
+
+def test_residual_blocks_run_a_planned_graph_that_equals_their_own_forward(isa: str) -> None:
+    """ResNet blocks skip the layers folded or fused away, call the bit-reading conv's kernel directly and add the
+    shortcut into the conv's output with the clamp in place: the output is the blocks' own forward's, bit for bit,
+    and the emulation's; the state dict, the classes and a hook on a skipped layer are as before."""
+    from bnnslim.runtime.blocks import BlockForward, add_clamp_into, plan_block
+
+    model, x, _ = binary_example("resnet18", trained_bn=False, width=0.25, batch=1)
+    runtime = to_runtime(model)
+    block = runtime.layer2[0]
+    assert type(block).__name__ == "BasicBlock" and isinstance(block.forward, BlockForward)
+    with torch.no_grad():
+        want = _as_written(runtime)(x)
+        first = runtime(x)  # makes the kernel objects; the next call plans
+        assert torch.equal(first, want) and torch.equal(runtime(x), want) and torch.equal(runtime(x), want)
+        assert torch.equal(runtime(x), with_emulation(runtime)(x))
+        assert list(runtime.state_dict()) == list(_as_written(runtime).state_dict())  # the plans hold no state
+        planned = plan_block(block)
+        assert planned is not None
+        run, bypassed = planned
+        assert {id(m) for m in bypassed} == {id(block.bn1), id(block.act1), id(block.conv2), id(block.bn2)}
+        code = run.__self__.code  # type: ignore[attr-defined]
+        assert add_clamp_into.__name__ in code and "act2" not in code and "bn1" not in code
+        runtime(x)
+        assert _runs_a_plan(block)
+        # a hook on a skipped layer: the block calls its layers as written while the hook is there
+        seen: list[torch.Size] = []
+        handle = block.bn2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        assert torch.equal(runtime(x), want) and len(seen) == 1
+        handle.remove()
+        # an undone fusion replans the block: conv1 writes floats again, bn1 and act1 come back
+        unfuse(runtime, "layer2.0.conv1", "test")
+        assert type(block.bn1) is nn.BatchNorm2d
+        assert torch.equal(runtime(x), _as_written(runtime)(x))
+        got = runtime(x)
+        assert torch.equal(got, _as_written(runtime)(x))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # a copy plans for itself and runs its own layers
+        twin = copy.deepcopy(runtime)
+        assert twin.layer2[0].forward.block is twin.layer2[0]
+        twin.layer2[0].conv2.use_emulation("test")
+        assert torch.equal(twin(x), got) and torch.equal(twin(x), got)
+
+
+class _SharedReluBlock(nn.Module):
+    """torchvision's BasicBlock pattern: one ReLU module called twice, ``out += identity``; with ``alias`` the
+    conv output is also read after the in-place add (which must then see the sum)."""
+
+    def __init__(self, alias: bool) -> None:
+        super().__init__()
+        self.alias = alias
+        self.conv1 = binary_conv(64, 64, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = binary_conv(64, 64, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(self.relu(self.bn1(self.conv1(x))))
+        kept = out
+        out += x
+        out = self.relu(out)
+        return out + kept if self.alias else out
+
+
+@pytest.mark.parametrize("alias", [False, True], ids=["plain", "aliased"])
+def test_in_place_residual_adds_and_shared_activations_are_planned_only_where_exact(
+        alias: bool, kernels: build.KernelStatus) -> None:
+    """A shared ReLU fused away after the first conv still clamps after the add, and ``out += x`` becomes the
+    fused add; where ``out`` is read again after the in-place add the block keeps its own forward."""
+    from bnnslim.runtime.blocks import add_clamp_into, plan_block
+
+    model = nn.Sequential(_SharedReluBlock(alias)).eval()
+    _random_bn(model, seed=4)
+    runtime = to_runtime(model)
+    x = torch.randn(1, 64, 6, 6)
+    with torch.no_grad():
+        want = _as_written(runtime)(x.clone())
+        assert torch.equal(runtime(x.clone()), want) and torch.equal(runtime(x.clone()), want)
+        # the aliased block's graph (torch.fx records ``out += x`` as ``out + x``) disagrees with its forward:
+        # the check on the first planned call drops it
+        assert _runs_a_plan(runtime[0]) is not alias
+        planned = plan_block(runtime[0])
+        code = planned[0].__self__.code if planned is not None else ""  # type: ignore[attr-defined]
+        assert "act" not in code and "relu" not in code  # the ReLU after the add is the clamp in both
+        assert (add_clamp_into.__name__ in code) is not alias  # in place only where nothing else reads the output
+
+
+def test_blocks_torch_fx_cannot_trace_or_autograd_run_their_own_forward(kernels: build.KernelStatus) -> None:
+    """A block with value-dependent control flow runs as written (both branches right); so does a call with
+    autograd on."""
+    block = nn.Sequential(_TwoPaths()).eval()
+    _random_bn(block, seed=3)
+    runtime = to_runtime(block)
+    for sign in (1.0, -1.0):
+        x = torch.randn(1, 8, 6, 6).abs() * sign
+        with torch.no_grad():
+            want = _as_written(runtime)(x)
+            assert torch.equal(runtime(x), want) and torch.equal(runtime(x), want)
+    x.requires_grad_(True)
+    assert torch.equal(runtime(x).detach(), want)
+
+
 @pytest.mark.parametrize("name", ["nin", "resnet18"])
 def test_packed_file_tensors_are_used_as_exported(name: str, kernels: build.KernelStatus) -> None:
     """bnnslim.load(..., runtime='packed'): the export's bits and alpha drive the kernels directly."""

@@ -109,11 +109,13 @@ def to_runtime(model: nn.Module, *, inplace: bool = False, channels_last: bool =
         target.register_forward_pre_hook(_inputs_to_channels_last)
     target.eval()
     if fuse:
+        from bnnslim.runtime.blocks import use_planned_blocks
         from bnnslim.runtime.fuse import fuse_binary_chains
         from bnnslim.runtime.segments import use_packed_sequences
 
         fuse_binary_chains(target, channels_last=channels_last)
         use_packed_sequences(target)
+        use_planned_blocks(target)
     return target
 
 

@@ -359,6 +359,12 @@ class PackedBinaryConv2d(nn.Module):
             key = (torch.float32, 4, 1, self.in_channels)
         self._fast = (self._state(), key, call)
 
+    def kernel_call(self) -> Any:
+        """The C++ object that runs this layer's kernel on its input alone (for callers that know the input is
+        what the layer expects: packed bits from the layer before), or None until a call has made it."""
+        fast = self.__dict__.get("_fast")
+        return None if fast is None or fast[0] != self._state() else fast[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fast = self.__dict__.get("_fast")
         if fast is not None and not (x.requires_grad and torch.is_grad_enabled()) and x.device.type == "cpu":

@@ -55,7 +55,7 @@ class PackedSequential(nn.Sequential):
         """The planned steps, or None where the plain module-by-module call must run."""
         if not isinstance(x, torch.Tensor) or (x.requires_grad and torch.is_grad_enabled()):
             return None  # tracing, or autograd: the layers' own forward handles those
-        key = (generation(), os.environ.get(build.ENV_ISA), id(build._status))
+        key = plan_key()
         plan = self.__dict__.get("_plan")
         if plan is None or plan[0] != key:
             made = plan_steps(list(self))
@@ -64,15 +64,24 @@ class PackedSequential(nn.Sequential):
             plan = (key, *made)
             self.__dict__["_plan"] = plan
         _, steps, bypassed = plan
-        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks or any(
-                m._forward_hooks or m._forward_pre_hooks for m in bypassed):
-            return None
-        return steps
+        return None if hooked(bypassed) else steps
 
     def __getstate__(self) -> dict[str, object]:
         state = dict(self.__dict__)
         state.pop("_plan", None)  # holds kernel objects; a copy plans for itself
         return state
+
+
+def plan_key() -> tuple[object, ...]:
+    """What every plan of packed layers depends on beyond its own modules: the changes so far, the ISA forced
+    through the environment, the kernel build in use."""
+    return (generation(), os.environ.get(build.ENV_ISA), id(build._status))
+
+
+def hooked(bypassed: list[nn.Module]) -> bool:
+    """Whether hooks would miss a call: global module hooks, or hooks on a layer a plan does not call as a module."""
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks or any(
+        m._forward_hooks or m._forward_pre_hooks for m in bypassed))
 
 
 def plan_steps(children: list[nn.Module]) -> tuple[list[Step], list[nn.Module]] | None:
@@ -89,10 +98,9 @@ def plan_steps(children: list[nn.Module]) -> tuple[list[Step], list[nn.Module]] 
         direct: Step | None = None
         if i > 0 and bits and ops is not None and isinstance(child, PackedBinaryConv2d) and child.input_bits \
                 and child.mode == "kernel":
-            fast = child.__dict__.get("_fast")
-            if fast is None or fast[0] != child._state():
+            direct = child.kernel_call()
+            if direct is None:
                 return None
-            direct = fast[2]
         elif i > 0 and bits and ops is not None and isinstance(child, PackedMaxPool2d) and child.mode == "kernel":
             direct = _pool_step(ops.bits_max_pool2d, child.pool_geometry)
         if direct is not None:

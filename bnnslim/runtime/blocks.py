@@ -1,0 +1,232 @@
+"""Run a block with a ``forward`` of its own (a ResNet ``BasicBlock``) from a planned graph.
+
+:class:`~bnnslim.runtime.segments.PackedSequential` runs plain sequences
+without a module call per packed layer, but a block with its own ``forward``
+still calls every child: at batch 1 that is a microsecond or more for each
+layer fused or folded away (they only pass their input on), and its residual
+add and the activation after it are two torch calls and two new tensors.
+
+:func:`use_planned_blocks` gives such blocks a :class:`BlockForward` as their
+``forward`` (an instance attribute; the class is untouched, so are the state
+dict and ``isinstance``). On a call it traces the block once with torch.fx,
+every child a leaf, and runs the rewritten graph:
+
+- layers that pass their input on are dropped (:class:`FoldedAway`,
+  :class:`ComputedByPackSigns`, ``nn.Identity``, and :class:`FusedAway` where
+  its input is packed bits);
+- a packed conv reading packed bits calls its kernel object directly (as in a
+  packed sequence);
+- ``act(a + b)`` with ``act`` a Hardtanh, ReLU or ReLU6 used once becomes one
+  add and an in-place clamp, in place on ``a`` where ``a`` is a packed conv's
+  float output read by nothing else (the same values: torch's clamp is
+  Hardtanh).
+
+A new plan is checked once against the block's own forward on (copies of)
+the input at hand, and dropped if they differ: torch.fx records ``out += y`` as
+``out + y`` and an in-place activation as a new value, so a block that reads a
+tensor again after changing it in place has a graph that is not what it does.
+
+The plan is made again after any change to a packed layer or the runtime
+(:mod:`bnnslim.runtime.changes`), a new child, or an ISA switch; the class's own
+``forward`` runs instead for anything else than one tensor without autograd
+(tracing, training mode), when hooks sit on a layer the plan skips, and for a
+block torch.fx cannot trace. As with any torch.fx trace, plain attributes the
+forward reads (a float scale, a flag) are taken as they are at the first call:
+change them on a runtime model and call ``to_runtime`` again.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from bnnslim.runtime import build
+from bnnslim.runtime.changes import changed
+from bnnslim.runtime.fuse import CLAMPS, ComputedByPackSigns, FoldedAway, FusedAway, PackedMaxPool2d, PackSigns
+from bnnslim.runtime.layers import PackedBinaryConv2d
+from bnnslim.runtime.segments import PackedSequential, hooked, plan_key
+
+Plan = tuple[Callable[[torch.Tensor], torch.Tensor], list[nn.Module]]
+
+#: the residual adds :func:`_fuse_residual_clamps` takes (``out += identity`` traces as ``operator.iadd``)
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+#: layers that pass their input on unchanged in a runtime model (FusedAway only where its input is bits)
+_PASS_THROUGH: tuple[type[nn.Module], ...] = (FoldedAway, ComputedByPackSigns, nn.Identity)
+
+
+def add_clamp(a: torch.Tensor, b: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``clamp(a + b, lo, hi)`` in one new tensor."""
+    return torch.add(a, b).clamp_(lo, hi)
+
+
+def add_clamp_into(fresh: torch.Tensor, b: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``clamp(fresh + b, lo, hi)`` written into ``fresh`` (a tensor nothing else reads) where shapes and dtypes
+    allow."""
+    if fresh.shape == b.shape and fresh.dtype == b.dtype:
+        return fresh.add_(b).clamp_(lo, hi)
+    return add_clamp(fresh, b, lo, hi)
+
+
+class _NotYet(Exception):
+    """A packed conv the plan would call directly has not made its kernel object yet (its first call does)."""
+
+
+class _LeafTracer(fx.Tracer):
+    """Every submodule is a leaf: the block's own forward is what gets traced."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+class BlockForward:
+    """A block's ``forward`` in a runtime model: runs its planned graph (module doc), or the class's forward."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        block = self.block
+        if len(args) == 1 and not kwargs and not block.training:
+            x = args[0]
+            if isinstance(x, torch.Tensor) and not (x.requires_grad and torch.is_grad_enabled()):
+                plan = self._plan(x)
+                if plan is not None:
+                    return plan(x)
+        return type(block).forward(block, *args, **kwargs)
+
+    def _plan(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The planned forward for the block as it is now, made (and checked on ``x``) where there is none."""
+        block = self.block
+        key = (*plan_key(), *map(id, block._modules.values()))
+        made = self.__dict__.get("_made")
+        if made is None or made[0] != key:
+            try:
+                plan = plan_block(block)
+            except _NotYet:
+                return None
+            if plan is not None and not self._agrees(plan[0], x):
+                plan = None
+            made = (key, plan)
+            self.__dict__["_made"] = made
+        plan = made[1]
+        if plan is None:
+            return None
+        run, bypassed = plan
+        return None if hooked(bypassed) else run
+
+    def _agrees(self, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> bool:
+        """Whether the plan gives the class forward's output on copies of ``x``, and leaves its copy as the class
+        forward leaves its own. torch.fx records ``out += y`` on a traced value as ``out + y`` and an in-place
+        activation as a new value, so a block that reads a tensor again after changing it in place has a graph
+        that differs from what it does: such a block keeps its own forward."""
+        mine, theirs = x.clone(), x.clone()
+        with torch.no_grad():
+            want = type(self.block).forward(self.block, theirs)
+            got = run(mine)
+        return (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and want.dtype == got.dtype
+                and torch.equal(want, got) and torch.equal(mine, theirs))
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        state.pop("_made", None)  # holds kernel objects and generated code; a copy plans for itself
+        return state
+
+
+def plan_block(block: nn.Module) -> Plan | None:
+    """(the rewritten forward, the children it no longer calls as modules), or None where the class's forward
+    must run (torch.fx cannot trace it); raises :class:`_NotYet` where a packed conv has no kernel object yet."""
+    try:
+        graph = _LeafTracer().trace(block)
+    except Exception:  # any tracing failure: the block runs as written
+        return None
+    if sum(n.op == "placeholder" for n in graph.nodes) != 1:
+        return None
+    modules = dict(block.named_modules())
+    ops = build.available_ops()
+    attrs: dict[str, Any] = {}
+    bypassed: list[nn.Module] = []
+    bits: set[fx.Node] = set()  # nodes whose value is packed bits
+    floats: set[fx.Node] = set()  # packed convs' float outputs (new tensors)
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        m = modules[str(node.target)]
+        src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        if not isinstance(src, fx.Node):
+            continue
+        if type(m) in _PASS_THROUGH or (type(m) is FusedAway and src in bits):
+            node.replace_all_uses_with(src)
+            graph.erase_node(node)
+            bypassed.append(m)
+            continue
+        if isinstance(m, PackedBinaryConv2d):
+            if src in bits and m.input_bits and m.mode == "kernel" and ops is not None:
+                call = m.kernel_call()
+                if call is None:
+                    raise _NotYet
+                name = f"_kernel_{len(attrs)}"
+                attrs[name] = call
+                with graph.inserting_before(node):
+                    direct = graph.call_method("__call__", (graph.get_attr(name), src))
+                node.replace_all_uses_with(direct)
+                graph.erase_node(node)
+                bypassed.append(m)
+                node = direct
+            (bits if m.out_thresholds is not None else floats).add(node)
+        elif isinstance(m, PackSigns) or (isinstance(m, PackedMaxPool2d) and src in bits):
+            bits.add(node)
+    _fuse_residual_clamps(graph, modules, floats)
+    graph.lint()
+    root: dict[str, Any] = {str(n.target): modules[str(n.target)] for n in graph.nodes if n.op == "call_module"}
+    root.update(attrs)
+    module = fx.GraphModule(root, graph, class_name=f"Planned{type(block).__name__}")
+    return module.forward, bypassed
+
+
+def _fuse_residual_clamps(graph: fx.Graph, modules: dict[str, nn.Module], floats: set[fx.Node]) -> None:
+    """``act(a + b)`` -> :func:`add_clamp` (in place on a packed conv's float output, ``floats``, that only the
+    add reads); ``a += b`` only where ``a`` is such an output (elsewhere others may see the change)."""
+    for node in list(graph.nodes):
+        act = modules[str(node.target)] if node.op == "call_module" else None
+        if type(act) is FusedAway:
+            act = act.original  # a shared activation, fused away elsewhere: here it computes on real values
+        if act is None or type(act) not in CLAMPS or len(node.args) != 1 or node.kwargs:
+            continue
+        add = node.args[0]
+        if not (isinstance(add, fx.Node) and add.op == "call_function" and add.target in _ADDS
+                and len(add.args) == 2 and not add.kwargs and len(add.users) == 1
+                and all(isinstance(a, fx.Node) for a in add.args)):
+            continue
+        lo, hi = CLAMPS[type(act)](act)
+        a, b = add.args
+
+        def fresh(n: object) -> bool:
+            return isinstance(n, fx.Node) and n in floats and len(n.users) == 1
+
+        if add.target is operator.iadd and not fresh(a):
+            continue  # ``a += b`` changes a tensor something else may read: left as written
+        if fresh(b) and not fresh(a):
+            a, b = b, a  # a + b == b + a elementwise in float
+        with graph.inserting_before(node):
+            fn = add_clamp_into if fresh(a) else add_clamp
+            new = graph.call_function(fn, (a, b, lo, hi))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        graph.erase_node(add)
+
+
+def use_planned_blocks(model: nn.Module) -> None:
+    """Give every module of ``model`` with a forward of its own and children (not a torch layer, sequence or
+    packed layer) a :class:`BlockForward` (in place)."""
+    for m in model.modules():
+        cls = type(m)
+        if not m._modules or cls.__module__.startswith("torch.") or isinstance(m, (PackedSequential, fx.GraphModule)) \
+                or isinstance(m.__dict__.get("forward"), BlockForward):
+            continue
+        m.forward = BlockForward(m)
+    changed()
