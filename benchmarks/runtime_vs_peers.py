@@ -71,12 +71,17 @@ LIMITS = """## What limits the figures where a target is missed
   about as much as a small binary conv. Batch norms after binary and real convs, the clamp activations after
   them, and sign-keeping activations and max pooling before a binary conv are folded (README, "Folded float
   layers"); a real first conv feeding a binary conv (VGG-11's 3->32 3x3, NIN's 3->96 5x5) is computed by
-  the sign packing itself (`runtime_first_conv.md`); what is left in torch is residual adds with the
-  activation after them, average pooling and the classifier. LCE and ONNX Runtime run
+  the sign packing itself, and one read as floats (ResNet's 3->32 3x3 stem) by the same kernel writing
+  floats (`runtime_first_conv.md`); what is left in torch is residual adds with the activation after them
+  (one add and an in-place clamp), average pooling and the classifier. LCE and ONNX Runtime run
   their whole graph in C++ at a few microseconds per op. Python's own cost per layer (a module call and a
   packed layer's input checks, a few microseconds) is gone inside plain `nn.Sequential`s, which run their
   fused chains straight on the kernels (README, "Sequences without module calls": 1.2-1.4x on the examples
-  in an A/B); blocks with their own forward (ResNet's BasicBlock) still call each layer as a module.
+  in an A/B), and blocks with their own forward (ResNet's BasicBlock) run a torch.fx-planned graph that
+  skips the layers folded away (README, "Blocks with their own forward"); what remains is a module call per
+  binary conv reading floats and per block, about 1-2 us each.
+- NIN: its real 3->96 5x5 first conv (7200 multiply-adds per pixel) is about a third of the packed model's
+  time, in float FMA arithmetic near one core's peak; ONNX Runtime int8 runs it with int8 dot products.
 - ONNX Runtime int8 of the *slim* model is a strong contender: the slim float model is already small and
   int8 dot products (VNNI where the CPU has it) make its convs cheap; against int8 of the original model (what
   a user without bnnslim would quantize) the packed runtime is faster.

@@ -41,7 +41,7 @@ from bnnslim.runtime import (
     with_emulation,
 )
 from bnnslim.runtime.bits import apply_thresholds
-from bnnslim.runtime.fuse import ComputedByPackSigns, fuse_binary_chains, unfuse, unpack_input
+from bnnslim.runtime.fuse import ComputedByPackSigns, DirectRealConv, fuse_binary_chains, unfuse, unpack_input
 
 ALL_ISAS = ["avx512", "avx2", "popcnt", "scalar"]
 
@@ -847,7 +847,10 @@ def test_real_activations_enter_a_chain_as_bits(act: nn.Module, packs: bool, isa
     x = torch.randn(2, 3, 10, 12)
     fused, plain = to_runtime(model), to_runtime(model, fuse=False)
     plan = runtime_plan(fused)
-    assert plan.folded == {"0": ["1"], "4": ["5", "6"]}
+    # not packed, the real conv runs on the small-conv kernel and takes a clamp activation after it in
+    clamped = not packs and type(act) is nn.Hardtanh
+    assert plan.folded == {"0": ["1", "2"] if clamped else ["1"], "4": ["5", "6"]}
+    assert isinstance(fused[0], ComputedByPackSigns if packs else DirectRealConv)
     assert plan.packed_inputs == ({"4": ["0", "1", "2", "3"]} if packs else {})
     # NCHW runtime: packing would first convert to channels-last, dearer than the layers it skips
     assert not runtime_plan(to_runtime(model, channels_last=False)).packed_inputs
@@ -864,8 +867,9 @@ def test_real_activations_enter_a_chain_as_bits(act: nn.Module, packs: bool, isa
         assert torch.equal(y, with_emulation(fused)(x))
         torch.testing.assert_close(y, plain(x), rtol=1e-5, atol=1e-5)
         unpack_input(fused, "4")
-        assert not fused[4].input_bits and isinstance(fused[1], FoldedAway) and type(fused[0]) is nn.Conv2d
-        assert type(fused[2]) is type(act) and type(fused[3]) is nn.MaxPool2d
+        assert not fused[4].input_bits and isinstance(fused[1], FoldedAway)
+        assert type(fused[0]) is (nn.Conv2d if packs else DirectRealConv)
+        assert type(fused[2]) is (FoldedAway if clamped else type(act)) and type(fused[3]) is nn.MaxPool2d
         torch.testing.assert_close(fused(x), y, rtol=0, atol=0)
 
 
@@ -899,6 +903,39 @@ def test_a_first_conv_writes_the_signs_of_its_output_as_bits(cin: int, cout: int
     assert torch.equal(got[away_from_zero], expected[away_from_zero])
     with torch.no_grad():
         torch.testing.assert_close(fused(x), to_runtime(model, fuse=False)(x), rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize(("cin", "cout", "k", "stride", "padding", "size", "act"),
+                         [(3, 32, 3, 1, 1, (10, 12), nn.Hardtanh()), (1, 5, 3, 2, 0, (9, 7), nn.ReLU()),
+                          (4, 13, (3, 1), (1, 2), (2, 0), (6, 29), nn.ReLU6()), (3, 130, 1, 1, 0, (5, 14), None),
+                          (2, 40, 5, 2, 2, (11, 17), nn.Hardtanh(-2.0, 0.5))])
+def test_a_small_real_conv_with_float_outputs_runs_on_the_kernel(
+        cin: int, cout: int, k: int | tuple[int, int], stride: int | tuple[int, int], padding: int | tuple[int, int],
+        size: tuple[int, int], act: nn.Module | None, isa: str) -> None:
+    """A real first conv whose floats go on (ResNet's stem: a binary conv and the shortcut read them) runs on the
+    small-conv kernel with the clamp activation after it: torch's values to float rounding, NaN kept, every output
+    channel (none of the kernel's padding up to 8) and channels-last; torch's conv where the ISA has no vector
+    tiles."""
+    torch.manual_seed(cin * 1000 + cout)
+    model = nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=padding), *([act] if act else [])).eval()
+    x = torch.randn(2, cin, *size).contiguous(memory_format=torch.channels_last)
+    x[1, 0, 1, 2] = float("nan")
+    fused = to_runtime(model)
+    assert isinstance(fused[0], DirectRealConv) and (act is None or isinstance(fused[1], FoldedAway))
+    with torch.no_grad():
+        want = model(x)
+        got = fused(x)
+        assert got.shape == want.shape and torch.isnan(got).any()
+        if isa in ("popcnt", "scalar"):  # torch's conv, then the clamp
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        else:
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+        # every ISA's tiles, also where forward would take torch's conv
+        direct = build.fast_ops().conv_small_float(x, fused[0].conv_weight, fused[0].conv_bias,
+                                                   *fused[0].conv_geometry, build.ISA_CODES[isa], cout, fused[0].lo,
+                                                   fused[0].hi)
+        torch.testing.assert_close(direct, want, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 @pytest.mark.parametrize("act", [nn.ReLU(inplace=True), nn.ReLU6(), nn.Hardtanh(0.0, 2.0)])

@@ -625,7 +625,9 @@ at::Tensor pack_signs_op(const at::Tensor& x_in, int64_t isa, bool positive) {
 
 // A real conv with few input channels whose output only enters a fused chain
 // (fuse.py's PackSigns over a conv): the signs of conv(x) + b as packed
-// ternary bits [N, OH, OW, NW, 2], without writing the floats. x is NHWC
+// ternary bits [N, OH, OW, NW, 2], without writing the floats; or (fout set,
+// fuse.py's DirectRealConv) the floats clamp(conv(x) + b, lo, hi) as NHWC
+// [N, OH, OW, Cout]. x is NHWC
 // floats, already zero-padded (the op pads it: no tap is ever out of range);
 // w is [KH, KW, Cin, CP] with CP = Cout rounded up to 8 (the extra channels
 // zero, so their bits stay 0 as pack_signs leaves them); b is [CP]. Each
@@ -638,6 +640,13 @@ struct SignConvArgs {
   int64_t H, W, Cin, KH, KW, sh, sw, OH, OW, CP, NW;
   int64_t* out;
   bool positive;  // nonzero = x > 0 (a ReLU after the conv), else x != 0
+  float* fout;    // float output [N, OH, OW, Cout] instead of bits, or null
+  int64_t Cout;
+  float lo, hi;   // the float output's clamp
+
+  float* pixel_floats(int64_t row, int64_t ox) const { return fout + (row * OW + ox) * Cout; }
+  // how many of the 8 channels from c are real (not the padding up to CP)
+  int lanes8(int64_t c) const { return static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(8, Cout - c))); }
 
   int64_t taps() const { return KH * KW * Cin; }
   // The inputs of output row `row` as a [taps, OW] matrix (tap t = (ky, kx, ci), the weights' order): then the
@@ -661,6 +670,11 @@ void conv_sign_bits_scalar(const SignConvArgs& a, const float* patch, int64_t ro
     std::copy(a.b, a.b + a.CP, acc.begin());
     for (int64_t t = 0; t < a.taps(); ++t)
       for (int64_t co = 0; co < a.CP; ++co) acc[co] += patch[t * a.OW + ox] * a.w[t * a.CP + co];
+    if (a.fout != nullptr) {
+      float* dst = a.pixel_floats(row, ox);
+      for (int64_t co = 0; co < a.Cout; ++co) dst[co] = std::min(std::max(acc[co], a.lo), a.hi);
+      continue;
+    }
     pack_sign_words(acc.data(), a.CP, a.NW, a.out + (row * a.OW + ox) * a.NW * 2, a.positive);
   }
 }
@@ -685,6 +699,7 @@ struct SignConvTile {
   const float* patch;
   int64_t c0;
   uint8_t* row_out;
+  int64_t row;
 };
 
 // P output pixels (ox, ox + 1, ...) times NV vectors of 8 channels from c0, in registers: each weight vector
@@ -713,6 +728,19 @@ struct SignConvTileAvx2 : SignConvTile {
         for (int v = 0; v < NV; ++v) acc[p][v] = _mm256_fmadd_ps(xv, wv[v], acc[p][v]);
       }
     }
+    if (a.fout != nullptr) {
+      const __m256 lo = _mm256_set1_ps(a.lo), hi = _mm256_set1_ps(a.hi);
+      BNN_UNROLL
+      for (int v = 0; v < NV; ++v) {
+        const int n = a.lanes8(c0 + 8 * v);
+        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        BNN_UNROLL
+        for (int p = 0; p < P; ++p)  // max(lo, x), min(hi, x): a NaN passes through as in torch's clamp
+          _mm256_maskstore_ps(a.pixel_floats(row, ox + p) + c0 + 8 * v, mask,
+                              _mm256_min_ps(hi, _mm256_max_ps(lo, acc[p][v])));
+      }
+      return;
+    }
     const __m256 zero = _mm256_setzero_ps();
     BNN_UNROLL
     for (int p = 0; p < P; ++p) {
@@ -732,8 +760,8 @@ struct SignConvTileAvx2 : SignConvTile {
 __attribute__((target("avx2,fma"))) void conv_sign_bits_avx2(const SignConvArgs& a, const float* patch, int64_t row) {
   uint8_t* row_out = a.row_bytes(row);
   for (int64_t c0 = 0; c0 < a.CP; c0 += 16) {
-    if (a.CP - c0 >= 16) sign_conv_row<6, 3>(a.OW, SignConvTileAvx2<2>{{a, patch, c0, row_out}});
-    else sign_conv_row<6, 3>(a.OW, SignConvTileAvx2<1>{{a, patch, c0, row_out}});
+    if (a.CP - c0 >= 16) sign_conv_row<6, 3>(a.OW, SignConvTileAvx2<2>{{a, patch, c0, row_out, row}});
+    else sign_conv_row<6, 3>(a.OW, SignConvTileAvx2<1>{{a, patch, c0, row_out, row}});
   }
 }
 
@@ -767,6 +795,20 @@ struct SignConvTileAvx512 : SignConvTile {
         for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_fmadd_ps(xv, wv[v], acc[p][v]);
       }
     }
+    if (a.fout != nullptr) {
+      const __m512 lo = _mm512_set1_ps(a.lo), hi = _mm512_set1_ps(a.hi);
+      BNN_UNROLL
+      for (int v = 0; v < NV; ++v) {
+        const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, a.Cout - c0 - 16 * v));
+        const __mmask16 real = static_cast<__mmask16>((1u << n) - 1u);
+        if (real == 0) continue;
+        BNN_UNROLL
+        for (int p = 0; p < P; ++p)
+          _mm512_mask_storeu_ps(a.pixel_floats(row, ox + p) + c0 + 16 * v, real,
+                                _mm512_min_ps(hi, _mm512_max_ps(lo, acc[p][v])));
+      }
+      return;
+    }
     const __m512 zero = _mm512_setzero_ps();
     BNN_UNROLL
     for (int p = 0; p < P; ++p) {
@@ -788,12 +830,14 @@ struct SignConvTileAvx512 : SignConvTile {
 __attribute__((target("avx512f"))) void conv_sign_bits_avx512(const SignConvArgs& a, const float* patch,
                                                                int64_t row) {
   for (int64_t c0 = 0; c0 < a.CP; c0 += 32)
-    sign_conv_row<12, 4>(a.OW, SignConvTileAvx512{{a, patch, c0, a.row_bytes(row)}});
+    sign_conv_row<12, 4>(a.OW, SignConvTileAvx512{{a, patch, c0, a.row_bytes(row), row}});
 }
 #endif
 
-at::Tensor conv_sign_bits_op(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& b, int64_t kh, int64_t kw,
-                             at::IntArrayRef stride, at::IntArrayRef padding, int64_t isa, bool positive) {
+// Both outputs of the small real conv: bits (fout_cout < 0) or clamped floats with fout_cout channels
+at::Tensor small_conv_impl(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& b, int64_t kh, int64_t kw,
+                           at::IntArrayRef stride, at::IntArrayRef padding, int64_t isa, bool positive,
+                           int64_t fout_cout, double lo, double hi) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "bnnslim runtime: conv_sign_bits takes a 4-d CPU tensor");
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2, "bnnslim runtime: conv_sign_bits takes 2-d stride, padding");
   isa = resolve_isa(isa);
@@ -807,17 +851,24 @@ at::Tensor conv_sign_bits_op(const at::Tensor& x_in, const at::Tensor& w, const 
               "bnnslim runtime: conv_sign_bits weights must be float [kh, kw, Cin, Cout rounded up to 8]");
   TORCH_CHECK(b.scalar_type() == at::kFloat && b.is_contiguous() && b.numel() == CP,
               "bnnslim runtime: conv_sign_bits bias must be float [Cout rounded up to 8]");
+  TORCH_CHECK((fout_cout <= CP && fout_cout > CP - 8) || fout_cout < 0,
+              "bnnslim runtime: conv_small_float's out_channels do not match the weights");
   const int64_t OH = (H - kh) / stride[0] + 1, OW = (W - kw) / stride[1] + 1;
   TORCH_CHECK(H >= kh && W >= kw, "bnnslim runtime: conv_sign_bits output would be empty");
   const int64_t NW = ceil_div(CP, 64);
-  at::Tensor out = empty_long({N, OH, OW, NW, 2});
+  const bool floats = fout_cout >= 0;
+  // floats: NHWC memory, returned as the [N, Cout, OH, OW] view (channels-last strides)
+  at::Tensor out = floats ? at::empty({N, OH, OW, fout_cout}, x_in.options().dtype(at::kFloat))
+                          : empty_long({N, OH, OW, NW, 2});
   const SignConvArgs a{x.data_ptr<float>(), w.data_ptr<float>(), b.data_ptr<float>(), H, W, Cin, kh, kw,
-                       stride[0], stride[1], OH, OW, CP, NW, out.data_ptr<int64_t>(), positive};
+                       stride[0], stride[1], OH, OW, CP, NW, floats ? nullptr : out.data_ptr<int64_t>(), positive,
+                       floats ? out.data_ptr<float>() : nullptr, fout_cout, static_cast<float>(lo),
+                       static_cast<float>(hi)};
   at::parallel_for(0, N * OH, 4, [&](int64_t rb, int64_t re) {
     std::vector<float> patch(a.taps() * OW);
     for (int64_t row = rb; row < re; ++row) {
       a.fill_patch(row, patch.data());
-      std::memset(a.row_bytes(row), 0, OW * NW * 16);
+      if (!floats) std::memset(a.row_bytes(row), 0, OW * NW * 16);
 #if BNN_X86
       if (isa == ISA_AVX512) {
         conv_sign_bits_avx512(a, patch.data(), row);
@@ -831,7 +882,18 @@ at::Tensor conv_sign_bits_op(const at::Tensor& x_in, const at::Tensor& w, const 
       conv_sign_bits_scalar(a, patch.data(), row);
     }
   });
-  return out;
+  return floats ? out.permute({0, 3, 1, 2}) : out;
+}
+
+at::Tensor conv_sign_bits_op(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& b, int64_t kh, int64_t kw,
+                             at::IntArrayRef stride, at::IntArrayRef padding, int64_t isa, bool positive) {
+  return small_conv_impl(x_in, w, b, kh, kw, stride, padding, isa, positive, -1, 0.0, 0.0);
+}
+
+at::Tensor conv_small_float_op(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& b, int64_t kh,
+                               int64_t kw, at::IntArrayRef stride, at::IntArrayRef padding, int64_t isa,
+                               int64_t out_channels, double lo, double hi) {
+  return small_conv_impl(x_in, w, b, kh, kw, stride, padding, isa, false, out_channels, lo, hi);
 }
 
 // ---------------------------------------------------------------- conv
@@ -1742,6 +1804,8 @@ TORCH_LIBRARY(bnnslim_rt, m) {
   m.def("pack_signs(Tensor x, int isa, bool positive) -> Tensor");
   m.def("conv_sign_bits(Tensor x, Tensor w, Tensor b, int kh, int kw, int[] stride, int[] padding, int isa, "
         "bool positive) -> Tensor");
+  m.def("conv_small_float(Tensor x, Tensor w, Tensor b, int kh, int kw, int[] stride, int[] padding, int isa, "
+        "int out_channels, float lo, float hi) -> Tensor");
   m.def("isa_name(int isa) -> str", &isa_name_op);
   m.def("cpu_has(int isa) -> bool", &cpu_has_op);
 }
@@ -1753,6 +1817,7 @@ TORCH_LIBRARY_IMPL(bnnslim_rt, CPU, m) {
   m.impl("bits_max_pool2d", bits_max_pool2d_op);
   m.impl("pack_signs", pack_signs_op);
   m.impl("conv_sign_bits", conv_sign_bits_op);
+  m.impl("conv_small_float", conv_small_float_op);
 }
 
 // The same ops as a Python module: a direct pybind11 call costs a few
@@ -1769,5 +1834,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bits_max_pool2d", &bits_max_pool2d_op);
   m.def("pack_signs", &pack_signs_op);
   m.def("conv_sign_bits", &conv_sign_bits_op);
+  m.def("conv_small_float", &conv_small_float_op);
   m.def("popcount_peak", &popcount_peak_op);
 }

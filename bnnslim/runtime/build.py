@@ -341,6 +341,16 @@ def available_ops() -> Any | None:
     return _module if status.available else None
 
 
+def vector_kernels() -> bool:
+    """Whether the kernel that runs (forced through ``BNNSLIM_RUNTIME_ISA`` or chosen for this CPU) has vector
+    tiles (AVX2 or AVX-512), which float kernels need to beat torch."""
+    code = isa_code()
+    if code:
+        return code >= ISA_CODES["avx2"]
+    status = _status if _status is not None else kernel_status()
+    return status.isa in ("avx2", "avx512_vpopcntdq")
+
+
 def isa_code() -> int:
     """The kernel code to run: ``BNNSLIM_RUNTIME_ISA`` if set (checked against the CPU), else 0 (auto)."""
     name = os.environ.get(ENV_ISA, "auto").strip().lower() or "auto"

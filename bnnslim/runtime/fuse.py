@@ -116,10 +116,32 @@ CLAMPS: dict[type[nn.Module], Callable[[Any], tuple[float, float]]] = {
 #: a real conv is computed by the :class:`PackSigns` after it when it has at most this many input channels (an
 #: image's) and at most this many multiply-adds per output pixel (in x kh x kw x out): the direct kernel
 #: (register tiles of 12 pixels x 32 channels with AVX-512, 6 x 16 with AVX2 FMA) beats torch's conv plus
-#: packing on the first convs of VGG, NIN and ResNet, 3 -> 32 3x3 up to 3 -> 192 5x5, with torch on AVX-512
-#: and on AVX2 alike (benchmarks/runtime_first_conv.md); larger convs are not measured
+#: packing on the first convs of VGG and NIN, 3 -> 32 3x3 up to 3 -> 192 5x5, with torch on AVX-512 and on
+#: AVX2 alike, and ties with it (0.99-1.03x) on a 3 -> 48 5x5 and a 3 -> 64 7x7 stride-2 stem
+#: (benchmarks/runtime_first_conv.md); larger convs are not measured
 SIGN_CONV_MAX_INPUTS = 4
 SIGN_CONV_MAX_MACS = 16384
+
+
+#: a real conv with float outputs that do not go into a fused chain (ResNet's stem, read by a binary conv and
+#: the shortcut) is computed by the same kernel, with a clamp activation after it, where it has at most
+#: SIGN_CONV_MAX_INPUTS inputs and this many multiply-adds per output pixel: 3 -> 32 and 3 -> 64 3x3 convs run
+#: 1.7-2.6x faster than torch's conv and Hardtanh, a 3 -> 24 5x5 (1800) 1.07-1.33x, with torch on AVX-512 and
+#: on AVX2; a 3 -> 48 5x5 (3600) only ties, and with AVX2 tiles a 3 -> 96 5x5 loses to torch on AVX-512
+#: (benchmarks/runtime_first_conv.md)
+SMALL_CONV_MAX_MACS = 2048
+
+
+def _kernel_layout(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The small-conv kernel's weights ``[kh, kw, in, out rounded up to 8]`` and bias (extra channels zero)."""
+    w = conv.weight.detach().float()
+    out = -(-conv.out_channels // 8) * 8
+    weight = torch.zeros(*w.shape[2:], conv.in_channels, out, device=w.device)
+    weight[..., :conv.out_channels] = w.permute(2, 3, 1, 0)
+    bias = torch.zeros(out, device=w.device)
+    if conv.bias is not None:
+        bias[:conv.out_channels] = conv.bias.detach().float()
+    return weight, bias
 
 
 class PackSigns(nn.Module):
@@ -141,14 +163,8 @@ class PackSigns(nn.Module):
         self.positive = positive
         object.__setattr__(self, "original", original)
         object.__setattr__(self, "conv", conv)
-        if conv is not None:  # the kernel's layout: [kh, kw, in, out rounded up to 8], extra channels zero
-            w = conv.weight.detach().float()
-            out = -(-conv.out_channels // 8) * 8
-            weight = torch.zeros(*w.shape[2:], conv.in_channels, out, device=w.device)
-            weight[..., :conv.out_channels] = w.permute(2, 3, 1, 0)
-            bias = torch.zeros(out, device=w.device)
-            if conv.bias is not None:
-                bias[:conv.out_channels] = conv.bias.detach().float()
+        if conv is not None:
+            weight, bias = _kernel_layout(conv)
             self.register_buffer("conv_weight", weight, persistent=False)
             self.register_buffer("conv_bias", bias, persistent=False)
             #: the kernel's arguments after weights and bias (built once: forward is on the batch-1 hot path)
@@ -182,6 +198,69 @@ class PackSigns(nn.Module):
         return f"{type(self.original).__name__}, packs the signs of {part}{what} as bits for '{self.into}'"
 
 
+class DirectRealConv(nn.Module):
+    """A small real conv (an image's first conv) run by bnnslim's kernel, the clamp activation after it taken in.
+
+    ``clamp(conv(x), lo, hi)`` into a new channels-last tensor. The kernel sums
+    each output in another order than torch's conv (float rounding differs in
+    the last bits); without its AVX2 or AVX-512 tiles (a forced scalar ISA) it
+    would be slower than torch, whose conv then runs.
+    """
+
+    original: nn.Conv2d  # set with object.__setattr__, as in FusedAway
+
+    def __init__(self, original: nn.Conv2d, lo: float = float("-inf"), hi: float = float("inf")) -> None:
+        super().__init__()
+        object.__setattr__(self, "original", original)
+        weight, bias = _kernel_layout(original)
+        self.register_buffer("conv_weight", weight, persistent=False)
+        self.register_buffer("conv_bias", bias, persistent=False)
+        self.lo, self.hi = lo, hi
+        #: the kernel's arguments after weights and bias (built once: forward is on the batch-1 hot path)
+        self.conv_geometry = (*original.kernel_size, list(original.stride), list(original.padding))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        changes.changed()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = build.available_ops()
+        if ops is not None and x.dtype == torch.float32 and x.dim() == 4 and x.device.type == "cpu" \
+                and not (x.requires_grad and torch.is_grad_enabled()) and build.vector_kernels():
+            return ops.conv_small_float(x, self.conv_weight, self.conv_bias, *self.conv_geometry, build.isa_code(),
+                                        self.original.out_channels, self.lo, self.hi)
+        return torch.clamp(self.original(x), self.lo, self.hi)
+
+    def extra_repr(self) -> str:
+        o = self.original
+        clamp = "" if (self.lo, self.hi) == (float("-inf"), float("inf")) else f", then clamp to [{self.lo}, {self.hi}]"
+        return (f"{o.in_channels}, {o.out_channels}, kernel_size={o.kernel_size}, stride={o.stride}, "
+                f"padding={o.padding}{clamp}, on the small-conv kernel")
+
+
+def compute_small_real_convs(model: nn.Module, graph: fx.Graph, calls: Counter[int], report: FusionReport) -> None:
+    """Real convs within :data:`SMALL_CONV_MAX_MACS` not taken by a :class:`PackSigns` become
+    :class:`DirectRealConv` s, each with the clamp activation that alone takes its output (past a batch norm
+    folded into its weights)."""
+    for node in graph.nodes:
+        conv = model.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if not _small_conv(conv, SMALL_CONV_MAX_MACS) or calls[id(conv)] != 1:
+            continue
+        assert isinstance(conv, nn.Conv2d)
+        name = str(node.target)
+        lo, hi = float("-inf"), float("inf")
+        nxt = _only_user(node)
+        while nxt is not None and isinstance(model.get_submodule(str(nxt.target)), FoldedAway):
+            nxt = _only_user(nxt)
+        act = None if nxt is None else model.get_submodule(str(nxt.target))
+        if act is not None and type(act) in CLAMPS and calls[id(act)] == 1:
+            assert nxt is not None
+            lo, hi = CLAMPS[type(act)](act)
+            _set_submodule(model, str(nxt.target), FoldedAway(act, name, "the clamp of"))
+            report.folded.setdefault(name, []).append(str(nxt.target))
+        _set_submodule(model, name, DirectRealConv(conv, lo, hi))
+
+
 class ComputedByPackSigns(nn.Module):
     """A real conv that the :class:`PackSigns` after it computes: passes the conv's input on to it."""
 
@@ -199,15 +278,21 @@ class ComputedByPackSigns(nn.Module):
         return f"{type(self.original).__name__} computed by the sign packing of '{self.into}'s input"
 
 
+def _small_conv(m: object, max_macs: int) -> bool:
+    """Whether ``m`` is a real conv the small-conv kernel computes: few inputs, at most ``max_macs``
+    multiply-adds per output pixel, groups 1, no dilation, zero padding, float32 on the CPU."""
+    return (type(m) is nn.Conv2d and m.groups == 1 and m.dilation == (1, 1) and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str) and m.in_channels <= SIGN_CONV_MAX_INPUTS
+            and m.weight[0].numel() * m.out_channels <= max_macs
+            and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu")
+
+
 def _sign_conv(node: fx.Node, model: nn.Module, calls: Counter[int]) -> nn.Conv2d | None:
     """The real conv called at ``node`` if only the :class:`PackSigns` reads it and can compute it too."""
     conv = model.get_submodule(str(node.target)) if node.op == "call_module" else None
-    if (type(conv) is not nn.Conv2d or calls[id(conv)] != 1 or _only_user(node) is None
-            or conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros"
-            or isinstance(conv.padding, str) or conv.in_channels > SIGN_CONV_MAX_INPUTS
-            or conv.weight[0].numel() * conv.out_channels > SIGN_CONV_MAX_MACS
-            or conv.weight.dtype != torch.float32 or conv.weight.device.type != "cpu"):
+    if not _small_conv(conv, SIGN_CONV_MAX_MACS) or calls[id(conv)] != 1 or _only_user(node) is None:
         return None
+    assert isinstance(conv, nn.Conv2d)
     return conv
 
 
@@ -495,6 +580,7 @@ def fuse_binary_chains(model: nn.Module, *, channels_last: bool = True) -> Fusio
     fold_real_conv_batch_norms(model, graph, modules, calls, report)
     if channels_last:
         pack_sign_chains(model, graph, calls, report)
+        compute_small_real_convs(model, graph, calls, report)
     return report
 
 
