@@ -938,6 +938,48 @@ def test_a_small_real_conv_with_float_outputs_runs_on_the_kernel(
         torch.testing.assert_close(direct, want, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
+class _FunctionalTail(nn.Module):
+    """ResNet's tail: ``fc(torch.flatten(pool(x), 1))`` in a forward of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = binary_conv(8, 12, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.conv(x)), 1))
+
+
+@pytest.mark.parametrize("tail", ["modules", "functional flatten", "no linear", "shared pool"])
+def test_global_pooling_flatten_and_linear_run_as_one_layer(tail: str, kernels: build.KernelStatus) -> None:
+    """A network's tail (global average pooling, flatten, linear) runs as one PooledLinear call: the same outputs
+    as the modules (to float rounding) and as the emulation (bit for bit), the linear layer's state keys kept;
+    a pooling called twice is left alone."""
+    from bnnslim.runtime.tails import PooledLinear
+
+    torch.manual_seed(5)
+    pool = nn.AdaptiveAvgPool2d(1)
+    head = [nn.Flatten()] if tail == "no linear" else [nn.Flatten(), nn.Linear(12, 5)]
+    if tail == "functional flatten":
+        model: nn.Module = _FunctionalTail().eval()
+    elif tail == "shared pool":
+        model = nn.Sequential(binary_conv(8, 12, 3, padding=1), pool, pool, *head).eval()
+    else:
+        model = nn.Sequential(binary_conv(8, 12, 3, padding=1), pool, *head).eval()
+    x = torch.randn(2, 8, 5, 6)
+    runtime = to_runtime(model)
+    layers = [m for m in runtime.modules() if isinstance(m, PooledLinear)]
+    assert len(layers) == (0 if tail == "shared pool" else 1)
+    assert list(runtime.state_dict()) == list(to_runtime(model, fuse=False).state_dict())
+    with torch.no_grad():
+        got = runtime(x)
+        torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(got, with_emulation(runtime)(x))
+    if layers:
+        assert isinstance(runtime.pool if tail == "functional flatten" else runtime[1], FoldedAway)
+
+
 @pytest.mark.parametrize("act", [nn.ReLU(inplace=True), nn.ReLU6(), nn.Hardtanh(0.0, 2.0)])
 def test_a_first_conv_then_relu_writes_the_signs_of_its_positive_part(act: nn.Module, isa: str) -> None:
     """conv -> ReLU -> max pool -> binary conv (a VGG's or SqueezeNet's entry): the binary conv sees +1 where the

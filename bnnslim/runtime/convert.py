@@ -112,8 +112,10 @@ def to_runtime(model: nn.Module, *, inplace: bool = False, channels_last: bool =
         from bnnslim.runtime.blocks import use_planned_blocks
         from bnnslim.runtime.fuse import fuse_binary_chains
         from bnnslim.runtime.segments import use_packed_sequences
+        from bnnslim.runtime.tails import fold_pooled_tails
 
-        fuse_binary_chains(target, channels_last=channels_last)
+        if fuse_binary_chains(target, channels_last=channels_last).traced:
+            fold_pooled_tails(target)
         use_packed_sequences(target)
         use_planned_blocks(target)
     return target

@@ -366,10 +366,13 @@ class FusionReport:
 
 
 class _Tracer(fx.Tracer):
+    """Binary convs and the runtime's own layers (fused, folded, packing) are leaves."""
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from bnnslim.binary.layers import BinaryConv2d
 
-        return isinstance(m, (PackedBinaryConv2d, BinaryConv2d)) or super().is_leaf_module(m, qualname)
+        runtime_layer = type(m).__module__.startswith("bnnslim.runtime.") and not m._modules
+        return isinstance(m, (PackedBinaryConv2d, BinaryConv2d)) or runtime_layer or super().is_leaf_module(m, qualname)
 
 
 def _monotone(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

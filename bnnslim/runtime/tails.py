@@ -1,0 +1,107 @@
+"""A network's tail in one call: global average pooling, flatten and a linear classifier.
+
+At batch 1 ``AdaptiveAvgPool2d(1)``, ``Flatten`` and ``Linear`` are three
+module calls and three torch ops on a few hundred numbers, 10-20 us from Python
+(a sixth of the VGG-11 example's packed time). :func:`fold_pooled_tails` makes
+the linear layer (or, with none after it, the flatten) a :class:`PooledLinear`,
+which computes the mean over the spatial positions and ``x W^T + b`` in one C++
+call (ATen's mean and addmm: the same values as the modules); the pooling and a
+flatten module before it pass their input on (:class:`FoldedAway`). A flatten
+called as a function (``torch.flatten(x, 1)`` in a forward) stays: the layer
+then pools its ``[N, C * H * W]`` input per channel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from bnnslim.runtime import build
+from bnnslim.runtime.fuse import FoldedAway, _set_submodule, _Tracer
+
+
+class PooledLinear(nn.Module):
+    """Global average pooling, then the linear layer it replaced (``linear`` None: the pooling alone)."""
+
+    def __init__(self, linear: nn.Linear | None, channels: int = 0) -> None:
+        super().__init__()
+        self.channels = linear.in_features if linear is not None else channels
+        self.weight = None if linear is None else linear.weight  # the linear layer's parameters and state keys
+        self.bias = None if linear is None else linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = build.available_ops()
+        if ops is not None and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() \
+                and (x.dim() == 4 or (x.dim() == 2 and self.channels and x.shape[1] % self.channels == 0)):
+            return ops.pooled_linear(x, self.weight, self.bias, self.channels)
+        pooled = x.mean((2, 3)) if x.dim() == 4 else x.reshape(x.shape[0], self.channels, -1).mean(2)
+        return pooled if self.weight is None else F.linear(pooled, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        if self.weight is None:
+            return "global average pooling"
+        return f"global average pooling, then in_features={self.channels}, out_features={self.weight.shape[0]}, " \
+               f"bias={self.bias is not None}"
+
+
+def _global_pool(m: nn.Module | None) -> bool:
+    return type(m) is nn.AdaptiveAvgPool2d and m.output_size in (1, (1, 1), [1, 1])
+
+
+def _flatten_module(m: nn.Module | None) -> bool:
+    return type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1
+
+
+def _flatten_call(node: fx.Node) -> bool:
+    """``torch.flatten(x, 1)`` or ``x.flatten(1)`` (to the last dimension)."""
+    if (node.op, node.target) in (("call_function", torch.flatten), ("call_method", "flatten")):
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return bool(start == 1 and end == -1)
+    return False
+
+
+def fold_pooled_tails(model: nn.Module) -> dict[str, list[str]]:
+    """Fold each global average pooling -> flatten (-> linear) of ``model`` into a :class:`PooledLinear` (in
+    place); returns {the layer that computes it: the layers folded into it}. A model torch.fx cannot trace, or a
+    layer called more than once, is left as it is."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # any tracing failure: nothing folded
+        return {}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    calls: dict[int, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[id(modules[str(n.target)])] = calls.get(id(modules[str(n.target)]), 0) + 1
+
+    def module(node: object) -> nn.Module | None:
+        if isinstance(node, fx.Node) and node.op == "call_module":
+            m = modules[str(node.target)]
+            return m if calls[id(m)] == 1 else None
+        return None
+
+    folded: dict[str, list[str]] = {}
+    for pool in graph.nodes:
+        if not _global_pool(module(pool)) or len(pool.users) != 1:
+            continue
+        flat = next(iter(pool.users))
+        if flat.args[:1] != (pool,) or not (_flatten_module(module(flat)) or _flatten_call(flat)):
+            continue
+        linear = next(iter(flat.users)) if len(flat.users) == 1 else None
+        lin = module(linear)
+        if type(lin) is nn.Linear and linear is not None and linear.args == (flat,) and not linear.kwargs:
+            assert isinstance(lin, nn.Linear)
+            into, layer = str(linear.target), PooledLinear(lin)
+            parts = [pool] + ([flat] if flat.op == "call_module" else [])
+        elif flat.op == "call_module":
+            into, layer, parts = str(flat.target), PooledLinear(None), [pool]
+        else:
+            continue
+        for part in parts:
+            _set_submodule(model, str(part.target), FoldedAway(modules[str(part.target)], into, "the pooled layer"))
+        _set_submodule(model, into, layer)
+        folded[into] = [str(p.target) for p in parts]
+    return folded
+
