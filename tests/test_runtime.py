@@ -439,6 +439,12 @@ def test_residual_blocks_run_a_planned_graph_that_equals_their_own_forward(isa: 
         got = runtime(x)
         assert torch.equal(got, _as_written(runtime)(x))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # a NaN in the input on the first planned call does not cost the block its plan
+        nan = x.clone()
+        nan[0, 0, 0, 0] = float("nan")
+        runtime.layer2[0].conv1.use_emulation("test")  # a change: every block plans again, on the NaN input
+        runtime(nan)
+        assert _runs_a_plan(block)
         # a copy plans for itself and runs its own layers
         twin = copy.deepcopy(runtime)
         assert twin.layer2[0].forward.block is twin.layer2[0]

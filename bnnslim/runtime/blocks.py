@@ -72,6 +72,15 @@ def add_clamp_into(fresh: torch.Tensor, b: torch.Tensor, lo: float, hi: float) -
     return add_clamp(fresh, b, lo, hi)
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes, dtypes and values, NaN equal to NaN (an input with NaN must not cost a block its plan)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
 class _NotYet(Exception):
     """A packed conv the plan would call directly has not made its kernel object yet (its first call does)."""
 
@@ -128,8 +137,8 @@ class BlockForward:
         with torch.no_grad():
             want = type(self.block).forward(self.block, theirs)
             got = run(mine)
-        return (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and want.dtype == got.dtype
-                and torch.equal(want, got) and torch.equal(mine, theirs))
+        return isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and _same(want, got) \
+            and _same(mine, theirs)
 
     def __getstate__(self) -> dict[str, object]:
         state = dict(self.__dict__)
