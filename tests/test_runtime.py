@@ -944,6 +944,41 @@ def test_a_small_real_conv_with_float_outputs_runs_on_the_kernel(
         torch.testing.assert_close(direct, want, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
+class _BasicConv(nn.Module):
+    """GoogLeNet's ``BasicConv2d``: conv, batch norm, then ``F.relu`` called as a function."""
+
+    def __init__(self, cin: int, cout: int, k: int) -> None:
+        super().__init__()
+        self.conv = binary_conv(cin, cout, k, padding=k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)), inplace=True)
+
+
+def test_an_activation_called_as_a_function_is_applied_by_the_conv_epilogue(kernels: build.KernelStatus) -> None:
+    """conv -> bn -> F.relu in a block's forward (and conv -> Hardtanh without a batch norm): the conv's float
+    epilogue clamps, the functional call stays in the forward (changing nothing) and the planned block skips it;
+    outputs equal the block as written, bit for bit, and the unfused model."""
+    from bnnslim.runtime.blocks import plan_block
+
+    torch.manual_seed(11)
+    model = nn.Sequential(_BasicConv(8, 16, 3), _BasicConv(16, 16, 1), binary_conv(16, 8, 3, padding=1),
+                          nn.Hardtanh(-0.5, 2.0)).eval()
+    _random_bn(model, seed=12)
+    x = torch.randn(1, 8, 7, 9)
+    runtime = to_runtime(model)
+    assert runtime[1].conv.out_clamp is not None and runtime[1].conv.out_clamp.tolist() == [0.0, float("inf")]
+    assert runtime[2].out_clamp.tolist() == [-0.5, 2.0] and isinstance(runtime[3], FoldedAway)
+    with torch.no_grad():
+        want = _as_written(runtime)(x)
+        assert torch.equal(runtime(x), want) and torch.equal(runtime(x), want)
+        torch.testing.assert_close(want, to_runtime(model, fuse=False)(x), rtol=1e-5, atol=1e-5)
+        planned = plan_block(runtime[1])
+        assert planned is not None and "relu" not in planned[0].__self__.code  # type: ignore[attr-defined]
+        assert _runs_a_plan(runtime[1])
+
+
 class _FunctionalTail(nn.Module):
     """ResNet's tail: ``fc(torch.flatten(pool(x), 1))`` in a forward of its own."""
 

@@ -16,6 +16,8 @@ every child a leaf, and runs the rewritten graph:
   its input is packed bits);
 - a packed conv reading packed bits calls its kernel object directly (as in a
   packed sequence);
+- a clamp called as a function (``F.relu(x)``) on a packed conv's output that
+  the conv's epilogue already clamps is dropped;
 - ``act(a + b)`` with ``act`` a Hardtanh, ReLU or ReLU6 used once becomes one
   add and an in-place clamp, in place on ``a`` where ``a`` is a packed conv's
   float output read by nothing else (the same values: torch's clamp is
@@ -46,7 +48,15 @@ from torch import fx, nn
 
 from bnnslim.runtime import build
 from bnnslim.runtime.changes import changed
-from bnnslim.runtime.fuse import CLAMPS, ComputedByPackSigns, FoldedAway, FusedAway, PackedMaxPool2d, PackSigns
+from bnnslim.runtime.fuse import (
+    CLAMPS,
+    ComputedByPackSigns,
+    FoldedAway,
+    FusedAway,
+    PackedMaxPool2d,
+    PackSigns,
+    functional_clamp,
+)
 from bnnslim.runtime.layers import PackedBinaryConv2d
 from bnnslim.runtime.segments import PackedSequential, hooked, plan_key
 
@@ -160,8 +170,12 @@ def plan_block(block: nn.Module) -> Plan | None:
     attrs: dict[str, Any] = {}
     bypassed: list[nn.Module] = []
     bits: set[fx.Node] = set()  # nodes whose value is packed bits
-    floats: set[fx.Node] = set()  # packed convs' float outputs (new tensors)
+    floats: dict[fx.Node, PackedBinaryConv2d] = {}  # packed convs' float outputs (new tensors)
     for node in list(graph.nodes):
+        if node.op == "call_function" and _clamped_already(node, floats):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            continue
         if node.op != "call_module":
             continue
         m = modules[str(node.target)]
@@ -186,7 +200,10 @@ def plan_block(block: nn.Module) -> Plan | None:
                 graph.erase_node(node)
                 bypassed.append(m)
                 node = direct
-            (bits if m.out_thresholds is not None else floats).add(node)
+            if m.out_thresholds is not None:
+                bits.add(node)
+            else:
+                floats[node] = m
         elif isinstance(m, PackSigns) or (isinstance(m, PackedMaxPool2d) and src in bits):
             bits.add(node)
     _fuse_residual_clamps(graph, modules, floats)
@@ -197,7 +214,19 @@ def plan_block(block: nn.Module) -> Plan | None:
     return module.forward, bypassed
 
 
-def _fuse_residual_clamps(graph: fx.Graph, modules: dict[str, nn.Module], floats: set[fx.Node]) -> None:
+def _clamped_already(node: fx.Node, floats: dict[fx.Node, PackedBinaryConv2d]) -> bool:
+    """Whether ``node`` is a functional clamp (``F.relu(x)``) of a packed conv's output whose epilogue already
+    clamps at least as tightly (:func:`bnnslim.runtime.fuse.fold_float_tails`): then it changes nothing."""
+    bounds = functional_clamp(node)
+    layer = floats.get(node.args[0]) if bounds is not None else None  # type: ignore[arg-type]
+    if layer is None or layer.out_clamp is None:
+        return False
+    lo, hi = (float(v) for v in layer.out_clamp)
+    return bounds is not None and lo >= bounds[0] and hi <= bounds[1]
+
+
+def _fuse_residual_clamps(graph: fx.Graph, modules: dict[str, nn.Module],
+                          floats: dict[fx.Node, PackedBinaryConv2d]) -> None:
     """``act(a + b)`` -> :func:`add_clamp` (in place on a packed conv's float output, ``floats``, that only the
     add reads); ``a += b`` only where ``a`` is such an output (elsewhere others may see the change)."""
     for node in list(graph.nodes):

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from bnnslim.runtime import build, changes
@@ -699,9 +700,38 @@ def fold_batch_norm(layer: PackedBinaryConv2d, bn: nn.BatchNorm2d) -> None:
     layer.epilogue_shift = bias.float()
 
 
+#: activations called as functions that a float epilogue can also apply, as (lo, hi) from the call's arguments;
+#: the call itself stays in the forward (on values already clamped it changes nothing)
+FUNCTIONAL_CLAMPS: dict[object, Callable[[fx.Node], tuple[float, float] | None]] = {
+    F.relu: lambda n: (0.0, float("inf")),
+    torch.relu: lambda n: (0.0, float("inf")),
+    F.relu6: lambda n: (0.0, 6.0),
+    F.hardtanh: lambda n: _hardtanh_bounds(n),
+}
+
+
+def _hardtanh_bounds(node: fx.Node) -> tuple[float, float] | None:
+    lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+    hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+    return (float(lo), float(hi)) if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) else None
+
+
+def functional_clamp(node: fx.Node | None) -> tuple[float, float] | None:
+    """(lo, hi) if ``node`` is ``F.relu(x)``, ``torch.relu(x)``, ``F.relu6(x)`` or ``F.hardtanh(x, lo, hi)``
+    (in place or not) with constant bounds, else None."""
+    if node is None or node.op != "call_function" or node.target not in FUNCTIONAL_CLAMPS or not node.args:
+        return None
+    return FUNCTIONAL_CLAMPS[node.target](node)
+
+
 def fold_float_tails(model: nn.Module, graph: fx.Graph, modules: dict[str, nn.Module], calls: Counter[int],
                      report: FusionReport) -> None:
-    """Fold batch norm (and a clamp activation after it) into packed convs with float outputs (module docstring)."""
+    """Fold a batch norm and/or a clamp activation after packed convs with float outputs (module docstring).
+
+    A clamp activation called as a function (``F.relu(x)`` in a forward) cannot
+    be taken out of the forward: the epilogue applies it too and the call, on
+    values already clamped, changes nothing (a planned block skips it).
+    """
 
     def only_user(node: fx.Node, kinds: tuple[type[nn.Module], ...]) -> fx.Node | None:
         nxt = _only_user(node)
@@ -714,22 +744,28 @@ def fold_float_tails(model: nn.Module, graph: fx.Graph, modules: dict[str, nn.Mo
         name, layer = str(node.target), modules[node.target]
         if layer.out_thresholds is not None or calls[id(layer)] != 1:
             continue
+        folded: list[str] = []
+        last = node
         bn_node = only_user(node, (nn.BatchNorm2d,))
         bn = None if bn_node is None else modules[str(bn_node.target)]
-        if not isinstance(bn, nn.BatchNorm2d) or not _elementwise(bn) or bn.num_features != layer.out_channels:
-            continue
-        assert bn_node is not None
-        fold_batch_norm(layer, bn)
-        folded = [str(bn_node.target)]
-        _set_submodule(model, str(bn_node.target), FoldedAway(bn, name))
-        act_node = only_user(bn_node, tuple(CLAMPS))
+        if isinstance(bn, nn.BatchNorm2d) and _elementwise(bn) and bn.num_features == layer.out_channels:
+            assert bn_node is not None
+            fold_batch_norm(layer, bn)
+            folded.append(str(bn_node.target))
+            _set_submodule(model, str(bn_node.target), FoldedAway(bn, name))
+            last = bn_node
+        act_node = only_user(last, tuple(CLAMPS))
         if act_node is not None:
             act = modules[str(act_node.target)]
             lo, hi = CLAMPS[type(act)](act)
             layer.out_clamp = torch.tensor([lo, hi], dtype=torch.float32)
             folded.append(str(act_node.target))
             _set_submodule(model, str(act_node.target), FoldedAway(act, name))
-        report.folded[name] = folded
+        elif len(last.users) == 1 and (bounds := functional_clamp(next(iter(last.users)))) is not None \
+                and next(iter(last.users)).args[0] is last:
+            layer.out_clamp = torch.tensor(list(bounds), dtype=torch.float32)
+        if folded:
+            report.folded[name] = folded
 
 
 def unfuse(model: nn.Module, producer_name: str, reason: str) -> None:
