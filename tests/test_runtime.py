@@ -1085,7 +1085,8 @@ def test_chains_that_cannot_fuse_stay_float(case: str, kernels: build.KernelStat
         assert torch.equal(fused(x), to_runtime(model, fuse=False)(x))
 
 
-@pytest.mark.parametrize("pool", [(2, 2, 0, False), (3, 2, 1, False), (3, 2, 1, True), (2, 1, 0, True)])
+@pytest.mark.parametrize("pool", [(2, 2, 0, False), (2, 2, 0, True), (3, 2, 1, False), (3, 2, 1, True),
+                                  (2, 1, 0, True)])
 def test_bits_max_pool_equals_torch(pool: tuple[int, int, int, bool], kernels: build.KernelStatus) -> None:
     from bnnslim.runtime.bits import max_pool_emulated, pack_ternary, unpack_ternary
 

@@ -472,6 +472,29 @@ at::Tensor bits_max_pool2d_op(const at::Tensor& bits_in, at::IntArrayRef kernel,
   at::Tensor out = empty_long({N, OH, OW, NW, 2});
   const int64_t* src = bits.data_ptr<int64_t>();
   int64_t* dst = out.data_ptr<int64_t>();
+  if (kernel[0] == 2 && kernel[1] == 2 && stride[0] == 2 && stride[1] == 2 && padding[0] == 0 && padding[1] == 0 &&
+      dilation[0] == 1 && dilation[1] == 1 && 2 * OH <= H && 2 * OW <= W) {
+    // the common 2x2 window, stride 2, every window inside the input: four words per output word
+    at::parallel_for(0, N * OH, 8, [&](int64_t b, int64_t e) {
+      const int64_t row = W * NW * 2;
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t n = t / OH, oh = t % OH;
+        const uint64_t* top = reinterpret_cast<const uint64_t*>(src + (n * H + 2 * oh) * row);
+        const uint64_t* bottom = top + row;
+        uint64_t* o = reinterpret_cast<uint64_t*>(dst + t * OW * NW * 2);
+        for (int64_t ow = 0; ow < OW; ++ow, o += 2 * NW) {
+          const int64_t l = 2 * ow * NW * 2, r = l + NW * 2;
+          for (int64_t j = 0; j < NW; ++j) {
+            const uint64_t os = top[l + 2 * j] | top[r + 2 * j] | bottom[l + 2 * j] | bottom[r + 2 * j];
+            const uint64_t az = top[l + 2 * j + 1] & top[r + 2 * j + 1] & bottom[l + 2 * j + 1] & bottom[r + 2 * j + 1];
+            o[2 * j] = os;
+            o[2 * j + 1] = os | az;
+          }
+        }
+      }
+    });
+    return out;
+  }
   at::parallel_for(0, N * OH, 8, [&](int64_t b, int64_t e) {
     std::vector<uint64_t> os(NW), az(NW);
     for (int64_t t = b; t < e; ++t) {
