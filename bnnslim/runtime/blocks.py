@@ -48,26 +48,21 @@ from torch import fx, nn
 
 from bnnslim.runtime import build
 from bnnslim.runtime.changes import changed
-from bnnslim.runtime.fuse import (
-    CLAMPS,
-    ComputedByPackSigns,
-    FoldedAway,
-    FusedAway,
-    PackedMaxPool2d,
-    PackSigns,
-    functional_clamp,
-)
+from bnnslim.runtime.fuse import CLAMPS, FusedAway, functional_clamp
 from bnnslim.runtime.layers import PackedBinaryConv2d
-from bnnslim.runtime.segments import PackedSequential, hooked, plan_key
+from bnnslim.runtime.segments import (
+    PackedSequential,
+    gives_bits,
+    hooked,
+    passes_input_on,
+    plan_key,
+    reads_bits_on_kernel,
+)
 
 Plan = tuple[Callable[[torch.Tensor], torch.Tensor], list[nn.Module]]
 
 #: the residual adds :func:`_fuse_residual_clamps` takes (``out += identity`` traces as ``operator.iadd``)
 _ADDS = (operator.add, operator.iadd, torch.add)
-
-#: layers that pass their input on unchanged in a runtime model (FusedAway only where its input is bits)
-_PASS_THROUGH: tuple[type[nn.Module], ...] = (FoldedAway, ComputedByPackSigns, nn.Identity)
-
 
 def add_clamp(a: torch.Tensor, b: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """``clamp(a + b, lo, hi)`` in one new tensor."""
@@ -182,13 +177,13 @@ def plan_block(block: nn.Module) -> Plan | None:
         src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
         if not isinstance(src, fx.Node):
             continue
-        if type(m) in _PASS_THROUGH or (type(m) is FusedAway and src in bits):
+        if passes_input_on(m, src in bits):
             node.replace_all_uses_with(src)
             graph.erase_node(node)
             bypassed.append(m)
             continue
         if isinstance(m, PackedBinaryConv2d):
-            if src in bits and m.input_bits and m.mode == "kernel" and ops is not None:
+            if reads_bits_on_kernel(m, src in bits, ops):
                 call = m.kernel_call()
                 if call is None:
                     raise _NotYet
@@ -200,11 +195,9 @@ def plan_block(block: nn.Module) -> Plan | None:
                 graph.erase_node(node)
                 bypassed.append(m)
                 node = direct
-            if m.out_thresholds is not None:
-                bits.add(node)
-            else:
+            if m.out_thresholds is None:
                 floats[node] = m
-        elif isinstance(m, PackSigns) or (isinstance(m, PackedMaxPool2d) and src in bits):
+        if gives_bits(m, src in bits):
             bits.add(node)
     _fuse_residual_clamps(graph, modules, floats)
     graph.lint()

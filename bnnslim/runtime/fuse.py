@@ -761,9 +761,11 @@ def fold_float_tails(model: nn.Module, graph: fx.Graph, modules: dict[str, nn.Mo
             layer.out_clamp = torch.tensor([lo, hi], dtype=torch.float32)
             folded.append(str(act_node.target))
             _set_submodule(model, str(act_node.target), FoldedAway(act, name))
-        elif len(last.users) == 1 and (bounds := functional_clamp(next(iter(last.users)))) is not None \
-                and next(iter(last.users)).args[0] is last:
-            layer.out_clamp = torch.tensor(list(bounds), dtype=torch.float32)
+        elif len(last.users) == 1:
+            user = next(iter(last.users))
+            bounds = functional_clamp(user)
+            if bounds is not None and user.args[0] is last:
+                layer.out_clamp = torch.tensor(list(bounds), dtype=torch.float32)
         if folded:
             report.folded[name] = folded
 

@@ -84,6 +84,25 @@ def hooked(bypassed: list[nn.Module]) -> bool:
         m._forward_hooks or m._forward_pre_hooks for m in bypassed))
 
 
+def passes_input_on(child: nn.Module, bits: bool) -> bool:
+    """Whether ``child`` returns its input unchanged, given whether that input is packed bits (``bits``)."""
+    return type(child) in (FoldedAway, ComputedByPackSigns, nn.Identity) or (isinstance(child, FusedAway) and bits)
+
+
+def reads_bits_on_kernel(child: nn.Module, bits: bool, ops: object) -> bool:
+    """Whether ``child`` is a packed conv that reads the packed bits it gets (``bits``) on the kernels (``ops``
+    not None): a plan may call its kernel object directly."""
+    return bits and ops is not None and isinstance(child, PackedBinaryConv2d) and child.input_bits \
+        and child.mode == "kernel"
+
+
+def gives_bits(child: nn.Module, bits: bool) -> bool:
+    """Whether ``child``'s output is packed bits, given whether its input is (``bits``)."""
+    if isinstance(child, PackedBinaryConv2d):
+        return child.out_thresholds is not None
+    return isinstance(child, (PackSigns, PackedMaxPool2d)) or (bits and isinstance(child, FusedAway))
+
+
 def plan_steps(children: list[nn.Module]) -> tuple[list[Step], list[nn.Module]] | None:
     """(steps, the children they do not call as modules) for a sequence, or None if a packed conv that would
     be called directly has not made its kernel object yet."""
@@ -91,29 +110,24 @@ def plan_steps(children: list[nn.Module]) -> tuple[list[Step], list[nn.Module]] 
     steps: list[Step] = []
     bypassed: list[nn.Module] = []
     bits = False  # whether the previous step hands on packed bits
-    for i, child in enumerate(children):
-        if isinstance(child, (FoldedAway, ComputedByPackSigns)) or (isinstance(child, FusedAway) and bits):
-            bypassed.append(child)  # passes its input through
+    for child in children:
+        if passes_input_on(child, bits):
+            bypassed.append(child)
             continue
         direct: Step | None = None
-        if i > 0 and bits and ops is not None and isinstance(child, PackedBinaryConv2d) and child.input_bits \
-                and child.mode == "kernel":
+        if reads_bits_on_kernel(child, bits, ops):
+            assert isinstance(child, PackedBinaryConv2d)
             direct = child.kernel_call()
             if direct is None:
                 return None
-        elif i > 0 and bits and ops is not None and isinstance(child, PackedMaxPool2d) and child.mode == "kernel":
+        elif bits and ops is not None and isinstance(child, PackedMaxPool2d) and child.mode == "kernel":
             direct = _pool_step(ops.bits_max_pool2d, child.pool_geometry)
         if direct is not None:
             steps.append(direct)
             bypassed.append(child)
         else:
             steps.append(child)
-        if isinstance(child, PackedBinaryConv2d):
-            bits = child.out_thresholds is not None
-        elif isinstance(child, (PackSigns, PackedMaxPool2d)):
-            bits = True
-        elif not isinstance(child, FusedAway):
-            bits = False
+        bits = gives_bits(child, bits)
     return steps, bypassed
 
 

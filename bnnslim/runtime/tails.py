@@ -13,6 +13,8 @@ then pools its ``[N, C * H * W]`` input per channel.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -71,10 +73,7 @@ def fold_pooled_tails(model: nn.Module) -> dict[str, list[str]]:
     except Exception:  # any tracing failure: nothing folded
         return {}
     modules = dict(model.named_modules(remove_duplicate=False))
-    calls: dict[int, int] = {}
-    for n in graph.nodes:
-        if n.op == "call_module":
-            calls[id(modules[str(n.target)])] = calls.get(id(modules[str(n.target)]), 0) + 1
+    calls = Counter(id(modules[str(n.target)]) for n in graph.nodes if n.op == "call_module")
 
     def module(node: object) -> nn.Module | None:
         if isinstance(node, fx.Node) and node.op == "call_module":
