@@ -114,8 +114,9 @@ def to_runtime(model: nn.Module, *, inplace: bool = False, channels_last: bool =
         from bnnslim.runtime.segments import use_packed_sequences
         from bnnslim.runtime.tails import fold_pooled_tails
 
-        if fuse_binary_chains(target, channels_last=channels_last).traced:
-            fold_pooled_tails(target)
+        report = fuse_binary_chains(target, channels_last=channels_last)
+        if report.graph is not None:
+            fold_pooled_tails(target, report.graph)
         use_packed_sequences(target)
         use_planned_blocks(target)
     return target

@@ -360,20 +360,22 @@ class FusionReport:
 
     fused: dict[str, str]      # producer -> consumer (the first, where there are several)
     not_fused: dict[str, str]  # producer -> reason
-    traced: bool = True
     folded: dict[str, list[str]] = field(default_factory=dict)  # producer -> layers folded into its epilogue
     packed_inputs: dict[str, list[str]] = field(default_factory=dict)  # consumer -> layers its input bits skip
     fused_also: dict[str, list[str]] = field(default_factory=dict)  # producer -> its other consumers
+    graph: fx.Graph | None = field(default=None, repr=False, compare=False)  # the traced model, for later passes
+
+    @property
+    def traced(self) -> bool:
+        """Whether torch.fx traced the model (with the kernels available): without that nothing is fused."""
+        return self.graph is not None
 
 
 class _Tracer(fx.Tracer):
-    """Binary convs and the runtime's own layers (fused, folded, packing) are leaves."""
-
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from bnnslim.binary.layers import BinaryConv2d
 
-        runtime_layer = type(m).__module__.startswith("bnnslim.runtime.") and not m._modules
-        return isinstance(m, (PackedBinaryConv2d, BinaryConv2d)) or runtime_layer or super().is_leaf_module(m, qualname)
+        return isinstance(m, (PackedBinaryConv2d, BinaryConv2d)) or super().is_leaf_module(m, qualname)
 
 
 def _monotone(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -524,16 +526,15 @@ def fuse_binary_chains(model: nn.Module, *, channels_last: bool = True) -> Fusio
     """
     report = FusionReport({}, {})
     if not build.kernel_status().available:
-        report.traced = False
         return report  # the torch emulation of bits is slower than floats: fuse only on the kernels
     try:
         graph = _Tracer().trace(model)
     except Exception as exc:  # any tracing failure: run unfused
-        report.traced = False
         for name, m in model.named_modules():
             if isinstance(m, PackedBinaryConv2d):
                 report.not_fused[name] = f"torch.fx cannot trace the model ({type(exc).__name__})"
         return report
+    report.graph = graph
     modules = dict(model.named_modules(remove_duplicate=False))
     calls = Counter(id(modules[n.target]) for n in graph.nodes if n.op == "call_module")
     plans = []

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bnnslim.runtime import build
-from bnnslim.runtime.fuse import FoldedAway, _set_submodule, _Tracer
+from bnnslim.runtime.fuse import FoldedAway, _set_submodule
 
 
 class PooledLinear(nn.Module):
@@ -64,14 +64,11 @@ def _flatten_call(node: fx.Node) -> bool:
     return False
 
 
-def fold_pooled_tails(model: nn.Module) -> dict[str, list[str]]:
+def fold_pooled_tails(model: nn.Module, graph: fx.Graph) -> dict[str, list[str]]:
     """Fold each global average pooling -> flatten (-> linear) of ``model`` into a :class:`PooledLinear` (in
-    place); returns {the layer that computes it: the layers folded into it}. A model torch.fx cannot trace, or a
-    layer called more than once, is left as it is."""
-    try:
-        graph = _Tracer().trace(model)
-    except Exception:  # any tracing failure: nothing folded
-        return {}
+    place), ``graph`` being its trace from :func:`bnnslim.runtime.fuse.fuse_binary_chains` (which leaves these
+    layers as they were); returns {the layer that computes it: the layers folded into it}. A layer called more
+    than once is left as it is."""
     modules = dict(model.named_modules(remove_duplicate=False))
     calls = Counter(id(modules[str(n.target)]) for n in graph.nodes if n.op == "call_module")
 
