@@ -341,10 +341,9 @@ def available_ops() -> Any | None:
     return _module if status.available else None
 
 
-def vector_kernels() -> bool:
-    """Whether the kernel that runs (forced through ``BNNSLIM_RUNTIME_ISA`` or chosen for this CPU) has vector
-    tiles (AVX2 or AVX-512), which float kernels need to beat torch."""
-    code = isa_code()
+def vector_kernels(code: int) -> bool:
+    """Whether the kernel ``code`` (from :func:`isa_code`: forced, or 0 for the one chosen for this CPU) has
+    vector tiles (AVX2 or AVX-512), which float kernels need to beat torch."""
     if code:
         return code >= ISA_CODES["avx2"]
     status = _status if _status is not None else kernel_status()

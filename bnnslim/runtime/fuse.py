@@ -226,9 +226,10 @@ class DirectRealConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = build.available_ops()
+        code = build.isa_code() if ops is not None else 0
         if ops is not None and x.dtype == torch.float32 and x.dim() == 4 and x.device.type == "cpu" \
-                and not (x.requires_grad and torch.is_grad_enabled()) and build.vector_kernels():
-            return ops.conv_small_float(x, self.conv_weight, self.conv_bias, *self.conv_geometry, build.isa_code(),
+                and not (x.requires_grad and torch.is_grad_enabled()) and build.vector_kernels(code):
+            return ops.conv_small_float(x, self.conv_weight, self.conv_bias, *self.conv_geometry, code,
                                         self.original.out_channels, self.lo, self.hi)
         return torch.clamp(self.original(x), self.lo, self.hi)
 
