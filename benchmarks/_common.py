@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark scripts: machine description and result files."""
+"""Shared helpers for the benchmark scripts: machine description, result files, interleaved timing."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -60,3 +61,19 @@ def write_record(path: Path, text: str) -> None:
     tmp.write_text(text.rstrip() + "\n\n" + NOTES + notes, encoding="utf-8")
     tmp.replace(path)
 
+
+def interleaved_times(calls: dict[str, Callable[[], object]], rounds: int, inner: int,
+                      warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds per call of each contender, one entry per round: every round times ``inner`` calls of each, in
+    alternating order (a shared machine's drift hits all contenders alike), after ``warmup`` calls each."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    for r in range(rounds):
+        for k in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+            start = time.perf_counter()
+            for _ in range(inner):
+                calls[k]()
+            times[k].append((time.perf_counter() - start) / inner)
+    return times

@@ -19,8 +19,8 @@ import copy
 import importlib.util
 import statistics
 import sys
-import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import header, write_record  # noqa: E402
+from _common import header, interleaved_times, write_record  # noqa: E402
 
 from bnnslim.binary.convert import apply_binarization, plan_binarization  # noqa: E402
 from bnnslim.plugins import get_scheme  # noqa: E402
@@ -67,18 +67,9 @@ def measure(name: str, rounds: int, inner: int) -> dict[str, float]:
             del m.forward  # the class's own forward, as before planned blocks
             blocks += 1
     contenders = {"torch fp32": float_model, "packed, blocks as written": as_written, "packed, planned": planned}
-    times: dict[str, list[float]] = {k: [] for k in contenders}
     with torch.no_grad():
         assert torch.equal(planned(x), as_written(x)) and torch.equal(planned(x), as_written(x))
-        for m in contenders.values():
-            for _ in range(3):
-                m(x)
-        for r in range(rounds):
-            for k in (list(contenders) if r % 2 == 0 else list(contenders)[::-1]):
-                start = time.perf_counter()
-                for _ in range(inner):
-                    contenders[k](x)
-                times[k].append((time.perf_counter() - start) / inner)
+        times = interleaved_times({k: partial(m, x) for k, m in contenders.items()}, rounds, inner)
     out = {f"{k} ms": statistics.median(v) * 1e3 for k, v in times.items()}
     out["planned speed-up"] = statistics.median(
         a / b for a, b in zip(times["packed, blocks as written"], times["packed, planned"], strict=True))

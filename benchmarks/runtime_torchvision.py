@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ import torchvision
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import header, write_record  # noqa: E402
+from _common import header, interleaved_times, write_record  # noqa: E402
 
 from bnnslim.bench import per_layer_times  # noqa: E402
 from bnnslim.binary.convert import apply_binarization, plan_binarization  # noqa: E402
@@ -60,18 +61,8 @@ def measure(name: str, size: int, rounds: int, inner: int) -> dict[str, object]:
     packed = to_runtime(binary.eval())
     choices = plan_runtime(packed, x)
     rplan = runtime_plan(packed)
-    models = {"float": original, "packed": packed}
-    times: dict[str, list[float]] = {k: [] for k in models}
     with torch.no_grad():
-        for m in models.values():
-            for _ in range(3):
-                m(x)
-        for r in range(rounds):
-            for k in (list(models) if r % 2 == 0 else list(models)[::-1]):
-                start = time.perf_counter()
-                for _ in range(inner):
-                    models[k](x)
-                times[k].append((time.perf_counter() - start) / inner)
+        times = interleaved_times({"float": partial(original, x), "packed": partial(packed, x)}, rounds, inner)
     ratio = statistics.median(a / b for a, b in zip(times["float"], times["packed"], strict=True))
     layer_s = per_layer_times({"packed": packed}, x, inner)["packed"]
     modules = dict(packed.named_modules())
