@@ -13,7 +13,10 @@ over several seeds:
 - ``refit``: ``bnnslim binarize --teacher T --weights T`` with T the float
   model the ``distilled`` run of the same seed trained (kept under
   ``--keep-runs``): the same as ``distilled`` without training the float model
-  again, e.g. to try another ``--scheme``.
+  again, e.g. to try another ``--scheme``;
+- ``twostep``: ``refit`` trained in two steps (``--real-weight-epochs E``):
+  E epochs with binary activations and real weights first, then the E epochs
+  with both binary (ReActNet, Liu et al. 2020).
 
 Every finished run is appended to ``--results`` (JSON lines), so the cells can
 be split across processes and an interrupted run continues; the report is
@@ -21,6 +24,7 @@ rewritten from all recorded runs. Needs Debian's ``dataset-fashion-mnist``.
 
     python benchmarks/binarize_fashion_mnist.py --variants distilled binary --keep-runs /tmp/runs
     python benchmarks/binarize_fashion_mnist.py --variants refit --scheme bireal --keep-runs /tmp/runs
+    python benchmarks/binarize_fashion_mnist.py --variants twostep --scheme bireal --keep-runs /tmp/runs
     python benchmarks/binarize_fashion_mnist.py --report-only
 """
 
@@ -42,7 +46,7 @@ sys.path.insert(0, str(HERE))
 from _common import header, write_record  # noqa: E402
 
 MODEL = str(HERE.parent / "examples" / "small_cnn.py")
-VARIANTS = ("binary", "distilled", "refit")
+VARIANTS = ("binary", "distilled", "refit", "twostep")
 
 
 def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
@@ -52,7 +56,7 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
         cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=128, seed=seed,
                           distill=args.distill, temperature=args.temperature)
         twin = None
-        if variant == "refit":
+        if variant in ("refit", "twostep"):
             twin = work / f"distilled-seed{seed}" / "teacher.safetensors"
             if not twin.is_file():
                 raise SystemExit(f"refit needs the float model of a distilled run: {twin} not found "
@@ -62,7 +66,8 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
         result = binarize(BinarizeOptions(model=MODEL, run=work / name,
                                           overwrite=True, data="fashion-mnist", data_root=args.data_root, train=cfg,
                                           scheme=args.scheme, teacher=twin, weights=twin,
-                                          teacher_epochs=args.epochs if variant == "distilled" else 0))
+                                          teacher_epochs=args.epochs if variant == "distilled" else 0,
+                                          real_weight_epochs=args.epochs if variant == "twostep" else 0))
         seconds = time.perf_counter() - started
         manifest = result.run.read_manifest()
     record = {"variant": variant, "scheme": args.scheme, "seed": seed, "epochs": args.epochs, "lr": args.lr,
@@ -94,7 +99,8 @@ def mean_std(values: list[float]) -> str:
 
 NAMES = {"binary": "binary (`bnnslim binarize --scheme {scheme}`)",
          "distilled": "binary distilled from the float model (`--scheme {scheme} --teacher-epochs E`)",
-         "refit": "binary distilled from the float model (`--scheme {scheme} --teacher T --weights T`)"}
+         "refit": "binary distilled from the float model (`--scheme {scheme} --teacher T --weights T`)",
+         "twostep": "the same, in two steps (`... --real-weight-epochs E`: E epochs with real weights first)"}
 
 
 def report(records: list[dict]) -> str:
@@ -121,7 +127,9 @@ def report(records: list[dict]) -> str:
         minutes = statistics.mean(r["seconds"] / 60 for r in cell)
         lines.append(f"| {NAMES[variant].format(scheme=scheme)} | {len(values)} | {per_seed(values)} | "
                      f"{mean_std([v for _, v in values])} | {gap} | {minutes:.0f} |")
-    lines.append("\nThe distilled run's minutes include its float phase (E float epochs, then E binary epochs).\n")
+    lines.append("\nThe distilled run's minutes include its float phase (E float epochs, then E binary epochs); the "
+                 "two-step run's its E epochs with real weights (but not the float phase, trained by the distilled "
+                 "run).\n")
     return "\n".join(lines)
 
 

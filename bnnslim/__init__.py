@@ -43,7 +43,7 @@ _API: dict[str, str] = {
     "fit": "bnnslim.train", "Teacher": "bnnslim.train", "Distillation": "bnnslim.train",
     "learn_masks": "bnnslim.prune.schedule", "PruneSchedule": "bnnslim.prune.schedule",
     "ScheduleConfig": "bnnslim.prune.schedule",
-    "BnnslimError": "bnnslim.errors",
+    "real_weights": "bnnslim.binary.two_step", "BnnslimError": "bnnslim.errors",
 }
 
 __all__ = ["__version__", "load", *_API]

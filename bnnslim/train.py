@@ -268,7 +268,17 @@ class Checkpoint:
 
     def __init__(self, path: Path, config: TrainConfig) -> None:
         self.path = path
+        self.config = config
         self.config_json = json.dumps(asdict(config), sort_keys=True)
+
+    def history(self) -> list[EpochRecord]:
+        """The epochs recorded so far (none when there is no checkpoint yet)."""
+        from bnnslim.rundir import read_checkpoint
+
+        if not self.path.is_file():
+            return []
+        meta, _ = read_checkpoint(self.path, ("history",))
+        return [EpochRecord(**h) for h in json.loads(meta["history"])]
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, history: list[EpochRecord]) -> None:

@@ -146,3 +146,23 @@ def test_masked_conv_gradient_equals_removed_conv_gradient() -> None:
     slim(x[:, keep]).square().sum().backward()
     assert torch.allclose(full.weight.grad[:, keep], slim.weight.grad, atol=1e-5)
     assert torch.count_nonzero(full.weight.grad[:, [0, 2]]) == 0  # masked inputs learn nothing
+
+
+@pytest.mark.parametrize("scheme_name", ["xnor", "bireal"])
+def test_real_weights_step_uses_real_weights_and_binary_inputs_then_restores(scheme_name: str) -> None:
+    from bnnslim.binary.two_step import real_weights
+
+    layer = hand_layer(scheme_name)
+    model = nn.Sequential(layer)
+    binary_out = model(X)
+    with real_weights(model) as switched:
+        assert switched == 1
+        # filter 0: 0.5*1 + -0.25*-1 + 1*0 + -0.25*1 + 0.1 = 0.6; filter 1: -0.1 + 0.1 + 0 + 0.1 - 0.2 = -0.1
+        assert torch.allclose(model(X).flatten(), torch.tensor([0.6, -0.1]))
+        x = X.clone().requires_grad_(True)
+        model(x).sum().backward()  # the activations' straight-through gradient is the scheme's own
+        assert x.grad is not None and x.grad[0, 0, 0, 1] == 0  # |x| = 2: outside the STE window
+    assert layer.scheme.name == scheme_name and torch.equal(model(X), binary_out)
+    with pytest.raises(RuntimeError), real_weights(model):
+        raise RuntimeError("training failed")
+    assert layer.scheme.name == scheme_name  # restored on an error too

@@ -7,6 +7,7 @@ the fix, print no traceback, and leave the run directory as it was.
 from __future__ import annotations
 
 import builtins
+import json
 import shutil
 import textwrap
 from pathlib import Path
@@ -114,17 +115,20 @@ def test_same_command_gives_the_same_weights(cli, tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def interrupt_after_first_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the next training run stop with Ctrl-C once epoch 1 is checkpointed."""
+def interrupt_after_first_epoch(monkeypatch: pytest.MonkeyPatch, epochs_seen: int = 1) -> None:
+    """Make the next training run stop with Ctrl-C once ``epochs_seen`` epochs (of any phase) are checkpointed."""
     import bnnslim.stages.binarize
 
     real_train = bnnslim.stages.binarize.train_epochs
+    seen = 0
 
     def train_epochs(*args, on_epoch=None, **kwargs):
         def stop(record):
+            nonlocal seen
             if on_epoch is not None:
                 on_epoch(record)
-            if record.epoch == 1:
+            seen += 1
+            if seen == epochs_seen:
                 raise KeyboardInterrupt
 
         if on_epoch is None:  # the float teacher's phase
@@ -178,6 +182,41 @@ def test_distil_from_a_float_teacher_trained_first_and_resume_exactly(cli, tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
     changed = cli(*args[:-2], "--temperature", "3", "--run", "resumed", "--resume", "--overwrite")
     assert changed.exit_code != 0 and "teacher" in changed.output
+
+
+@pytest.mark.parametrize("stop_after", [1, 3], ids=["in-step-1", "in-step-2"])
+def test_two_step_training_trains_real_weights_first_and_resumes_exactly(cli, tmp_path: Path, stop_after: int,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ("binarize", TINY_CNN, *QUICK_TRAIN, "--epochs", "2", "--real-weight-epochs", "2")
+    straight = cli(*args, "--run", "straight")
+    assert straight.exit_code == 0, straight.output
+    assert "step 1 of 2: 2 epochs with binary activations and real weights" in straight.stdout
+    assert "step 2 of 2" in straight.stdout
+    m = RunDir(tmp_path / "straight").read_manifest()
+    assert m["two_step"]["real_weight_epochs"] == 2
+    assert len(m["binarize"]["real_weight_history"]) == 2 and len(m["binarize"]["history"]) == 2
+    info = cli("info", "--run", "straight")
+    assert "two-step: 2 epochs with real weights" in " ".join(info.stdout.split())
+    exported = cli("export", "--run", "straight", "--format", "plain")
+    assert exported.exit_code == 0, exported.output
+    report = json.loads(next((tmp_path / "straight").glob("*report*.json")).read_text())
+    assert report["training"]["binarize"]["two_step"]["real_weight_epochs"] == 2
+    assert cli("binarize", TINY_CNN, *QUICK_TRAIN, "--epochs", "2", "--run", "plain").exit_code == 0
+    a, plain = run_weights(tmp_path / "straight"), run_weights(tmp_path / "plain")
+    assert any(not torch.equal(a[k], plain[k]) for k in a), "step 1 changed nothing"
+
+    with monkeypatch.context() as mp:
+        interrupt_after_first_epoch(mp, stop_after)
+        assert cli(*args, "--run", "resumed").exit_code == 130
+    resumed = cli(*args, "--run", "resumed", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert ("step 1 of 2" in resumed.stdout) == (stop_after <= 2)  # a finished step 1 is not run again
+    b = run_weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert RunDir(tmp_path / "resumed").read_manifest()["binarize"]["real_weight_history"] == \
+        m["binarize"]["real_weight_history"]
+    other = cli("binarize", TINY_CNN, *QUICK_TRAIN, "--epochs", "2", "--run", "resumed", "--resume", "--overwrite")
+    assert other.exit_code != 0 and "two_step" in other.output
 
 
 def test_distil_from_float_weights_in_a_file(cli, tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ def binarize_command(
     overwrite: Annotated[bool, typer.Option(help="Replace a run directory that belongs to another model, or holds trained, pruned or exported work.")] = False,
     teacher: Annotated[Path | None, typer.Option(help="Distil from the float model with these weights (.safetensors or a .pt/.pth state_dict).")] = None,
     teacher_epochs: Annotated[int, typer.Option(min=0, help="Train the float model this many epochs first, distil from it and start from its weights.")] = 0,
+    real_weight_epochs: Annotated[int, typer.Option(min=0, help="Two-step training: first train this many epochs with binary activations and real weights, then --epochs with both binary (ReActNet).")] = 0,
     distill: Annotated[float, typer.Option(min=0.0, help="With a teacher: weight of the distillation term (CE + w T^2 KL).")] = 1.0,
     temperature: Annotated[float, typer.Option(min=0.01, help="With a teacher: distillation temperature T.")] = 4.0,
 ) -> None:
@@ -58,7 +59,7 @@ def binarize_command(
         binary=binary or (), keep_first_last_real=not binarize_first_last,
         input_shape=parse_input_shape(input_shape) if input_shape else None, weights=weights,
         train=train, resume=resume, overwrite=overwrite, device=device, sync_bn=sync_bn,
-        teacher=teacher, teacher_epochs=teacher_epochs,
+        teacher=teacher, teacher_epochs=teacher_epochs, real_weight_epochs=real_weight_epochs if data else 0,
     )
     with Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}"),
@@ -73,7 +74,7 @@ def binarize_command(
             progress.console.print(f"epoch {rec.epoch}: train loss {rec.train_loss:.3f} acc {rec.train_accuracy:.1%}"
                                    f" | test loss {rec.test_loss:.3f} acc {rec.test_accuracy:.1%}")
 
-        result = binarize(opts, on_step=on_step, on_epoch=on_epoch)
+        result = binarize(opts, on_step=on_step, on_epoch=on_epoch, on_phase=progress.console.print)
 
     table = Table(title=f"binarized {model}", show_lines=False)
     table.add_column("layer")

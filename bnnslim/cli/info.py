@@ -77,6 +77,12 @@ def _training_rows(manifest: dict) -> dict[str, str]:
     if binarize.get("trained"):
         rows["binarize loss"] = f"{binarize.get('loss', 'cross-entropy')}" + (
             f"; teacher: {named(teacher)}" if teacher else "")
+    two_step = section(manifest.get("two_step"))
+    if two_step:
+        first = section((binarize.get("real_weight_history") or [{}])[-1])
+        rows["binarize steps"] = (f"two-step: {two_step.get('real_weight_epochs', '?')} epochs with real weights and "
+                                  f"binary activations (test accuracy {percent(first.get('test_accuracy'))}), then "
+                                  f"{two_step.get('then', '?')}")
     prune = manifest.get("prune")
     if isinstance(prune, dict):
         t = section(prune.get("teacher"))

@@ -11,6 +11,9 @@
    model trained first, saved as ``teacher.safetensors``, and the binary network
    started from its weights) the loss adds distillation from the teacher's
    outputs (Real-to-Binary, Martinez et al. 2020; ReActNet, Liu et al. 2020);
+   with ``--real-weight-epochs N`` training takes two steps: N epochs with binary
+   activations and real weights, then ``--epochs`` with both binary
+   (``bnnslim.binary.two_step``);
 6. write the run directory (manifest + ``binary.safetensors``).
 """
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from torch import nn
 
 from bnnslim import distributed as D
 from bnnslim.binary.convert import BinarizePlan, apply_binarization, clip_latent_weights, plan_binarization
+from bnnslim.binary.two_step import real_weights
 from bnnslim.checks import check_dataset_sample, check_model_output, warn_about_binarization
 from bnnslim.errors import BnnslimError
 from bnnslim.graph import build_graph
@@ -60,6 +64,7 @@ class BinarizeOptions:
     sync_bn: bool = False
     teacher: Path | None = None  # float weights of the same model: distil from it
     teacher_epochs: int = 0  # or train the float model this long first, then distil from it
+    real_weight_epochs: int = 0  # two-step training: this many epochs with real weights before --epochs
 
 
 @dataclass
@@ -188,8 +193,9 @@ def _check_run_dir(run: RunDir, source: ModelSource, opts: BinarizeOptions) -> N
         )
 
 
-RESUME_MUST_MATCH = ("model", "input_shape", "scheme", "layers", "dataset", "teacher")
+RESUME_MUST_MATCH = ("model", "input_shape", "scheme", "layers", "dataset", "teacher", "two_step")
 TEACHER_WEIGHTS = "teacher.safetensors"
+REAL_WEIGHT_CHECKPOINT = "real-weights.safetensors"  # step 1 of two-step training, under checkpoints/
 
 
 def named_float_teacher(path: Path) -> dict[str, Any]:
@@ -215,11 +221,18 @@ def _teacher_identity(opts: BinarizeOptions) -> dict[str, Any] | None:
             "epochs": opts.teacher_epochs, **loss}
 
 
-def _float_teacher(opts: BinarizeOptions, source: ModelSource, run: RunDir, splits: DatasetSplits,
-                   num_classes: int | None, in_channels: int, device: torch.device) -> tuple[nn.Module, float | None]:
-    """The float twin of the model as teacher: loaded from --teacher, or trained for --teacher-epochs."""
-    from dataclasses import replace
+def _two_step_identity(opts: BinarizeOptions) -> dict[str, Any] | None:
+    """Two-step training as the manifest records it (``--resume`` must give the same)."""
+    if opts.train is None or not opts.real_weight_epochs:
+        return None
+    return {"real_weight_epochs": opts.real_weight_epochs,
+            "then": f"{opts.train.epochs} epochs with binary weights and activations"}
 
+
+def _float_teacher(opts: BinarizeOptions, source: ModelSource, run: RunDir, splits: DatasetSplits,
+                   num_classes: int | None, in_channels: int, device: torch.device,
+                   on_phase: Callable[[str], None]) -> tuple[nn.Module, float | None]:
+    """The float twin of the model as teacher: loaded from --teacher, or trained for --teacher-epochs."""
     assert opts.train is not None
     torch.manual_seed(opts.train.seed)
     teacher = source.build(num_classes=num_classes, in_channels=in_channels)
@@ -234,6 +247,7 @@ def _float_teacher(opts: BinarizeOptions, source: ModelSource, run: RunDir, spli
         load_weights_into(teacher, opts.weights)
     teacher.to(device)
     cfg = replace(opts.train, epochs=opts.teacher_epochs)
+    on_phase(f"float teacher: {opts.teacher_epochs} epochs of the float model")
     history = train_epochs(wrap_for_training(teacher, device, opts.sync_bn), splits.train, splits.test, cfg,
                            device).history
     teacher = unwrap_sync_bn(teacher)
@@ -257,15 +271,17 @@ def _check_resume_matches(old: dict[str, Any], new: dict[str, Any]) -> None:
 
 
 def binarize(opts: BinarizeOptions, on_step: Callable[[StepEvent], None] | None = None,
-             on_epoch: Callable[[EpochRecord], None] | None = None) -> BinarizeResult:
-    """Run the binarize stage end to end (see the module docstring)."""
+             on_epoch: Callable[[EpochRecord], None] | None = None,
+             on_phase: Callable[[str], None] | None = None) -> BinarizeResult:
+    """Run the binarize stage end to end (see the module docstring); ``on_phase`` hears each training phase begin."""
     started = time.perf_counter()
     run = RunDir(Path(opts.run))
     source = load_model_source(opts.model)
     scheme = get_scheme(opts.scheme)
     spec = get_dataset(opts.data) if opts.data else None
     _check_run_dir(run, source, opts)
-    if opts.resume and not (run.exists() and (run.checkpoints / "train.safetensors").is_file()):
+    if opts.resume and not (run.exists() and any((run.checkpoints / name).is_file()
+                                                 for name in ("train.safetensors", REAL_WEIGHT_CHECKPOINT))):
         raise BnnslimError(f"nothing to resume in '{run.path}'", "run the same command without --resume")
     if opts.resume and opts.train is None:
         raise BnnslimError("--resume needs --data: only training can be resumed", "add the --data of the first run")
@@ -293,12 +309,13 @@ def binarize(opts: BinarizeOptions, on_step: Callable[[StepEvent], None] | None 
         "dataset": {"name": spec.name, "root": str(opts.data_root) if opts.data_root else None} if spec else None,
         "binarize": {"trained": False},
         "teacher": _teacher_identity(opts),
+        "two_step": _two_step_identity(opts),
         "plugins": {"scheme": provenance("scheme", scheme.name),
                     **({"dataset": provenance("dataset", spec.name)} if spec else {})},
     }
     result = BinarizeResult(run=run, plan=plan, model=model)
     if opts.train is not None and inputs.splits is not None:
-        _train(opts, run, source, inputs, manifest, result, on_step, on_epoch)
+        _train(opts, run, source, inputs, manifest, result, on_step, on_epoch, on_phase or (lambda text: None))
     result.seconds = time.perf_counter() - started
     manifest["binarize"]["seconds"] = round(result.seconds, 2)
     if D.is_main_process():
@@ -336,18 +353,20 @@ def _model_inputs(opts: BinarizeOptions, source: ModelSource, spec: DatasetSpec 
 
 def _train(opts: BinarizeOptions, run: RunDir, source: ModelSource, inputs: ModelInputs, manifest: dict[str, Any],
            result: BinarizeResult, on_step: Callable[[StepEvent], None] | None,
-           on_epoch: Callable[[EpochRecord], None] | None) -> None:
+           on_epoch: Callable[[EpochRecord], None] | None, on_phase: Callable[[str], None]) -> None:
     """Train ``result.model`` (checkpointed, resumable; a float teacher first when asked) and record it."""
     assert opts.train is not None and inputs.splits is not None
     splits, model = inputs.splits, result.model
     device = resolve_device(opts.device)
     model.to(device)
     checkpoint = Checkpoint(run.checkpoints / "train.safetensors", opts.train)
+    step1 = Checkpoint(run.checkpoints / REAL_WEIGHT_CHECKPOINT, replace(opts.train, epochs=opts.real_weight_epochs))
     if opts.resume:
         _check_resume_matches(run.read_manifest(), manifest)
     elif D.is_main_process():
         # a fresh run replaces the old one: its checkpoint and weights must not pass for the new run's
         checkpoint.path.unlink(missing_ok=True)
+        step1.path.unlink(missing_ok=True)
         run.binary_weights.unlink(missing_ok=True)
         run.path.mkdir(parents=True, exist_ok=True)
         run.write_manifest(manifest)  # the run exists from the first epoch on, so it can be resumed
@@ -355,13 +374,26 @@ def _train(opts: BinarizeOptions, run: RunDir, source: ModelSource, inputs: Mode
     teacher, teacher_accuracy = None, None
     if manifest["teacher"] is not None:
         teacher, teacher_accuracy = _float_teacher(opts, source, run, splits, inputs.num_classes, inputs.in_channels,
-                                                   device)
+                                                   device, on_phase)
         if opts.teacher_epochs and opts.weights is None and not opts.resume:
             with torch.no_grad():  # start from the float weights (latent weights clipped to [-1, 1])
                 model.load_state_dict(teacher.state_dict())
             clip_latent_weights(model, opts.train.clip or 1.0)
+    resume_main = opts.resume and checkpoint.path.is_file()
+    step1_history: list[EpochRecord] = []
+    if opts.real_weight_epochs and not resume_main:
+        on_phase(f"step 1 of 2: {opts.real_weight_epochs} epochs with binary activations and real weights")
+        with real_weights(model):
+            step1_history = train_epochs(wrap_for_training(model, device, opts.sync_bn), splits.train, splits.test,
+                                         step1.config, device, step1, opts.resume, on_step=on_step,
+                                         on_epoch=on_epoch, teacher=teacher).history
+        model = unwrap_sync_bn(model)
+    elif opts.real_weight_epochs:
+        step1_history = step1.history()
+    if opts.real_weight_epochs:
+        on_phase(f"step 2 of 2: {opts.train.epochs} epochs with binary activations and weights")
     trained = train_epochs(wrap_for_training(model, device, opts.sync_bn), splits.train, splits.test, opts.train,
-                           device, checkpoint, opts.resume, on_step=on_step, on_epoch=on_epoch, teacher=teacher)
+                           device, checkpoint, resume_main, on_step=on_step, on_epoch=on_epoch, teacher=teacher)
     model = unwrap_sync_bn(model).to("cpu")
     result.model = model
     D.check_same_on_all_ranks(model.state_dict(), "binary network weights")
@@ -372,6 +404,8 @@ def _train(opts: BinarizeOptions, run: RunDir, source: ModelSource, inputs: Mode
                             "history": [asdict(h) for h in trained.history],
                             "test_accuracy": result.test_accuracy,
                             "processes": D.world_size()}
+    if step1_history:
+        manifest["binarize"]["real_weight_history"] = [asdict(h) for h in step1_history]
     if manifest["teacher"] is not None:
         manifest["binarize"]["loss"] = (f"cross-entropy + {opts.train.distill:g} * T^2 * KL(teacher || student) "
                                         f"at T = {opts.train.temperature:g}")

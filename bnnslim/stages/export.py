@@ -145,7 +145,7 @@ def _training(manifest: dict[str, Any]) -> dict[str, Any]:
     """Which teacher and which loss trained the exported weights, stage by stage (from the manifest)."""
     binarize, prune = (v if isinstance(v, dict) else {} for v in (manifest.get("binarize"), manifest.get("prune")))
     out: dict[str, Any] = {"binarize": {"loss": binarize.get("loss", "cross-entropy"),
-                                        "teacher": manifest.get("teacher")}}
+                                        "teacher": manifest.get("teacher"), "two_step": manifest.get("two_step")}}
     if prune:
         out["prune"] = {"strategy": prune.get("strategy"), "keep": prune.get("keep"), "loss": prune.get("loss"),
                         "teacher": prune.get("teacher"), "finetune_steps": prune.get("finetune_steps")}
