@@ -32,11 +32,13 @@ def test_training_and_pruning_on_two_processes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     trained = torchrun("binarize", f"{REPO / 'examples/small_cnn.py'}:tiny", "--run", str(run), "--data",
                        "fashion-mnist-mini", "--epochs", "2", "--steps-per-epoch", "4", "--batch-size", "32",
-                       cwd=tmp_path)
+                       "--real-weight-epochs", "1", cwd=tmp_path)
     assert trained.returncode == 0, trained.stdout + trained.stderr
     assert trained.stdout.count("binary test accuracy") == 1, "only rank 0 prints"
+    assert trained.stdout.count("step 1 of 2") == 1
     manifest = RunDir(run).read_manifest()
     assert manifest["binarize"]["processes"] == 2
+    assert len(manifest["binarize"]["real_weight_history"]) == 1  # two-step training, ranks agreeing after it
 
     pruned = torchrun("prune", "--run", str(run), "--keep", "0.5", "--select-steps", "3", "--retrain-steps", "3",
                       "--batch-size", "32", cwd=tmp_path)
