@@ -131,8 +131,8 @@ def interrupt_after_first_epoch(monkeypatch: pytest.MonkeyPatch, epochs_seen: in
             if seen == epochs_seen:
                 raise KeyboardInterrupt
 
-        if on_epoch is None:  # the float teacher's phase
-            return real_train(*args, **kwargs)
+        if len(args) < 6 and "checkpoint" not in kwargs:  # the float teacher's phase: not checkpointed
+            return real_train(*args, on_epoch=on_epoch, **kwargs)
         return real_train(*args, on_epoch=stop, **kwargs)
 
     monkeypatch.setattr(bnnslim.stages.binarize, "train_epochs", train_epochs)
@@ -162,9 +162,13 @@ def test_resume_continues_an_interrupted_run_exactly(cli, tmp_path: Path, monkey
 def test_distil_from_a_float_teacher_trained_first_and_resume_exactly(cli, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     args = ("binarize", TINY_CNN, *QUICK_TRAIN, "--epochs", "2", "--teacher-epochs", "1", "--temperature", "2")
-    assert cli(*args, "--run", "straight").exit_code == 0
+    straight = cli(*args, "--run", "straight")
+    assert straight.exit_code == 0
     m = RunDir(tmp_path / "straight").read_manifest()
     assert m["teacher"]["epochs"] == 1 and m["teacher"]["temperature"] == 2.0
+    out = straight.stdout
+    float_phase = out.index("float teacher: training the float model for 1 epoch\n")
+    assert float_phase < out.index("epoch 1:") < out.index("epoch 2:")  # its progress is shown
     assert "KL" in m["binarize"]["loss"] and 0 < m["binarize"]["teacher_test_accuracy"] <= 1
     teacher = load_file(str(tmp_path / "straight" / "teacher.safetensors"))
     assert "1.0.weight" in teacher  # the float twin, same layer names

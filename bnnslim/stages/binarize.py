@@ -221,6 +221,10 @@ def _teacher_identity(opts: BinarizeOptions) -> dict[str, Any] | None:
             "epochs": opts.teacher_epochs, **loss}
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
 def _two_step_identity(opts: BinarizeOptions) -> dict[str, Any] | None:
     """Two-step training as the manifest records it (``--resume`` must give the same)."""
     if opts.train is None or not opts.real_weight_epochs:
@@ -231,7 +235,8 @@ def _two_step_identity(opts: BinarizeOptions) -> dict[str, Any] | None:
 
 def _float_teacher(opts: BinarizeOptions, source: ModelSource, run: RunDir, splits: DatasetSplits,
                    num_classes: int | None, in_channels: int, device: torch.device,
-                   on_phase: Callable[[str], None]) -> tuple[nn.Module, float | None]:
+                   on_phase: Callable[[str], None], on_step: Callable[[StepEvent], None] | None = None,
+                   on_epoch: Callable[[EpochRecord], None] | None = None) -> tuple[nn.Module, float | None]:
     """The float twin of the model as teacher: loaded from --teacher, or trained for --teacher-epochs."""
     assert opts.train is not None
     torch.manual_seed(opts.train.seed)
@@ -247,9 +252,9 @@ def _float_teacher(opts: BinarizeOptions, source: ModelSource, run: RunDir, spli
         load_weights_into(teacher, opts.weights)
     teacher.to(device)
     cfg = replace(opts.train, epochs=opts.teacher_epochs)
-    on_phase(f"float teacher: {opts.teacher_epochs} epochs of the float model")
+    on_phase(f"float teacher: training the float model for {_epochs(opts.teacher_epochs)}")
     history = train_epochs(wrap_for_training(teacher, device, opts.sync_bn), splits.train, splits.test, cfg,
-                           device).history
+                           device, on_step=on_step, on_epoch=on_epoch).history
     teacher = unwrap_sync_bn(teacher)
     if D.is_main_process():
         save_weights(saved, teacher.to("cpu"), kind="float-teacher")
@@ -374,7 +379,7 @@ def _train(opts: BinarizeOptions, run: RunDir, source: ModelSource, inputs: Mode
     teacher, teacher_accuracy = None, None
     if manifest["teacher"] is not None:
         teacher, teacher_accuracy = _float_teacher(opts, source, run, splits, inputs.num_classes, inputs.in_channels,
-                                                   device, on_phase)
+                                                   device, on_phase, on_step, on_epoch)
         if opts.teacher_epochs and opts.weights is None and not opts.resume:
             with torch.no_grad():  # start from the float weights (latent weights clipped to [-1, 1])
                 model.load_state_dict(teacher.state_dict())
@@ -382,7 +387,7 @@ def _train(opts: BinarizeOptions, run: RunDir, source: ModelSource, inputs: Mode
     resume_main = opts.resume and checkpoint.path.is_file()
     step1_history: list[EpochRecord] = []
     if opts.real_weight_epochs and not resume_main:
-        on_phase(f"step 1 of 2: {opts.real_weight_epochs} epochs with binary activations and real weights")
+        on_phase(f"step 1 of 2: {_epochs(opts.real_weight_epochs)} with binary activations and real weights")
         with real_weights(model):
             step1_history = train_epochs(wrap_for_training(model, device, opts.sync_bn), splits.train, splits.test,
                                          step1.config, device, step1, opts.resume, on_step=on_step,
@@ -391,7 +396,7 @@ def _train(opts: BinarizeOptions, run: RunDir, source: ModelSource, inputs: Mode
     elif opts.real_weight_epochs:
         step1_history = step1.history()
     if opts.real_weight_epochs:
-        on_phase(f"step 2 of 2: {opts.train.epochs} epochs with binary activations and weights")
+        on_phase(f"step 2 of 2: {_epochs(opts.train.epochs)} with binary activations and weights")
     trained = train_epochs(wrap_for_training(model, device, opts.sync_bn), splits.train, splits.test, opts.train,
                            device, checkpoint, resume_main, on_step=on_step, on_epoch=on_epoch, teacher=teacher)
     model = unwrap_sync_bn(model).to("cpu")
