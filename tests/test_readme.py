@@ -43,6 +43,26 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "python3 -m pytest" in ci
 
 
+def test_the_best_binarize_recipe_in_the_readme_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipe the README recommends (an hour on full Fashion-MNIST), shortened to a few steps per phase."""
+    from typer.testing import CliRunner
+
+    from bnnslim.cli.app import app
+
+    recipe = next(line.strip() for block in blocks("text") for line in block.splitlines()
+                  if "--real-weight-epochs" in line)
+    args = recipe.split()[1:]
+    assert args[:2] == ["binarize", "bnnslim:small-cnn"]
+    quick = {"--data": "fashion-mnist-mini", "--teacher-epochs": "1", "--real-weight-epochs": "1", "--epochs": "1"}
+    for i, word in enumerate(args[:-1]):
+        if word in quick:
+            args[i + 1] = quick[word]
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [*args, "--steps-per-epoch", "2", "--batch-size", "16"])
+    assert result.exit_code == 0, result.output
+    assert "step 2 of 2" in result.output and "binary test accuracy" in result.output
+
+
 @pytest.mark.slow
 def test_readme_commands_run(tmp_path: Path) -> None:
     # no examples/ folder: the quick start must work from an installed package alone
