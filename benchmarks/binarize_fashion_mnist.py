@@ -47,6 +47,7 @@ from _common import header, write_record  # noqa: E402
 
 MODEL = str(HERE.parent / "examples" / "small_cnn.py")
 VARIANTS = ("binary", "distilled", "refit", "twostep")
+DEFAULT_LR = 2e-3
 
 
 def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
@@ -86,7 +87,7 @@ def load_records(path: Path) -> list[dict]:
     for line in path.read_text().splitlines() if path.is_file() else []:
         if line.strip():
             r = json.loads(line)
-            seen.setdefault((r["variant"], r.get("scheme", "xnor"), r["seed"], r["epochs"]), r)
+            seen.setdefault((r["variant"], r.get("scheme", "xnor"), r["lr"], r["seed"], r["epochs"]), r)
     return list(seen.values())
 
 
@@ -111,21 +112,23 @@ def report(records: list[dict]) -> str:
     float_mean = statistics.mean(v for _, v in floats) if floats else None
     epochs = sorted({r["epochs"] for r in records})
     lines = [header("Binarize: float vs binary small CNN on full Fashion-MNIST"),
-             f"\n60,000 train / 10,000 test images, batch 128, Adam lr {records[0]['lr'] if records else '?'} "
-             f"with cosine schedule, {', '.join(map(str, epochs))} epochs, first conv and the linear classifier "
+             f"\n60,000 train / 10,000 test images, batch 128, Adam with cosine schedule (lr {DEFAULT_LR:g} unless "
+             f"a row says otherwise), {', '.join(map(str, epochs))} epochs, first conv and the linear classifier "
              "real; distillation: CE + w T^2 KL with the defaults of `bnnslim binarize` (w = 1, T = 4). One process "
              "per run, `OMP_NUM_THREADS=1`, up to three runs sharing the 2 cores.\n",
              "| network | seeds | test accuracy per seed (%) | mean ± std | behind float (pt) | minutes per run |",
              "|---|---|---|---|---|---|",
              f"| float (the same model, trained from scratch) | {len(floats)} | {per_seed(floats)} | "
              f"{mean_std([v for _, v in floats])} |  | in the distilled run |"]
-    cells = {(r["variant"], r.get("scheme", "xnor")) for r in records}
-    for variant, scheme in sorted(cells, key=lambda c: (VARIANTS.index(c[0]), c[1] != "xnor", c[1])):
-        cell = [r for r in records if r["variant"] == variant and r.get("scheme", "xnor") == scheme]
+    cells = {(r["variant"], r.get("scheme", "xnor"), r["lr"]) for r in records}
+    for variant, scheme, lr in sorted(cells, key=lambda c: (VARIANTS.index(c[0]), c[1] != "xnor", c[1], c[2])):
+        cell = [r for r in records
+                if r["variant"] == variant and r.get("scheme", "xnor") == scheme and r["lr"] == lr]
         values = [(r["seed"], r["accuracy"]) for r in cell]
         gap = "" if float_mean is None else f"{100 * (float_mean - statistics.mean(v for _, v in values)):.2f}"
         minutes = statistics.mean(r["seconds"] / 60 for r in cell)
-        lines.append(f"| {NAMES[variant].format(scheme=scheme)} | {len(values)} | {per_seed(values)} | "
+        name = NAMES[variant].format(scheme=scheme) + ("" if lr == DEFAULT_LR else f", `--lr {lr:g}`")
+        lines.append(f"| {name} | {len(values)} | {per_seed(values)} | "
                      f"{mean_std([v for _, v in values])} | {gap} | {minutes:.0f} |")
     lines.append("\nThe distilled run's minutes include its float phase (E float epochs, then E binary epochs); the "
                  "two-step run's its E epochs with real weights (but not the float phase, trained by the distilled "
@@ -138,7 +141,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR)
     parser.add_argument("--distill", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--scheme", default="xnor")
@@ -150,10 +153,10 @@ def main() -> None:
     args = parser.parse_args()
     records = load_records(args.results)
     if not args.report_only:
-        done = {(r["variant"], r.get("scheme", "xnor"), r["seed"], r["epochs"]) for r in records}
+        done = {(r["variant"], r.get("scheme", "xnor"), r["lr"], r["seed"], r["epochs"]) for r in records}
         for seed in args.seeds:
             for variant in args.variants:
-                if (variant, args.scheme, seed, args.epochs) in done:
+                if (variant, args.scheme, args.lr, seed, args.epochs) in done:
                     continue
                 record = run_one(variant, seed, args)
                 print(json.dumps(record), flush=True)
