@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # Build bnnslim's wheel, install it in a clean virtualenv with the newest torch pip offers,
 # and run the README's quick start from outside the repository (no examples/ folder there).
-# Usage: bash scripts/check_wheel.sh [WORKDIR]   (default: a fresh temporary directory)
+# Usage: bash scripts/check_wheel.sh [WORKDIR]   (default: a fresh temporary directory, removed afterwards:
+# its virtualenv holds a full torch, about 5.5 GB, and repeated runs filled a disk)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-work=${1:-$(mktemp -d)}
+if [ $# -ge 1 ]; then
+    work=$1
+else
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+fi
 mkdir -p "$work"
 python3 -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$work/dist" "$repo"
 python3 -m venv "$work/venv"
@@ -16,4 +22,4 @@ bnnslim binarize bnnslim:small-cnn-tiny --data fashion-mnist-mini --epochs 1 --s
 bnnslim prune --keep 0.8 --select-steps 5 --retrain-steps 5
 bnnslim export
 python -c "import bnnslim; m = bnnslim.load('bnnslim-run/model.safetensors'); print('reloaded', type(m).__name__)"
-echo "wheel check passed in $work"
+echo "wheel check passed"
