@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from bnnslim.binary.layers import BinaryConv2d
+from bnnslim.binary.ste import no_scale
 from bnnslim.plugin_types import SchemeSpec
 
 
@@ -30,13 +31,9 @@ def _real(w: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def _no_scale(weight: torch.Tensor, kept: torch.Tensor | None) -> None:
-    return None
-
-
 def real_weight_scheme(scheme: SchemeSpec) -> SchemeSpec:
     """``scheme`` with real weights and no scale: only its activations are binary (step 1)."""
-    return replace(scheme, name=f"{scheme.name}, real weights", binarize_weight=_real, scale=_no_scale,
+    return replace(scheme, name=f"{scheme.name}, real weights", binarize_weight=_real, scale=no_scale,
                    description=f"step 1 of two-step training: real weights, activations as {scheme.name}")
 
 
