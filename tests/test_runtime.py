@@ -188,6 +188,42 @@ def test_layer_odd_cases(case: str, isa: str) -> None:
         assert PackedBinaryConv2d.from_binary_conv(layer)(x).is_contiguous(memory_format=torch.channels_last)
 
 
+# (cin, cout, kernel, stride, padding, dilation, groups, H, W): at most 32 input channels per group, where the
+# kernels read two taps of a row from one word (paired taps); odd and even kernel widths, strides 1-3, dilation
+# along H only (along W there is no pairing), groups, a mask
+PAIRED = [
+    (32, 32, 3, 1, 1, 1, 1, 16, 16),
+    (32, 64, 3, 2, 1, 1, 1, 15, 17),
+    (24, 16, (3, 5), 1, (1, 2), 1, 1, 9, 12),
+    (16, 8, 4, 1, 2, 1, 1, 7, 9),
+    (20, 12, 2, 3, 0, 1, 1, 11, 13),
+    (8, 8, 5, 2, 2, (2, 1), 1, 12, 10),
+    (64, 24, 3, 2, 1, 1, 2, 9, 9),
+    (30, 10, (1, 3), 1, (0, 1), 1, 1, 6, 20),
+]
+
+
+@pytest.mark.parametrize("shape", PAIRED, ids=lambda s: "c{}-o{}-k{}-s{}-p{}-d{}-g{}-{}x{}".format(*s))
+def test_paired_taps_count_exactly(shape: tuple, isa: str) -> None:
+    """Layers with at most 32 channels per group (two taps in one 64-bit word): the exact counts, the same as the
+    one-tap-per-word path, with and without a channel mask."""
+    cin, cout, k, stride, padding, dilation, groups, h, w = shape
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=True)
+    layer = BinaryConv2d.from_conv(conv, builtin_scheme("xnor")).eval()
+    x = torch.randn(2, cin, h, w)
+    check_layer(layer, x)
+    layer.input_mask = (torch.rand(cin, generator=torch.Generator().manual_seed(1)) > 0.3).float()
+    check_layer(layer, x)
+    ops = build.fast_ops()
+    packed = PackedBinaryConv2d.from_binary_conv(layer)
+    paired = packed.counts(x)
+    was = ops.set_pair_taps(False)
+    try:
+        assert torch.equal(packed.counts(x), paired)
+    finally:
+        ops.set_pair_taps(was)
+
+
 def test_threads_give_the_same_result(kernels: build.KernelStatus) -> None:
     layer = binary_conv(96, 40, 3, padding=1)
     packed = PackedBinaryConv2d.from_binary_conv(layer)

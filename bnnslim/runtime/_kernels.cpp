@@ -35,6 +35,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -411,7 +412,8 @@ Geo make_geo(const at::Tensor& x, int64_t out_channels, int64_t KH, int64_t KW, 
 // pixel holds channels 64j..64j+63, plane 0 sign bits, plane 1 nonzero bits.
 // Copies them into a conv's padded, phase-split layout (groups must start on
 // word boundaries: one group, or a multiple of 64 channels per group).
-at::Tensor pack_from_bits(const at::Tensor& bits_in, const Geo& g, const c10::optional<at::Tensor>& in_mask) {
+at::Tensor pack_from_bits(const at::Tensor& bits_in, const Geo& g, const c10::optional<at::Tensor>& in_mask,
+                          int64_t images = 1) {
   TORCH_CHECK(bits_in.device().is_cpu() && bits_in.scalar_type() == at::kLong && bits_in.dim() == 5 &&
                   bits_in.size(3) == ceil_div(g.C, 64) && bits_in.size(4) == 2,
               "bnnslim runtime: packed activations must be int64 [N, H, W, ceil(C/64), 2]");
@@ -425,7 +427,7 @@ at::Tensor pack_from_bits(const at::Tensor& bits_in, const Geo& g, const c10::op
     for (int64_t c = 0; c < g.C; ++c)
       if (!mp[c]) maskw[c / 64] &= ~(uint64_t{1} << (c % 64));
   }
-  at::Tensor out = zeros_long({g.N, g.Hp, g.GW, 2, g.SW, g.Wq});
+  at::Tensor out = zeros_long({images * g.N, g.Hp, g.GW, 2, g.SW, g.Wq});
   const int64_t* src = bits.data_ptr<int64_t>();
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, g.N * g.H, 8, [&](int64_t b, int64_t e) {
@@ -526,12 +528,13 @@ at::Tensor bits_max_pool2d_op(const at::Tensor& bits_in, at::IntArrayRef kernel,
   return out;
 }
 
-at::Tensor pack_impl(const at::Tensor& x_in, const Geo& g, const c10::optional<at::Tensor>& in_mask, int64_t isa) {
+at::Tensor pack_impl(const at::Tensor& x_in, const Geo& g, const c10::optional<at::Tensor>& in_mask, int64_t isa,
+                     int64_t images = 1) {
   TORCH_CHECK(x_in.device().is_cpu(), "bnnslim runtime: input must be on the CPU");
   at::Tensor x = x_in.scalar_type() == at::kFloat ? x_in : x_in.to(at::kFloat);
   const bool nhwc = x.stride(1) == 1 && x.size(1) > 1;
   if (!nhwc && x.stride(3) != 1) x = x.contiguous();
-  at::Tensor out = zeros_long({g.N, g.Hp, g.GW, 2, g.SW, g.Wq});
+  at::Tensor out = zeros_long({images * g.N, g.Hp, g.GW, 2, g.SW, g.Wq});
   at::Tensor mask_t, maskw_t;
   const bool* mask = nullptr;
   const int64_t* maskw = nullptr;
@@ -922,7 +925,9 @@ at::Tensor conv_small_float_op(const at::Tensor& x_in, const at::Tensor& w, cons
 // A network's tail, global average pooling then (optionally) a linear layer, in one call: at batch 1 the
 // three torch modules it replaces (pool, flatten, linear) cost about 20 us from Python, these ATen calls a few.
 // x is [N, C, H, W] (any memory format) or [N, C * L] (flattened after the pooling's place, C-major); the
-// result is mean over the spatial positions, then x w^T + b.
+// result is mean over the spatial positions, then x w^T + b. It calls ATen's mean and addmm on purpose: the
+// Python fallback (no compiled kernels) must give the same floats bit for bit, and loops of our own (tried:
+// about 2 us faster at batch 1) round differently.
 at::Tensor pooled_linear_op(const at::Tensor& x, const c10::optional<at::Tensor>& w,
                             const c10::optional<at::Tensor>& b, int64_t channels) {
   TORCH_CHECK(x.dim() == 4 || (x.dim() == 2 && channels > 0 && x.size(1) % channels == 0),
@@ -1509,10 +1514,72 @@ BNN_AVX2 void conv_avx2(const ConvArgs& a, int64_t n, int64_t gi, int64_t vb, in
 }
 #endif  // BNN_X86
 
+// ---------------------------------------------------------------- paired taps
+//
+// A group of at most 32 input channels fills only the low half of each 64-bit
+// word, so a 3x3 conv would popcount 9 half-empty words per output. With a
+// kernel at least 2 wide (dilation 1 along W), the packed input gets a second
+// image after the first (at + N * img_stride words) whose word at padded
+// column iw holds column iw in its low half and column iw + 1 in its high half;
+// taps kw and kw + 1 of a row are then one word of that image against one
+// weight word holding both taps' bits, and an odd last tap reads the first
+// image as before: 9 -> 6 words for a 3x3, 25 -> 15 for a 5x5. The counts are
+// the same integers (the same bits are counted), so the outputs are unchanged.
+std::atomic<bool> g_pair_taps{true};  // set_pair_taps(false): the one-tap-per-word path, for A/B timing and tests
+
+bool pairs_taps(const Geo& g) { return g_pair_taps.load() && g.Cg <= 32 && g.NWg == 1 && g.KW >= 2 && g.DW == 1; }
+
+bool set_pair_taps_op(bool on) { return g_pair_taps.exchange(on); }
+
+// Fill the second image of `buf` (made with images = 2) from its first: only the phases (of a stride SW) that
+// paired taps read, those of the even taps 0, 2, 4, ... of a kernel KW wide.
+void fill_pair_image(int64_t* buf, const Geo& g) {
+  int64_t* pair = buf + g.N * g.img_stride;
+  constexpr uint64_t LOW = 0xffffffffULL;
+  std::vector<bool> read(g.SW, false);
+  for (int64_t kw = 0; kw + 1 < g.KW; kw += 2) read[kw % g.SW] = true;
+  at::parallel_for(0, g.N * g.Hp, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = t / g.Hp, r = t % g.Hp;
+      for (int64_t j = 0; j < g.GW; ++j)
+        for (int64_t k = 0; k < 2; ++k) {  // sign plane, nonzero plane
+          const int64_t at = n * g.img_stride + r * g.row_stride + j * g.word_stride + k * g.plane;
+          const uint64_t* src = reinterpret_cast<const uint64_t*>(buf + at);
+          uint64_t* dst = reinterpret_cast<uint64_t*>(pair + at);
+          for (int64_t p = 0; p < g.SW; ++p) {
+            if (!read[p]) continue;
+            // column iw = q * SW + p of phase p; its right neighbour iw + 1 is in phase p + 1 (same q) or, for
+            // the last phase, in phase 0 at q + 1
+            const int64_t cols = (g.Wp - p + g.SW - 1) / g.SW;  // columns of phase p
+            const uint64_t* lo = src + p * g.Wq;
+            const uint64_t* hi = p + 1 < g.SW ? src + (p + 1) * g.Wq : src + 1;
+            const int64_t hi_cols = (g.Wp - (p + 1) + g.SW - 1) / g.SW;  // columns iw + 1 < Wp
+            uint64_t* out = dst + p * g.Wq;
+            for (int64_t q = 0; q < cols; ++q) out[q] = (lo[q] & LOW) | (q < hi_cols ? hi[q] << 32 : 0);
+          }
+        }
+    }
+  });
+}
+
+// Weights [G, OBg, KH, KW, 1, NB] -> [G, OBg, KH, ceil(KW / 2), 1, NB]: taps 2t and 2t + 1 in one word.
+std::vector<int64_t> pair_weight_words(const int64_t* w, const Geo& g) {
+  const int64_t KWp = ceil_div(g.KW, 2);
+  std::vector<int64_t> out(g.G * g.OBg * g.KH * KWp * NB);
+  for (int64_t row = 0; row < g.G * g.OBg * g.KH; ++row)
+    for (int64_t t = 0; t < KWp; ++t)
+      for (int64_t l = 0; l < NB; ++l) {
+        const uint64_t lo = static_cast<uint64_t>(w[(row * g.KW + 2 * t) * NB + l]) & 0xffffffffULL;
+        const uint64_t hi = 2 * t + 1 < g.KW ? static_cast<uint64_t>(w[(row * g.KW + 2 * t + 1) * NB + l]) << 32 : 0;
+        out[(row * KWp + t) * NB + l] = static_cast<int64_t>(lo | hi);
+      }
+  return out;
+}
+
 at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& wwords,
                      const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& bias, bool counts,
                      bool nhwc, int64_t isa, const c10::optional<at::Tensor>& thresholds,
-                     const c10::optional<at::Tensor>& clamp) {
+                     const c10::optional<at::Tensor>& clamp, bool paired = false) {
   TORCH_CHECK(wwords.device().is_cpu() && wwords.scalar_type() == at::kLong && wwords.is_contiguous() &&
                   wwords.dim() == 6,
               "bnnslim runtime: packed weights must be contiguous int64 [G, OBg, KH, KW, NWg, 8] on the CPU");
@@ -1521,11 +1588,21 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
               "bnnslim runtime: packed weights ", wwords.sizes(), " do not match the layer (groups ", g.G,
               ", ", g.Cg, " inputs per group, ", g.O, " outputs, kernel ", g.KH, "x", g.KW, ")");
   at::Tensor a_t, b_t;
-  std::vector<int64_t> offs;
-  for (int64_t kh = 0; kh < g.KH; ++kh)
-    for (int64_t kw = 0; kw < g.KW; ++kw)
-      for (int64_t j = 0; j < g.NWg; ++j) offs.push_back(tap_offset(g, kh, kw, j));
-  ConvArgs args{&g,     packed.data_ptr<int64_t>(), wwords.data_ptr<int64_t>(), nullptr, nullptr, nullptr, nullptr,
+  std::vector<int64_t> offs, pair_words;
+  const int64_t* weights = wwords.data_ptr<int64_t>();
+  if (paired) {  // the packed input has the paired image after its own (see fill_pair_image)
+    fill_pair_image(packed.data_ptr<int64_t>(), g);
+    pair_words = pair_weight_words(weights, g);
+    weights = pair_words.data();
+    for (int64_t kh = 0; kh < g.KH; ++kh)
+      for (int64_t kw = 0; kw < g.KW; kw += 2)
+        offs.push_back(tap_offset(g, kh, kw, 0) + (kw + 1 < g.KW ? g.N * g.img_stride : 0));
+  } else {
+    for (int64_t kh = 0; kh < g.KH; ++kh)
+      for (int64_t kw = 0; kw < g.KW; ++kw)
+        for (int64_t j = 0; j < g.NWg; ++j) offs.push_back(tap_offset(g, kh, kw, j));
+  }
+  ConvArgs args{&g,     packed.data_ptr<int64_t>(), weights, nullptr, nullptr, nullptr, nullptr,
                 offs.data(), static_cast<int64_t>(offs.size()), nhwc, nullptr, nullptr, ceil_div(g.O, 64)};
   if (alpha.has_value() && alpha->defined()) {
     a_t = as_type(*alpha, at::kFloat);
@@ -1634,10 +1711,11 @@ at::Tensor binary_conv2d_op(const at::Tensor& x, const at::Tensor& wwords, const
                             const c10::optional<at::Tensor>& thresholds, const c10::optional<at::Tensor>& clamp) {
   isa = resolve_isa(isa);
   const Geo g = make_geo(x, out_channels, kh, kw, stride, padding, dilation, groups);
-  const at::Tensor packed = pack_impl(x, g, in_mask, isa);
+  const bool paired = pairs_taps(g);
+  const at::Tensor packed = pack_impl(x, g, in_mask, isa, paired ? 2 : 1);
   // like torch's conv: the output keeps a channels-last input's memory format
   const bool nhwc = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  return conv_impl(packed, g, wwords, alpha, bias, counts, nhwc, isa, thresholds, clamp);
+  return conv_impl(packed, g, wwords, alpha, bias, counts, nhwc, isa, thresholds, clamp, paired);
 }
 
 at::Tensor binary_conv2d_bits_op(const at::Tensor& bits, int64_t in_channels, const at::Tensor& wwords,
@@ -1651,8 +1729,9 @@ at::Tensor binary_conv2d_bits_op(const at::Tensor& bits, int64_t in_channels, co
   TORCH_CHECK(bits.dim() == 5, "bnnslim runtime: packed activations must be int64 [N, H, W, NW, 2]");
   const Geo g = make_geo_dims(bits.size(0), in_channels, bits.size(1), bits.size(2), out_channels, kh, kw, stride,
                               padding, dilation, groups);
-  const at::Tensor packed = pack_from_bits(bits, g, in_mask);
-  return conv_impl(packed, g, wwords, alpha, bias, counts, /*nhwc=*/true, isa, thresholds, clamp);
+  const bool paired = pairs_taps(g);
+  const at::Tensor packed = pack_from_bits(bits, g, in_mask, paired ? 2 : 1);
+  return conv_impl(packed, g, wwords, alpha, bias, counts, /*nhwc=*/true, isa, thresholds, clamp, paired);
 }
 
 // A packed conv's fixed arguments held on the C++ side (PackedBinaryConv2d's fast path): a call converts only
@@ -1875,4 +1954,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_small_float", &conv_small_float_op);
   m.def("pooled_linear", &pooled_linear_op);
   m.def("popcount_peak", &popcount_peak_op);
+  m.def("set_pair_taps", &set_pair_taps_op);  // returns the previous setting
 }
