@@ -7,7 +7,8 @@ of a kernel row from one word (6 words for a 3x3, 15 for a 5x5; an odd last tap
 from the first image). This times both paths on the same layers and on the slim
 examples end to end: batch 1, one thread, interleaved rounds (the path switched
 between rounds with the kernels' ``set_pair_taps``), each ISA in its own
-process (``BNNSLIM_RUNTIME_ISA``).
+process (``BNNSLIM_RUNTIME_ISA``). The runtime pairs taps with the AVX2 and
+scalar kernels only; the AVX-512 rows force pairing on to show why not there.
 
     python benchmarks/runtime_paired_taps.py       # writes runtime_paired_taps.md beside it
 """
@@ -30,39 +31,46 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import header, write_record  # noqa: E402
 
-#: (name, in, out, kernel, stride, padding, input size)
+#: (name, in, out, kernel, stride, padding, groups, input size)
 LAYERS = [
-    ("ResNet-18 example at width 0.5, first stage: 32->32 3x3 at 32x32", 32, 32, 3, 1, 1, 32),
-    ("its first stride-2 conv: 32->64 3x3 stride 2 at 32x32", 32, 64, 3, 2, 1, 32),
-    ("VGG-11 example at width 0.5, second conv: 32->64 3x3 at 16x16", 32, 64, 3, 1, 1, 16),
-    ("a narrow network at 56x56: 16->16 3x3", 16, 16, 3, 1, 1, 56),
-    ("small CNN (Fashion-MNIST): 16->32 3x3 at 14x14", 16, 32, 3, 1, 1, 14),
-    ("a narrow 5x5: 24->48 5x5 at 16x16", 24, 48, 5, 1, 2, 16),
+    ("ResNet-18 example at width 0.5, first stage: 32->32 3x3 at 32x32", 32, 32, 3, 1, 1, 1, 32),
+    ("its first stride-2 conv: 32->64 3x3 stride 2 at 32x32", 32, 64, 3, 2, 1, 1, 32),
+    ("VGG-11 example at width 0.5, second conv: 32->64 3x3 at 16x16", 32, 64, 3, 1, 1, 1, 16),
+    ("a narrow network at 56x56: 16->16 3x3", 16, 16, 3, 1, 1, 1, 56),
+    ("small CNN (Fashion-MNIST): 16->32 3x3 at 14x14", 16, 32, 3, 1, 1, 1, 14),
+    ("a narrow 5x5: 24->48 5x5 at 16x16", 24, 48, 5, 1, 2, 1, 16),
+    ("grouped (RegNetX-like, 16 per group): 64->64 3x3, 4 groups, at 16x16", 64, 64, 3, 1, 1, 4, 16),
+    ("the same at stride 2", 64, 64, 3, 2, 1, 4, 16),
+    ("grouped, 25 groups at 4x4: 400->400 3x3", 400, 400, 3, 1, 1, 25, 4),
 ]
 NETWORKS = ["resnet18", "vgg11"]  # the slim examples of runtime_vs_peers.py
 ISAS = ["avx512", "avx2"]
 
 
-def ab_times(call: Callable[[], object], rounds: int, inner: int) -> dict[str, float]:
-    """Median seconds per call with and without paired taps, and the median of per-round ratios."""
+NEVER, AUTO, ALWAYS = 0, 1, 2  # the kernels' set_pair_taps modes
+
+
+def ab_times(call: Callable[[], object], rounds: int, inner: int, paired_mode: int = ALWAYS) -> dict[str, float]:
+    """Median seconds per call with (``paired_mode``) and without paired taps, and the median of per-round
+    ratios."""
     from bnnslim.runtime import build
 
     ops = build.fast_ops()
-    for on in (True, False):
-        ops.set_pair_taps(on)
+    for mode in (paired_mode, NEVER):
+        ops.set_pair_taps(mode)
         for _ in range(5):
             call()
-    times: dict[bool, list[float]] = {True: [], False: []}
+    times: dict[int, list[float]] = {paired_mode: [], NEVER: []}
     for r in range(rounds):
-        for on in ((True, False) if r % 2 == 0 else (False, True)):
-            ops.set_pair_taps(on)
+        for mode in ((paired_mode, NEVER) if r % 2 == 0 else (NEVER, paired_mode)):
+            ops.set_pair_taps(mode)
             start = time.perf_counter()
             for _ in range(inner):
                 call()
-            times[on].append((time.perf_counter() - start) / inner)
-    ops.set_pair_taps(True)
-    return {"paired": statistics.median(times[True]), "unpaired": statistics.median(times[False]),
-            "speedup": statistics.median(b / a for a, b in zip(times[True], times[False], strict=True))}
+            times[mode].append((time.perf_counter() - start) / inner)
+    ops.set_pair_taps(AUTO)
+    return {"paired": statistics.median(times[paired_mode]), "unpaired": statistics.median(times[NEVER]),
+            "speedup": statistics.median(b / a for a, b in zip(times[paired_mode], times[NEVER], strict=True))}
 
 
 def measure(rounds: int, inner: int) -> dict[str, object]:
@@ -80,8 +88,8 @@ def measure(rounds: int, inner: int) -> dict[str, object]:
     out: dict[str, object] = {"kernel": os.environ.get("BNNSLIM_RUNTIME_ISA") or kernel_status().isa, "layers": {},
                               "networks": {}}
     with torch.no_grad():
-        for name, cin, cout, k, stride, padding, size in LAYERS:
-            conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, bias=False)
+        for name, cin, cout, k, stride, padding, groups, size in LAYERS:
+            conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, groups=groups, bias=False)
             packed = PackedBinaryConv2d.from_binary_conv(BinaryConv2d.from_conv(conv, get_scheme("xnor")).eval())
             packed.mode = "kernel"
             x = torch.randn(1, cin, size, size).contiguous(memory_format=torch.channels_last)

@@ -64,8 +64,9 @@ LIMITS = """## What limits the figures where a target is missed
 - AVX2 machines: the XNOR-popcount peak with AVX2 is about a third of AVX-512 VPOPCNTDQ's
   (`runtime_popcount_peak.md`: 420 vs 1307 G bit-ops/s on one EPYC), and the AVX2 3x3 kernels reach 65-77 %
   of the Harley-Seal peak in their best rounds; Harley-Seal inside the conv gave nothing (9-36 words per
-  output are too few to amortise its carry-save tree). Layers with fewer than 64 input channels per group
-  (ResNet-18's first stage at width 0.5: 32) fill half of each 64-bit word, so they run at half that.
+  output are too few to amortise its carry-save tree). Layers with 33-63 input channels per group fill part
+  of each 64-bit word and run at that fraction of it; those with at most 32 (ResNet-18's first stage at
+  width 0.5, VGG-11's second conv) read two taps of a kernel row from one word (`runtime_paired_taps.md`).
 - Batch 1 on a slow, shared VM: a torch call on a small tensor costs 10-50 us whatever its size (a batch
   norm on 256x2x2 about 35 us, a Hardtanh 11-19 us), so every float layer left between binary convs costs
   about as much as a small binary conv. Batch norms after binary and real convs, the clamp activations after

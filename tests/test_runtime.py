@@ -206,7 +206,7 @@ PAIRED = [
 @pytest.mark.parametrize("shape", PAIRED, ids=lambda s: "c{}-o{}-k{}-s{}-p{}-d{}-g{}-{}x{}".format(*s))
 def test_paired_taps_count_exactly(shape: tuple, isa: str) -> None:
     """Layers with at most 32 channels per group (two taps in one 64-bit word): the exact counts, the same as the
-    one-tap-per-word path, with and without a channel mask."""
+    one-tap-per-word path, with and without a channel mask, with every kernel."""
     cin, cout, k, stride, padding, dilation, groups, h, w = shape
     conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=True)
     layer = BinaryConv2d.from_conv(conv, builtin_scheme("xnor")).eval()
@@ -216,9 +216,11 @@ def test_paired_taps_count_exactly(shape: tuple, isa: str) -> None:
     check_layer(layer, x)
     ops = build.fast_ops()
     packed = PackedBinaryConv2d.from_binary_conv(layer)
-    paired = packed.counts(x)
-    was = ops.set_pair_taps(False)
+    was = ops.set_pair_taps(2)  # paired with every kernel (by default not with AVX-512's)
     try:
+        check_layer(layer, x)
+        paired = packed.counts(x)
+        ops.set_pair_taps(0)
         assert torch.equal(packed.counts(x), paired)
     finally:
         ops.set_pair_taps(was)

@@ -1525,11 +1525,25 @@ BNN_AVX2 void conv_avx2(const ConvArgs& a, int64_t n, int64_t gi, int64_t vb, in
 // weight word holding both taps' bits, and an odd last tap reads the first
 // image as before: 9 -> 6 words for a 3x3, 25 -> 15 for a 5x5. The counts are
 // the same integers (the same bits are counted), so the outputs are unchanged.
-std::atomic<bool> g_pair_taps{true};  // set_pair_taps(false): the one-tap-per-word path, for A/B timing and tests
+// Where popcounts are the cost (AVX2 and the scalar kernels) that made every
+// layer tried 1.0-1.5x faster; with AVX-512 VPOPCNTDQ, whose popcounts are
+// cheap, building the second image cost more than it saved on grouped convs,
+// small images and stride 2 (0.84-0.99x), so that kernel keeps one tap per word
+// (benchmarks/runtime_paired_taps.md).
+// set_pair_taps(mode), for A/B timing and tests: 0 never, 1 where it pays (the default), 2 with every kernel
+enum PairMode : int64_t { PAIR_NEVER = 0, PAIR_AUTO = 1, PAIR_ALWAYS = 2 };
+std::atomic<int64_t> g_pair_mode{PAIR_AUTO};
 
-bool pairs_taps(const Geo& g) { return g_pair_taps.load() && g.Cg <= 32 && g.NWg == 1 && g.KW >= 2 && g.DW == 1; }
+bool pairs_taps(const Geo& g, int64_t isa) {
+  const int64_t mode = g_pair_mode.load();
+  return (mode == PAIR_ALWAYS || (mode == PAIR_AUTO && isa != ISA_AVX512)) && g.Cg <= 32 && g.NWg == 1 &&
+         g.KW >= 2 && g.DW == 1;
+}
 
-bool set_pair_taps_op(bool on) { return g_pair_taps.exchange(on); }
+int64_t set_pair_taps_op(int64_t mode) {
+  TORCH_CHECK(mode >= PAIR_NEVER && mode <= PAIR_ALWAYS, "bnnslim runtime: set_pair_taps takes 0, 1 or 2");
+  return g_pair_mode.exchange(mode);
+}
 
 // Fill the second image of `buf` (made with images = 2) from its first: only the phases (of a stride SW) that
 // paired taps read, those of the even taps 0, 2, 4, ... of a kernel KW wide.
@@ -1711,7 +1725,7 @@ at::Tensor binary_conv2d_op(const at::Tensor& x, const at::Tensor& wwords, const
                             const c10::optional<at::Tensor>& thresholds, const c10::optional<at::Tensor>& clamp) {
   isa = resolve_isa(isa);
   const Geo g = make_geo(x, out_channels, kh, kw, stride, padding, dilation, groups);
-  const bool paired = pairs_taps(g);
+  const bool paired = pairs_taps(g, isa);
   const at::Tensor packed = pack_impl(x, g, in_mask, isa, paired ? 2 : 1);
   // like torch's conv: the output keeps a channels-last input's memory format
   const bool nhwc = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
@@ -1729,7 +1743,7 @@ at::Tensor binary_conv2d_bits_op(const at::Tensor& bits, int64_t in_channels, co
   TORCH_CHECK(bits.dim() == 5, "bnnslim runtime: packed activations must be int64 [N, H, W, NW, 2]");
   const Geo g = make_geo_dims(bits.size(0), in_channels, bits.size(1), bits.size(2), out_channels, kh, kw, stride,
                               padding, dilation, groups);
-  const bool paired = pairs_taps(g);
+  const bool paired = pairs_taps(g, isa);
   const at::Tensor packed = pack_from_bits(bits, g, in_mask, paired ? 2 : 1);
   return conv_impl(packed, g, wwords, alpha, bias, counts, /*nhwc=*/true, isa, thresholds, clamp, paired);
 }
@@ -1954,5 +1968,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_small_float", &conv_small_float_op);
   m.def("pooled_linear", &pooled_linear_op);
   m.def("popcount_peak", &popcount_peak_op);
-  m.def("set_pair_taps", &set_pair_taps_op);  // returns the previous setting
+  m.def("set_pair_taps", &set_pair_taps_op);  // 0 never, 1 where it pays, 2 always; returns the previous mode
 }
