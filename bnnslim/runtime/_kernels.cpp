@@ -14,6 +14,8 @@
 //            (NaN inputs also get 0 here, where torch's sign() would give NaN)
 //   SW, Wq   columns split by phase for stride SW: padded column iw lives at
 //            [iw % SW][iw / SW]; Wq = ceil(Wp / SW) + 8 (slack for 8-wide loads)
+//   a conv with paired taps (at most 32 channels per group) gets a second
+//   image of the same shape after the first (see "paired taps" below)
 // Packed weights (int64 words, made by layers.py from the uint8 export format):
 //   [G, OBg, KH, KW, NWg, NB]   NB = 8 output channels per block, zero padded
 // Per output (o, p):  P = sum popcount((s ^ w) & nz),  V = sum popcount(nz),
