@@ -139,7 +139,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def table(results: list[dict], model: str, schedule: str, keeps: list[float], strategies: list[str]) -> list[str]:
     rows = [r for r in results if r["model"] == model and r["schedule"] == schedule]
-    control = [100 * r["accuracy"] for r in rows if r["strategy"] == CONTROL]
+    control_rows = sorted((r for r in rows if r["strategy"] == CONTROL), key=lambda r: r["seed"])
+    control = [100 * r["accuracy"] for r in control_rows]
     c_mean = mean_std(control)[0] if control else None
     lines = ["| keep | strategy | seeds | test accuracy per seed (%) | mean ± std | drop vs control (pt) | "
              "filters kept | binary ops kept | seconds per run |", "|---|---|---|---|---|---|---|---|---|"]
