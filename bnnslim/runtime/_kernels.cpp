@@ -1529,8 +1529,8 @@ BNN_AVX2 void conv_avx2(const ConvArgs& a, int64_t n, int64_t gi, int64_t vb, in
 // the same integers (the same bits are counted), so the outputs are unchanged.
 // Where popcounts are the cost (AVX2 and the scalar kernels) that made every
 // layer tried 1.0-1.5x faster; with AVX-512 VPOPCNTDQ, whose popcounts are
-// cheap, building the second image cost more than it saved on grouped convs,
-// small images and stride 2 (0.84-0.99x), so that kernel keeps one tap per word
+// cheap, building the second image cost more than it saved on grouped convs on
+// small images or at stride 2 (0.86-0.90x), so that kernel keeps one tap per word
 // (benchmarks/runtime_paired_taps.md).
 // set_pair_taps(mode), for A/B timing and tests: 0 never, 1 where it pays (the default), 2 with every kernel
 enum PairMode : int64_t { PAIR_NEVER = 0, PAIR_AUTO = 1, PAIR_ALWAYS = 2 };
