@@ -1030,33 +1030,45 @@ class _FunctionalTail(nn.Module):
         return self.fc(torch.flatten(self.pool(self.conv(x)), 1))
 
 
-@pytest.mark.parametrize("tail", ["modules", "functional flatten", "no linear", "shared pool"])
+@pytest.mark.parametrize("tail", ["modules", "functional flatten", "no linear", "shared pool", "1x1 conv head",
+                                  "strided 1x1 conv head"])
 def test_global_pooling_flatten_and_linear_run_as_one_layer(tail: str, kernels: build.KernelStatus) -> None:
     """A network's tail (global average pooling, flatten, linear) runs as one PooledLinear call: the same outputs
     as the modules (to float rounding) and as the emulation (bit for bit), the linear layer's state keys kept;
-    a pooling called twice is left alone."""
+    a pooling called twice is left alone. A 1x1 conv before the pooling (NIN's classifier) is that call's linear
+    layer (it commutes with the mean); a strided one does not and stays a conv."""
     from bnnslim.runtime.tails import PooledLinear
 
     torch.manual_seed(5)
     pool = nn.AdaptiveAvgPool2d(1)
-    head = [nn.Flatten()] if tail == "no linear" else [nn.Flatten(), nn.Linear(12, 5)]
+    head = [nn.Flatten()] if tail.endswith(("no linear", "head")) else [nn.Flatten(), nn.Linear(12, 5)]
     if tail == "functional flatten":
         model: nn.Module = _FunctionalTail().eval()
     elif tail == "shared pool":
         model = nn.Sequential(binary_conv(8, 12, 3, padding=1), pool, pool, *head).eval()
+    elif tail.endswith("head"):
+        stride = 2 if tail.startswith("strided") else 1
+        model = nn.Sequential(binary_conv(8, 12, 3, padding=1), nn.Conv2d(12, 5, 1, stride=stride), pool,
+                              *head).eval()
     else:
         model = nn.Sequential(binary_conv(8, 12, 3, padding=1), pool, *head).eval()
     x = torch.randn(2, 8, 5, 6)
     runtime = to_runtime(model)
     layers = [m for m in runtime.modules() if isinstance(m, PooledLinear)]
     assert len(layers) == (0 if tail == "shared pool" else 1)
+    if tail == "1x1 conv head":
+        assert runtime[1] is layers[0] and torch.equal(layers[0].weight, model[1].weight)  # [5, 12, 1, 1]
+        assert isinstance(runtime[2], FoldedAway) and isinstance(runtime[3], FoldedAway)
+    elif tail == "strided 1x1 conv head":
+        assert type(runtime[1]) is nn.Conv2d and runtime[3] is layers[0] and layers[0].weight is None
     assert list(runtime.state_dict()) == list(to_runtime(model, fuse=False).state_dict())
     with torch.no_grad():
         got = runtime(x)
         torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
         assert torch.equal(got, with_emulation(runtime)(x))
     if layers:
-        assert isinstance(runtime.pool if tail == "functional flatten" else runtime[1], FoldedAway)
+        assert isinstance(runtime.pool if tail == "functional flatten" else runtime[2 if "head" in tail else 1],
+                          FoldedAway)
 
 
 @pytest.mark.parametrize("act", [nn.ReLU(inplace=True), nn.ReLU6(), nn.Hardtanh(0.0, 2.0)])

@@ -936,7 +936,8 @@ at::Tensor pooled_linear_op(const at::Tensor& x, const c10::optional<at::Tensor>
               "bnnslim runtime: pooled_linear takes [N, C, H, W] or [N, C * L] inputs");
   const at::Tensor pooled = x.dim() == 4 ? x.mean({2, 3}) : x.reshape({x.size(0), channels, -1}).mean(2);
   if (!w.has_value()) return pooled;
-  return b.has_value() ? at::addmm(*b, pooled, w->t()) : at::mm(pooled, w->t());
+  const at::Tensor w2 = w->dim() == 4 ? w->reshape({w->size(0), -1}) : *w;  // a 1x1 conv's [O, C, 1, 1]
+  return b.has_value() ? at::addmm(*b, pooled, w2.t()) : at::mm(pooled, w2.t());
 }
 
 // ---------------------------------------------------------------- conv

@@ -9,6 +9,11 @@ call (ATen's mean and addmm: the same values as the modules); the pooling and a
 flatten module before it pass their input on (:class:`FoldedAway`). A flatten
 called as a function (``torch.flatten(x, 1)`` in a forward) stays: the layer
 then pools its ``[N, C * H * W]`` input per channel.
+
+A real 1x1 conv whose only consumer is the pooling (NIN's classifier,
+``Conv2d(C, classes, 1)`` -> pool -> flatten) becomes the linear layer itself:
+the mean over positions of ``W x + b`` is ``W mean(x) + b``, so the conv runs on
+one pooled vector instead of every position (equal to float rounding).
 """
 
 from __future__ import annotations
@@ -24,12 +29,17 @@ from bnnslim.runtime.fuse import FoldedAway, _set_submodule
 
 
 class PooledLinear(nn.Module):
-    """Global average pooling, then the linear layer it replaced (``linear`` None: the pooling alone)."""
+    """Global average pooling, then the linear layer (or 1x1 conv) it replaced (``linear`` None: the pooling
+    alone). A conv's weight keeps its ``[O, C, 1, 1]`` shape and state key."""
 
-    def __init__(self, linear: nn.Linear | None, channels: int = 0) -> None:
+    def __init__(self, linear: nn.Linear | nn.Conv2d | None, channels: int = 0) -> None:
         super().__init__()
-        self.channels = linear.in_features if linear is not None else channels
-        self.weight = None if linear is None else linear.weight  # the linear layer's parameters and state keys
+        if isinstance(linear, nn.Conv2d):
+            channels = linear.in_channels
+        elif linear is not None:
+            channels = linear.in_features
+        self.channels = channels
+        self.weight = None if linear is None else linear.weight  # the layer's parameters and state keys
         self.bias = None if linear is None else linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -38,13 +48,14 @@ class PooledLinear(nn.Module):
                 and (x.dim() == 4 or (x.dim() == 2 and self.channels and x.shape[1] % self.channels == 0)):
             return ops.pooled_linear(x, self.weight, self.bias, self.channels)
         pooled = x.mean((2, 3)) if x.dim() == 4 else x.reshape(x.shape[0], self.channels, -1).mean(2)
-        return pooled if self.weight is None else F.linear(pooled, self.weight, self.bias)
+        return pooled if self.weight is None else F.linear(pooled, self.weight.flatten(1), self.bias)
 
     def extra_repr(self) -> str:
         if self.weight is None:
             return "global average pooling"
-        return f"global average pooling, then in_features={self.channels}, out_features={self.weight.shape[0]}, " \
-               f"bias={self.bias is not None}"
+        kind = "a 1x1 conv as a linear layer, " if self.weight.dim() == 4 else ""
+        return f"global average pooling, then {kind}in_features={self.channels}, " \
+               f"out_features={self.weight.shape[0]}, bias={self.bias is not None}"
 
 
 def _global_pool(m: nn.Module | None) -> bool:
@@ -53,6 +64,12 @@ def _global_pool(m: nn.Module | None) -> bool:
 
 def _flatten_module(m: nn.Module | None) -> bool:
     return type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1
+
+
+def _pointwise_conv(m: nn.Module | None) -> bool:
+    """A real 1x1 conv that maps every position alone (stride 1, no padding, one group): it commutes with the mean."""
+    return type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1 \
+        and m.padding in ((0, 0), "valid", "same")
 
 
 def _flatten_call(node: fx.Node) -> bool:
@@ -90,6 +107,10 @@ def fold_pooled_tails(model: nn.Module, graph: fx.Graph) -> dict[str, list[str]]
         if type(lin) is nn.Linear and linear is not None and linear.args == (flat,) and not linear.kwargs:
             assert isinstance(lin, nn.Linear)
             into, layer = str(linear.target), PooledLinear(lin)
+            parts = [pool] + ([flat] if flat.op == "call_module" else [])
+        elif isinstance(conv := pool.args[0], fx.Node) and len(conv.users) == 1 \
+                and isinstance(pointwise := module(conv), nn.Conv2d) and _pointwise_conv(pointwise):
+            into, layer = str(conv.target), PooledLinear(pointwise)
             parts = [pool] + ([flat] if flat.op == "call_module" else [])
         elif flat.op == "call_module":
             into, layer, parts = str(flat.target), PooledLinear(None), [pool]
