@@ -655,16 +655,19 @@ at::Tensor pack_signs_op(const at::Tensor& x_in, int64_t isa, bool positive) {
 // (fuse.py's PackSigns over a conv): the signs of conv(x) + b as packed
 // ternary bits [N, OH, OW, NW, 2], without writing the floats; or (fout set,
 // fuse.py's DirectRealConv) the floats clamp(conv(x) + b, lo, hi) as NHWC
-// [N, OH, OW, Cout]. x is NHWC
-// floats, already zero-padded (the op pads it: no tap is ever out of range);
-// w is [KH, KW, Cin, CP] with CP = Cout rounded up to 8 (the extra channels
-// zero, so their bits stay 0 as pack_signs leaves them); b is [CP]. Each
-// output sums bias, then the taps in (ky, kx, ci) order: float rounding
-// differs from torch's conv only in the last bits.
+// [N, OH, OW, Cout]. x is NCHW floats, already zero-padded (the op pads it:
+// no tap is ever out of range), so a tap (ky, kx, ci) of output pixel ox in a
+// row is at a fixed offset from the row's first input, toff[t] + ox * sw: the
+// register tiles broadcast the inputs straight from there, with no patch
+// matrix copied first; w is [KH, KW, Cin, CP] with CP = Cout rounded up to 8
+// (the extra channels zero, so their bits stay 0 as pack_signs leaves them);
+// b is [CP]. Each output sums bias, then the taps in (ky, kx, ci) order: float
+// rounding differs from torch's conv only in the last bits.
 struct SignConvArgs {
   const float* x;
   const float* w;
   const float* b;
+  const int64_t* toff;  // [taps]: offset of tap t = (ky, kx, ci) from a row's first input, ci * H * W + ky * W + kx
   int64_t H, W, Cin, KH, KW, sh, sw, OH, OW, CP, NW;
   int64_t* out;
   bool positive;  // nonzero = x > 0 (a ReLU after the conv), else x != 0
@@ -677,27 +680,19 @@ struct SignConvArgs {
   int lanes8(int64_t c) const { return static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(8, Cout - c))); }
 
   int64_t taps() const { return KH * KW * Cin; }
-  // The inputs of output row `row` as a [taps, OW] matrix (tap t = (ky, kx, ci), the weights' order): then the
-  // row is a small GEMM, patch^T x w, and a tile's pixels are adjacent floats of one patch row.
-  void fill_patch(int64_t row, float* patch) const {
-    const int64_t n = row / OH, oy = row % OH, per_row = KW * Cin;
-    for (int64_t ky = 0; ky < KH; ++ky) {
-      const float* src = x + ((n * H + oy * sh + ky) * W) * Cin;
-      float* dst = patch + ky * per_row * OW;
-      for (int64_t ox = 0; ox < OW; ++ox)
-        for (int64_t j = 0; j < per_row; ++j) dst[j * OW + ox] = src[ox * sw * Cin + j];
-    }
-  }
+  // the input under tap 0 of output row `row`'s first pixel
+  const float* row_input(int64_t row) const { return x + (row / OH) * Cin * H * W + (row % OH) * sh * W; }
   // the output bytes of a row: per pixel NW words of sign bits then NW of nonzero bits
   uint8_t* row_bytes(int64_t row) const { return reinterpret_cast<uint8_t*>(out + row * OW * NW * 2); }
 };
 
-void conv_sign_bits_scalar(const SignConvArgs& a, const float* patch, int64_t row) {
+void conv_sign_bits_scalar(const SignConvArgs& a, int64_t row) {
   std::vector<float> acc(a.CP);
+  const float* in = a.row_input(row);
   for (int64_t ox = 0; ox < a.OW; ++ox) {
     std::copy(a.b, a.b + a.CP, acc.begin());
     for (int64_t t = 0; t < a.taps(); ++t)
-      for (int64_t co = 0; co < a.CP; ++co) acc[co] += patch[t * a.OW + ox] * a.w[t * a.CP + co];
+      for (int64_t co = 0; co < a.CP; ++co) acc[co] += in[a.toff[t] + ox * a.sw] * a.w[t * a.CP + co];
     if (a.fout != nullptr) {
       float* dst = a.pixel_floats(row, ox);
       for (int64_t co = 0; co < a.Cout; ++co) dst[co] = std::min(std::max(acc[co], a.lo), a.hi);
@@ -721,10 +716,11 @@ inline void sign_conv_row(int64_t OW, const Tile& tile) {
 // each one to the stack on every iteration)
 #define BNN_UNROLL _Pragma("GCC unroll 32")
 
-// One register tile's inputs: the row's patch (SignConvArgs::fill_patch), the first output channel, the row's bytes
+// One register tile's inputs: the row's first input (SignConvArgs::row_input), the first output channel, the
+// row's bytes
 struct SignConvTile {
   const SignConvArgs& a;
-  const float* patch;
+  const float* in;
   int64_t c0;
   uint8_t* row_out;
   int64_t row;
@@ -732,7 +728,8 @@ struct SignConvTile {
 
 // P output pixels (ox, ox + 1, ...) times NV vectors of 8 channels from c0, in registers: each weight vector
 // loaded is used for P pixels, each input broadcast for NV vectors.
-template <int NV>
+// UNIT: stride 1 along W (the pixels' inputs adjacent, addressed without a multiply)
+template <int NV, bool UNIT>
 struct SignConvTileAvx2 : SignConvTile {
 
   template <int P>
@@ -742,16 +739,18 @@ struct SignConvTileAvx2 : SignConvTile {
     for (int p = 0; p < P; ++p)
       BNN_UNROLL
       for (int v = 0; v < NV; ++v) acc[p][v] = _mm256_loadu_ps(a.b + c0 + 8 * v);
-    const float* xp = patch + ox;
+    const float* xp = in + ox * a.sw;
     const float* wp = a.w + c0;
-    const int64_t row_step = a.OW, tap_step = a.CP;  // locals: kept in registers across the loop
-    for (int64_t t = a.taps(); t > 0; --t, xp += row_step, wp += tap_step) {
+    const int64_t* toff = a.toff;
+    const int64_t taps = a.taps(), tap_step = a.CP, sw = UNIT ? 1 : a.sw;  // locals: kept in registers
+    for (int64_t t = 0; t < taps; ++t, wp += tap_step) {
+      const float* xt = xp + toff[t];
       __m256 wv[NV];
       BNN_UNROLL
       for (int v = 0; v < NV; ++v) wv[v] = _mm256_loadu_ps(wp + 8 * v);
       BNN_UNROLL
       for (int p = 0; p < P; ++p) {
-        const __m256 xv = _mm256_broadcast_ss(xp + p);
+        const __m256 xv = _mm256_broadcast_ss(xt + p * sw);
         BNN_UNROLL
         for (int v = 0; v < NV; ++v) acc[p][v] = _mm256_fmadd_ps(xv, wv[v], acc[p][v]);
       }
@@ -785,15 +784,18 @@ struct SignConvTileAvx2 : SignConvTile {
 };
 
 // 16 channels x 6 pixels per tile (12 accumulators, 2 weight vectors and a broadcast: 15 of the 16 registers)
-__attribute__((target("avx2,fma"))) void conv_sign_bits_avx2(const SignConvArgs& a, const float* patch, int64_t row) {
+template <bool UNIT>
+__attribute__((target("avx2,fma"))) void conv_sign_bits_avx2(const SignConvArgs& a, int64_t row) {
   uint8_t* row_out = a.row_bytes(row);
+  const float* in = a.row_input(row);
   for (int64_t c0 = 0; c0 < a.CP; c0 += 16) {
-    if (a.CP - c0 >= 16) sign_conv_row<6, 3>(a.OW, SignConvTileAvx2<2>{{a, patch, c0, row_out, row}});
-    else sign_conv_row<6, 3>(a.OW, SignConvTileAvx2<1>{{a, patch, c0, row_out, row}});
+    if (a.CP - c0 >= 16) sign_conv_row<6, 3>(a.OW, SignConvTileAvx2<2, UNIT>{{a, in, c0, row_out, row}});
+    else sign_conv_row<6, 3>(a.OW, SignConvTileAvx2<1, UNIT>{{a, in, c0, row_out, row}});
   }
 }
 
 // The same with AVX-512: 2 vectors of 16 channels (masked past CP, so their bits stay 0) x P pixels.
+template <bool UNIT>
 struct SignConvTileAvx512 : SignConvTile {
 
   template <int P>
@@ -809,16 +811,18 @@ struct SignConvTileAvx512 : SignConvTile {
       BNN_UNROLL
       for (int p = 0; p < P; ++p) acc[p][v] = bias;
     }
-    const float* xp = patch + ox;
+    const float* xp = in + ox * a.sw;
     const float* wp = a.w + c0;
-    const int64_t row_step = a.OW, tap_step = a.CP;  // locals: kept in registers across the loop
-    for (int64_t t = a.taps(); t > 0; --t, xp += row_step, wp += tap_step) {
+    const int64_t* toff = a.toff;
+    const int64_t taps = a.taps(), tap_step = a.CP, sw = UNIT ? 1 : a.sw;  // locals: kept in registers
+    for (int64_t t = 0; t < taps; ++t, wp += tap_step) {
+      const float* xt = xp + toff[t];
       __m512 wv[NV];
       BNN_UNROLL
       for (int v = 0; v < NV; ++v) wv[v] = _mm512_maskz_loadu_ps(lanes[v], wp + 16 * v);
       BNN_UNROLL
       for (int p = 0; p < P; ++p) {
-        const __m512 xv = _mm512_set1_ps(xp[p]);
+        const __m512 xv = _mm512_set1_ps(xt[p * sw]);
         BNN_UNROLL
         for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_fmadd_ps(xv, wv[v], acc[p][v]);
       }
@@ -855,12 +859,39 @@ struct SignConvTileAvx512 : SignConvTile {
 };
 
 // 32 channels x 12 pixels per tile (24 accumulators, 2 weight vectors and a broadcast of the 32 registers)
-__attribute__((target("avx512f"))) void conv_sign_bits_avx512(const SignConvArgs& a, const float* patch,
-                                                               int64_t row) {
+template <bool UNIT>
+__attribute__((target("avx512f"))) void conv_sign_bits_avx512(const SignConvArgs& a, int64_t row) {
+  const float* in = a.row_input(row);
   for (int64_t c0 = 0; c0 < a.CP; c0 += 32)
-    sign_conv_row<12, 4>(a.OW, SignConvTileAvx512{{a, patch, c0, a.row_bytes(row), row}});
+    sign_conv_row<12, 4>(a.OW, SignConvTileAvx512<UNIT>{{a, in, c0, a.row_bytes(row), row}});
 }
 #endif
+
+// x [N, C, H, W] (any strides, any floating type) -> contiguous float [N, C, H + 2 ph, W + 2 pw] with zero
+// borders, by hand: ATen's zeros, narrow and copy_ cost several microseconds at batch 1 on an image this small.
+at::Tensor pad_planar(const at::Tensor& x_in, int64_t ph, int64_t pw) {
+  const at::Tensor x = x_in.scalar_type() == at::kFloat ? x_in : x_in.to(at::kFloat);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Hp = H + 2 * ph, Wp = W + 2 * pw;
+  at::Tensor out(at::detail::empty_cpu({N, C, Hp, Wp}, at::kFloat, /*pin_memory=*/false, std::nullopt));
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  for (int64_t nc = 0; nc < N * C; ++nc) {
+    float* plane = dst + nc * Hp * Wp;
+    const float* in = src + (nc / C) * sN + (nc % C) * sC;
+    std::memset(plane, 0, sizeof(float) * ph * Wp);
+    std::memset(plane + (ph + H) * Wp, 0, sizeof(float) * ph * Wp);
+    for (int64_t y = 0; y < H; ++y) {
+      float* row = plane + (ph + y) * Wp;
+      std::memset(row, 0, sizeof(float) * pw);
+      std::memset(row + pw + W, 0, sizeof(float) * pw);
+      const float* r = in + y * sH;
+      if (sW == 1) std::memcpy(row + pw, r, sizeof(float) * W);
+      else for (int64_t xw = 0; xw < W; ++xw) row[pw + xw] = r[xw * sW];
+    }
+  }
+  return out;
+}
 
 // Both outputs of the small real conv: bits (fout_cout < 0) or clamped floats with fout_cout channels
 at::Tensor small_conv_impl(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& b, int64_t kh, int64_t kw,
@@ -871,9 +902,7 @@ at::Tensor small_conv_impl(const at::Tensor& x_in, const at::Tensor& w, const at
   isa = resolve_isa(isa);
   const int64_t N = x_in.size(0), Cin = x_in.size(1), ph = padding[0], pw = padding[1];
   const int64_t H = x_in.size(2) + 2 * ph, W = x_in.size(3) + 2 * pw, CP = w.size(3);
-  // NHWC floats with the zero padding written out
-  at::Tensor x = at::zeros({N, H, W, Cin}, x_in.options().dtype(at::kFloat));
-  x.narrow(1, ph, H - 2 * ph).narrow(2, pw, W - 2 * pw).copy_(x_in.permute({0, 2, 3, 1}));
+  const at::Tensor x = pad_planar(x_in, ph, pw);  // NCHW floats with the zero padding written out
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 4 && w.size(0) == kh &&
                   w.size(1) == kw && w.size(2) == Cin && CP % 8 == 0,
               "bnnslim runtime: conv_sign_bits weights must be float [kh, kw, Cin, Cout rounded up to 8]");
@@ -888,26 +917,30 @@ at::Tensor small_conv_impl(const at::Tensor& x_in, const at::Tensor& w, const at
   // floats: NHWC memory, returned as the [N, Cout, OH, OW] view (channels-last strides)
   at::Tensor out = floats ? at::empty({N, OH, OW, fout_cout}, x_in.options().dtype(at::kFloat))
                           : empty_long({N, OH, OW, NW, 2});
-  const SignConvArgs a{x.data_ptr<float>(), w.data_ptr<float>(), b.data_ptr<float>(), H, W, Cin, kh, kw,
-                       stride[0], stride[1], OH, OW, CP, NW, floats ? nullptr : out.data_ptr<int64_t>(), positive,
-                       floats ? out.data_ptr<float>() : nullptr, fout_cout, static_cast<float>(lo),
+  std::vector<int64_t> toff;
+  toff.reserve(kh * kw * Cin);
+  for (int64_t ky = 0; ky < kh; ++ky)
+    for (int64_t kx = 0; kx < kw; ++kx)
+      for (int64_t ci = 0; ci < Cin; ++ci) toff.push_back(ci * H * W + ky * W + kx);
+  const SignConvArgs a{x.data_ptr<float>(), w.data_ptr<float>(), b.data_ptr<float>(), toff.data(), H, W, Cin, kh,
+                       kw, stride[0], stride[1], OH, OW, CP, NW, floats ? nullptr : out.data_ptr<int64_t>(),
+                       positive, floats ? out.data_ptr<float>() : nullptr, fout_cout, static_cast<float>(lo),
                        static_cast<float>(hi)};
+  const bool unit = stride[1] == 1;
   at::parallel_for(0, N * OH, 4, [&](int64_t rb, int64_t re) {
-    std::vector<float> patch(a.taps() * OW);
     for (int64_t row = rb; row < re; ++row) {
-      a.fill_patch(row, patch.data());
       if (!floats) std::memset(a.row_bytes(row), 0, OW * NW * 16);
 #if BNN_X86
       if (isa == ISA_AVX512) {
-        conv_sign_bits_avx512(a, patch.data(), row);
+        unit ? conv_sign_bits_avx512<true>(a, row) : conv_sign_bits_avx512<false>(a, row);
         continue;
       }
       if (isa == ISA_AVX2 && __builtin_cpu_supports("fma")) {
-        conv_sign_bits_avx2(a, patch.data(), row);
+        unit ? conv_sign_bits_avx2<true>(a, row) : conv_sign_bits_avx2<false>(a, row);
         continue;
       }
 #endif
-      conv_sign_bits_scalar(a, patch.data(), row);
+      conv_sign_bits_scalar(a, row);
     }
   });
   return floats ? out.permute({0, 3, 1, 2}) : out;
