@@ -34,6 +34,7 @@ from bnnslim.bench import per_layer_times  # noqa: E402
 from bnnslim.binary.convert import apply_binarization, plan_binarization  # noqa: E402
 from bnnslim.plugins import get_scheme  # noqa: E402
 from bnnslim.runtime import (  # noqa: E402
+    PackedBinaryConv2d,
     cpu_flags,
     cpu_model,
     kernel_status,
@@ -65,8 +66,8 @@ def measure(name: str, size: int, rounds: int, inner: int) -> dict[str, object]:
         times = interleaved_times({"float": partial(original, x), "packed": partial(packed, x)}, rounds, inner)
     ratio = statistics.median(a / b for a, b in zip(times["float"], times["packed"], strict=True))
     layer_s = per_layer_times({"packed": packed}, x, inner)["packed"]
-    modules = dict(packed.named_modules())
-    real_s = sum(t for n, t in layer_s.items() if type(modules[n]) in (torch.nn.Conv2d, torch.nn.Linear))
+    modules = dict(packed.named_modules())  # timed: binary convs and the real convs and linears, wherever folded
+    real_s = sum(t for n, t in layer_s.items() if not isinstance(modules[n], PackedBinaryConv2d))
     packed_layers = [c for c in choices if c.runs == "packed"]
     slowest = min(packed_layers, key=lambda c: c.speedup) if packed_layers else None
     return {"ratio": ratio, "float_ms": statistics.median(times["float"]) * 1e3,

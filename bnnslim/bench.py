@@ -141,18 +141,33 @@ def float_original(meta: dict[str, str], model_file: str | Path | None, path: Pa
 
 
 def _timed_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers a breakdown times, by the name of the layer they compute: convs and linear layers, binary or
+    real, also where the packed runtime folded a real one into another call (a stem on the small-conv kernel,
+    a first conv computed by the sign packing after it, a classifier in the pooled tail)."""
     from bnnslim.runtime import PackedBinaryConv2d
+    from bnnslim.runtime.fuse import ComputedByPackSigns, DirectRealConv, PackSigns
+    from bnnslim.runtime.tails import PooledLinear
 
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, PackedBinaryConv2d))}
+    named = dict(model.named_modules())
+    packers = {m.into: m for m in named.values() if isinstance(m, PackSigns) and m.conv is not None}
+    timed: dict[str, nn.Module] = {}
+    for name, m in named.items():
+        if isinstance(m, (nn.Conv2d, nn.Linear, PackedBinaryConv2d, DirectRealConv)) or \
+                (isinstance(m, PooledLinear) and m.weight is not None):
+            timed[name] = m
+        elif isinstance(m, ComputedByPackSigns) and m.into in packers:
+            timed[name] = packers[m.into]
+    return timed
 
 
 def _kind(module: nn.Module) -> str:
     from bnnslim.binary.layers import BinaryConv2d
     from bnnslim.runtime import PackedBinaryConv2d
+    from bnnslim.runtime.tails import PooledLinear
 
     if isinstance(module, (BinaryConv2d, PackedBinaryConv2d)):
         return "binary conv"
-    return "linear" if isinstance(module, nn.Linear) else "conv"
+    return "linear" if isinstance(module, (nn.Linear, PooledLinear)) else "conv"
 
 
 def per_layer_times(models: dict[str, nn.Module], x: torch.Tensor, calls: int) -> dict[str, dict[str, float]]:

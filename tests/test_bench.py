@@ -118,6 +118,11 @@ def test_bench_library_result(run: Path) -> None:
         assert names[-1] == "other" and {"0.0", "1.0", "8"} <= set(names)
         binary = [row for row in p.layers if row.kind == "binary conv"]
         assert binary and all(all(v is not None and v > 0 for v in row.ms.values()) for row in binary)
+        # the real first conv (computed by the sign packing after it) and the classifier (in the pooled tail)
+        # are timed in the packed model too, under their own names, not left in "other"
+        real = {row.layer: row for row in p.layers if row.kind in ("conv", "linear")}
+        assert {"0.0", "8"} <= set(real) and all(v is not None and v > 0 for v in real["0.0"].ms.values())
+        assert all(v is not None and v > 0 for v in real["8"].ms.values())
     assert torch.get_num_threads() == 1  # bench leaves torch's thread count as it found it
 
 

@@ -952,7 +952,7 @@ def test_a_first_conv_writes_the_signs_of_its_output_as_bits(cin: int, cout: int
 @pytest.mark.parametrize(("cin", "cout", "k", "stride", "padding", "size", "act"),
                          [(3, 32, 3, 1, 1, (10, 12), nn.Hardtanh()), (1, 5, 3, 2, 0, (9, 7), nn.ReLU()),
                           (4, 13, (3, 1), (1, 2), (2, 0), (6, 29), nn.ReLU6()), (3, 130, 1, 1, 0, (5, 14), None),
-                          (2, 40, 5, 2, 2, (11, 17), nn.Hardtanh(-2.0, 0.5))])
+                          (2, 40, 5, 2, 2, (11, 17), nn.Hardtanh(-2.0, 0.5)), (3, 64, 7, 2, 3, (21, 18), nn.ReLU())])
 def test_a_small_real_conv_with_float_outputs_runs_on_the_kernel(
         cin: int, cout: int, k: int | tuple[int, int], stride: int | tuple[int, int], padding: int | tuple[int, int],
         size: tuple[int, int], act: nn.Module | None, isa: str) -> None:
@@ -1102,6 +1102,10 @@ def test_a_conv_with_many_inputs_or_other_users_is_not_taken_into_the_packing(ke
     assert isinstance(dilated[1], PackSigns) and dilated[1].conv is None
     large = to_runtime(nn.Sequential(nn.Conv2d(3, 256, 5), nn.Hardtanh(), binary_conv(256, 8, 3)).eval())
     assert isinstance(large[1], PackSigns) and large[1].conv is None  # beyond what runtime_first_conv measured
+    # read as floats: a torchvision ResNet's 7x7 stride-2 stem runs on the small-conv kernel, a larger conv not
+    stem = to_runtime(nn.Sequential(nn.Conv2d(3, 64, 7, stride=2, padding=3), nn.ReLU()).eval())
+    assert isinstance(stem[0], DirectRealConv) and isinstance(stem[1], FoldedAway)
+    assert type(to_runtime(nn.Sequential(nn.Conv2d(3, 256, 5), nn.ReLU()).eval())[0]) is nn.Conv2d
 
 
 @pytest.mark.parametrize("case", ["avgpool", "hardswish", "pool_after_negative_bn", "shared", "functional"])
