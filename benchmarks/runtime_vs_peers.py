@@ -82,11 +82,17 @@ LIMITS = """## What limits the figures where a target is missed
   in an A/B), and blocks with their own forward (ResNet's BasicBlock) run a torch.fx-planned graph that
   skips the layers folded away (README, "Blocks with their own forward"); what remains is a module call per
   binary conv reading floats and per block, about 1-2 us each.
-- NIN: its real 3->96 5x5 first conv (7200 multiply-adds per pixel) is about a third of the packed model's
-  time, in float FMA arithmetic near one core's peak; ONNX Runtime int8 runs it with int8 dot products.
+- NIN: its real 3->96 5x5 first conv (7.4 M multiply-adds at 32x32) runs at one core's float FMA peak (about
+  77 us with AVX-512 and 155 us with AVX2 tiles, `runtime_first_conv.md`: 8 or 16 lanes on 2 FMA units at
+  about 3 GHz); ONNX Runtime int8 runs it with int8 dot products (VNNI on this CPU).
 - ONNX Runtime int8 of the *slim* model is a strong contender: the slim float model is already small and
   int8 dot products (VNNI where the CPU has it) make its convs cheap; against int8 of the original model (what
-  a user without bnnslim would quantize) the packed runtime is faster.
+  a user without bnnslim would quantize) the packed runtime is faster. The 3x target against it is out of
+  reach with AVX2 while the first conv stays real (bnnslim's default and the paper's, and what the exact match
+  with the emulation needs): for NIN it allows a third of ORT int8's time (0.64-0.71 ms on this machine), at
+  most 0.24 ms, of which that first conv alone takes 0.155 ms at the FMA peak, before the binary convs' 0.3 ms
+  at 60-80 % of AVX2's XNOR-popcount peak; for VGG-11 it allows about 0.10 ms, where the first conv takes
+  0.024 ms and the binary convs about 0.2 ms.
 """
 
 
