@@ -118,7 +118,7 @@ CLAMPS: dict[type[nn.Module], Callable[[Any], tuple[float, float]]] = {
 #: image's) and at most this many multiply-adds per output pixel (in x kh x kw x out): the direct kernel
 #: (register tiles of 12 pixels x 32 channels with AVX-512, 6 x 16 with AVX2 FMA) beats torch's conv plus
 #: packing on the first convs of VGG and NIN, 3 -> 32 3x3 up to 3 -> 192 5x5, with torch on AVX-512 and on
-#: AVX2 alike, 1.3-5.5x on every conv measured, from 3 -> 32 3x3 to 3 -> 192 5x5 and a 3 -> 64 7x7 stride-2
+#: AVX2 alike, 1.2-4.5x on every conv measured, from 3 -> 32 3x3 to 3 -> 192 5x5 and a 3 -> 64 7x7 stride-2
 #: stem (benchmarks/runtime_first_conv.md); larger convs are not measured
 SIGN_CONV_MAX_INPUTS = 4
 SIGN_CONV_MAX_MACS = 16384
@@ -127,7 +127,7 @@ SIGN_CONV_MAX_MACS = 16384
 #: a real conv with float outputs that do not go into a fused chain (ResNet's stem, read by a binary conv and
 #: the shortcut) is computed by the same kernel, with a clamp activation after it, where it has at most
 #: SIGN_CONV_MAX_INPUTS inputs and this many multiply-adds per output pixel: from 3 -> 32 3x3 to 3 -> 192 5x5
-#: and a 3 -> 64 7x7 stride-2 stem (torchvision's ResNets) it runs 1.3-4.7x faster than torch's conv and
+#: and a 3 -> 64 7x7 stride-2 stem (torchvision's ResNets) it runs 1.2-4.7x faster than torch's conv and
 #: Hardtanh, with torch on AVX-512 and on AVX2 (benchmarks/runtime_first_conv.md; since its tiles read the
 #: padded input directly, without a patch copy per row: before that only convs up to 2048 won)
 SMALL_CONV_MAX_MACS = 16384
