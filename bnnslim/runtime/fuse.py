@@ -117,9 +117,9 @@ CLAMPS: dict[type[nn.Module], Callable[[Any], tuple[float, float]]] = {
 #: a real conv is computed by the :class:`PackSigns` after it when it has at most this many input channels (an
 #: image's) and at most this many multiply-adds per output pixel (in x kh x kw x out): the direct kernel
 #: (register tiles of 12 pixels x 32 channels with AVX-512, 6 x 16 with AVX2 FMA) beats torch's conv plus
-#: packing on the first convs of VGG and NIN, 3 -> 32 3x3 up to 3 -> 192 5x5, with torch on AVX-512 and on
-#: AVX2 alike, 1.2-4.5x on every conv measured, from 3 -> 32 3x3 to 3 -> 192 5x5 and a 3 -> 64 7x7 stride-2
-#: stem (benchmarks/runtime_first_conv.md); larger convs are not measured
+#: packing 1.2-4.5x, with torch on AVX-512 and on AVX2 alike, on every conv measured: 3 -> 32 3x3 (VGG) up to
+#: 3 -> 192 5x5 (NIN's is 3 -> 192 at full width) and a 3 -> 64 7x7 stride-2 stem
+#: (benchmarks/runtime_first_conv.md); larger convs are not measured
 SIGN_CONV_MAX_INPUTS = 4
 SIGN_CONV_MAX_MACS = 16384
 

@@ -19,6 +19,7 @@ one pooled vector instead of every position (equal to float rounding).
 from __future__ import annotations
 
 from collections import Counter
+from typing import TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +67,7 @@ def _flatten_module(m: nn.Module | None) -> bool:
     return type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1
 
 
-def _pointwise_conv(m: nn.Module | None) -> bool:
+def _pointwise_conv(m: nn.Module | None) -> TypeGuard[nn.Conv2d]:
     """A real 1x1 conv that maps every position alone (stride 1, no padding, one group): it commutes with the mean."""
     return type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1 \
         and m.padding in ((0, 0), "valid", "same")
@@ -104,14 +105,15 @@ def fold_pooled_tails(model: nn.Module, graph: fx.Graph) -> dict[str, list[str]]
             continue
         linear = next(iter(flat.users)) if len(flat.users) == 1 else None
         lin = module(linear)
+        source = pool.args[0]
+        pointwise = module(source) if isinstance(source, fx.Node) and len(source.users) == 1 else None
+        pool_and_flatten = [pool] + ([flat] if flat.op == "call_module" else [])  # both pass their input on
         if type(lin) is nn.Linear and linear is not None and linear.args == (flat,) and not linear.kwargs:
             assert isinstance(lin, nn.Linear)
-            into, layer = str(linear.target), PooledLinear(lin)
-            parts = [pool] + ([flat] if flat.op == "call_module" else [])
-        elif isinstance(conv := pool.args[0], fx.Node) and len(conv.users) == 1 \
-                and isinstance(pointwise := module(conv), nn.Conv2d) and _pointwise_conv(pointwise):
-            into, layer = str(conv.target), PooledLinear(pointwise)
-            parts = [pool] + ([flat] if flat.op == "call_module" else [])
+            into, layer, parts = str(linear.target), PooledLinear(lin), pool_and_flatten
+        elif _pointwise_conv(pointwise):
+            assert isinstance(source, fx.Node)
+            into, layer, parts = str(source.target), PooledLinear(pointwise), pool_and_flatten
         elif flat.op == "call_module":
             into, layer, parts = str(flat.target), PooledLinear(None), [pool]
         else:
