@@ -249,6 +249,7 @@ def main() -> None:
     parser.add_argument("--no-control", action="store_true")
     parser.add_argument("--select-steps", type=int, default=None, help="default: bnnslim prune's")
     parser.add_argument("--retrain-steps", type=int, default=None)
+    parser.add_argument("--retrain-scope", default=None, help="upward or all (default: bnnslim prune's)")
     parser.add_argument("--finetune-steps", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--finetune-lr", type=float, default=None)
@@ -272,6 +273,7 @@ def main() -> None:
     if args.teacher is not None and args.distill is None:
         args.distill = 1.0  # as `bnnslim prune --teacher FILE` does
     overrides = {k: v for k, v in {"select_steps": args.select_steps, "retrain_steps": args.retrain_steps,
+                                   "retrain_scope": args.retrain_scope,
                                    "finetune_steps": args.finetune_steps, "distill": args.distill,
                                    "lr": args.lr, "finetune_lr": args.finetune_lr, "temperature": args.temperature,
                                    "max_shift": args.max_shift, "budget": args.budget,

@@ -203,8 +203,46 @@ def test_finetune_trains_every_layer_and_keeps_the_masks(runs, tmp_path) -> None
     assert all(torch.equal(closed[k], masks[k]) for k in masks)
 
 
+@pytest.mark.parametrize("scope", ["upward", "all"])
+def test_retrain_scope_decides_whether_the_layers_below_the_group_train(runs, scope: str) -> None:
+    from bnnslim.plugins import get_dataset
+    from bnnslim.prune.schedule import PruneSchedule, ScheduleConfig
+    from bnnslim.run_model import load_run_model
+
+    loaded = load_run_model(RunDir(runs["plain"]))
+    model = loaded.model
+    train = get_dataset("fashion-mnist-mini").build(None).train
+    loader = torch.utils.data.DataLoader(train, batch_size=32, shuffle=True)
+    schedule = PruneSchedule(model, loaded.example(), ScheduleConfig(
+        keep=0.5, strategy="l1", select_steps=1, retrain_steps=3, finetune_steps=0, retrain_scope=scope))
+    second = schedule.groups[1]
+    schedule.select(loader)
+    schedule.retrain()  # the first group
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    schedule.select(loader)
+    schedule.retrain()  # the second: its root and what follows always train
+    changed = {k.rsplit(".", 1)[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    below = {"0.0", "0.1"}  # the real first conv and its BatchNorm, below every group
+    assert set(second.producers) <= changed and "8" in changed
+    if scope == "all":
+        assert below <= changed, "--retrain-scope all trains the layers below the group too"
+    else:
+        assert not below & changed, "the paper's rule keeps the layers below the group (and their BN) fixed"
+    schedule.close()
+
+
+def test_unknown_retrain_scope_is_refused_before_any_work() -> None:
+    from _models import MODELS
+
+    from bnnslim.prune.schedule import PruneSchedule, ScheduleConfig
+
+    b = MODELS["plain"]()
+    with pytest.raises(BnnslimError, match="retrain-scope 'below'.*upward, all"):
+        PruneSchedule(b.model, b.example, ScheduleConfig(keep=0.5, retrain_scope="below"))
+
+
 def test_resume_equals_uninterrupted_run_with_distillation_and_finetuning(runs, tmp_path) -> None:
-    opts = PruneOptions(keep=0.5, finetune_steps=3, distill=1.0, temperature=2.0, **QUICK)
+    opts = PruneOptions(keep=0.5, finetune_steps=3, distill=1.0, temperature=2.0, retrain_scope="all", **QUICK)
     full_run = fresh(runs, "plain", tmp_path / "a")
     full = prune(full_run, opts)
     for stop_at in ("group", "finetune"):
@@ -228,7 +266,7 @@ def test_resume_equals_uninterrupted_run_with_distillation_and_finetuning(runs, 
         assert resumed.accuracy_after == full.accuracy_after
     manifest = RunDir(full_run).read_manifest()["prune"]
     assert manifest["teacher"]["temperature"] == 2.0 and "KL" in manifest["loss"]
-    assert manifest["options"]["finetune_steps"] == 3
+    assert manifest["options"]["finetune_steps"] == 3 and manifest["retrain_scope"] == "all"
 
 
 def test_distillation_changes_the_result_and_is_recorded(runs, tmp_path, monkeypatch) -> None:
@@ -248,11 +286,13 @@ def test_distillation_changes_the_result_and_is_recorded(runs, tmp_path, monkeyp
              CliRunner().invoke(app, ["info", str(run)]).output.splitlines()]
     assert "prune loss cross-entropy + 1 * T^2 * KL(teacher || student) at T = 4; teacher: the unpruned binary " \
            "network of this run (binary.safetensors), frozen" in shown
+    assert "prune retraining 3 steps per group, the group and the layers after it" in shown
     assert "prune fine-tuning 2 steps, masks fixed" in shown
     training = json.loads(export(run, ("plain",), evaluate_data=False).report_path.read_text())["training"]
     assert training["prune"]["loss"].startswith("cross-entropy + 1 * T^2 * KL")
     assert training["prune"]["teacher"]["network"].startswith("the unpruned binary network")
     assert training["prune"]["finetune_steps"] == 2 and training["binarize"]["teacher"] is None
+    assert training["prune"]["retrain_scope"] == "upward" and training["prune"]["retrain_steps"] == 3
 
 
 def float_twin_weights(path: Path, spec: str = "examples/small_cnn.py:tiny", seed: int = 0) -> Path:

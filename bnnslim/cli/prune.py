@@ -31,6 +31,7 @@ def prune_command(
     max_shift: Annotated[float, typer.Option(min=0.0, help="Every group keeps within this fraction of its uniform share (0: uniform split).")] = 0.25,
     budget: Annotated[str, typer.Option(help="What --keep counts: filters, ops (binary operations) or params, as the export report counts them.")] = "filters",
     retrain_steps: Annotated[int, typer.Option(min=0, help="Steps of retraining per group (step b).")] = 100,
+    retrain_scope: Annotated[str, typer.Option(help="Layers trained in step b: upward (the group and the layers after it, the paper's rule) or all.")] = "upward",
     lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate when retraining.")] = 2e-3,
     finetune_steps: Annotated[int | None, typer.Option(min=0, help="Steps of whole-network fine-tuning after the last group, masks fixed (step c); default 10 x --retrain-steps.")] = None,
     finetune_lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate when fine-tuning.")] = 2e-3,
@@ -51,8 +52,8 @@ def prune_command(
     opts = PruneOptions(keep=keep, strategy=strategy, data=data, data_root=str(data_root) if data_root else None,
                         min_keep=min_keep, round_to=round_to, exclude=tuple(exclude or ()),
                         select_steps=select_steps, select_lr=select_lr, penalty=penalty, max_shift=max_shift,
-                        budget=budget, retrain_steps=retrain_steps, lr=lr, finetune_steps=finetune_steps,
-                        finetune_lr=finetune_lr, temperature=temperature,
+                        budget=budget, retrain_steps=retrain_steps, retrain_scope=retrain_scope, lr=lr,
+                        finetune_steps=finetune_steps, finetune_lr=finetune_lr, temperature=temperature,
                         distill=distill if distill is not None else (1.0 if teacher is not None else 0.0),
                         teacher=str(teacher) if teacher is not None else None,
                         batch_size=batch_size, seed=seed, device=device)

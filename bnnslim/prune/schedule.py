@@ -10,7 +10,8 @@ For each prunable group, in forward order (``groups.py``):
     scores are kept; that 0/1 mask is fixed from then on;
 (b) *retrain*: the main network's layers from the group's root upward are
     trained with all decided masks applied (earlier layers, and their BatchNorm
-    statistics, stay fixed).
+    statistics, stay fixed), the paper's rule; with ``retrain_scope="all"``
+    every layer trains, so the layers below can adapt to the filters removed.
 
 After the last group, (c) *finetune*: the whole network trains with every mask
 fixed. With a teacher (by default a frozen copy of the unpruned network) the
@@ -56,6 +57,7 @@ from bnnslim.train import SEED_STRIDE, Distillation, Teacher, as_teacher, train_
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 LATENT_CLIP = 1.0  # latent weights clipped to [-1, 1] after every update (BinaryConnect), as binarize trains them
 FINETUNE_PER_RETRAIN = 10  # default fine-tuning: as many steps as retraining ten groups (quick runs stay quick)
+RETRAIN_SCOPES = ("upward", "all")  # (b) trains the group's root and the layers after it, or every layer
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class ScheduleConfig:
     select_lr: float = 0.005
     penalty: float = 1.0
     retrain_steps: int = 100
+    retrain_scope: str = "upward"
     lr: float = 2e-3
     finetune_steps: int | None = None  # None: FINETUNE_PER_RETRAIN x retrain_steps
     finetune_lr: float = 2e-3
@@ -216,6 +219,9 @@ class PruneSchedule:
                  after_phase: Callable[[PruneSchedule], None] | None = None) -> None:
         from bnnslim.plugins import get_strategy, guard_strategy
 
+        if config.retrain_scope not in RETRAIN_SCOPES:
+            raise BnnslimError(f"unknown --retrain-scope '{config.retrain_scope}'",
+                               f"choose one of: {', '.join(RETRAIN_SCOPES)}")
         self.config = config
         self.model = model
         self.spec = get_strategy(config.strategy) if strategy is None else guard_strategy(strategy)
@@ -341,7 +347,8 @@ class PruneSchedule:
 
     # -- (b) retrain ---------------------------------------------------------------------------
     def retrain(self, batches: Batches | None = None) -> float:
-        """(b) for the group just selected: train from its root upward; returns the last loss.
+        """(b) for the group just selected: train from its root upward (every layer with
+        ``retrain_scope="all"``); returns the last loss.
 
         ``batches`` defaults to the stream :meth:`select` read from (so that the
         data order continues exactly).
@@ -357,7 +364,8 @@ class PruneSchedule:
             self._event("retrain", i, len(self.groups), g.id, step, self.config.retrain_steps, loss, acc,
                         self.budget.kept)
 
-        loss = retrain(self.model, g, self.order, it, self.config.retrain_steps, self.config.lr, on_step,
+        scope = None if self.config.retrain_scope == "all" else g
+        loss = retrain(self.model, scope, self.order, it, self.config.retrain_steps, self.config.lr, on_step,
                        self.teacher, self.distill)
         record = self._pending
         record.retrain_loss = loss
@@ -469,5 +477,5 @@ def learn_masks(model: nn.Module, example_inputs: torch.Tensor, train_loader: Ba
     return masks
 
 
-__all__ = ["GroupRecord", "PruneEvent", "PruneSchedule", "ScheduleConfig", "learn_masks", "retrain",
+__all__ = ["RETRAIN_SCOPES", "GroupRecord", "PruneEvent", "PruneSchedule", "ScheduleConfig", "learn_masks", "retrain",
            "top_k_mask"]

@@ -148,7 +148,8 @@ def _training(manifest: dict[str, Any]) -> dict[str, Any]:
                                         "teacher": manifest.get("teacher"), "two_step": manifest.get("two_step")}}
     if prune:
         out["prune"] = {"strategy": prune.get("strategy"), "keep": prune.get("keep"), "loss": prune.get("loss"),
-                        "teacher": prune.get("teacher"), "finetune_steps": prune.get("finetune_steps")}
+                        "teacher": prune.get("teacher"), "retrain_steps": prune.get("retrain_steps"),
+                        "retrain_scope": prune.get("retrain_scope"), "finetune_steps": prune.get("finetune_steps")}
     return out
 
 

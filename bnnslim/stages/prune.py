@@ -258,6 +258,7 @@ def _write_result(run: RunDir, model: torch.nn.Module, result: PruneResult, opts
         "counted": "output filters of the binary convs that produce prunable groups",
         "budget": result.budget,
         "teacher": teacher, "loss": loss_description(opts),
+        "retrain_steps": opts.retrain_steps, "retrain_scope": opts.retrain_scope,
         "finetune_steps": opts.finetune_budget,
         "filters_total": result.total_filters, "filters_requested": result.requested_filters,
         "filters_kept": result.kept_filters,
