@@ -29,7 +29,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -164,21 +164,24 @@ def table(results: list[dict], model: str, schedule: str, keeps: list[float], st
     return lines
 
 
-README_START, README_END = "<!-- prune-accuracy: start -->", "<!-- prune-accuracy: end -->"
+UPWARD = json.dumps({"retrain_scope": "upward"})  # the paper's rule: the default until 2026-12-03
+#: the README's tables: the schedule whose runs each holds, between its markers
+README_TABLES = {"defaults": ("<!-- prune-accuracy: start -->", "<!-- prune-accuracy: end -->"),
+                 UPWARD: ("<!-- prune-accuracy-upward: start -->", "<!-- prune-accuracy-upward: end -->")}
 
 
-def accuracies(results: list[dict], model: str, keep: float, strategy: str) -> list[float]:
-    """Test accuracies (%) of one cell with the default schedule, by seed."""
-    cell = [r for r in results if r["model"] == model and r["schedule"] == "defaults" and r["keep"] == keep
+def accuracies(results: list[dict], model: str, keep: float, strategy: str, schedule: str = "defaults") -> list[float]:
+    """Test accuracies (%) of one cell of ``schedule`` (by default: bnnslim prune's defaults), by seed."""
+    cell = [r for r in results if r["model"] == model and r["schedule"] == schedule and r["keep"] == keep
             and r["strategy"] == strategy]
     return [100 * r["accuracy"] for r in sorted(cell, key=lambda r: r["seed"])]
 
 
-def verdict(results: list[dict], model: str, keep: float, strategies: list[str]) -> str:
+def verdict(results: list[dict], model: str, keep: float, strategies: list[str], schedule: str = "defaults") -> str:
     """Which strategy wins at ``keep``: ahead only by more than two seed standard deviations (issue 11's bar)."""
-    stats = {s: mean_std(a) for s in strategies if len(a := accuracies(results, model, keep, s)) >= 3}
+    stats = {s: mean_std(a) for s in strategies if len(a := accuracies(results, model, keep, s, schedule)) >= 3}
     if len(stats) < 2:
-        return "fewer than two strategies with 3 seeds"
+        return "one strategy measured" if stats else "no strategy with 3 seeds"
     ranked = sorted(stats, key=lambda s: -stats[s][0])
     best, second = ranked[0], ranked[1]
     gap, bar = stats[best][0] - stats[second][0], 2 * max(stats[best][1], stats[second][1])
@@ -187,38 +190,41 @@ def verdict(results: list[dict], model: str, keep: float, strategies: list[str])
     return f"no clear winner: {best} leads {second} by {gap:.2f} pt, within 2 std ({bar:.2f})"
 
 
-def readme_table(results: list[dict]) -> list[str]:
-    """The README's accuracy table: mean ± std over seeds and the drop against the control, per model and keep."""
-    strategies = [s for s in STRATEGIES if any(r["strategy"] == s for r in results)]
+def readme_table(results: list[dict], schedule: str = "defaults") -> list[str]:
+    """A README accuracy table: mean ± std over seeds and the drop against the control, per model and keep."""
+    rows = [r for r in results if r["schedule"] == schedule]
+    strategies = [s for s in STRATEGIES if any(r["strategy"] == s for r in rows)]
     lines = ["| model (binary, Fashion-MNIST) | keep | " + " | ".join(f"`{s}`" for s in strategies) + " | winner |",
              "|---" * (len(strategies) + 3) + "|"]
-    for model in dict.fromkeys(r["model"] for r in results if r["schedule"] == "defaults"):
-        control = accuracies(results, model, 1.0, CONTROL)
-        if len(control) < 3 or not any(r["model"] == model and r["keep"] < 1 for r in results):
+    for model in dict.fromkeys(r["model"] for r in rows):
+        control = accuracies(results, model, 1.0, CONTROL, schedule)
+        if len(control) < 3 or not any(r["model"] == model and r["keep"] < 1 for r in rows):
             continue  # a control alone (e.g. the slim architecture trained from scratch) is in the report only
         c_mean, c_std = mean_std(control)
         lines.append(f"| {model} | 1.0 (control) | {c_mean:.2f} ± {c_std:.2f} |" + " |" * len(strategies))
-        for keep in sorted({r["keep"] for r in results if r["model"] == model and r["keep"] < 1}, reverse=True):
+        for keep in sorted({r["keep"] for r in rows if r["model"] == model and r["keep"] < 1}, reverse=True):
             row = []
             for s in strategies:
-                accs = accuracies(results, model, keep, s)
+                accs = accuracies(results, model, keep, s, schedule)
                 if not accs:
                     row.append("")
                     continue
                 m, sd = mean_std(accs)
                 few = "" if len(accs) >= 3 else f" [{len(accs)} seed{'s' if len(accs) > 1 else ''}]"
                 row.append(f"{m:.2f} ± {sd:.2f} ({m - c_mean:+.2f}){few}")
-            won = verdict(results, model, keep, strategies)
+            won = verdict(results, model, keep, strategies, schedule)
             lines.append(f"| {model} | {keep} | " + " | ".join(row) + f" | {won} |")
     return lines
 
 
 def update_readme(readme: Path, results: list[dict]) -> None:
-    """Rewrite the README's accuracy table (between the markers) from the recorded results."""
+    """Rewrite the README's accuracy tables (each between its markers) from the recorded results."""
     text = readme.read_text()
-    head, _, rest = text.partition(README_START)
-    _, _, tail = rest.partition(README_END)
-    readme.write_text(head + README_START + "\n" + "\n".join(readme_table(results)) + "\n" + README_END + tail)
+    for schedule, (start, end) in README_TABLES.items():
+        head, _, rest = text.partition(start)
+        _, _, tail = rest.partition(end)
+        text = head + start + "\n" + "\n".join(readme_table(results, schedule)) + "\n" + end + tail
+    readme.write_text(text)
 
 
 def ops_fraction(run: Path, masks: dict[str, torch.Tensor]) -> float:
@@ -278,7 +284,10 @@ def main() -> None:
                                    "lr": args.lr, "finetune_lr": args.finetune_lr, "temperature": args.temperature,
                                    "max_shift": args.max_shift, "budget": args.budget,
                                    "teacher": args.teacher}.items() if v is not None}
-    schedule = json.dumps(overrides, sort_keys=True) if overrides else "defaults"
+    defaults = {f.name: f.default for f in fields(PruneOptions)}
+    # a schedule is named by what differs from bnnslim prune's defaults (an option given at its default is not)
+    changed = {k: v for k, v in overrides.items() if v != defaults.get(k)}
+    schedule = json.dumps(changed, sort_keys=True) if changed else "defaults"
     device = torch.device(args.device)
     results = load_results(args.results)
     done = {cell_key(r) for r in results}
@@ -343,7 +352,8 @@ def write_report(args: argparse.Namespace, results: list[dict], speed: dict[str,
                        f"with the distillation teacher {1000 * s['distilled']:.0f} ms "
                        f"(**{s['distilled'] / s['plain']:.2f}x**); one selector-learning step (distilled) "
                        f"{1000 * s['select']:.0f} ms (**{s['select'] / s['plain']:.2f}x**).")
-    out += ["\n## Summary (the README's table)\n", *readme_table(results)]
+    out += ["\n## Summary (the README's tables)\n", "With the defaults:\n", *readme_table(results),
+            f"\nWith {UPWARD} (the paper's rule; the default until 2026-12-03):\n", *readme_table(results, UPWARD)]
     write_record(args.out, "\n".join(out))
     print("\n".join(out))
 

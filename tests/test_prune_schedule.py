@@ -237,12 +237,12 @@ def test_unknown_retrain_scope_is_refused_before_any_work() -> None:
     from bnnslim.prune.schedule import PruneSchedule, ScheduleConfig
 
     b = MODELS["plain"]()
-    with pytest.raises(BnnslimError, match="retrain-scope 'below'.*upward, all"):
+    with pytest.raises(BnnslimError, match="retrain-scope 'below'.*all, upward"):
         PruneSchedule(b.model, b.example, ScheduleConfig(keep=0.5, retrain_scope="below"))
 
 
 def test_resume_equals_uninterrupted_run_with_distillation_and_finetuning(runs, tmp_path) -> None:
-    opts = PruneOptions(keep=0.5, finetune_steps=3, distill=1.0, temperature=2.0, retrain_scope="all", **QUICK)
+    opts = PruneOptions(keep=0.5, finetune_steps=3, distill=1.0, temperature=2.0, retrain_scope="upward", **QUICK)
     full_run = fresh(runs, "plain", tmp_path / "a")
     full = prune(full_run, opts)
     for stop_at in ("group", "finetune"):
@@ -266,7 +266,7 @@ def test_resume_equals_uninterrupted_run_with_distillation_and_finetuning(runs, 
         assert resumed.accuracy_after == full.accuracy_after
     manifest = RunDir(full_run).read_manifest()["prune"]
     assert manifest["teacher"]["temperature"] == 2.0 and "KL" in manifest["loss"]
-    assert manifest["options"]["finetune_steps"] == 3 and manifest["retrain_scope"] == "all"
+    assert manifest["options"]["finetune_steps"] == 3 and manifest["retrain_scope"] == "upward"
 
 
 def test_distillation_changes_the_result_and_is_recorded(runs, tmp_path, monkeypatch) -> None:
@@ -286,13 +286,13 @@ def test_distillation_changes_the_result_and_is_recorded(runs, tmp_path, monkeyp
              CliRunner().invoke(app, ["info", str(run)]).output.splitlines()]
     assert "prune loss cross-entropy + 1 * T^2 * KL(teacher || student) at T = 4; teacher: the unpruned binary " \
            "network of this run (binary.safetensors), frozen" in shown
-    assert "prune retraining 3 steps per group, the group and the layers after it" in shown
+    assert "prune retraining 3 steps per group, every layer" in shown
     assert "prune fine-tuning 2 steps, masks fixed" in shown
     training = json.loads(export(run, ("plain",), evaluate_data=False).report_path.read_text())["training"]
     assert training["prune"]["loss"].startswith("cross-entropy + 1 * T^2 * KL")
     assert training["prune"]["teacher"]["network"].startswith("the unpruned binary network")
     assert training["prune"]["finetune_steps"] == 2 and training["binarize"]["teacher"] is None
-    assert training["prune"]["retrain_scope"] == "upward" and training["prune"]["retrain_steps"] == 3
+    assert training["prune"]["retrain_scope"] == "all" and training["prune"]["retrain_steps"] == 3
 
 
 def float_twin_weights(path: Path, spec: str = "examples/small_cnn.py:tiny", seed: int = 0) -> Path:

@@ -90,6 +90,7 @@ def _training_rows(manifest: dict) -> dict[str, str]:
                          f"of {prune.get('filters_total')} filters, test accuracy "
                          f"{percent(prune.get('accuracy_before'))} before, {percent(prune.get('accuracy_after'))} after")
         rows["prune loss"] = f"{prune.get('loss', '?')}; teacher: {named(t) if t else 'none'}"
+        # runs pruned before --retrain-scope existed retrained upward
         scope = "every layer" if prune.get("retrain_scope") == "all" else "the group and the layers after it"
         rows["prune retraining"] = f"{prune.get('retrain_steps', '?')} steps per group, {scope}"
         rows["prune fine-tuning"] = f"{prune.get('finetune_steps', '?')} steps, masks fixed"

@@ -31,7 +31,7 @@ def prune_command(
     max_shift: Annotated[float, typer.Option(min=0.0, help="Every group keeps within this fraction of its uniform share (0: uniform split).")] = 0.25,
     budget: Annotated[str, typer.Option(help="What --keep counts: filters, ops (binary operations) or params, as the export report counts them.")] = "filters",
     retrain_steps: Annotated[int, typer.Option(min=0, help="Steps of retraining per group (step b).")] = 100,
-    retrain_scope: Annotated[str, typer.Option(help="Layers trained in step b: upward (the group and the layers after it, the paper's rule) or all.")] = "upward",
+    retrain_scope: Annotated[str, typer.Option(help="Layers trained in step b: all, or upward (the group and the layers after it: the paper's rule).")] = "all",
     lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate when retraining.")] = 2e-3,
     finetune_steps: Annotated[int | None, typer.Option(min=0, help="Steps of whole-network fine-tuning after the last group, masks fixed (step c); default 10 x --retrain-steps.")] = None,
     finetune_lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate when fine-tuning.")] = 2e-3,
