@@ -95,6 +95,17 @@ def test_groups_are_processed_bottom_up_on_a_residual_model(runs, tmp_path) -> N
                     "layer4.1.conv1"]
 
 
+def interrupt_after_first_group(run: Path, opts: PruneOptions) -> None:
+    """Prune until the first group is done, then stop as Ctrl-C would (its checkpoint written)."""
+
+    def stop(ev) -> None:  # type: ignore[no-untyped-def]
+        if ev.phase == "done" and ev.index == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prune(run, opts, on_event=stop)
+
+
 def test_resume_after_interruption_equals_uninterrupted_run(runs, tmp_path) -> None:
     opts = PruneOptions(keep=0.5, **QUICK)
     full_run = fresh(runs, "plain", tmp_path / "a")
@@ -102,12 +113,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(runs, tmp_path) -> N
 
     cut_run = fresh(runs, "plain", tmp_path / "b")
 
-    def stop_after_first_group(ev) -> None:
-        if ev.phase == "done" and ev.index == 0:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        prune(cut_run, opts, on_event=stop_after_first_group)
+    interrupt_after_first_group(cut_run, opts)
     resumed = prune(cut_run, opts, resume=True)
     assert resumed.resumed_after == 1
     for g in full.groups:
@@ -162,8 +168,40 @@ def test_resume_with_changed_options_is_refused(runs, tmp_path) -> None:
     result = cli("prune", "--run", str(run), "--keep", "0.6", "--resume", "--select-steps", "3",
                  "--retrain-steps", "3", "--batch-size", "32")
     assert result.exit_code == 1
-    assert "different options" in result.output
+    assert "different options than the interrupted run" in result.output
+    assert "keep was 0.5, now 0.6" in result.output
+    assert "--keep 0.5" in result.output  # the fix names the flag to repeat
+    assert "Traceback" not in result.output
     assert tree_digest(run) == before
+
+
+def test_a_run_interrupted_before_retrain_scope_existed_resumes_with_the_scope_it_used(runs, tmp_path) -> None:
+    """Checkpoints written before --retrain-scope retrained upward: --resume says so and continues with it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    opts = PruneOptions(keep=0.5, retrain_scope="upward", **QUICK)
+    full = prune(fresh(runs, "plain", tmp_path / "a"), opts)
+    run = fresh(runs, "plain", tmp_path / "b")
+
+    interrupt_after_first_group(run, opts)
+    checkpoint = run / "checkpoints" / "prune.safetensors"
+    with safe_open(str(checkpoint), "pt") as f:  # as the version before the option wrote it
+        meta = dict(f.metadata())
+    tensors = load_file(str(checkpoint))
+    old_options = json.loads(meta["options"])
+    del old_options["retrain_scope"]
+    meta["options"] = json.dumps(old_options, sort_keys=True)
+    save_file(tensors, str(checkpoint), metadata=meta)
+
+    result = cli("prune", "--run", str(run), "--keep", "0.5", "--resume", "--select-steps", "3",
+                 "--retrain-steps", "3", "--batch-size", "32")
+    assert result.exit_code == 1
+    assert 'retrain_scope was "upward", now "all"' in result.output
+    assert "--retrain-scope upward" in result.output
+    resumed = prune(run, opts, resume=True)
+    assert resumed.resumed_after == 1
+    assert resumed.accuracy_after == full.accuracy_after
 
 
 def test_prune_command_prints_the_per_layer_report(runs, tmp_path) -> None:

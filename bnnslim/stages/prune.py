@@ -223,14 +223,40 @@ def _checkpoint(path: Path, schedule: PruneSchedule, opts: PruneOptions, teacher
     D.barrier()
 
 
+#: options added after prune checkpoints were first written, and what runs before them did (the paper's rule)
+OPTIONS_BEFORE_THEY_EXISTED: dict[str, object] = {"retrain_scope": "upward"}
+
+
+def _changed_options(first: dict[str, object], now: dict[str, object]) -> list[tuple[str, str, str, str]]:
+    """(option, first run's value, value now, the flags that repeat the first run) for each that differs."""
+    first = {**OPTIONS_BEFORE_THEY_EXISTED, **first}
+    changes = []
+    for key in sorted(first.keys() | now.keys()):
+        was, is_now = first.get(key), now.get(key)
+        if was == is_now:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if was is None or was == []:
+            fix = f"no {flag}"
+        elif isinstance(was, list):
+            fix = " ".join(f"{flag} {v}" for v in was)
+        else:
+            fix = f"{flag} {was}"
+        changes.append((key, json.dumps(was), json.dumps(is_now), fix))
+    return changes
+
+
 def _load_checkpoint(path: Path, opts: PruneOptions,
                      teacher: dict[str, object] | None) -> tuple[dict[str, object], float]:
     from bnnslim.rundir import read_checkpoint
 
     meta, tensors = read_checkpoint(path, ("options", "records", "accuracy_before"))
-    if meta["options"] != opts.resume_key():
-        raise BnnslimError("--resume with different options than the interrupted run",
-                           f"repeat the first run's options: {meta['options']}")
+    changes = _changed_options(json.loads(meta["options"]), json.loads(opts.resume_key()))
+    if changes:
+        raise BnnslimError("--resume with different options than the interrupted run: "
+                           + ", ".join(f"{key} was {was}, now {now}" for key, was, now, _ in changes),
+                           "repeat the first run's options (" + " ".join(fix for *_, fix in changes)
+                           + "), or run without --resume")
     if "teacher" in meta and meta["teacher"] != json.dumps(teacher, sort_keys=True):  # e.g. the file changed
         raise BnnslimError("--resume with another teacher than the interrupted run (the weights file differs)",
                            "give the first run's teacher weights, or run without --resume")
