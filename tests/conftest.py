@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import BUNDLED, TOY_MODEL
+from _helpers import BUNDLED, TINY_MODEL, TOY_MODEL
 from typer.testing import CliRunner, Result
 
+from bnnslim import plugins
 from bnnslim.plugin_types import DatasetSplits
+from bnnslim.stages.binarize import BinarizeOptions, binarize
+from bnnslim.train import TrainConfig
 
 # One thread: the tests' tensors are tiny, and on a shared machine a second thread
 # only waits for a core (one training test went from 1 s to 20 s with two).
@@ -71,3 +74,15 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result
     return invoke
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A binarized, briefly trained run of a 3-block CNN (two prunable groups), built-in plugins only."""
+    base = tmp_path_factory.mktemp("tiny")
+    (base / "tiny.py").write_text(textwrap.dedent(TINY_MODEL))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(plugins.DISABLE_EXTERNAL_ENV, "1")
+        plugins.reset_plugin_manager()
+        binarize(BinarizeOptions(model=str(base / "tiny.py"), run=base / "run", data="fashion-mnist-mini",
+                                 train=TrainConfig(epochs=1, steps_per_epoch=3, batch_size=32)))
+    plugins.reset_plugin_manager()
+    return base / "run"

@@ -23,23 +23,7 @@ from bnnslim.cli.plugins import add_plugin_commands
 from bnnslim.errors import BnnslimError
 from bnnslim.hookspecs import hookimpl
 from bnnslim.plugin_types import CommandSpec, SchemeSpec, Selection, SelectionContext, StrategySpec
-from bnnslim.stages.binarize import BinarizeOptions, binarize
 from bnnslim.stages.prune import PruneOptions, prune
-from bnnslim.train import TrainConfig
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A binarized, briefly trained run of a 3-block CNN (two prunable groups), built-in plugins only."""
-    base = tmp_path_factory.mktemp("tiny")
-    (base / "tiny.py").write_text(textwrap.dedent(TINY_MODEL))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(plugins.DISABLE_EXTERNAL_ENV, "1")
-        plugins.reset_plugin_manager()
-        binarize(BinarizeOptions(model=str(base / "tiny.py"), run=base / "run", data="fashion-mnist-mini",
-                                 train=TrainConfig(epochs=1, steps_per_epoch=3, batch_size=32)))
-    plugins.reset_plugin_manager()
-    return base / "run"
 
 
 @pytest.fixture

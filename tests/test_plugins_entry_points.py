@@ -25,8 +25,6 @@ from typer.testing import Result
 
 from bnnslim import plugins
 from bnnslim.rundir import RunDir
-from bnnslim.stages.binarize import BinarizeOptions, binarize
-from bnnslim.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDE = REPO / "docs" / "plugins.md"
@@ -53,19 +51,6 @@ def external(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     plugins.reset_plugin_manager()
     yield
     plugins.reset_plugin_manager()
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("tiny")
-    (base / "tiny.py").write_text(textwrap.dedent(TINY_MODEL))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(plugins.DISABLE_EXTERNAL_ENV, "1")
-        plugins.reset_plugin_manager()
-        binarize(BinarizeOptions(model=str(base / "tiny.py"), run=base / "run", data="fashion-mnist-mini",
-                                 train=TrainConfig(epochs=1, steps_per_epoch=3, batch_size=32)))
-    plugins.reset_plugin_manager()
-    return base / "run"
 
 
 def copy_run(tiny_run: Path, tmp_path: Path) -> Path:
