@@ -442,10 +442,11 @@ class _TwoPaths(nn.Module):
 
 
 def test_residual_blocks_run_a_planned_graph_that_equals_their_own_forward(isa: str) -> None:
-    """ResNet blocks skip the layers folded or fused away, call the bit-reading conv's kernel directly and add the
-    shortcut into the conv's output with the clamp in place: the output is the blocks' own forward's, bit for bit,
-    and the emulation's; the state dict, the classes and a hook on a skipped layer are as before."""
-    from bnnslim.runtime.blocks import BlockForward, add_clamp_into, plan_block
+    """ResNet blocks skip the layers folded or fused away, call the bit-reading conv's kernel directly (it adds the
+    shortcut and clamps as it finishes) and the shortcut's layers without their sequence: the output is the
+    blocks' own forward's, bit for bit, and the emulation's; the state dict, the classes and a hook on a skipped
+    layer are as before."""
+    from bnnslim.runtime.blocks import BlockForward, plan_block
 
     model, x, _ = binary_example("resnet18", trained_bn=False, width=0.25, batch=1)
     runtime = to_runtime(model)
@@ -460,9 +461,11 @@ def test_residual_blocks_run_a_planned_graph_that_equals_their_own_forward(isa: 
         planned = plan_block(block)
         assert planned is not None
         run, bypassed = planned
-        assert {id(m) for m in bypassed} == {id(block.bn1), id(block.act1), id(block.conv2), id(block.bn2)}
+        # the shortcut's sequence is inlined: its 1x1 conv is called as a layer, its folded batch norm dropped
+        assert {id(m) for m in bypassed} == {id(m) for m in (block.bn1, block.act1, block.conv2, block.bn2,
+                                                             block.shortcut, block.shortcut[1])}
         code = run.__self__.code  # type: ignore[attr-defined]
-        assert add_clamp_into.__name__ in code and "act2" not in code and "bn1" not in code
+        assert ".add_clamp(" in code and "act2" not in code and "bn1" not in code  # the kernel adds and clamps
         runtime(x)
         assert _runs_a_plan(block)
         # a hook on a skipped layer: the block calls its layers as written while the hook is there
@@ -515,7 +518,7 @@ def test_in_place_residual_adds_and_shared_activations_are_planned_only_where_ex
         alias: bool, kernels: build.KernelStatus) -> None:
     """A shared ReLU fused away after the first conv still clamps after the add, and ``out += x`` becomes the
     fused add; where ``out`` is read again after the in-place add the block keeps its own forward."""
-    from bnnslim.runtime.blocks import add_clamp_into, plan_block
+    from bnnslim.runtime.blocks import plan_block
 
     model = nn.Sequential(_SharedReluBlock(alias)).eval()
     _random_bn(model, seed=4)
@@ -530,7 +533,30 @@ def test_in_place_residual_adds_and_shared_activations_are_planned_only_where_ex
         planned = plan_block(runtime[0])
         code = planned[0].__self__.code if planned is not None else ""  # type: ignore[attr-defined]
         assert "act" not in code and "relu" not in code  # the ReLU after the add is the clamp in both
-        assert (add_clamp_into.__name__ in code) is not alias  # in place only where nothing else reads the output
+        assert (".add_clamp(" in code) is not alias  # in place only where nothing else reads the output
+
+
+def test_a_conv_kernel_adds_a_residual_and_clamps_as_torch_does(kernels: build.KernelStatus) -> None:
+    """The kernel object's ``add_clamp(x, r, lo, hi)`` (a block's last conv, its residual add and the activation
+    after it in one call) gives ``clamp(conv(x) + r)`` bit for bit, NaN included, whatever the residual's memory
+    layout, shape (broadcast) or dtype (torch's promotion)."""
+    packed = PackedBinaryConv2d.from_binary_conv(binary_conv(16, 24, 3, padding=1))
+    x = torch.randn(1, 16, 9, 7, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        packed(x)
+        call = packed.kernel_call()
+        assert call is not None
+        out = call(x)
+        r = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)) * 20
+        r[0, 3, 2, 1] = float("nan")
+        residuals = [r.contiguous(memory_format=torch.channels_last), r.contiguous(), r[:, :, :1, :1].clone(),
+                     r.double()]
+        for res in residuals:
+            for lo, hi in ((-1.0, 1.0), (0.0, float("inf"))):
+                want = torch.add(call(x), res).clamp_(lo, hi)
+                got = call.add_clamp(x, res, lo, hi)
+                assert got.dtype == want.dtype and got.shape == want.shape
+                assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
 
 
 def test_blocks_torch_fx_cannot_trace_or_autograd_run_their_own_forward(kernels: build.KernelStatus) -> None:

@@ -1784,6 +1784,25 @@ at::Tensor binary_conv2d_bits_op(const at::Tensor& bits, int64_t in_channels, co
   return conv_impl(packed, g, wwords, alpha, bias, counts, /*nhwc=*/true, isa, thresholds, clamp, paired);
 }
 
+// clamp(out + residual, lo, hi) written into `out`, a fresh conv output: a residual add and the activation
+// after it (blocks.py) in one pass over memory. The loop runs where both have the same shape, dtype (float32)
+// and memory layout; otherwise ATen's add and clamp, which also give torch's type promotion and broadcasting.
+// The same floats as torch's `(a + b).clamp_(lo, hi)`: one rounded add, then max / min (a NaN passes through).
+at::Tensor add_clamp_into_op(at::Tensor out, const at::Tensor& residual, double lo, double hi) {
+  if (out.scalar_type() == at::kFloat && residual.scalar_type() == at::kFloat && residual.device().is_cpu() &&
+      out.sizes() == residual.sizes() && out.strides() == residual.strides() && out.is_non_overlapping_and_dense()) {
+    float* y = out.data_ptr<float>();
+    const float* r = residual.data_ptr<float>();
+    const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
+    const int64_t count = out.numel();
+    for (int64_t i = 0; i < count; ++i) y[i] = std::min(std::max(y[i] + r[i], flo), fhi);
+    return out;
+  }
+  if (at::IntArrayRef(at::infer_size(out.sizes(), residual.sizes())) == out.sizes() && at::result_type(out, residual) == out.scalar_type())
+    return out.add_(residual).clamp_(lo, hi);
+  return at::add(out, residual).clamp_(lo, hi);
+}
+
 // A packed conv's fixed arguments held on the C++ side (PackedBinaryConv2d's fast path): a call converts only
 // its input, not the seventeen arguments the op takes, which cost as much as a small layer's arithmetic.
 struct PackedConvCall {
@@ -1804,6 +1823,11 @@ struct PackedConvCall {
                                    dilation, groups, in_mask, false, isa, thresholds, clamp);
     return binary_conv2d_op(x, wwords, alpha, bias, out_channels, kh, kw, stride, padding, dilation, groups, in_mask,
                             false, isa, thresholds, clamp);
+  }
+
+  // clamp(conv(x) + residual, lo, hi): a ResNet block's last conv, its residual add and the activation after it
+  at::Tensor add_clamp(const at::Tensor& x, const at::Tensor& residual, double lo, double hi) const {
+    return add_clamp_into_op((*this)(x), residual, lo, hi);
   }
 };
 
@@ -1995,7 +2019,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<bool, int64_t, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>, int64_t,
                           int64_t, int64_t, std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, int64_t,
                           c10::optional<at::Tensor>, int64_t, c10::optional<at::Tensor>, c10::optional<at::Tensor>>())
-      .def("__call__", &PackedConvCall::operator());
+      .def("__call__", &PackedConvCall::operator())
+      .def("add_clamp", &PackedConvCall::add_clamp);
   m.def("binary_conv2d", &binary_conv2d_op);
   m.def("binary_conv2d_bits", &binary_conv2d_bits_op);
   m.def("bits_max_pool2d", &bits_max_pool2d_op);
