@@ -73,8 +73,9 @@ LIMITS = """## What limits the figures where a target is missed
   them, and sign-keeping activations and max pooling before a binary conv are folded (README, "Folded float
   layers"); a real first conv feeding a binary conv (VGG-11's 3->32 3x3, NIN's 3->96 5x5) is computed by
   the sign packing itself, and one read as floats (ResNet's 3->32 3x3 stem) by the same kernel writing
-  floats (`runtime_first_conv.md`); what is left in torch is residual adds with the activation after them
-  (one add and an in-place clamp) and the tail (global pooling and the linear classifier, one call). LCE and
+  floats (`runtime_first_conv.md`); a residual add and the activation after it are done by the kernel call of
+  the block's last conv as it writes its output; what is left in torch is the tail (global pooling and the
+  linear classifier, one call). LCE and
   ONNX Runtime run
   their whole graph in C++ at a few microseconds per op. Python's own cost per layer (a module call and a
   packed layer's input checks, a few microseconds) is gone inside plain `nn.Sequential`s, which run their
