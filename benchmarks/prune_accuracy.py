@@ -137,17 +137,34 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+#: options that only change how filters are chosen and how many per group: a keep-1.0 control, which removes
+#: nothing and so runs no selection, trains the same with or without them
+SELECTION_ONLY = ("budget", "select_steps", "select_lr", "penalty", "max_shift")
+
+
+def control_schedule(schedule: str) -> str:
+    """The schedule whose keep-1.0 control stands for ``schedule``'s: the same without its selection-only
+    options (a control under ``{"budget": "ops"}`` would repeat the defaults' bit for bit)."""
+    options = {} if schedule == "defaults" else json.loads(schedule)
+    kept = {k: v for k, v in options.items() if k not in SELECTION_ONLY}
+    return json.dumps(kept, sort_keys=True) if kept else "defaults"
+
+
 def table(results: list[dict], model: str, schedule: str, keeps: list[float], strategies: list[str]) -> list[str]:
     rows = [r for r in results if r["model"] == model and r["schedule"] == schedule]
-    control_rows = sorted((r for r in rows if r["strategy"] == CONTROL), key=lambda r: r["seed"])
+    borrowed = not any(r["strategy"] == CONTROL for r in rows) and control_schedule(schedule) != schedule
+    source = control_schedule(schedule) if borrowed else schedule
+    control_rows = sorted((r for r in results if r["model"] == model and r["schedule"] == source
+                           and r["strategy"] == CONTROL), key=lambda r: r["seed"])
     control = [100 * r["accuracy"] for r in control_rows]
     c_mean = mean_std(control)[0] if control else None
     lines = ["| keep | strategy | seeds | test accuracy per seed (%) | mean ± std | drop vs control (pt) | "
              "filters kept | binary ops kept | seconds per run |", "|---|---|---|---|---|---|---|---|---|"]
     if control:
         m, s = mean_std(control)
-        secs = statistics.fmean(r["seconds"] for r in rows if r["strategy"] == CONTROL)
-        lines.append(f"| 1.0 | control (nothing removed) | {len(control)} | {' / '.join(f'{a:.2f}' for a in control)} "
+        secs = statistics.fmean(r["seconds"] for r in control_rows)
+        name = f"control of {source} (selection options do not change it)" if borrowed else "control (nothing removed)"
+        lines.append(f"| 1.0 | {name} | {len(control)} | {' / '.join(f'{a:.2f}' for a in control)} "
                      f"| {m:.2f} ± {s:.2f} | 0 | all | all | {secs:.0f} |")
     for keep in keeps:
         for strategy in strategies:
