@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -461,9 +462,11 @@ def test_residual_blocks_run_a_planned_graph_that_equals_their_own_forward(isa: 
         planned = plan_block(block)
         assert planned is not None
         run, bypassed = planned
-        # the shortcut's sequence is inlined: its 1x1 conv is called as a layer, its folded batch norm dropped
+        # the shortcut's sequence is inlined (its folded batch norm dropped), and the convs reading floats (conv1,
+        # the shortcut's) call their kernel objects too: no child is called as a module
         assert {id(m) for m in bypassed} == {id(m) for m in (block.bn1, block.act1, block.conv2, block.bn2,
-                                                             block.shortcut, block.shortcut[1])}
+                                                             block.shortcut, block.shortcut[1], block.conv1,
+                                                             block.shortcut[0])}
         code = run.__self__.code  # type: ignore[attr-defined]
         assert ".add_clamp(" in code and "act2" not in code and "bn1" not in code  # the kernel adds and clamps
         runtime(x)
@@ -536,16 +539,38 @@ def test_in_place_residual_adds_and_shared_activations_are_planned_only_where_ex
         assert (".add_clamp(" in code) is not alias  # in place only where nothing else reads the output
 
 
+def _layer_with_kernel_object(cin: int, cout: int, shape: tuple[int, ...], seed: int
+                              ) -> tuple[PackedBinaryConv2d, Any, torch.Tensor]:
+    """A packed 3x3 conv that has run once (so it holds its C++ kernel object), that object and an input."""
+    packed = PackedBinaryConv2d.from_binary_conv(binary_conv(cin, cout, 3, padding=1))
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        packed(x)
+    call = packed.kernel_call()
+    assert call is not None
+    return packed, call, x
+
+
+def test_a_planned_float_reading_conv_takes_its_own_call_for_inputs_its_kernel_was_not_made_for(
+        kernels: build.KernelStatus) -> None:
+    """A block plan calls a float-reading conv's kernel object directly only on float32 inputs with the layer's
+    channels; anything else (float64 here) goes through the layer, which emulates it."""
+    from bnnslim.runtime.blocks import run_on_floats
+
+    packed, call, x = _layer_with_kernel_object(8, 16, (1, 8, 6, 6), seed=7)
+    with torch.no_grad():
+        assert torch.equal(run_on_floats(call, packed, x), packed(x))
+        wide = x.double()
+        got = run_on_floats(call, packed, wide)
+        assert got.dtype == torch.float64 and torch.equal(got, packed(wide))
+
+
 def test_a_conv_kernel_adds_a_residual_and_clamps_as_torch_does(kernels: build.KernelStatus) -> None:
     """The kernel object's ``add_clamp(x, r, lo, hi)`` (a block's last conv, its residual add and the activation
     after it in one call) gives ``clamp(conv(x) + r)`` bit for bit, NaN included, whatever the residual's memory
     layout, shape (broadcast) or dtype (torch's promotion)."""
-    packed = PackedBinaryConv2d.from_binary_conv(binary_conv(16, 24, 3, padding=1))
-    x = torch.randn(1, 16, 9, 7, generator=torch.Generator().manual_seed(5))
+    _, call, x = _layer_with_kernel_object(16, 24, (1, 16, 9, 7), seed=5)
     with torch.no_grad():
-        packed(x)
-        call = packed.kernel_call()
-        assert call is not None
         out = call(x)
         r = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)) * 20
         r[0, 3, 2, 1] = float("nan")
