@@ -469,6 +469,9 @@ def test_residual_blocks_run_a_planned_graph_that_equals_their_own_forward(isa: 
                                                              block.shortcut[0])}
         code = run.__self__.code  # type: ignore[attr-defined]
         assert ".add_clamp(" in code and "act2" not in code and "bn1" not in code  # the kernel adds and clamps
+        root = plan_block(runtime)
+        assert root is not None  # sequences of blocks and the stem stay calls: their own plans run them
+        assert "self.layer1(" in root[0].__self__.code and "self.stem(" in root[0].__self__.code  # type: ignore
         runtime(x)
         assert _runs_a_plan(block)
         # a hook on a skipped layer: the block calls its layers as written while the hook is there

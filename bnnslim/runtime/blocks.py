@@ -54,7 +54,7 @@ from torch import fx, nn
 
 from bnnslim.runtime import build
 from bnnslim.runtime.changes import changed
-from bnnslim.runtime.fuse import CLAMPS, FusedAway, functional_clamp
+from bnnslim.runtime.fuse import CLAMPS, FoldedAway, FusedAway, functional_clamp
 from bnnslim.runtime.layers import PackedBinaryConv2d
 from bnnslim.runtime.segments import (
     PackedSequential,
@@ -66,6 +66,9 @@ from bnnslim.runtime.segments import (
 )
 
 Plan = tuple[Callable[[torch.Tensor], torch.Tensor], list[nn.Module]]
+
+#: the layers a sequence may hold for :func:`_inline_sequences` to inline it
+_INLINED = (PackedBinaryConv2d, FoldedAway, FusedAway, nn.Identity)
 
 #: the residual adds :func:`_fuse_residual_clamps` takes (``out += identity`` traces as ``operator.iadd``)
 _ADDS = (operator.add, operator.iadd, torch.add)
@@ -236,13 +239,16 @@ def plan_block(block: nn.Module) -> Plan | None:
 
 
 def _inline_sequences(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[nn.Module]:
-    """Replace each call of a :class:`PackedSequential` child (a ResNet's shortcut: a 1x1 conv and its folded
-    batch norm) by calls of its layers in turn, so that the plan drops the ones that pass their input on and
-    the sequence's own call (a few microseconds at batch 1) goes; returns the sequences inlined."""
+    """Replace each call of a :class:`PackedSequential` child of packed convs and layers folded into them (a
+    ResNet's shortcut: a 1x1 conv and its folded batch norm) by calls of its layers in turn, so that the plan
+    drops the ones that pass their input on and the sequence's own call (a few microseconds at batch 1) goes;
+    returns the sequences inlined. Other sequences (of blocks, or with poolings and sign packing, which the
+    sequence's own plan runs without module calls) stay calls."""
     inlined: list[nn.Module] = []
     for node in list(graph.nodes):
         seq = modules.get(str(node.target)) if node.op == "call_module" else None
-        if not isinstance(seq, PackedSequential) or len(node.args) != 1 or node.kwargs:
+        if not isinstance(seq, PackedSequential) or len(node.args) != 1 or node.kwargs \
+                or not all(isinstance(m, _INLINED) for m in seq):
             continue
         value = node.args[0]
         with graph.inserting_before(node):
