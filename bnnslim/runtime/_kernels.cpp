@@ -1798,8 +1798,9 @@ at::Tensor add_clamp_into_op(at::Tensor out, const at::Tensor& residual, double 
     for (int64_t i = 0; i < count; ++i) y[i] = std::min(std::max(y[i] + r[i], flo), fhi);
     return out;
   }
-  if (at::IntArrayRef(at::infer_size(out.sizes(), residual.sizes())) == out.sizes() && at::result_type(out, residual) == out.scalar_type())
-    return out.add_(residual).clamp_(lo, hi);
+  const bool in_place = at::IntArrayRef(at::infer_size(out.sizes(), residual.sizes())) == out.sizes() &&
+                        at::result_type(out, residual) == out.scalar_type();
+  if (in_place) return out.add_(residual).clamp_(lo, hi);
   return at::add(out, residual).clamp_(lo, hi);
 }
 
