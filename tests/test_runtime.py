@@ -1148,6 +1148,69 @@ def test_a_first_conv_then_relu_writes_the_signs_of_its_positive_part(act: nn.Mo
         torch.testing.assert_close(y, to_runtime(model, fuse=False)(x), rtol=1e-5, atol=1e-5)
 
 
+class _DenseEntry(nn.Module):
+    """DenseNet's entry to a binary conv: a concatenation (no conv to fold a batch norm into), then BN -> act."""
+
+    def __init__(self, act: nn.Module, pool: bool, also_read: bool = False) -> None:
+        super().__init__()
+        self.also_read = also_read  # the batch norm's output also goes elsewhere
+        self.a, self.b = nn.Conv2d(3, 40, 3, padding=1), nn.Conv2d(3, 30, 3, padding=1)
+        self.norm = nn.BatchNorm2d(70)
+        self.act = act
+        self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
+        self.conv = binary_conv(70, 16, 3, padding=1)
+        with torch.no_grad():  # trained-looking statistics, scales of both signs
+            self.norm.running_mean.normal_(0, 0.3)
+            self.norm.running_var.uniform_(0.5, 2.0)
+            self.norm.weight.normal_(0, 1)
+            self.norm.bias.normal_(0, 0.3)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(torch.cat([self.a(x), self.b(x)], 1))
+        y = self.conv(self.pool(self.act(h)))
+        return y + h[:, :16] if self.also_read else y
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.Hardtanh()], ids=["relu", "hardtanh"])
+@pytest.mark.parametrize("pool", [False, True], ids=["", "maxpool"])
+def test_a_batch_norm_before_the_packing_is_folded_into_it(act: nn.Module, pool: bool, isa: str) -> None:
+    """BN -> ReLU (or Hardtanh) -> [max pool] -> binary conv on a concatenation (DenseNet's layers): the sign
+    packing computes x * s + t per channel and writes its signs, the batch norm is not run; the runtime equals its
+    emulation bit for bit and the unfused model to float rounding, and undoing the packing brings the batch norm
+    back."""
+    from bnnslim.runtime.bits import unpack_ternary
+
+    torch.manual_seed(22)
+    model = _DenseEntry(act, pool)
+    x = torch.randn(2, 3, 12, 14)
+    fused = to_runtime(model)
+    assert isinstance(fused.norm, FoldedAway) and isinstance(fused.act, PackSigns) and fused.act.affine is not None
+    assert runtime_plan(fused).packed_inputs == {"conv": ["norm", "act", "pool"]}  # an Identity when not pooling
+    with torch.no_grad():
+        features = torch.cat([model.a(x), model.b(x)], 1).contiguous(memory_format=torch.channels_last)
+        want = model.act(model.norm(features))
+        got = unpack_ternary(fused.act(features), 70)
+        away_from_zero = want.abs() > 1e-5
+        assert torch.equal(got[away_from_zero], torch.sign(want[away_from_zero]))
+        y = fused(x)
+        assert torch.equal(y, with_emulation(fused)(x))
+        torch.testing.assert_close(y, to_runtime(model, fuse=False)(x), rtol=1e-5, atol=1e-5)
+    unpack_input(fused, "conv")
+    assert type(fused.norm) is nn.BatchNorm2d and type(fused.act) is type(act)
+
+
+def test_a_batch_norm_read_elsewhere_too_is_not_folded_into_the_packing(kernels: build.KernelStatus) -> None:
+    """A batch norm whose output another layer also reads keeps running; the activation still packs."""
+    torch.manual_seed(23)
+    model = _DenseEntry(nn.ReLU(), pool=False, also_read=True)
+    fused = to_runtime(model)
+    assert type(fused.norm) is nn.BatchNorm2d and isinstance(fused.act, PackSigns) and fused.act.affine is None
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fused(x), with_emulation(fused)(x))
+
+
 def test_a_conv_with_many_inputs_or_other_users_is_not_taken_into_the_packing(kernels: build.KernelStatus) -> None:
     """Only a conv with few inputs (an image's) that nothing else reads is computed by the packing layer."""
     wide = to_runtime(nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.Hardtanh(), binary_conv(8, 8, 3)).eval())

@@ -582,14 +582,23 @@ at::Tensor pack_impl(const at::Tensor& x_in, const Geo& g, const c10::optional<a
 // or x < 0, so NaN gives 0 as in the packers above): a real layer's output
 // entering a fused chain (fuse.py's PackSigns), read channels-last. With
 // `positive` (a ReLU on the way: relu(x) is +1 or 0 to a binary conv) nonzero
-// is x > 0 too.
+// is x > 0 too. With a per-channel `scale` and `shift` (an eval-mode batch norm
+// before the activation, folded in) the signs are those of x * scale + shift,
+// mul then add in float32 (no FMA: -ffp-contract=off), as the emulation computes.
+// Affine: the per-channel scale and shift, or null.
+struct Affine {
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+  BNN_INLINE float operator()(float v, int64_t c) const { return scale == nullptr ? v : v * scale[c] + shift[c]; }
+};
+
 // one pixel's C floats -> its NW (sign, nonzero) word pairs
-void pack_sign_words(const float* xp, int64_t C, int64_t NW, int64_t* w, bool positive) {
+void pack_sign_words(const float* xp, int64_t C, int64_t NW, int64_t* w, bool positive, const Affine& aff) {
   for (int64_t j = 0; j < NW; ++j) {
     uint64_t sb = 0, zb = 0;
     const int64_t kmax = std::min<int64_t>(64, C - 64 * j);
     for (int64_t k = 0; k < kmax; ++k) {
-      const float v = xp[64 * j + k];
+      const float v = aff(xp[64 * j + k], 64 * j + k);
       sb |= static_cast<uint64_t>(v > 0.0f) << k;
       zb |= static_cast<uint64_t>(v > 0.0f || (v < 0.0f && !positive)) << k;
     }
@@ -598,14 +607,15 @@ void pack_sign_words(const float* xp, int64_t C, int64_t NW, int64_t* w, bool po
   }
 }
 
-void pack_signs_scalar(const float* x, int64_t pixels, int64_t C, int64_t NW, int64_t* out, bool positive) {
-  for (int64_t p = 0; p < pixels; ++p) pack_sign_words(x + p * C, C, NW, out + p * NW * 2, positive);
+void pack_signs_scalar(const float* x, int64_t pixels, int64_t C, int64_t NW, int64_t* out, bool positive,
+                       const Affine& aff) {
+  for (int64_t p = 0; p < pixels; ++p) pack_sign_words(x + p * C, C, NW, out + p * NW * 2, positive, aff);
 }
 
 #if BNN_X86
 // 8 channels per compare: movemask gives a byte of sign bits and one of nonzero bits
 __attribute__((target("avx2"))) void pack_signs_avx2(const float* x, int64_t pixels, int64_t C, int64_t NW,
-                                                     int64_t* out, bool positive) {
+                                                     int64_t* out, bool positive, const Affine& aff) {
   const __m256 zero = _mm256_setzero_ps();
   const int64_t C8 = C / 8 * 8;
   for (int64_t p = 0; p < pixels; ++p) {
@@ -614,14 +624,16 @@ __attribute__((target("avx2"))) void pack_signs_avx2(const float* x, int64_t pix
     std::memset(w, 0, NW * 16);
     int64_t c = 0;
     for (; c < C8; c += 8) {
-      const __m256 v = _mm256_loadu_ps(xp + c);
+      __m256 v = _mm256_loadu_ps(xp + c);
+      if (aff.scale != nullptr)
+        v = _mm256_add_ps(_mm256_mul_ps(v, _mm256_loadu_ps(aff.scale + c)), _mm256_loadu_ps(aff.shift + c));
       const int sb = _mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ));
       const int zb = positive ? sb : _mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_OQ));
       w[(c / 64) * 16 + (c % 64) / 8] = static_cast<uint8_t>(sb);
       w[(c / 64) * 16 + 8 + (c % 64) / 8] = static_cast<uint8_t>(zb);
     }
     for (; c < C; ++c) {
-      const float v = xp[c];
+      const float v = aff(xp[c], c);
       w[(c / 64) * 16 + (c % 64) / 8] |= static_cast<uint8_t>((v > 0.0f) << (c % 8));
       w[(c / 64) * 16 + 8 + (c % 64) / 8] |= static_cast<uint8_t>((v > 0.0f || (v < 0.0f && !positive)) << (c % 8));
     }
@@ -629,24 +641,38 @@ __attribute__((target("avx2"))) void pack_signs_avx2(const float* x, int64_t pix
 }
 #endif
 
-at::Tensor pack_signs_op(const at::Tensor& x_in, int64_t isa, bool positive) {
+at::Tensor pack_signs_op(const at::Tensor& x_in, int64_t isa, bool positive, const c10::optional<at::Tensor>& scale,
+                         const c10::optional<at::Tensor>& shift) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "bnnslim runtime: pack_signs takes a 4-d CPU tensor");
   isa = resolve_isa(isa);
   const at::Tensor x = x_in.scalar_type() == at::kFloat && x_in.is_contiguous(at::MemoryFormat::ChannelsLast)
                            ? x_in
                            : x_in.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), NW = ceil_div(C, 64);
+  const bool affine = scale.has_value() && scale->defined();
+  TORCH_CHECK(affine == (shift.has_value() && shift->defined()), "bnnslim runtime: pack_signs takes scale and shift "
+              "together");
+  at::Tensor scale_t, shift_t;
+  Affine aff;
+  if (affine) {
+    scale_t = as_type(*scale, at::kFloat);
+    shift_t = as_type(*shift, at::kFloat);
+    TORCH_CHECK(scale_t.numel() == C && shift_t.numel() == C,
+                "bnnslim runtime: pack_signs' scale and shift must have one value per channel");
+    aff.scale = scale_t.data_ptr<float>();
+    aff.shift = shift_t.data_ptr<float>();
+  }
   at::Tensor out = empty_long({N, H, W, NW, 2});
   const float* src = x.data_ptr<float>();
   int64_t* dst = out.data_ptr<int64_t>();
   at::parallel_for(0, N * H, 8, [&](int64_t b, int64_t e) {
 #if BNN_X86
     if (isa == ISA_AVX2 || isa == ISA_AVX512) {
-      pack_signs_avx2(src + b * W * C, (e - b) * W, C, NW, dst + b * W * NW * 2, positive);
+      pack_signs_avx2(src + b * W * C, (e - b) * W, C, NW, dst + b * W * NW * 2, positive, aff);
       return;
     }
 #endif
-    pack_signs_scalar(src + b * W * C, (e - b) * W, C, NW, dst + b * W * NW * 2, positive);
+    pack_signs_scalar(src + b * W * C, (e - b) * W, C, NW, dst + b * W * NW * 2, positive, aff);
   });
   return out;
 }
@@ -698,7 +724,7 @@ void conv_sign_bits_scalar(const SignConvArgs& a, int64_t row) {
       for (int64_t co = 0; co < a.Cout; ++co) dst[co] = std::min(std::max(acc[co], a.lo), a.hi);
       continue;
     }
-    pack_sign_words(acc.data(), a.CP, a.NW, a.out + (row * a.OW + ox) * a.NW * 2, a.positive);
+    pack_sign_words(acc.data(), a.CP, a.NW, a.out + (row * a.OW + ox) * a.NW * 2, a.positive, Affine{});
   }
 }
 
@@ -1991,7 +2017,7 @@ TORCH_LIBRARY(bnnslim_rt, m) {
         "bool counts, int isa, Tensor? thresholds, Tensor? clamp) -> Tensor");
   m.def("bits_max_pool2d(Tensor bits, int[] kernel, int[] stride, int[] padding, int[] dilation, bool ceil_mode) "
         "-> Tensor");
-  m.def("pack_signs(Tensor x, int isa, bool positive) -> Tensor");
+  m.def("pack_signs(Tensor x, int isa, bool positive, Tensor? scale=None, Tensor? shift=None) -> Tensor");
   m.def("conv_sign_bits(Tensor x, Tensor w, Tensor b, int kh, int kw, int[] stride, int[] padding, int isa, "
         "bool positive) -> Tensor");
   m.def("conv_small_float(Tensor x, Tensor w, Tensor b, int kh, int kw, int[] stride, int[] padding, int isa, "

@@ -29,7 +29,9 @@ with ``min = 0``) and at most one max pooling from a real layer
 (:func:`pack_sign_chains`) gets packed bits from a :class:`PackSigns`
 (``sign(hardtanh(x)) = sign(x)``, ``sign(relu(x)) = sign(x) > 0``: +1 or 0,
 and max pooling commutes with both): the float activation and pooling are not
-run. Where that real layer is a conv with
+run. An eval-mode batch norm just before the activation, read by it alone (DenseNet's
+BN-ReLU-conv on a concatenation, where no conv takes the batch norm in), goes into the
+:class:`PackSigns` as a per-channel ``x * s + t`` before the signs. Where that real layer is a conv with
 few input channels and filters (an image's first conv, :data:`SIGN_CONV_MAX_MACS`)
 used only there, the :class:`PackSigns` computes the conv too and writes the signs
 of its output without storing the floats (the conv's sums run in another order
@@ -150,13 +152,17 @@ class PackSigns(nn.Module):
 
     With ``conv`` (a real conv whose output only this layer takes, now a
     :class:`ComputedByPackSigns`), it takes the conv's input and writes the
-    signs of ``conv(x)`` directly.
+    signs of ``conv(x)`` directly. With ``batch_norm`` (an eval-mode batch norm
+    just before the activation, now a :class:`FoldedAway`; DenseNet's
+    BN-ReLU-conv), it writes the signs of ``x * s + t`` (the batch norm's
+    per-channel affine map, float32, multiply then add) without running it.
     """
 
     original: nn.Module  # set with object.__setattr__, as in FusedAway
     conv: nn.Conv2d | None
 
-    def __init__(self, original: nn.Module, into: str, conv: nn.Conv2d | None = None, positive: bool = False) -> None:
+    def __init__(self, original: nn.Module, into: str, conv: nn.Conv2d | None = None, positive: bool = False,
+                 batch_norm: nn.BatchNorm2d | None = None) -> None:
         super().__init__()
         self.into = into
         self.mode = "kernel"
@@ -164,6 +170,10 @@ class PackSigns(nn.Module):
         self.positive = positive
         object.__setattr__(self, "original", original)
         object.__setattr__(self, "conv", conv)
+        if batch_norm is not None:
+            s, t = batch_norm_affine(batch_norm)
+            self.register_buffer("bn_scale", s.float(), persistent=False)
+            self.register_buffer("bn_shift", t.float(), persistent=False)
         if conv is not None:
             weight, bias = _kernel_layout(conv)
             self.register_buffer("conv_weight", weight, persistent=False)
@@ -180,21 +190,35 @@ class PackSigns(nn.Module):
         self.mode = "emulation"
         self.reason = reason
 
+    @property
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The folded batch norm's per-channel (scale, shift), float32, or None."""
+        buffers = self._buffers
+        scale, shift = buffers.get("bn_scale"), buffers.get("bn_shift")
+        return None if scale is None or shift is None else (scale, shift)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
         ops = build.available_ops() if self.mode == "kernel" else None
-        if ops is not None and x.dtype == torch.float32:
+        affine = self.affine
+        if ops is not None and x.dtype == torch.float32 and (affine is None or x.shape[1] == affine[0].numel()):
             if conv is None:
-                return ops.pack_signs(x, build.isa_code(), self.positive)
+                scale, shift = affine if affine is not None else (None, None)
+                return ops.pack_signs(x, build.isa_code(), self.positive, scale, shift)
             return ops.conv_sign_bits(x, self.conv_weight, self.conv_bias, *self.conv_geometry, build.isa_code(),
                                       self.positive)
         if conv is not None:
             x = conv(x)
-        x = torch.nan_to_num(x.float(), nan=0.0)
+        x = x.float()
+        if affine is not None:  # two float32 roundings, as the kernel: x * s, then + t
+            x = x * affine[0].view(1, -1, 1, 1) + affine[1].view(1, -1, 1, 1)
+        x = torch.nan_to_num(x, nan=0.0)
         return pack_ternary(torch.relu(x) if self.positive else x)
 
     def extra_repr(self) -> str:
         what = "its input" if self.conv is None else "the conv it took in"
+        if self.affine is not None:
+            what = "its input after the batch norm it took in"
         part = "the positive part of " if self.positive else ""
         return f"{type(self.original).__name__}, packs the signs of {part}{what} as bits for '{self.into}'"
 
@@ -657,17 +681,23 @@ def pack_sign_chains(model: nn.Module, graph: fx.Graph, calls: Counter[int], rep
         if calls[id(first.original if isinstance(first, FoldedAway) else first)] != 1:
             continue  # PackSigns replaces it at every call
         name = str(node.target)
-        originals = [(str(n.target), model.get_submodule(str(n.target))) for n in chain]
+        chained = [(str(n.target), model.get_submodule(str(n.target))) for n in chain]
         source = chain[0].args[0]
-        conv = _sign_conv(source, model, calls) if isinstance(source, fx.Node) else None
+        batch_norm = _sign_batch_norm(source, model, calls) if isinstance(source, fx.Node) else None
+        conv = _sign_conv(source, model, calls) if isinstance(source, fx.Node) and batch_norm is None else None
         # relu commutes with max pooling and sign-keeping layers: the whole chain is relu's signs if one is a relu
-        positive = any(_positive_part(m) for _, m in originals)
-        _set_submodule(model, originals[0][0], PackSigns(originals[0][1], name, conv, positive))
-        for lname, m in originals[1:]:
+        positive = any(_positive_part(m) for _, m in chained)
+        _set_submodule(model, chained[0][0], PackSigns(chained[0][1], name, conv, positive, batch_norm))
+        for lname, m in chained[1:]:
             if type(m) is nn.MaxPool2d:
                 _set_submodule(model, lname, PackedMaxPool2d(m, consumer.in_channels))
             else:
                 _set_submodule(model, lname, FusedAway(m, name))
+        originals = list(chained)
+        if batch_norm is not None:
+            assert isinstance(source, fx.Node)
+            _set_submodule(model, str(source.target), FoldedAway(batch_norm, name, "the sign packing of"))
+            originals.insert(0, (str(source.target), batch_norm))
         if conv is not None:
             assert isinstance(source, fx.Node)
             _set_submodule(model, str(source.target), ComputedByPackSigns(conv, name))
@@ -675,6 +705,15 @@ def pack_sign_chains(model: nn.Module, graph: fx.Graph, calls: Counter[int], rep
         consumer.input_bits = True
         consumer.packed_chain = originals  # what unfuse() puts back
         report.packed_inputs[name] = [lname for lname, _ in originals]
+
+
+def _sign_batch_norm(node: fx.Node, model: nn.Module, calls: Counter[int]) -> nn.BatchNorm2d | None:
+    """The eval-mode batch norm called at ``node`` if only the :class:`PackSigns` after it reads it (once)."""
+    bn = model.get_submodule(str(node.target)) if node.op == "call_module" else None
+    if isinstance(bn, nn.BatchNorm2d) and _elementwise(bn) and calls[id(bn)] == 1 and _only_user(node) is not None \
+            and bn.running_mean is not None and bn.running_mean.dtype == torch.float32:
+        return bn
+    return None
 
 
 def batch_norm_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
