@@ -816,6 +816,29 @@ def test_fused_chains_are_exact(name: str, isa: str) -> None:
     torch.testing.assert_close(y_fused, y_plain, rtol=1e-5, atol=1e-5)  # only the memory format may differ
 
 
+@pytest.mark.parametrize(("cin", "cout", "k", "groups", "width"), [
+    (96, 80, 1, 1, 32),    # NIN's 1x1 convs: two output words, short dot products
+    (40, 100, 3, 1, 13),   # a partial last block of channels, a partial last vector of pixels
+    (64, 20, 3, 2, 9),     # grouped: blocks of 10 channels straddle bytes
+    (448, 72, 3, 1, 6),    # 63 words per output: past the short path
+])
+def test_thresholded_outputs_of_every_shape_are_exact(cin: int, cout: int, k: int, groups: int, width: int,
+                                                      isa: str) -> None:
+    """A binary conv writing bits for the next one (thresholds from its batch norm, scales of both signs) hands on
+    the same signs as the unfused pair, for output counts that fill words, bytes and blocks partly."""
+    torch.manual_seed(cin + cout)
+    model = nn.Sequential(binary_conv(cin, cout, k, padding=k // 2, groups=groups), nn.BatchNorm2d(cout),
+                          nn.Hardtanh(), binary_conv(cout, 8, 3, padding=1)).eval()
+    _random_bn(model, seed=cout)
+    x = torch.randn(2, cin, 7, width)
+    fused = to_runtime(model)
+    assert runtime_plan(fused).fused == {"0": "3"}
+    want = _consumer_inputs(to_runtime(model, fuse=False), x, ["3"])["3"]
+    assert torch.equal(_consumer_inputs(fused, x, ["3"])["3"], want)
+    with torch.no_grad():
+        assert torch.equal(fused(x), with_emulation(fused)(x))
+
+
 def test_negative_scale_flips_thresholds(isa: str) -> None:
     torch.manual_seed(3)
     model = nn.Sequential(binary_conv(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.Hardtanh(),

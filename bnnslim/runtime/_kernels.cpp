@@ -1016,6 +1016,8 @@ struct ConvArgs {
   int64_t* bits;        // [N, OH, OW, NWo, 2] packed ternary output when thr is set (zeroed)
   int64_t NWo;          // words per output pixel: ceil(O / 64)
   const int16_t* thr16 = nullptr;  // thresholds as 16-bit lanes for conv_avx2_short (see short_thresholds)
+  const int16_t* thr_blocks = nullptr;  // [G * OBg, 2, 8] thresholds a, b per weight block (block_thresholds)
+  const uint8_t* flip_blocks = nullptr;  // [G * OBg] the block's flip bits
 };
 
 // Offset (in words) of tap (kh, kw), packed word j, relative to the word of
@@ -1164,6 +1166,57 @@ BNN_AVX512 inline void transpose8x8(__m256 r[8]) {
 // ---- AVX-512 VPOPCNTDQ: lanes are 8 consecutive output pixels of a row; a
 // tile holds NP such vectors; a weight block gives 8 output channels.
 // Per (tap, word): 2*NP loads, 8 broadcasts, 8*NP x (ternlog, popcnt, add).
+// Thresholded outputs of short dot products (kk <= SHORT_WORDS: |dot| < 4096), pixel lanes. Per-output compares,
+// mask shuffles and a bit transpose cost more than a 1x1 conv's popcounts, so the 8 channels x 8 pixels of a block
+// go as 16-bit lanes in pixel-major order (lane 8 * pixel + channel, two vectors of 4 pixels): two compares per
+// vector give each pixel's byte of lo and hi bits, with no transpose.
+alignas(64) constexpr int16_t PIXEL_MAJOR_FROM_CHANNELS[2][32] = {  // vpermt2w indices, channel-major [c][p] source
+    {0, 8, 16, 24, 32, 40, 48, 56, 1, 9, 17, 25, 33, 41, 49, 57, 2, 10, 18, 26, 34, 42, 50, 58, 3, 11, 19, 27, 35, 43,
+     51, 59},
+    {4, 12, 20, 28, 36, 44, 52, 60, 5, 13, 21, 29, 37, 45, 53, 61, 6, 14, 22, 30, 38, 46, 54, 62, 7, 15, 23, 31, 39,
+     47, 55, 63}};
+alignas(64) constexpr int16_t PIXEL_REPEATED[2][32] = {  // lane 8p + c <- pixel p (pixels 0-3, then 4-7)
+    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7}};
+
+// 8 x int64 (one per pixel, < 2^15) -> two vectors of 16-bit lanes, lane 8p + c = value of pixel p (resp. p + 4)
+BNN_AVX512 BNN_INLINE void pixel_major16(__m512i v, __m512i out[2]) {
+  const __m512i w = _mm512_castsi128_si512(_mm512_cvtepi64_epi16(v));
+  out[0] = _mm512_permutexvar_epi16(_mm512_load_si512(PIXEL_REPEATED[0]), w);
+  out[1] = _mm512_permutexvar_epi16(_mm512_load_si512(PIXEL_REPEATED[1]), w);
+}
+
+// acc[o]: channel o's popcounts over the 8 pixels; valid16: pixel_major16 of the valid counts; out: the packed
+// bits of the tile's first pixel. Writes, for each of the nl pixels, the block's byte of sign and of nonzero bits.
+BNN_AVX512 BNN_INLINE void finish_bits_short_avx512(const ConvArgs& a, int64_t block, int64_t oc0, int64_t* out,
+                                                    int nl, const __m512i* valid16, const __m512i* acc) {
+  __m128i d[NB];
+  for (int o = 0; o < NB; ++o) d[o] = _mm512_cvtepi64_epi16(acc[o]);
+  // channel-major: word 8c + p of lo4 (channels 0-3) and hi4 (channels 4-7)
+  const __m512i lo4 = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(d[0]), d[1], 1), d[2], 2),
+                           d[3], 3);
+  const __m512i hi4 = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(d[4]), d[5], 1), d[6], 2),
+                           d[7], 3);
+  const __m512i ta = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.thr_blocks + 16 * block)));
+  const __m512i tb = _mm512_broadcast_i32x4(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.thr_blocks + 16 * block + 8)));
+  uint64_t lo = 0, hi = 0;
+  for (int h = 0; h < 2; ++h) {  // pixels 0-3, then 4-7
+    const __m512i cnt = _mm512_permutex2var_epi16(lo4, _mm512_load_si512(PIXEL_MAJOR_FROM_CHANNELS[h]), hi4);
+    const __m512i dot = _mm512_sub_epi16(valid16[h], _mm512_add_epi16(cnt, cnt));
+    lo |= static_cast<uint64_t>(_mm512_cmplt_epi16_mask(dot, ta)) << (32 * h);
+    hi |= static_cast<uint64_t>(_mm512_cmpge_epi16_mask(dot, tb)) << (32 * h);
+  }
+  const uint64_t flip = a.flip_blocks[block] * 0x0101010101010101ULL;
+  const uint64_t sign = (lo & flip) | (hi & ~flip), nonzero = lo | hi;
+  uint8_t* w = reinterpret_cast<uint8_t*>(out + (oc0 / 64) * 2) + (oc0 % 64) / 8;
+  const int64_t stride = a.NWo * 16;  // bytes per output pixel
+  for (int l = 0; l < nl; ++l, w += stride) {
+    w[0] = static_cast<uint8_t>(sign >> (8 * l));
+    w[8] = static_cast<uint8_t>(nonzero >> (8 * l));
+  }
+}
+
 template <int NP>
 BNN_AVX512 void tile_avx512(const ConvArgs& a, int64_t n, int64_t gi, int64_t v0) {
   const Geo& g = *a.g;
@@ -1189,6 +1242,9 @@ BNN_AVX512 void tile_avx512(const ConvArgs& a, int64_t n, int64_t gi, int64_t v0
       valid[p] = _mm512_add_epi64(valid[p], _mm512_popcnt_epi64(_mm512_loadu_si512(base[p] + off)));
   }
   const int64_t plane = g.plane;
+  __m512i valid16[NP][2];  // for finish_bits_short_avx512: each pixel's valid count in its 8 lanes of 16 bits
+  if (a.thr_blocks != nullptr)
+    for (int p = 0; p < NP; ++p) pixel_major16(valid[p], valid16[p]);
   for (int64_t ob = 0; ob < g.OBg; ++ob) {
     const int64_t* wb = a.wts + (gi * g.OBg + ob) * kk * NB;
     __m512i acc[NB][NP];
@@ -1215,6 +1271,13 @@ BNN_AVX512 void tile_avx512(const ConvArgs& a, int64_t n, int64_t gi, int64_t v0
     if (a.thr != nullptr) {
       for (int p = 0; p < NP; ++p) {
         const int nl = __builtin_popcount(lanes[p]);
+        if (a.thr_blocks != nullptr && oc0 % 8 == 0) {
+          __m512i accp[NB];
+          for (int o = 0; o < NB; ++o) accp[o] = acc[o][p];
+          finish_bits_short_avx512(a, gi * g.OBg + ob, oc0, a.bits + (n * g.OH * g.OW + pix0[p]) * a.NWo * 2, nl,
+                                   valid16[p], accp);
+          continue;
+        }
         if (oc0 % 8 != 0) {  // a block that straddles bytes (grouped outputs): bit by bit
           alignas(64) int64_t d[8];
           for (int o = 0; o < nvalid_o; ++o) {
@@ -1299,6 +1362,54 @@ BNN_AVX512 void conv_avx512(const ConvArgs& a, int64_t n, int64_t gi, int64_t vb
   for (; v < ve; ++v) tile_avx512<1>(a, n, gi, v);
 }
 
+// The epilogue of channel lanes, vectorised: each pixel's 8 dot products (one per lane) become a byte of sign
+// and a byte of nonzero bits (two compares against the block's thresholds, the flip as a mask), or 8 consecutive
+// channels-last floats or counts (mul then add, as finish_one). The block starts on a byte (oc0 % 8 == 0).
+BNN_AVX512 BNN_INLINE void finish_lanes_avx512(const ConvArgs& a, int64_t n, int64_t oc0, int nvalid, int64_t p0,
+                                               int P, const int64_t* valid, const __m512i* acc) {
+  const Geo& g = *a.g;
+  const __mmask8 omask = static_cast<__mmask8>((1u << nvalid) - 1u);
+  if (a.thr != nullptr) {
+    // thresholds of the block's channels as int64 lanes: a (lo = dot < a), b (hi = dot >= b), and the flips
+    const int32_t* t = a.thr + 3 * oc0;
+    alignas(64) int64_t av[NB], bv[NB];
+    uint32_t flip = 0;
+    for (int o = 0; o < NB; ++o) {
+      av[o] = o < nvalid ? t[3 * o] : 0;
+      bv[o] = o < nvalid ? t[3 * o + 1] : 0;
+      flip |= static_cast<uint32_t>(o < nvalid && t[3 * o + 2] != 0) << o;
+    }
+    const __m512i va = _mm512_load_si512(av), vb = _mm512_load_si512(bv);
+    uint8_t* out = reinterpret_cast<uint8_t*>(a.bits) + (oc0 % 64) / 8;
+    for (int p = 0; p < P; ++p) {
+      const __m512i dot = _mm512_sub_epi64(_mm512_set1_epi64(valid[p]), _mm512_slli_epi64(acc[p], 1));
+      const uint32_t lo = _mm512_mask_cmplt_epi64_mask(omask, dot, va);
+      const uint32_t hi = _mm512_mask_cmpge_epi64_mask(omask, dot, vb);
+      uint8_t* w = out + ((n * g.OH * g.OW + p0 + p) * a.NWo + oc0 / 64) * 16;
+      w[0] = static_cast<uint8_t>((lo & flip) | (hi & ~flip));
+      w[8] = static_cast<uint8_t>(lo | hi);
+    }
+    return;
+  }
+  __m256 alpha = _mm256_set1_ps(1.0f), bias = _mm256_setzero_ps();
+  if (a.counts == nullptr) {
+    if (a.alpha != nullptr) alpha = _mm256_maskz_loadu_ps(omask, a.alpha + oc0);
+    if (a.bias != nullptr) bias = _mm256_maskz_loadu_ps(omask, a.bias + oc0);
+  }
+  for (int p = 0; p < P; ++p) {
+    const __m512i dot = _mm512_sub_epi64(_mm512_set1_epi64(valid[p]), _mm512_slli_epi64(acc[p], 1));
+    const int64_t at = (n * g.OH * g.OW + p0 + p) * g.O + oc0;
+    if (a.counts != nullptr) {
+      _mm256_mask_storeu_epi32(a.counts + at, omask, _mm512_cvtepi64_epi32(dot));
+      continue;
+    }
+    __m256 y = _mm512_cvtepi64_ps(dot);
+    if (a.alpha != nullptr) y = _mm256_mul_ps(y, alpha);
+    if (a.bias != nullptr) y = _mm256_add_ps(y, bias);
+    _mm256_mask_storeu_ps(a.out + at, omask, y);
+  }
+}
+
 // ---- AVX-512, channel lanes: lanes are the 8 output channels of a weight block
 // (one load), each output pixel's word is broadcast. For narrow outputs (a few
 // pixels per row, the late layers of a small image) where pixel lanes would sit
@@ -1333,6 +1444,10 @@ BNN_AVX512 void tile_avx512_ch(const ConvArgs& a, int64_t n, int64_t gi, int64_t
     }
     const int64_t oc0 = gi * g.Og + ob * NB;
     const int nvalid = static_cast<int>(std::min<int64_t>(NB, g.Og - ob * NB));
+    if (oc0 % 8 == 0 && (a.thr != nullptr || a.nhwc)) {
+      finish_lanes_avx512(a, n, oc0, nvalid, p0, P, valid, acc);
+      continue;
+    }
     for (int p = 0; p < P; ++p) {
       alignas(64) int64_t dots[NB];
       _mm512_store_si512(dots, _mm512_sub_epi64(_mm512_set1_epi64(valid[p]), _mm512_slli_epi64(acc[p], 1)));
@@ -1420,6 +1535,28 @@ BNN_AVX2 inline __m256i join4_avx2(const __m256i* b) {  // byte counters of 4 ch
 // Per block of 8 channels, 6 rows of 16 x int16: thresholds a and b, then the flip
 // mask, each for channels 0-3 then 4-7, repeated for the 4 pixels. |dot| <= 64 * 62 < 4096,
 // so clamping the thresholds to +-4096 keeps every comparison.
+// Per weight block, for finish_bits_short_avx512: the thresholds a and b of its 8 channels as int16, clamped to
+// +-4096 (|dot| < 4096 when kk <= SHORT_WORDS, so no comparison changes; lanes past the group's channels never
+// fire), and its flip bits.
+void block_thresholds(const Geo& g, const int32_t* thr, std::vector<int16_t>& ab, std::vector<uint8_t>& flips) {
+  ab.assign(g.G * g.OBg * 2 * NB, 0);
+  flips.assign(g.G * g.OBg, 0);
+  for (int64_t blk = 0; blk < g.G * g.OBg; ++blk) {
+    const int64_t gi = blk / g.OBg, ob = blk % g.OBg;
+    for (int o = 0; o < NB; ++o) {
+      int16_t a = -4096, b = 4096;
+      if (ob * NB + o < g.Og) {
+        const int32_t* t = thr + 3 * (gi * g.Og + ob * NB + o);
+        a = static_cast<int16_t>(std::min(std::max(t[0], -4096), 4096));
+        b = static_cast<int16_t>(std::min(std::max(t[1], -4096), 4096));
+        flips[blk] |= static_cast<uint8_t>((t[2] != 0) << o);
+      }
+      ab[blk * 2 * NB + o] = a;
+      ab[blk * 2 * NB + NB + o] = b;
+    }
+  }
+}
+
 std::vector<int16_t> short_thresholds(const Geo& g, const int32_t* thr) {
   std::vector<int16_t> tv(g.G * g.OBg * 6 * 16, 0);
   for (int64_t gi = 0; gi < g.G; ++gi)
@@ -1707,7 +1844,8 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
       args.out = out.data_ptr<float>();
     }
   }
-  std::vector<int16_t> thr16;
+  std::vector<int16_t> thr16, thr_blocks;
+  std::vector<uint8_t> flip_blocks;
 #if BNN_X86
   if (isa == ISA_AVX2 && args.kk <= SHORT_WORDS && args.thr != nullptr) {
     thr16 = short_thresholds(g, args.thr);
@@ -1722,6 +1860,11 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
   if (isa == ISA_AVX512) {
     channel_lanes = use_channel_lanes(g);
     unit = channel_lanes ? 1 : 8;
+    if (!channel_lanes && args.kk <= SHORT_WORDS && args.thr != nullptr) {
+      block_thresholds(g, args.thr, thr_blocks, flip_blocks);
+      args.thr_blocks = thr_blocks.data();
+      args.flip_blocks = flip_blocks.data();
+    }
   }
   if (isa == ISA_AVX2) unit = 4;
 #endif
