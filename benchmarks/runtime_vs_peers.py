@@ -42,6 +42,9 @@ import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import write_record  # noqa: E402
+
 ISA_ENV = {"auto": {}, "avx2": {"BNNSLIM_RUNTIME_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
                                  "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 NETWORKS = ["nin", "vgg11", "resnet18"]
@@ -249,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
             results.append(json.loads(out.read_text(encoding="utf-8")))
     text = report(results, args, time.perf_counter() - started, load)
     print(text)
-    args.out.write_text(text, encoding="utf-8")
+    write_record(args.out, text)  # keeps the hand-written notes of the record it replaces
 
 
 if __name__ == "__main__":
