@@ -1167,46 +1167,29 @@ BNN_AVX512 inline void transpose8x8(__m256 r[8]) {
 // tile holds NP such vectors; a weight block gives 8 output channels.
 // Per (tap, word): 2*NP loads, 8 broadcasts, 8*NP x (ternlog, popcnt, add).
 // Thresholded outputs of short dot products (kk <= SHORT_WORDS: |dot| < 4096), pixel lanes. Per-output compares,
-// mask shuffles and a bit transpose cost more than a 1x1 conv's popcounts, so the 8 channels x 8 pixels of a block
-// go as 16-bit lanes in pixel-major order (lane 8 * pixel + channel, two vectors of 4 pixels): two compares per
-// vector give each pixel's byte of lo and hi bits, with no transpose.
-alignas(64) constexpr int16_t PIXEL_MAJOR_FROM_CHANNELS[2][32] = {  // vpermt2w indices, channel-major [c][p] source
-    {0, 8, 16, 24, 32, 40, 48, 56, 1, 9, 17, 25, 33, 41, 49, 57, 2, 10, 18, 26, 34, 42, 50, 58, 3, 11, 19, 27, 35, 43,
-     51, 59},
-    {4, 12, 20, 28, 36, 44, 52, 60, 5, 13, 21, 29, 37, 45, 53, 61, 6, 14, 22, 30, 38, 46, 54, 62, 7, 15, 23, 31, 39,
-     47, 55, 63}};
-alignas(64) constexpr int16_t PIXEL_REPEATED[2][32] = {  // lane 8p + c <- pixel p (pixels 0-3, then 4-7)
-    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
-    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7}};
-
-// 8 x int64 (one per pixel, < 2^15) -> two vectors of 16-bit lanes, lane 8p + c = value of pixel p (resp. p + 4)
-BNN_AVX512 BNN_INLINE void pixel_major16(__m512i v, __m512i out[2]) {
-  const __m512i w = _mm512_castsi128_si512(_mm512_cvtepi64_epi16(v));
-  out[0] = _mm512_permutexvar_epi16(_mm512_load_si512(PIXEL_REPEATED[0]), w);
-  out[1] = _mm512_permutexvar_epi16(_mm512_load_si512(PIXEL_REPEATED[1]), w);
+// mask shuffles and a bit transpose cost more than a 1x1 conv's popcounts (and vector shuffles would crowd the one
+// port that also runs vpopcntq), so the counts of 4 channels travel as the 16-bit quarters of each pixel's 64-bit
+// lane (lane 4 * pixel + channel: shifts and ors), two compares per vector give each pixel a nibble of lo and hi
+// bits, and pdep interleaves the nibbles of channels 0-3 and 4-7 into one byte per pixel: no transpose.
+BNN_AVX512 BNN_INLINE __m512i quarters16_avx512(__m512i a, __m512i b, __m512i c, __m512i d) {  // each < 2^16
+  return _mm512_or_si512(_mm512_or_si512(a, _mm512_slli_epi64(b, 16)),
+                         _mm512_or_si512(_mm512_slli_epi64(c, 32), _mm512_slli_epi64(d, 48)));
 }
 
-// acc[o]: channel o's popcounts over the 8 pixels; valid16: pixel_major16 of the valid counts; out: the packed
+// acc[o]: channel o's popcounts over the 8 pixels; valid16: quarters16_avx512 of the valid counts; out: the packed
 // bits of the tile's first pixel. Writes, for each of the nl pixels, the block's byte of sign and of nonzero bits.
 BNN_AVX512 BNN_INLINE void finish_bits_short_avx512(const ConvArgs& a, int64_t block, int64_t oc0, int64_t* out,
-                                                    int nl, const __m512i* valid16, const __m512i* acc) {
-  __m128i d[NB];
-  for (int o = 0; o < NB; ++o) d[o] = _mm512_cvtepi64_epi16(acc[o]);
-  // channel-major: word 8c + p of lo4 (channels 0-3) and hi4 (channels 4-7)
-  const __m512i lo4 = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(d[0]), d[1], 1), d[2], 2),
-                           d[3], 3);
-  const __m512i hi4 = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(d[4]), d[5], 1), d[6], 2),
-                           d[7], 3);
-  const __m512i ta = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.thr_blocks + 16 * block)));
-  const __m512i tb = _mm512_broadcast_i32x4(
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.thr_blocks + 16 * block + 8)));
-  uint64_t lo = 0, hi = 0;
-  for (int h = 0; h < 2; ++h) {  // pixels 0-3, then 4-7
-    const __m512i cnt = _mm512_permutex2var_epi16(lo4, _mm512_load_si512(PIXEL_MAJOR_FROM_CHANNELS[h]), hi4);
-    const __m512i dot = _mm512_sub_epi16(valid16[h], _mm512_add_epi16(cnt, cnt));
-    lo |= static_cast<uint64_t>(_mm512_cmplt_epi16_mask(dot, ta)) << (32 * h);
-    hi |= static_cast<uint64_t>(_mm512_cmpge_epi16_mask(dot, tb)) << (32 * h);
-  }
+                                                    int nl, __m512i valid16, const __m512i* acc) {
+  const int64_t* t = reinterpret_cast<const int64_t*>(a.thr_blocks + 2 * NB * block);  // a0-3, a4-7, b0-3, b4-7
+  const __m512i c03 = quarters16_avx512(acc[0], acc[1], acc[2], acc[3]);
+  const __m512i c47 = quarters16_avx512(acc[4], acc[5], acc[6], acc[7]);
+  const __m512i dot03 = _mm512_sub_epi16(valid16, _mm512_add_epi16(c03, c03));
+  const __m512i dot47 = _mm512_sub_epi16(valid16, _mm512_add_epi16(c47, c47));
+  constexpr uint64_t LOW = 0x0F0F0F0F0F0F0F0FULL, HIGH = 0xF0F0F0F0F0F0F0F0ULL;
+  const uint64_t lo = _pdep_u64(_mm512_cmplt_epi16_mask(dot03, _mm512_set1_epi64(t[0])), LOW) |
+                      _pdep_u64(_mm512_cmplt_epi16_mask(dot47, _mm512_set1_epi64(t[1])), HIGH);
+  const uint64_t hi = _pdep_u64(_mm512_cmpge_epi16_mask(dot03, _mm512_set1_epi64(t[2])), LOW) |
+                      _pdep_u64(_mm512_cmpge_epi16_mask(dot47, _mm512_set1_epi64(t[3])), HIGH);
   const uint64_t flip = a.flip_blocks[block] * 0x0101010101010101ULL;
   const uint64_t sign = (lo & flip) | (hi & ~flip), nonzero = lo | hi;
   uint8_t* w = reinterpret_cast<uint8_t*>(out + (oc0 / 64) * 2) + (oc0 % 64) / 8;
@@ -1242,9 +1225,9 @@ BNN_AVX512 void tile_avx512(const ConvArgs& a, int64_t n, int64_t gi, int64_t v0
       valid[p] = _mm512_add_epi64(valid[p], _mm512_popcnt_epi64(_mm512_loadu_si512(base[p] + off)));
   }
   const int64_t plane = g.plane;
-  __m512i valid16[NP][2];  // for finish_bits_short_avx512: each pixel's valid count in its 8 lanes of 16 bits
+  __m512i valid16[NP];  // for finish_bits_short_avx512: each pixel's valid count in the 4 quarters of its lane
   if (a.thr_blocks != nullptr)
-    for (int p = 0; p < NP; ++p) pixel_major16(valid[p], valid16[p]);
+    for (int p = 0; p < NP; ++p) valid16[p] = quarters16_avx512(valid[p], valid[p], valid[p], valid[p]);
   for (int64_t ob = 0; ob < g.OBg; ++ob) {
     const int64_t* wb = a.wts + (gi * g.OBg + ob) * kk * NB;
     __m512i acc[NB][NP];
