@@ -316,6 +316,36 @@ def test_a_fused_sequence_calls_its_kernels_directly_and_equals_the_layer_by_lay
         assert torch.equal(got, _module_by_module(fused)(x))
 
 
+def _nested_chain_model() -> nn.Module:
+    """The chain of :func:`_chain_model` with its stages in sequences of their own (as the examples nest blocks)."""
+    flat = list(_chain_model())
+    return nn.Sequential(nn.Sequential(*flat[:4]), nn.Sequential(*flat[4:8]), nn.Sequential(*flat[8:11]),
+                         nn.Sequential(*flat[11:14]), *flat[14:]).eval()
+
+
+def test_nested_sequences_run_as_one_plan(isa: str) -> None:
+    """Stages nested in sequences run as one plan: a conv reading the bits of the sequence before it is called
+    directly too, the output is the layer-by-layer run's bit for bit, and a hook on a nested sequence fires."""
+    from bnnslim.runtime.layers import PackedBinaryConv2d
+    from bnnslim.runtime.segments import PackedSequential, plan_steps
+
+    fused = to_runtime(_nested_chain_model())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = _module_by_module(fused)(x)
+        assert torch.equal(fused(x), want) and torch.equal(fused(x), want)
+        planned = plan_steps(list(fused))
+        assert planned is not None
+        _, bypassed = planned
+        assert sum(type(m) is PackedSequential for m in bypassed) == 4
+        assert sum(isinstance(m, PackedBinaryConv2d) for m in bypassed) == 3  # each reads bits, none a module call
+        assert torch.equal(fused(x), with_emulation(fused)(x))
+        seen: list[torch.Size] = []
+        handle = fused[2].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        assert torch.equal(fused(x), want) and len(seen) == 1
+        handle.remove()
+
+
 def test_hooks_on_a_layer_of_a_fused_sequence_still_fire(kernels: build.KernelStatus) -> None:
     """A hook on a layer the plan would call directly (bench's per-layer timing) makes the sequence call it."""
     fused = to_runtime(_chain_model())

@@ -8,7 +8,8 @@ layer receives is known from the layer before it (packed bits after a
 pooling), so :class:`PackedSequential` settles those checks once: it plans its
 children into steps (a packed conv reading bits calls its kernel object
 directly, a bit max pooling its kernel, a layer folded or fused away is
-skipped, everything else is called as the module it is) and replans whenever a
+skipped, everything else is called as the module it is; sequences nested in it
+are flattened into its plan) and replans whenever a
 packed layer or the sequence changes (every such change goes through
 ``__setattr__``, which calls :func:`bnnslim.runtime.changes.changed`), when the kernel ISA is switched,
 or when hooks are registered on a layer it would not call.
@@ -103,14 +104,28 @@ def gives_bits(child: nn.Module, bits: bool) -> bool:
     return isinstance(child, (PackSigns, PackedMaxPool2d)) or (bits and isinstance(child, FusedAway))
 
 
+def _flattened(children: list[nn.Module], bypassed: list[nn.Module]) -> list[nn.Module]:
+    """``children`` with every :class:`PackedSequential` among them replaced by its own children, recursively (a
+    model that nests its stages in sequences): one plan runs them all, packed bits pass from one sequence to the
+    next without a module call, and the nested sequences join ``bypassed`` (a hook on one stops the plan)."""
+    flat: list[nn.Module] = []
+    for child in children:
+        if type(child) is PackedSequential:
+            bypassed.append(child)
+            flat += _flattened(list(child), bypassed)
+        else:
+            flat.append(child)
+    return flat
+
+
 def plan_steps(children: list[nn.Module]) -> tuple[list[Step], list[nn.Module]] | None:
-    """(steps, the children they do not call as modules) for a sequence, or None if a packed conv that would
-    be called directly has not made its kernel object yet."""
+    """(steps, the children they do not call as modules) for a sequence, nested sequences flattened, or None if a
+    packed conv that would be called directly has not made its kernel object yet."""
     ops = build.available_ops()
     steps: list[Step] = []
     bypassed: list[nn.Module] = []
     bits = False  # whether the previous step hands on packed bits
-    for child in children:
+    for child in _flattened(children, bypassed):
         if passes_input_on(child, bits):
             bypassed.append(child)
             continue
