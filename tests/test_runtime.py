@@ -632,6 +632,32 @@ def test_blocks_torch_fx_cannot_trace_or_autograd_run_their_own_forward(kernels:
     assert torch.equal(runtime(x).detach(), want)
 
 
+class _LayerScaled(nn.Module):
+    """A residual block whose forward reads a parameter of its own (ConvNeXt's layer scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = binary_conv(8, 8, 3, padding=1)
+        self.layer_scale = nn.Parameter(torch.rand(8, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layer_scale * self.conv(x)
+
+
+def test_a_block_reading_its_own_parameter_is_planned(kernels: build.KernelStatus) -> None:
+    """A block whose forward uses a parameter directly (torchvision's ConvNeXt) runs its planned graph, which
+    reads that very parameter: equal to the forward as written, also after the parameter changes."""
+    torch.manual_seed(24)
+    runtime = to_runtime(nn.Sequential(_LayerScaled(), nn.Hardtanh(), _LayerScaled()).eval())
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        want = _as_written(runtime)(x)
+        assert torch.equal(runtime(x), want) and torch.equal(runtime(x), want)  # the second call runs the plan
+        assert runtime[0].forward.__dict__["_made"][1] is not None, "the block got a plan"
+        runtime[0].layer_scale.mul_(-2.0)
+        assert torch.equal(runtime(x), _as_written(runtime)(x)) and not torch.equal(runtime(x), want)
+
+
 @pytest.mark.parametrize("name", ["nin", "resnet18"])
 def test_packed_file_tensors_are_used_as_exported(name: str, kernels: build.KernelStatus) -> None:
     """bnnslim.load(..., runtime='packed'): the export's bits and alpha drive the kernels directly."""

@@ -170,6 +170,12 @@ class BlockForward:
         return state
 
 
+def _attribute(block: nn.Module, target: str) -> Any:
+    """``block``'s attribute at the dotted path ``target`` (a parameter or buffer of it or of a child)."""
+    owner, _, name = target.rpartition(".")
+    return getattr(block.get_submodule(owner) if owner else block, name)
+
+
 def plan_block(block: nn.Module) -> Plan | None:
     """(the rewritten forward, the children it no longer calls as modules), or None where the class's forward
     must run (torch.fx cannot trace it); raises :class:`_NotYet` where a packed conv has no kernel object yet."""
@@ -233,6 +239,9 @@ def plan_block(block: nn.Module) -> Plan | None:
     _fuse_residual_clamps(graph, modules, floats)
     graph.lint()
     root: dict[str, Any] = {str(n.target): modules[str(n.target)] for n in graph.nodes if n.op == "call_module"}
+    for n in graph.nodes:  # the block's own parameters and buffers the forward reads (ConvNeXt's layer_scale)
+        if n.op == "get_attr" and str(n.target) not in attrs:
+            root[str(n.target)] = _attribute(block, str(n.target))
     root.update(attrs)
     module = fx.GraphModule(root, graph, class_name=f"Planned{type(block).__name__}")
     return module.forward, bypassed
