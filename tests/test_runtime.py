@@ -1335,20 +1335,20 @@ def test_chains_that_cannot_fuse_stay_float(case: str, kernels: build.KernelStat
         assert torch.equal(fused(x), to_runtime(model, fuse=False)(x))
 
 
-@pytest.mark.parametrize("pool", [(2, 2, 0, False), (2, 2, 0, True), (3, 2, 1, False), (3, 2, 1, True),
-                                  (2, 1, 0, True)])
-def test_bits_max_pool_equals_torch(pool: tuple[int, int, int, bool], kernels: build.KernelStatus) -> None:
+@pytest.mark.parametrize("pool", [(2, 2, 0, False, 1), (2, 2, 0, True, 1), (3, 2, 1, False, 1),
+                                  (3, 2, 1, True, 1), (2, 1, 0, True, 1), (3, 2, 2, False, 2)])
+def test_bits_max_pool_equals_torch(pool: tuple[int, int, int, bool, int], kernels: build.KernelStatus) -> None:
     from bnnslim.runtime.bits import max_pool_emulated, pack_ternary, unpack_ternary
 
-    k, s, p, ceil = pool
+    k, s, p, ceil, d = pool
     g = torch.Generator().manual_seed(k * 10 + s)
     values = torch.randint(-1, 2, (2, 70, 9, 7), generator=g).float()
     bits = pack_ternary(values)
     assert torch.equal(unpack_ternary(bits, 70), values)
-    got = build.ops().bits_max_pool2d(bits, [k, k], [s, s], [p, p], [1, 1], ceil)
-    want = F.max_pool2d(values, k, s, p, 1, ceil)
+    got = build.ops().bits_max_pool2d(bits, [k, k], [s, s], [p, p], [d, d], ceil)
+    want = F.max_pool2d(values, k, s, p, d, ceil)
     assert torch.equal(unpack_ternary(got, 70), want)
-    assert torch.equal(got, max_pool_emulated(bits, 70, (k, k), (s, s), (p, p), (1, 1), ceil))
+    assert torch.equal(got, max_pool_emulated(bits, 70, (k, k), (s, s), (p, p), (d, d), ceil))
 
 
 def test_compiler_flags_per_platform(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -499,30 +499,33 @@ at::Tensor bits_max_pool2d_op(const at::Tensor& bits_in, at::IntArrayRef kernel,
     });
     return out;
   }
+  // any other window: the taps inside the input, per output row and column, listed once (offsets in words)
+  std::vector<std::vector<int64_t>> rows(OH), cols(OW);
+  for (int64_t oh = 0; oh < OH; ++oh)
+    for (int64_t kh = 0; kh < kernel[0]; ++kh) {
+      const int64_t ih = oh * stride[0] - padding[0] + kh * dilation[0];
+      if (ih >= 0 && ih < H) rows[oh].push_back(ih * W * NW * 2);
+    }
+  for (int64_t ow = 0; ow < OW; ++ow)
+    for (int64_t kw = 0; kw < kernel[1]; ++kw) {
+      const int64_t iw = ow * stride[1] - padding[1] + kw * dilation[1];
+      if (iw >= 0 && iw < W) cols[ow].push_back(iw * NW * 2);
+    }
   at::parallel_for(0, N * OH, 8, [&](int64_t b, int64_t e) {
-    std::vector<uint64_t> os(NW), az(NW);
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t / OH, oh = t % OH;
-      for (int64_t ow = 0; ow < OW; ++ow) {
-        std::fill(os.begin(), os.end(), 0);
-        std::fill(az.begin(), az.end(), ~uint64_t{0});
-        for (int64_t kh = 0; kh < kernel[0]; ++kh) {
-          const int64_t ih = oh * stride[0] - padding[0] + kh * dilation[0];
-          if (ih < 0 || ih >= H) continue;
-          for (int64_t kw = 0; kw < kernel[1]; ++kw) {
-            const int64_t iw = ow * stride[1] - padding[1] + kw * dilation[1];
-            if (iw < 0 || iw >= W) continue;
-            const int64_t* in = src + ((n * H + ih) * W + iw) * NW * 2;
-            for (int64_t j = 0; j < NW; ++j) {
-              os[j] |= static_cast<uint64_t>(in[2 * j]);
-              az[j] &= static_cast<uint64_t>(in[2 * j + 1]);
-            }
-          }
-        }
-        int64_t* o = dst + ((n * OH + oh) * OW + ow) * NW * 2;
+      const uint64_t* img = reinterpret_cast<const uint64_t*>(src + n * H * W * NW * 2);
+      uint64_t* o = reinterpret_cast<uint64_t*>(dst + t * OW * NW * 2);
+      for (int64_t ow = 0; ow < OW; ++ow, o += 2 * NW) {
         for (int64_t j = 0; j < NW; ++j) {
-          o[2 * j] = static_cast<int64_t>(os[j]);
-          o[2 * j + 1] = static_cast<int64_t>(os[j] | az[j]);
+          uint64_t os = 0, az = ~uint64_t{0};
+          for (const int64_t r : rows[oh])
+            for (const int64_t c : cols[ow]) {
+              os |= img[r + c + 2 * j];
+              az &= img[r + c + 2 * j + 1];
+            }
+          o[2 * j] = os;
+          o[2 * j + 1] = os | az;
         }
       }
     }
