@@ -1204,6 +1204,32 @@ def test_global_pooling_flatten_and_linear_run_as_one_layer(tail: str, kernels: 
                           FoldedAway)
 
 
+@pytest.mark.parametrize("shape", [(2, 12, 5, 6), (1, 40, 7, 7), (3, 8, 1, 1)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "flattened"])
+def test_the_tail_kernel_equals_its_fallback_bit_for_bit(shape: tuple[int, int, int, int], layout: str,
+                                                         kernels: build.KernelStatus,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """PooledLinear on the kernel and on the Python fallback (no compiled kernels) give the same floats, and the
+    modules' values to float rounding."""
+    from bnnslim.runtime.tails import PooledLinear
+
+    torch.manual_seed(sum(shape))
+    linear = nn.Linear(shape[1], 5)
+    layer = PooledLinear(linear)
+    x = torch.randn(*shape) * 3
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "flattened":
+        x = x.flatten(1)
+    with torch.no_grad():
+        got = layer(x)
+        monkeypatch.setattr(build, "available_ops", lambda: None)
+        fallback = layer(x)
+        want = linear(x.reshape(shape[0], shape[1], -1).mean(2))
+    assert torch.equal(got, fallback)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("act", [nn.ReLU(inplace=True), nn.ReLU6(), nn.Hardtanh(0.0, 2.0)])
 def test_a_first_conv_then_relu_writes_the_signs_of_its_positive_part(act: nn.Module, isa: str) -> None:
     """conv -> ReLU -> max pool -> binary conv (a VGG's or SqueezeNet's entry): the binary conv sees +1 where the

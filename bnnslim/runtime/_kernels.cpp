@@ -986,17 +986,39 @@ at::Tensor conv_small_float_op(const at::Tensor& x_in, const at::Tensor& w, cons
   return small_conv_impl(x_in, w, b, kh, kw, stride, padding, isa, false, out_channels, lo, hi);
 }
 
+// Global average pooling of float32 [N, C, L] (any strides): each channel's values summed in position order in
+// float32, then divided by L. tails.py's fallback sums in the same order, so both give the same floats; ATen's
+// mean (a vectorised reduction, whose order is its own) costs about 3 us at batch 1 for a few hundred numbers.
+at::Tensor pooled_mean(const at::Tensor& v) {
+  const int64_t N = v.size(0), C = v.size(1), L = v.size(2);
+  const int64_t sN = v.stride(0), sC = v.stride(1), sL = v.stride(2);
+  at::Tensor out = at::empty({N, C}, v.options());
+  const float* src = v.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  std::vector<float> acc(C);
+  for (int64_t n = 0; n < N; ++n) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t l = 0; l < L; ++l) {
+      const float* at = src + n * sN + l * sL;
+      for (int64_t c = 0; c < C; ++c) acc[c] += at[c * sC];
+    }
+    for (int64_t c = 0; c < C; ++c) dst[n * C + c] = acc[c] / static_cast<float>(L);
+  }
+  return out;
+}
+
 // A network's tail, global average pooling then (optionally) a linear layer, in one call: at batch 1 the
-// three torch modules it replaces (pool, flatten, linear) cost about 20 us from Python, these ATen calls a few.
+// three torch modules it replaces (pool, flatten, linear) cost about 20 us from Python, this call a few.
 // x is [N, C, H, W] (any memory format) or [N, C * L] (flattened after the pooling's place, C-major); the
-// result is mean over the spatial positions, then x w^T + b. It calls ATen's mean and addmm on purpose: the
-// Python fallback (no compiled kernels) must give the same floats bit for bit, and loops of our own (tried:
-// about 2 us faster at batch 1) round differently.
+// result is the mean over the spatial positions (pooled_mean for float32), then ATen's addmm x w^T + b, which
+// the fallback's F.linear also calls.
 at::Tensor pooled_linear_op(const at::Tensor& x, const c10::optional<at::Tensor>& w,
                             const c10::optional<at::Tensor>& b, int64_t channels) {
   TORCH_CHECK(x.dim() == 4 || (x.dim() == 2 && channels > 0 && x.size(1) % channels == 0),
               "bnnslim runtime: pooled_linear takes [N, C, H, W] or [N, C * L] inputs");
-  const at::Tensor pooled = x.dim() == 4 ? x.mean({2, 3}) : x.reshape({x.size(0), channels, -1}).mean(2);
+  const at::Tensor positions = x.dim() == 4 ? x.flatten(2) : x.reshape({x.size(0), channels, -1});
+  const at::Tensor pooled = positions.scalar_type() == at::kFloat && positions.size(2) > 0 ? pooled_mean(positions)
+                                                                                         : positions.mean(2);
   if (!w.has_value()) return pooled;
   const at::Tensor w2 = w->dim() == 4 ? w->reshape({w->size(0), -1}) : *w;  // a 1x1 conv's [O, C, 1, 1]
   return b.has_value() ? at::addmm(*b, pooled, w2.t()) : at::mm(pooled, w2.t());

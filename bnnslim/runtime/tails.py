@@ -4,8 +4,9 @@ At batch 1 ``AdaptiveAvgPool2d(1)``, ``Flatten`` and ``Linear`` are three
 module calls and three torch ops on a few hundred numbers, 10-20 us from Python
 (a sixth of the VGG-11 example's packed time). :func:`fold_pooled_tails` makes
 the linear layer (or, with none after it, the flatten) a :class:`PooledLinear`,
-which computes the mean over the spatial positions and ``x W^T + b`` in one C++
-call (ATen's mean and addmm: the same values as the modules); the pooling and a
+which computes the mean over the spatial positions (summed in position order) and
+``x W^T + b`` (ATen's addmm) in one C++ call, to float rounding the modules' values
+(bit for bit the fallback's, :func:`position_mean`); the pooling and a
 flatten module before it pass their input on (:class:`FoldedAway`). A flatten
 called as a function (``torch.flatten(x, 1)`` in a forward) stays: the layer
 then pools its ``[N, C * H * W]`` input per channel.
@@ -29,6 +30,17 @@ from bnnslim.runtime import build
 from bnnslim.runtime.fuse import FoldedAway, _set_submodule
 
 
+def position_mean(positions: torch.Tensor) -> torch.Tensor:
+    """The mean of ``[N, C, L]`` over ``L`` as the kernel computes it for float32: summed in position order, then
+    divided by ``L`` (the same floats bit for bit; ATen's mean sums in an order of its own)."""
+    if positions.dtype != torch.float32 or positions.shape[2] == 0:
+        return positions.mean(2)
+    total = torch.zeros(positions.shape[:2], dtype=positions.dtype, device=positions.device)
+    for i in range(positions.shape[2]):
+        total = total + positions[:, :, i]
+    return total / positions.shape[2]
+
+
 class PooledLinear(nn.Module):
     """Global average pooling, then the linear layer (or 1x1 conv) it replaced (``linear`` None: the pooling
     alone). A conv's weight keeps its ``[O, C, 1, 1]`` shape and state key."""
@@ -48,7 +60,7 @@ class PooledLinear(nn.Module):
         if ops is not None and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() \
                 and (x.dim() == 4 or (x.dim() == 2 and self.channels and x.shape[1] % self.channels == 0)):
             return ops.pooled_linear(x, self.weight, self.bias, self.channels)
-        pooled = x.mean((2, 3)) if x.dim() == 4 else x.reshape(x.shape[0], self.channels, -1).mean(2)
+        pooled = position_mean(x.flatten(2) if x.dim() == 4 else x.reshape(x.shape[0], self.channels, -1))
         return pooled if self.weight is None else F.linear(pooled, self.weight.flatten(1), self.bias)
 
     def extra_repr(self) -> str:
