@@ -1188,9 +1188,6 @@ BNN_AVX512 inline void transpose8x8(__m256 r[8]) {
   r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
-// ---- AVX-512 VPOPCNTDQ: lanes are 8 consecutive output pixels of a row; a
-// tile holds NP such vectors; a weight block gives 8 output channels.
-// Per (tap, word): 2*NP loads, 8 broadcasts, 8*NP x (ternlog, popcnt, add).
 // Thresholded outputs of short dot products (kk <= SHORT_WORDS: |dot| < 4096), pixel lanes. Per-output compares,
 // mask shuffles and a bit transpose cost more than a 1x1 conv's popcounts (and vector shuffles would crowd the one
 // port that also runs vpopcntq), so the counts of 4 channels travel as the 16-bit quarters of each pixel's 64-bit
@@ -1225,6 +1222,9 @@ BNN_AVX512 BNN_INLINE void finish_bits_short_avx512(const ConvArgs& a, int64_t b
   }
 }
 
+// ---- AVX-512 VPOPCNTDQ: lanes are 8 consecutive output pixels of a row; a
+// tile holds NP such vectors; a weight block gives 8 output channels.
+// Per (tap, word): 2*NP loads, 8 broadcasts, 8*NP x (ternlog, popcnt, add).
 template <int NP>
 BNN_AVX512 void tile_avx512(const ConvArgs& a, int64_t n, int64_t gi, int64_t v0) {
   const Geo& g = *a.g;
@@ -1540,12 +1540,12 @@ BNN_AVX2 inline __m256i join4_avx2(const __m256i* b) {  // byte counters of 4 ch
                       _mm256_slli_epi64(_mm256_sad_epu8(b[3], zero), 48)));
 }
 
-// Per block of 8 channels, 6 rows of 16 x int16: thresholds a and b, then the flip
-// mask, each for channels 0-3 then 4-7, repeated for the 4 pixels. |dot| <= 64 * 62 < 4096,
-// so clamping the thresholds to +-4096 keeps every comparison.
-// Per weight block, for finish_bits_short_avx512: the thresholds a and b of its 8 channels as int16, clamped to
-// +-4096 (|dot| < 4096 when kk <= SHORT_WORDS, so no comparison changes; lanes past the group's channels never
-// fire), and its flip bits.
+// A threshold as int16 for a short dot product: |dot| <= 64 * SHORT_WORDS < 4096, so clamping to +-4096 keeps
+// every comparison.
+inline int16_t short_threshold(int32_t t) { return static_cast<int16_t>(std::min(std::max(t, -4096), 4096)); }
+
+// Per weight block, for finish_bits_short_avx512: the thresholds a and b of its 8 channels (short_threshold;
+// lanes past the group's channels never fire) and its flip bits.
 void block_thresholds(const Geo& g, const int32_t* thr, std::vector<int16_t>& ab, std::vector<uint8_t>& flips) {
   ab.assign(g.G * g.OBg * 2 * NB, 0);
   flips.assign(g.G * g.OBg, 0);
@@ -1555,8 +1555,8 @@ void block_thresholds(const Geo& g, const int32_t* thr, std::vector<int16_t>& ab
       int16_t a = -4096, b = 4096;
       if (ob * NB + o < g.Og) {
         const int32_t* t = thr + 3 * (gi * g.Og + ob * NB + o);
-        a = static_cast<int16_t>(std::min(std::max(t[0], -4096), 4096));
-        b = static_cast<int16_t>(std::min(std::max(t[1], -4096), 4096));
+        a = short_threshold(t[0]);
+        b = short_threshold(t[1]);
         flips[blk] |= static_cast<uint8_t>((t[2] != 0) << o);
       }
       ab[blk * 2 * NB + o] = a;
@@ -1565,6 +1565,9 @@ void block_thresholds(const Geo& g, const int32_t* thr, std::vector<int16_t>& ab
   }
 }
 
+// Per block of 8 channels, 6 rows of 16 x int16: thresholds a and b, then the flip
+// mask, each for channels 0-3 then 4-7, repeated for the 4 pixels. |dot| <= 64 * 62 < 4096,
+// so clamping the thresholds to +-4096 keeps every comparison.
 std::vector<int16_t> short_thresholds(const Geo& g, const int32_t* thr) {
   std::vector<int16_t> tv(g.G * g.OBg * 6 * 16, 0);
   for (int64_t gi = 0; gi < g.G; ++gi)
@@ -1573,8 +1576,8 @@ std::vector<int16_t> short_thresholds(const Geo& g, const int32_t* thr) {
         const int32_t* t = thr + 3 * (gi * g.Og + ob * NB + o);
         for (int l = 0; l < 4; ++l) {
           int16_t* row = tv.data() + ((gi * g.OBg + ob) * 6 + (o < 4 ? 0 : 1)) * 16 + 4 * l + o % 4;
-          row[0] = static_cast<int16_t>(std::min(std::max(t[0], -4096), 4096));
-          row[2 * 16] = static_cast<int16_t>(std::min(std::max(t[1], -4096), 4096));
+          row[0] = short_threshold(t[0]);
+          row[2 * 16] = short_threshold(t[1]);
           row[4 * 16] = static_cast<int16_t>(t[2] ? -1 : 0);
         }
       }

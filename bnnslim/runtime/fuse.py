@@ -710,8 +710,7 @@ def pack_sign_chains(model: nn.Module, graph: fx.Graph, calls: Counter[int], rep
 def _sign_batch_norm(node: fx.Node, model: nn.Module, calls: Counter[int]) -> nn.BatchNorm2d | None:
     """The eval-mode batch norm called at ``node`` if only the :class:`PackSigns` after it reads it (once)."""
     bn = model.get_submodule(str(node.target)) if node.op == "call_module" else None
-    if isinstance(bn, nn.BatchNorm2d) and _elementwise(bn) and calls[id(bn)] == 1 and _only_user(node) is not None \
-            and bn.running_mean is not None and bn.running_mean.dtype == torch.float32:
+    if isinstance(bn, nn.BatchNorm2d) and _elementwise(bn) and calls[id(bn)] == 1 and _only_user(node) is not None:
         return bn
     return None
 
