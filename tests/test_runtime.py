@@ -361,6 +361,50 @@ def test_hooks_on_a_layer_of_a_fused_sequence_still_fire(kernels: build.KernelSt
     assert len(seen) == 1
 
 
+def test_inputs_that_only_the_first_conv_kernel_reads_come_in_as_they_are(isa: str) -> None:
+    """An image's first conv computed by the sign packing reads any memory format: the model takes NCHW and
+    channels-last inputs as they come (no conversion on entry), with the same outputs bit for bit; a model whose
+    input a packed conv reads itself still gets it channels-last."""
+    fused = to_runtime(_chain_model())
+    x = torch.randn(2, 3, 16, 16)
+    seen: list[bool] = []
+    with torch.no_grad():
+        y = fused(x)
+        assert torch.equal(fused(x.contiguous(memory_format=torch.channels_last)), y)
+        assert torch.equal(y, _module_by_module(fused)(x))
+        handle = fused[0].register_forward_pre_hook(lambda m, i: seen.append(i[0].is_contiguous()))
+        assert torch.equal(fused(x), y)
+        handle.remove()
+        assert seen == [True]  # NCHW memory, untouched
+        direct = to_runtime(nn.Sequential(binary_conv(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Hardtanh(),
+                                          binary_conv(16, 16, 3, padding=1)).eval())
+        handle = direct[0].register_forward_pre_hook(
+            lambda m, i: seen.append(i[0].is_contiguous(memory_format=torch.channels_last)))
+        direct(x)
+        handle.remove()
+    assert seen == [True, True]
+
+
+def test_a_plan_follows_the_kernel_forced_through_the_environment(kernels: build.KernelStatus,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forcing a kernel with BNNSLIM_RUNTIME_ISA between calls makes a planned model plan again on that kernel
+    (the same outputs bit for bit), and unsetting it goes back to the CPU's own."""
+    fused = to_runtime(_chain_model())
+    x = torch.randn(1, 3, 16, 16)
+    monkeypatch.delenv(build.ENV_ISA, raising=False)
+    with torch.no_grad():
+        y = fused(x)  # the first call builds the layers' kernel objects, the second plans with them
+        assert torch.equal(fused(x), y)
+        assert build.env_isa() is None and fused.__dict__["_plan"][0][1] is None
+        monkeypatch.setenv(build.ENV_ISA, "scalar")
+        assert build.env_isa() == "scalar" and build.isa_code() == build.ISA_CODES["scalar"]
+        assert torch.equal(fused(x), y) and torch.equal(fused(x), y)
+        assert fused.__dict__["_plan"][0][1] == "scalar"
+        monkeypatch.delenv(build.ENV_ISA)
+        assert torch.equal(fused(x), y) and torch.equal(fused(x), y)
+        assert fused.__dict__["_plan"][0][1] is None
+
+
 def test_packed_input_layout(kernels: build.KernelStatus) -> None:
     """pack_input: sign and nonzero bits along channels, LSB first, zero padding, stride phases."""
     x = torch.randn(1, 70, 3, 5)

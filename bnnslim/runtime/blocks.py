@@ -59,6 +59,7 @@ from bnnslim.runtime.layers import PackedBinaryConv2d
 from bnnslim.runtime.segments import (
     PackedSequential,
     gives_bits,
+    hook_tables,
     hooked,
     passes_input_on,
     plan_key,
@@ -144,13 +145,13 @@ class BlockForward:
                 return None
             if plan is not None and not self._agrees(plan[0], x):
                 plan = None
-            made = (key, plan)
+            made = (key, None if plan is None else (plan[0], hook_tables(plan[1])))
             self.__dict__["_made"] = made
-        plan = made[1]
-        if plan is None:
+        ready = made[1]
+        if ready is None:
             return None
-        run, bypassed = plan
-        return None if hooked(bypassed) else run
+        run, tables = ready
+        return None if hooked(tables) else run
 
     def _agrees(self, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> bool:
         """Whether the plan gives the class forward's output on copies of ``x``, and leaves its copy as the class

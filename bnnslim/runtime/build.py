@@ -350,9 +350,25 @@ def vector_kernels(code: int) -> bool:
     return status.isa in ("avx2", "avx512_vpopcntdq")
 
 
+#: os.environ's own mapping and BNNSLIM_RUNTIME_ISA's key in it (CPython's ``os._Environ``), for
+#: :func:`env_isa`; None where os.environ is another kind of mapping
+_ENVIRON: dict[Any, Any] | None = getattr(os.environ, "_data", None)
+_ENV_ISA_KEY: object = getattr(os.environ, "encodekey", lambda k: k)(ENV_ISA)
+
+
+def env_isa() -> str | None:
+    """``BNNSLIM_RUNTIME_ISA`` as set now, or None. Read on every batch-1 call of every packed sequence, block and
+    layer (plans depend on it): ``os.environ.get`` of a missing variable costs 0.7 us (it raises and catches a
+    KeyError inside), a lookup in os.environ's own dict some 50 ns; both see ``os.environ[...] = ...`` at once."""
+    if _ENVIRON is None:
+        return os.environ.get(ENV_ISA)
+    raw = _ENVIRON.get(_ENV_ISA_KEY)
+    return None if raw is None else os.environ.decodevalue(raw)
+
+
 def isa_code() -> int:
     """The kernel code to run: ``BNNSLIM_RUNTIME_ISA`` if set (checked against the CPU), else 0 (auto)."""
-    name = os.environ.get(ENV_ISA, "auto").strip().lower() or "auto"
+    name = (env_isa() or "auto").strip().lower() or "auto"
     if name in _isa_checked:
         return _isa_checked[name]
     if name not in ISA_CODES:

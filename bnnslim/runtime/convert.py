@@ -71,7 +71,10 @@ def to_runtime(model: nn.Module, *, inplace: bool = False, channels_last: bool =
     layer after runs channels-last: the packed convs pack contiguous channels and
     write channels-last outputs, and torch's pooling and batch norm are much
     faster on CPU in that format. Values are the same either way; a 4-d output
-    comes back channels-last (call ``.contiguous()`` for NCHW memory).
+    comes back channels-last (call ``.contiguous()`` for NCHW memory). Where
+    every layer that reads the inputs is an image's first conv run by bnnslim's
+    small-conv kernel (which takes any memory format), the inputs are left as
+    they come.
 
     With ``fuse`` (the default) binary convs that feed other binary convs
     through batch norm, activations and max pooling hand them packed bits
@@ -106,19 +109,22 @@ def to_runtime(model: nn.Module, *, inplace: bool = False, channels_last: bool =
         for module in target.modules():
             if type(module) is nn.Conv2d:
                 module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
-        target.register_forward_pre_hook(_inputs_to_channels_last)
     target.eval()
+    layout_free = False
     if fuse:
         from bnnslim.runtime.blocks import use_planned_blocks
-        from bnnslim.runtime.fuse import fuse_binary_chains
+        from bnnslim.runtime.fuse import fuse_binary_chains, reads_inputs_in_any_layout
         from bnnslim.runtime.segments import use_packed_sequences
         from bnnslim.runtime.tails import fold_pooled_tails
 
         report = fuse_binary_chains(target, channels_last=channels_last)
         if report.graph is not None:
             fold_pooled_tails(target, report.graph)
+            layout_free = reads_inputs_in_any_layout(target, report.graph)
         use_packed_sequences(target)
         use_planned_blocks(target)
+    if channels_last and not layout_free:
+        target.register_forward_pre_hook(_inputs_to_channels_last)
     return target
 
 

@@ -32,7 +32,6 @@ matters for the small layers of a batch-1 network).
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Literal
 
 import torch
@@ -333,7 +332,7 @@ class PackedBinaryConv2d(nn.Module):
         b = self._buffers
         return (self.mode, self.input_bits, id(b["kernel_words"]), id(b["alpha"]), id(b["bias"]),
                 id(b["input_mask"]), id(b["out_thresholds"]), id(b["out_clamp"]),
-                id(b["epilogue_scale"]), id(b["epilogue_shift"]), os.environ.get(build.ENV_ISA),
+                id(b["epilogue_scale"]), id(b["epilogue_shift"]), build.env_isa(),
                 id(build._status))
 
     def __setattr__(self, name: str, value: Any) -> None:

@@ -17,7 +17,6 @@ or when hooks are registered on a layer it would not call.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -62,10 +61,11 @@ class PackedSequential(nn.Sequential):
             made = plan_steps(list(self))
             if made is None:
                 return None  # a layer has not built its fast path yet: the next call plans
-            plan = (key, *made)
+            steps, bypassed = made
+            plan = (key, steps, hook_tables(bypassed))
             self.__dict__["_plan"] = plan
-        _, steps, bypassed = plan
-        return None if hooked(bypassed) else steps
+        _, steps, tables = plan
+        return None if hooked(tables) else steps
 
     def __getstate__(self) -> dict[str, object]:
         state = dict(self.__dict__)
@@ -76,13 +76,19 @@ class PackedSequential(nn.Sequential):
 def plan_key() -> tuple[object, ...]:
     """What every plan of packed layers depends on beyond its own modules: the changes so far, the ISA forced
     through the environment, the kernel build in use."""
-    return (generation(), os.environ.get(build.ENV_ISA), id(build._status))
+    return (generation(), build.env_isa(), id(build._status))
 
 
-def hooked(bypassed: list[nn.Module]) -> bool:
-    """Whether hooks would miss a call: global module hooks, or hooks on a layer a plan does not call as a module."""
-    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks or any(
-        m._forward_hooks or m._forward_pre_hooks for m in bypassed))
+def hook_tables(bypassed: list[nn.Module]) -> list[dict[int, Any]]:
+    """The forward (pre-)hook dicts of the layers a plan does not call as modules, for :func:`hooked`: torch
+    registers and removes hooks in these very dicts."""
+    return [table for m in bypassed for table in (m._forward_hooks, m._forward_pre_hooks)]
+
+
+def hooked(tables: list[dict[int, Any]]) -> bool:
+    """Whether hooks would miss a call: global module hooks, or hooks on a layer a plan does not call as a module
+    (``tables`` from :func:`hook_tables`; one C-level ``any`` over them, as every batch-1 call checks this)."""
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks or any(tables))
 
 
 def passes_input_on(child: nn.Module, bits: bool) -> bool:
