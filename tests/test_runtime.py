@@ -316,6 +316,36 @@ def test_a_fused_sequence_calls_its_kernels_directly_and_equals_the_layer_by_lay
         assert torch.equal(got, _module_by_module(fused)(x))
 
 
+def test_the_sign_packing_and_the_pooled_tail_are_called_directly_and_follow_changes(isa: str) -> None:
+    """A plan calls the first conv's sign packing and the pooled tail's ops without module calls; a new tail
+    weight assigned, or a hook on either layer, is followed at the next call (the same outputs as module by
+    module, bit for bit)."""
+    from bnnslim.runtime.segments import plan_steps
+    from bnnslim.runtime.tails import PooledLinear
+
+    fused = to_runtime(_chain_model())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = fused(x)
+        assert torch.equal(fused(x), want)
+        planned = plan_steps(list(fused))
+        assert planned is not None
+        pack, tail = fused[1], fused[-1]
+        assert isinstance(pack, PackSigns) and pack.conv is not None and isinstance(tail, PooledLinear)
+        if build.available_ops() is not None:
+            assert pack in planned[1] and tail in planned[1]
+        tail.weight = nn.Parameter(tail.weight.flip(0))
+        got = fused(x)
+        assert torch.equal(got, _module_by_module(fused)(x)) and not torch.equal(got, want)
+        seen: list[str] = []
+        hooks = [pack.register_forward_hook(lambda m, i, o: seen.append("pack")),
+                 tail.register_forward_hook(lambda m, i, o: seen.append("tail"))]
+        assert torch.equal(fused(x), got) and seen == ["pack", "tail"]
+        for h in hooks:
+            h.remove()
+        assert torch.equal(fused(x), got) and seen == ["pack", "tail"]
+
+
 def _nested_chain_model() -> nn.Module:
     """The chain of :func:`_chain_model` with its stages in sequences of their own (as the examples nest blocks)."""
     flat = list(_chain_model())

@@ -64,6 +64,7 @@ from bnnslim.runtime.segments import (
     passes_input_on,
     plan_key,
     reads_bits_on_kernel,
+    run_on_floats,
 )
 
 Plan = tuple[Callable[[torch.Tensor], torch.Tensor], list[nn.Module]]
@@ -85,16 +86,6 @@ def add_clamp_into(fresh: torch.Tensor, b: torch.Tensor, lo: float, hi: float) -
     if fresh.shape == b.shape and fresh.dtype == b.dtype:
         return fresh.add_(b).clamp_(lo, hi)
     return add_clamp(fresh, b, lo, hi)
-
-
-def run_on_floats(call: Callable[[torch.Tensor], torch.Tensor], layer: PackedBinaryConv2d,
-                  x: torch.Tensor) -> torch.Tensor:
-    """A packed conv reading floats: its kernel object on ``x`` where ``x`` is what that object was made for
-    (float32, 4-d, the layer's input channels, on the CPU), the layer's own call otherwise (a microsecond or two
-    less per call than the module call, which checks the same and more)."""
-    if x.dtype is torch.float32 and x.dim() == 4 and x.shape[1] == layer.in_channels and x.device.type == "cpu":
-        return call(x)
-    return layer(x)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -190,6 +190,32 @@ class PackSigns(nn.Module):
         self.mode = "emulation"
         self.reason = reason
 
+    def direct_call(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """What a plan (:mod:`bnnslim.runtime.segments`) may call in place of this module on the kernels: the op
+        with its arguments bound, this layer's ``forward`` for an input the op does not take; None off the
+        kernels. Made again with the plan (every change of this layer, the ISA forced, the kernel build)."""
+        ops = build.available_ops() if self.mode == "kernel" else None
+        if ops is None:
+            return None
+        forward, isa = self.forward, build.isa_code()
+        if self.conv is not None:
+            op, args = ops.conv_sign_bits, (self.conv_weight, self.conv_bias, *self.conv_geometry, isa, self.positive)
+
+            def run_conv(x: torch.Tensor) -> torch.Tensor:
+                return op(x, *args) if x.dtype is torch.float32 else forward(x)
+
+            return run_conv
+        scale, shift = self.affine or (None, None)
+        channels = None if scale is None else scale.numel()
+        pack, positive = ops.pack_signs, self.positive
+
+        def run_pack(x: torch.Tensor) -> torch.Tensor:
+            if x.dtype is torch.float32 and (channels is None or (x.dim() > 1 and x.shape[1] == channels)):
+                return pack(x, isa, positive, scale, shift)
+            return forward(x)
+
+        return run_pack
+
     @property
     def affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The folded batch norm's per-channel (scale, shift), float32, or None."""

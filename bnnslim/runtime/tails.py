@@ -20,13 +20,15 @@ one pooled vector instead of every position (equal to float rounding).
 from __future__ import annotations
 
 from collections import Counter
-from typing import TypeGuard
+from collections.abc import Callable
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from bnnslim.runtime import build
+from bnnslim.runtime.changes import changed
 from bnnslim.runtime.fuse import FoldedAway, _set_submodule
 
 
@@ -54,6 +56,25 @@ class PooledLinear(nn.Module):
         self.channels = channels
         self.weight = None if linear is None else linear.weight  # the layer's parameters and state keys
         self.bias = None if linear is None else linear.bias
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        changed()  # a plan that calls pooled_linear directly holds the weight and bias
+
+    def direct_call(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """What a plan (:mod:`bnnslim.runtime.segments`) may call in place of this module on the kernels: the op
+        with the weight and bias bound for 4-d float32 CPU inputs without autograd, ``forward`` otherwise."""
+        ops = build.available_ops()
+        if ops is None:
+            return None
+        op, weight, bias, channels, forward = ops.pooled_linear, self.weight, self.bias, self.channels, self.forward
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            if x.dim() == 4 and x.dtype is torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
+                return op(x, weight, bias, channels)
+            return forward(x)
+
+        return run
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = build.available_ops()
