@@ -227,6 +227,33 @@ def test_paired_taps_count_exactly(shape: tuple, isa: str) -> None:
         ops.set_pair_taps(was)
 
 
+BITS_GEOMETRIES = [  # cin, cout, kernel, stride, padding, groups, masked
+    (96, 80, 1, 1, 0, 1, False),  # a 1x1 conv over two words (NIN's), one phase: the strided copy
+    (100, 24, 3, 1, 1, 1, True),  # a partial last word, padding, a channel mask
+    (64, 40, 3, (2, 1), (2, 1), 1, False),  # stride 2 down only: still one phase across
+    (48, 32, 5, 2, 2, 1, True),  # stride 2 across: two phases, the general copy
+    (128, 64, 3, 1, 1, 2, False),  # two groups of one word each
+]
+
+
+@pytest.mark.parametrize("geometry", BITS_GEOMETRIES, ids=lambda g: "c{}-o{}-k{}-s{}-p{}-g{}-m{}".format(*g))
+def test_a_conv_reading_packed_bits_counts_as_on_their_values(geometry: tuple, isa: str) -> None:
+    """A packed conv fed packed bits (a fused chain's input) gives the exact counts it gives on the ternary values
+    those bits stand for: padding, strides, partial words, groups and a channel mask, with every kernel."""
+    from bnnslim.runtime.bits import pack_ternary
+
+    cin, cout, k, stride, padding, groups, masked = geometry
+    layer = binary_conv(cin, cout, k, stride=stride, padding=padding, groups=groups)  # type: ignore[arg-type]
+    if masked:
+        layer.input_mask = (torch.rand(cin, generator=torch.Generator().manual_seed(2)) > 0.3).float()
+    packed = PackedBinaryConv2d.from_binary_conv(layer)
+    values = torch.randint(-1, 2, (2, cin, 11, 13), generator=torch.Generator().manual_seed(3)).float()
+    want = packed.counts(values)
+    assert torch.equal(want, reference_counts(layer, values))
+    packed.input_bits = True
+    assert torch.equal(packed.counts(pack_ternary(values)), want)
+
+
 def test_threads_give_the_same_result(kernels: build.KernelStatus) -> None:
     layer = binary_conv(96, 40, 3, padding=1)
     packed = PackedBinaryConv2d.from_binary_conv(layer)

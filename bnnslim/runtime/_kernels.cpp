@@ -429,8 +429,42 @@ at::Tensor pack_from_bits(const at::Tensor& bits_in, const Geo& g, const c10::op
     for (int64_t c = 0; c < g.C; ++c)
       if (!mp[c]) maskw[c / 64] &= ~(uint64_t{1} << (c % 64));
   }
-  at::Tensor out = zeros_long({images * g.N, g.Hp, g.GW, 2, g.SW, g.Wq});
   const int64_t* src = bits.data_ptr<int64_t>();
+  if (images == 1 && g.SW == 1) {
+    // One phase (stride 1 across): each word plane of a row is the input's words at a fixed stride, copied in
+    // order, and only the padding and the 8 columns of slack are zeroed (the general loop below zeroes the
+    // whole buffer, then scatters pixel by pixel: 15 % of a 1x1 conv over two words at 32x32)
+    at::Tensor out = empty_long({g.N, g.Hp, g.GW, 2, 1, g.Wq});
+    int64_t* op = out.data_ptr<int64_t>();
+    for (int64_t n = 0; n < g.N; ++n)
+      for (int64_t r = 0; r < g.Hp; ++r)
+        if (r < g.PT || r >= g.PT + g.H)
+          std::memset(op + n * g.img_stride + r * g.row_stride, 0, g.row_stride * sizeof(int64_t));
+    const int64_t step = g.GW * 2, tail = g.Wq - g.PL - g.W;
+    at::parallel_for(0, g.N * g.H, 8, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t n = t / g.H, ih = t % g.H;
+        int64_t* row = op + n * g.img_stride + (ih + g.PT) * g.row_stride;
+        for (int64_t j = 0; j < g.GW; ++j) {
+          int64_t* __restrict sign = row + j * g.word_stride;
+          int64_t* __restrict nonzero = sign + g.plane;
+          std::memset(sign, 0, g.PL * sizeof(int64_t));
+          std::memset(nonzero, 0, g.PL * sizeof(int64_t));
+          std::memset(sign + g.PL + g.W, 0, tail * sizeof(int64_t));
+          std::memset(nonzero + g.PL + g.W, 0, tail * sizeof(int64_t));
+          const int64_t* __restrict in = src + t * g.W * step + 2 * j;
+          const uint64_t keep = maskw[j];
+          for (int64_t w = 0; w < g.W; ++w) {
+            const uint64_t z = static_cast<uint64_t>(in[w * step + 1]) & keep;
+            sign[g.PL + w] = static_cast<int64_t>(static_cast<uint64_t>(in[w * step]) & z);
+            nonzero[g.PL + w] = static_cast<int64_t>(z);
+          }
+        }
+      }
+    });
+    return out;
+  }
+  at::Tensor out = zeros_long({images * g.N, g.Hp, g.GW, 2, g.SW, g.Wq});
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, g.N * g.H, 8, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
