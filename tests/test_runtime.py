@@ -429,6 +429,8 @@ def test_inputs_that_only_the_first_conv_kernel_reads_come_in_as_they_are(isa: s
         y = fused(x)
         assert torch.equal(fused(x.contiguous(memory_format=torch.channels_last)), y)
         assert torch.equal(y, _module_by_module(fused)(x))
+        every_other = torch.randn(2, 3, 32, 32)[:, :, ::2, ::2]  # a strided view
+        assert torch.equal(fused(every_other), fused(every_other.contiguous()))
         handle = fused[0].register_forward_pre_hook(lambda m, i: seen.append(i[0].is_contiguous()))
         assert torch.equal(fused(x), y)
         handle.remove()
