@@ -310,8 +310,9 @@ def _module_by_module(model: nn.Module) -> nn.Module:
 
 
 def test_a_fused_sequence_calls_its_kernels_directly_and_equals_the_layer_by_layer_run(isa: str) -> None:
-    """The runtime's nn.Sequential runs a fused chain's convs and bit poolings without module calls and skips the
-    layers folded or fused away; the output is the layer-by-layer run's, bit for bit, before and after changes."""
+    """The runtime's nn.Sequential runs a fused chain's convs and bit poolings without module calls (as one C++
+    call) and skips the layers folded or fused away; the output is the layer-by-layer run's, bit for bit, before
+    and after changes."""
     from bnnslim.runtime.layers import PackedBinaryConv2d
     from bnnslim.runtime.segments import PackedSequential, plan_steps
 
@@ -328,6 +329,8 @@ def test_a_fused_sequence_calls_its_kernels_directly_and_equals_the_layer_by_lay
         assert [type(m).__name__ for m in direct] == ["PackedMaxPool2d", "PackedBinaryConv2d", "PackedMaxPool2d",
                                                       "PackedBinaryConv2d", "PackedBinaryConv2d"]
         assert len(steps) < len(fused) - 6  # folded norms, fused activations skipped
+        # the five steps on packed bits (pool, conv, pool, conv, conv) run as one C++ call
+        assert [len(s) for s in steps if type(s) is build.fast_ops().PackedChain] == [5]
         assert torch.equal(fused(x), with_emulation(fused)(x))
         fused(x)  # planned again (the emulated copy's changes count as changes)
         # a change to a layer replans (each run before the copy that the reference makes): new thresholds, then

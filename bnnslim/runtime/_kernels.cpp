@@ -40,6 +40,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <variant>
 #include <vector>
 
 // The SIMD paths use GCC/Clang target attributes and CPU builtins; other
@@ -2046,6 +2047,35 @@ struct PackedConvCall {
   }
 };
 
+// A bit max pooling's fixed arguments (PackedMaxPool2d's step in a plan).
+struct PackedPoolCall {
+  std::vector<int64_t> kernel, stride, padding, dilation;
+  bool ceil_mode;
+
+  at::Tensor operator()(const at::Tensor& x) const {
+    return bits_max_pool2d_op(x, kernel, stride, padding, dilation, ceil_mode);
+  }
+};
+
+// Consecutive steps of a plan that read and write packed bits (segments.py), run in one call: at batch 1 each
+// step called from Python costs a microsecond or two of argument conversion and tensor wrapping, as much as a
+// 2x2 layer's arithmetic or a whole bit max pooling; here the intermediate tensors never reach Python.
+struct PackedChain {
+  std::vector<std::variant<PackedConvCall, PackedPoolCall>> steps;
+
+  explicit PackedChain(const std::vector<pybind11::object>& calls) {
+    for (const pybind11::object& call : calls) {
+      if (pybind11::isinstance<PackedConvCall>(call)) steps.emplace_back(call.cast<PackedConvCall>());
+      else steps.emplace_back(call.cast<PackedPoolCall>());
+    }
+  }
+
+  at::Tensor operator()(at::Tensor x) const {
+    for (const auto& step : steps) x = std::visit([&](const auto& call) { return call(x); }, step);
+    return x;
+  }
+};
+
 // ---------------------------------------------------------------- peak microbenchmark
 //
 // XNOR-popcount throughput on L1-resident data: sum popcount((a ^ w) & z) over
@@ -2236,6 +2266,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           c10::optional<at::Tensor>, int64_t, c10::optional<at::Tensor>, c10::optional<at::Tensor>>())
       .def("__call__", &PackedConvCall::operator())
       .def("add_clamp", &PackedConvCall::add_clamp);
+  pybind11::class_<PackedPoolCall>(m, "PackedPoolCall")
+      .def(pybind11::init<std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
+                          bool>())
+      .def("__call__", &PackedPoolCall::operator());
+  pybind11::class_<PackedChain>(m, "PackedChain")
+      .def(pybind11::init<const std::vector<pybind11::object>&>())
+      .def("__call__", &PackedChain::operator())
+      .def("__len__", [](const PackedChain& c) { return c.steps.size(); });
   m.def("binary_conv2d", &binary_conv2d_op);
   m.def("binary_conv2d_bits", &binary_conv2d_bits_op);
   m.def("bits_max_pool2d", &bits_max_pool2d_op);

@@ -10,7 +10,8 @@ children into steps (a packed conv reading bits calls its kernel object
 directly, a bit max pooling its kernel, a sign packing and a pooled tail their
 bound op, a packed conv reading floats its kernel object behind a check of the
 input, a layer folded or fused away is skipped, everything else is called as
-the module it is; sequences nested in it are flattened into its plan) and
+the module it is; sequences nested in it are flattened into its plan; a run of
+steps on packed bits, convs and bit poolings, is one C++ call) and
 replans whenever a
 packed layer or the sequence changes (every such change goes through
 ``__setattr__``, which calls :func:`bnnslim.runtime.changes.changed`), when the kernel ISA is switched,
@@ -141,7 +142,7 @@ def _direct_step(child: nn.Module, bits: bool, ops: object) -> Step | None:
         call = child.kernel_call()
         return None if call is None else partial(run_on_floats, call, child)
     if bits and isinstance(child, PackedMaxPool2d) and child.mode == "kernel":
-        return _pool_step(ops.bits_max_pool2d, child.pool_geometry)  # type: ignore[attr-defined]
+        return ops.PackedPoolCall(*child.pool_geometry)  # type: ignore[attr-defined]
     if isinstance(child, (PackSigns, PooledLinear)):
         return child.direct_call()
     return None
@@ -186,14 +187,26 @@ def plan_steps(children: list[nn.Module]) -> tuple[list[Step], list[nn.Module]] 
         else:
             steps.append(child)
         bits = gives_bits(child, bits)
-    return steps, bypassed
+    return _chained(steps, ops), bypassed
 
 
-def _pool_step(op: Callable[..., torch.Tensor], geometry: tuple[object, ...]) -> Step:
-    def pool(x: torch.Tensor) -> torch.Tensor:
-        return op(x, *geometry)
-
-    return pool
+def _chained(steps: list[Step], ops: object) -> list[Step]:
+    """``steps`` with each run of two or more C++ calls on packed bits (convs' kernel objects, bit poolings) made
+    one ``PackedChain``: one call from Python for the run, its intermediate tensors never wrapped for Python."""
+    if ops is None:
+        return steps
+    native = (ops.PackedConvCall, ops.PackedPoolCall)  # type: ignore[attr-defined]
+    out: list[Step] = []
+    run: list[Step] = []
+    for step in [*steps, None]:
+        if step is not None and isinstance(step, native):
+            run.append(step)
+            continue
+        out += [ops.PackedChain(run)] if len(run) > 1 else run  # type: ignore[attr-defined]
+        run = []
+        if step is not None:
+            out.append(step)
+    return out
 
 
 def use_packed_sequences(model: nn.Module) -> None:
