@@ -376,6 +376,19 @@ def test_the_sign_packing_and_the_pooled_tail_are_called_directly_and_follow_cha
         assert torch.equal(fused(x), got) and seen == ["pack", "tail"]
 
 
+def test_a_plan_follows_a_conversion_of_the_model(kernels: build.KernelStatus) -> None:
+    """``.half()`` then ``.float()`` puts new (rounded) tensors into the layers' dicts without attribute assignment:
+    the next call plans again on them, the same outputs as module by module, bit for bit."""
+    fused = to_runtime(_chain_model())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = fused(x)
+        assert torch.equal(fused(x), want)  # planned
+        fused.half().float()
+        got = fused(x)
+        assert torch.equal(got, _module_by_module(fused)(x)) and not torch.equal(got, want)
+
+
 def _nested_chain_model() -> nn.Module:
     """The chain of :func:`_chain_model` with its stages in sequences of their own (as the examples nest blocks)."""
     flat = list(_chain_model())

@@ -147,7 +147,7 @@ def _kernel_layout(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
     return weight, bias
 
 
-class PackSigns(nn.Module):
+class PackSigns(changes.ChangeTracked):
     """A sign-keeping layer where a real activation enters a fused chain: writes the signs of its input as bits.
 
     With ``conv`` (a real conv whose output only this layer takes, now a
@@ -181,9 +181,6 @@ class PackSigns(nn.Module):
             #: the kernel's arguments after weights and bias (built once: forward is on the batch-1 hot path)
             self.conv_geometry = (*conv.kernel_size, list(conv.stride), list(conv.padding))
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        changes.changed()
 
     def use_emulation(self, reason: str) -> None:
         """Pack through torch from now on."""
@@ -249,7 +246,7 @@ class PackSigns(nn.Module):
         return f"{type(self.original).__name__}, packs the signs of {part}{what} as bits for '{self.into}'"
 
 
-class DirectRealConv(nn.Module):
+class DirectRealConv(changes.ChangeTracked):
     """A small real conv (an image's first conv) run by bnnslim's kernel, the clamp activation after it taken in.
 
     ``clamp(conv(x), lo, hi)`` into a new channels-last tensor. The kernel sums
@@ -270,9 +267,6 @@ class DirectRealConv(nn.Module):
         #: the kernel's arguments after weights and bias (built once: forward is on the batch-1 hot path)
         self.conv_geometry = (*original.kernel_size, list(original.stride), list(original.padding))
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        changes.changed()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = build.available_ops()
@@ -379,7 +373,7 @@ def _sign_keeping(m: nn.Module) -> bool:
     return type(m) in (nn.Identity, FoldedAway)
 
 
-class PackedMaxPool2d(nn.Module):
+class PackedMaxPool2d(changes.ChangeTracked):
     """Max pooling of packed ternary bits (OR of sign bits); exact as torch's max pool on the values."""
 
     def __init__(self, pool: nn.MaxPool2d, channels: int) -> None:
@@ -399,9 +393,6 @@ class PackedMaxPool2d(nn.Module):
         self.pool_geometry = (list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation),
                               self.ceil_mode)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        changes.changed()
 
     def use_emulation(self, reason: str) -> None:
         """Pool through torch (unpack, max_pool2d, pack) from now on."""

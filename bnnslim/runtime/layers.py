@@ -95,7 +95,7 @@ def kernel_weights(weight_bits: torch.Tensor, groups: int) -> torch.Tensor:
     return grouped.view(groups, blocks, BLOCK, kh, kw, nwords).permute(0, 1, 3, 4, 5, 2).contiguous()
 
 
-class PackedBinaryConv2d(nn.Module):
+class PackedBinaryConv2d(changes.ChangeTracked):
     """Inference-only binary conv on packed weights (see the module docstring).
 
     ``mode`` is ``"kernel"`` (the C++ kernels, when they are built) or
@@ -335,9 +335,6 @@ class PackedBinaryConv2d(nn.Module):
                 id(b["epilogue_scale"]), id(b["epilogue_shift"]), build.env_isa(),
                 id(build._status))
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        changes.changed()  # a PackedSequential holding this layer's kernel object plans again
 
     def __getstate__(self) -> dict[str, object]:
         """Copies and pickles leave the fast path out (a C++ object; the copy rebuilds its own on first call)."""

@@ -13,8 +13,9 @@ input, a layer folded or fused away is skipped, everything else is called as
 the module it is; sequences nested in it are flattened into its plan; a run of
 steps on packed bits, convs and bit poolings, is one C++ call) and
 replans whenever a
-packed layer or the sequence changes (every such change goes through
-``__setattr__``, which calls :func:`bnnslim.runtime.changes.changed`), when the kernel ISA is switched,
+packed layer or the sequence changes (an attribute assigned or a conversion such as ``.half()``:
+:class:`~bnnslim.runtime.changes.ChangeTracked` calls :func:`bnnslim.runtime.changes.changed`), when the kernel
+ISA is switched,
 or when hooks are registered on a layer it would not call.
 """
 
@@ -29,14 +30,14 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from bnnslim.runtime import build
-from bnnslim.runtime.changes import changed, generation
+from bnnslim.runtime.changes import ChangeTracked, changed, generation
 from bnnslim.runtime.fuse import ComputedByPackSigns, FoldedAway, FusedAway, PackedMaxPool2d, PackSigns
 from bnnslim.runtime.layers import PackedBinaryConv2d
 from bnnslim.runtime.tails import PooledLinear
 
 Step = Callable[[torch.Tensor], torch.Tensor]
 
-class PackedSequential(nn.Sequential):
+class PackedSequential(ChangeTracked, nn.Sequential):
     """An ``nn.Sequential`` of a runtime model: runs of packed layers run without module calls (see module doc).
 
     :func:`bnnslim.runtime.to_runtime` gives every plain ``nn.Sequential`` of a fused model this class (same
@@ -44,9 +45,6 @@ class PackedSequential(nn.Sequential):
     assign attributes instead.
     """
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        changed()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         steps = self._steps(x)

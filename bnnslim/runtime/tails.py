@@ -21,14 +21,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, TypeGuard
+from typing import TypeGuard
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from bnnslim.runtime import build
-from bnnslim.runtime.changes import changed
+from bnnslim.runtime.changes import ChangeTracked
 from bnnslim.runtime.fuse import FoldedAway, _set_submodule
 
 
@@ -43,7 +43,7 @@ def position_mean(positions: torch.Tensor) -> torch.Tensor:
     return total / positions.shape[2]
 
 
-class PooledLinear(nn.Module):
+class PooledLinear(ChangeTracked):
     """Global average pooling, then the linear layer (or 1x1 conv) it replaced (``linear`` None: the pooling
     alone). A conv's weight keeps its ``[O, C, 1, 1]`` shape and state key."""
 
@@ -57,9 +57,6 @@ class PooledLinear(nn.Module):
         self.weight = None if linear is None else linear.weight  # the layer's parameters and state keys
         self.bias = None if linear is None else linear.bias
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        changed()  # a plan that calls pooled_linear directly holds the weight and bias
 
     def direct_call(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """What a plan (:mod:`bnnslim.runtime.segments`) may call in place of this module on the kernels: the op
