@@ -60,7 +60,11 @@ def time_revision(root: Path, networks: list[str], rounds: int, inner: int) -> d
     """{network: best round in us} for the checkout at ``root``, in a process of its own."""
     code = WORKER.format(here=str(HERE))
     done = subprocess.run([sys.executable, "-c", code, str(root), ",".join(networks), str(rounds), str(inner)],
-                          capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        sys.exit(f"error: timing the checkout of {root.name} failed ({last}): that revision may predate the "
+                 "examples or runtime_vs_peers.py; pick a later --base")
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
@@ -75,8 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=HERE / "runtime_revisions.md")
     args = parser.parse_args(argv)
     repo = HERE.parent
-    revs = {side: subprocess.run(["git", "rev-parse", "--short", rev], cwd=repo, capture_output=True, text=True,
-                                 check=True).stdout.strip() for side, rev in (("base", args.base), ("head", args.head))}
+    revs: dict[str, str] = {}
+    for side, rev in (("base", args.base), ("head", args.head)):
+        found = subprocess.run(["git", "rev-parse", "--short", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=repo,
+                               capture_output=True, text=True)
+        if found.returncode != 0:
+            sys.exit(f"error: --{side} {rev} is not a commit of this repository: give a commit hash or branch name")
+        revs[side] = found.stdout.strip()
     results: dict[str, list[dict[str, float]]] = {"base": [], "head": []}
     with tempfile.TemporaryDirectory() as tmp:
         roots = {side: Path(tmp) / side for side in revs}
