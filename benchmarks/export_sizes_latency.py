@@ -201,7 +201,7 @@ def measure(name: str, run: Path, result: ExportResult, seconds: float, batches:
         write_model_file(target, unpruned, RunDir(run).read_manifest(), "packed")
         sizes["unpruned packed"] = target.stat().st_size
     models = {
-        "float": float_original(meta, None),
+        "float": float_original(meta, None, packed_path),
         "binary unpruned": unpruned,
         "slim torch": bnnslim.load(plain_path),
         "slim packed": bnnslim.load(packed_path, runtime="packed"),

@@ -94,7 +94,7 @@ def time_case(case: tuple[str, int, int, int, int, int, int], rounds: int, inner
 
     def torch_then_pack() -> torch.Tensor:
         with torch.no_grad():
-            return ops.pack_signs(conv(x), 0, False)
+            return ops.pack_signs(conv(x), 0, False, None, None)
 
     def torch_then_clamp() -> torch.Tensor:
         with torch.no_grad():

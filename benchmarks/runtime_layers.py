@@ -50,10 +50,11 @@ ISA_LABEL = {"avx512": "AVX-512 VPOPCNTDQ", "avx2": "AVX2 (pshufb popcount)", "p
 
 
 def timed(fn: Callable[[], object], inner: int) -> float:
+    """Seconds per call of ``inner`` calls (0.0 for none: a warm-up of 0 calls)."""
     start = time.perf_counter()
     for _ in range(inner):
         fn()
-    return (time.perf_counter() - start) / inner
+    return (time.perf_counter() - start) / max(inner, 1)
 
 
 def with_isa(isa: str, fn: Callable[[], object]) -> Callable[[], object]:
