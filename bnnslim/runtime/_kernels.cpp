@@ -229,31 +229,44 @@ BNN_AVX512 void pack_rows_avx512_nchw(const Geo& g, const float* x, int64_t sN, 
 BNN_AVX512 void pack_rows_avx512_nhwc(const Geo& g, const float* x, int64_t sN, int64_t sH, int64_t sW,
                                       const bool* mask, const int64_t* maskw, int64_t* out,
                                       int64_t task_begin, int64_t task_end) {
+  // the geometry in locals: stores through `out` (int64_t) could alias Geo's fields, so reading them in the
+  // loops would reload them after every store
+  const int64_t H = g.H, W = g.W, Cg = g.Cg, NWg = g.NWg, GW = g.GW, SW = g.SW, Wq = g.Wq, plane = g.plane;
+  const int64_t word_stride = g.word_stride, PL = g.PL;
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t t = task_begin; t < task_end; ++t) {
-    const int64_t n = t / g.H, ih = t % g.H;
+    const int64_t n = t / H, ih = t % H;
     int64_t* row = out + n * g.img_stride + (ih + g.PT) * g.row_stride;
-    for (int64_t w = 0; w < g.W; ++w) {
-      const float* xp = x + n * sN + ih * sH + w * sW;
-      const int64_t iw = w + g.PL;
-      const int64_t at = (iw % g.SW) * g.Wq + iw / g.SW;
-      for (int64_t gi = 0; gi < g.G; ++gi) {
-        for (int64_t j = 0; j < g.NWg; ++j) {
-          const int64_t c0 = gi * g.Cg + 64 * j;
-          const int64_t kmax = std::min<int64_t>(64, g.Cg - 64 * j);
-          uint64_t s = 0, z = 0;
-          for (int64_t q = 0; q * 16 < kmax; ++q) {
-            const int64_t nk = std::min<int64_t>(16, kmax - q * 16);
-            const __mmask16 lm = static_cast<__mmask16>((1u << nk) - 1u);
-            const __m512 v = _mm512_maskz_loadu_ps(lm, xp + c0 + q * 16);
-            s |= static_cast<uint64_t>(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ)) << (16 * q);
-            z |= static_cast<uint64_t>(_mm512_cmp_ps_mask(v, zero, _CMP_NEQ_OQ)) << (16 * q);
-          }
-          if (mask != nullptr) z &= static_cast<uint64_t>(maskw[gi * g.NWg + j]);
-          s &= z;
-          int64_t* dst = row + (gi * g.NWg + j) * g.word_stride;
-          dst[at] = static_cast<int64_t>(s);
-          dst[g.plane + at] = static_cast<int64_t>(z);
+    const float* xrow = x + n * sN + ih * sH;
+    for (int64_t word = 0; word < GW; ++word) {  // word = gi * NWg + j: channels c0 .. c0 + 63 of group gi
+      const int64_t gi = word / NWg, j = word % NWg;
+      const int64_t c0 = gi * Cg + 64 * j;
+      const int64_t kmax = std::min<int64_t>(64, Cg - 64 * j);
+      const int64_t nq = (kmax + 15) / 16;
+      __mmask16 lm[4];
+      for (int64_t q = 0; q < 4; ++q) {
+        const int64_t nk = std::clamp<int64_t>(kmax - q * 16, 0, 16);
+        lm[q] = static_cast<__mmask16>((1u << nk) - 1u);
+      }
+      const uint64_t keep = mask != nullptr ? static_cast<uint64_t>(maskw[word]) : ~uint64_t{0};
+      int64_t* dst = row + word * word_stride;
+      // padded column iw = w + PL lands at phase iw % SW, position iw / SW: stepped along, not divided per pixel
+      int64_t phase = PL % SW, pos = PL / SW;
+      for (int64_t w = 0; w < W; ++w) {
+        const float* xp = xrow + w * sW + c0;
+        uint64_t s = 0, z = 0;
+        for (int64_t q = 0; q < nq; ++q) {
+          const __m512 v = _mm512_maskz_loadu_ps(lm[q], xp + q * 16);
+          s |= static_cast<uint64_t>(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ)) << (16 * q);
+          z |= static_cast<uint64_t>(_mm512_cmp_ps_mask(v, zero, _CMP_NEQ_OQ)) << (16 * q);
+        }
+        z &= keep;
+        const int64_t at = phase * Wq + pos;
+        dst[at] = static_cast<int64_t>(s & z);
+        dst[plane + at] = static_cast<int64_t>(z);
+        if (++phase == SW) {
+          phase = 0;
+          ++pos;
         }
       }
     }
@@ -317,37 +330,45 @@ BNN_AVX2 void pack_rows_avx2_nchw(const Geo& g, const float* x, int64_t sN, int6
 // AVX2, channels-last rows: one word per pixel from eight 8-float compares.
 BNN_AVX2 void pack_rows_avx2_nhwc(const Geo& g, const float* x, int64_t sN, int64_t sH, int64_t sW,
                                   const int64_t* maskw, int64_t* out, int64_t task_begin, int64_t task_end) {
+  // locals, word by word, the column stepped along: as in pack_rows_avx512_nhwc
+  const int64_t H = g.H, W = g.W, Cg = g.Cg, NWg = g.NWg, GW = g.GW, SW = g.SW, Wq = g.Wq, plane = g.plane;
+  const int64_t word_stride = g.word_stride, PL = g.PL;
   const __m256 zero = _mm256_setzero_ps();
   alignas(32) float tail[8];
   for (int64_t t = task_begin; t < task_end; ++t) {
-    const int64_t n = t / g.H, ih = t % g.H;
+    const int64_t n = t / H, ih = t % H;
     int64_t* row = out + n * g.img_stride + (ih + g.PT) * g.row_stride;
-    for (int64_t w = 0; w < g.W; ++w) {
-      const float* xp = x + n * sN + ih * sH + w * sW;
-      const int64_t iw = w + g.PL;
-      const int64_t at = (iw % g.SW) * g.Wq + iw / g.SW;
-      for (int64_t gi = 0; gi < g.G; ++gi) {
-        for (int64_t j = 0; j < g.NWg; ++j) {
-          const int64_t c0 = gi * g.Cg + 64 * j;
-          const int64_t kmax = std::min<int64_t>(64, g.Cg - 64 * j);
-          uint64_t s = 0, z = 0;
-          for (int64_t q = 0; q * 8 < kmax; ++q) {
-            const int64_t nk = std::min<int64_t>(8, kmax - q * 8);
-            const float* src = xp + c0 + q * 8;
-            if (nk < 8) {
-              std::fill(tail, tail + 8, 0.0f);
-              std::copy(src, src + nk, tail);
-              src = tail;
-            }
-            const __m256 v = _mm256_loadu_ps(src);
-            s |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ))) << (8 * q);
-            z |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_OQ))) << (8 * q);
+    const float* xrow = x + n * sN + ih * sH;
+    for (int64_t word = 0; word < GW; ++word) {
+      const int64_t gi = word / NWg, j = word % NWg;
+      const int64_t c0 = gi * Cg + 64 * j;
+      const int64_t kmax = std::min<int64_t>(64, Cg - 64 * j);
+      const int64_t full = kmax / 8, rest = kmax % 8;  // whole 8-float loads, then a partial one
+      const uint64_t keep = maskw != nullptr ? static_cast<uint64_t>(maskw[word]) : ~uint64_t{0};
+      int64_t* dst = row + word * word_stride;
+      int64_t phase = PL % SW, pos = PL / SW;
+      for (int64_t w = 0; w < W; ++w) {
+        const float* xp = xrow + w * sW + c0;
+        uint64_t s = 0, z = 0;
+        for (int64_t q = 0; q <= full; ++q) {
+          const float* src = xp + q * 8;
+          if (q == full) {
+            if (rest == 0) break;
+            std::fill(tail, tail + 8, 0.0f);
+            std::copy(src, src + rest, tail);
+            src = tail;
           }
-          if (maskw != nullptr) z &= static_cast<uint64_t>(maskw[gi * g.NWg + j]);
-          s &= z;
-          int64_t* dst = row + (gi * g.NWg + j) * g.word_stride;
-          dst[at] = static_cast<int64_t>(s);
-          dst[g.plane + at] = static_cast<int64_t>(z);
+          const __m256 v = _mm256_loadu_ps(src);
+          s |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ))) << (8 * q);
+          z |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_OQ))) << (8 * q);
+        }
+        z &= keep;
+        const int64_t at = phase * Wq + pos;
+        dst[at] = static_cast<int64_t>(s & z);
+        dst[plane + at] = static_cast<int64_t>(z);
+        if (++phase == SW) {
+          phase = 0;
+          ++pos;
         }
       }
     }
@@ -467,19 +488,28 @@ at::Tensor pack_from_bits(const at::Tensor& bits_in, const Geo& g, const c10::op
   }
   at::Tensor out = zeros_long({images * g.N, g.Hp, g.GW, 2, g.SW, g.Wq});
   int64_t* op = out.data_ptr<int64_t>();
-  at::parallel_for(0, g.N * g.H, 8, [&](int64_t b, int64_t e) {
+  // the geometry in locals (stores through int64_t pointers could alias Geo's fields), word by word, the
+  // padded column iw = w + PL's phase iw % SW and position iw / SW stepped along rather than divided per pixel
+  const int64_t H = g.H, W = g.W, GW = g.GW, SW = g.SW, Wq = g.Wq, plane = g.plane, word_stride = g.word_stride;
+  const int64_t PL = g.PL, PT = g.PT, img_stride = g.img_stride, row_stride = g.row_stride;
+  at::parallel_for(0, g.N * H, 8, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      const int64_t n = t / g.H, ih = t % g.H;
-      int64_t* row = op + n * g.img_stride + (ih + g.PT) * g.row_stride;
-      const int64_t* in = src + t * g.W * g.GW * 2;
-      for (int64_t w = 0; w < g.W; ++w, in += g.GW * 2) {
-        const int64_t iw = w + g.PL;
-        const int64_t at = (iw % g.SW) * g.Wq + iw / g.SW;
-        for (int64_t j = 0; j < g.GW; ++j) {
-          const uint64_t z = static_cast<uint64_t>(in[2 * j + 1]) & maskw[j];
-          int64_t* dst = row + j * g.word_stride + at;
-          dst[0] = static_cast<int64_t>(static_cast<uint64_t>(in[2 * j]) & z);
-          dst[g.plane] = static_cast<int64_t>(z);
+      const int64_t n = t / H, ih = t % H;
+      int64_t* row = op + n * img_stride + (ih + PT) * row_stride;
+      for (int64_t j = 0; j < GW; ++j) {
+        const int64_t* in = src + t * W * GW * 2 + 2 * j;
+        int64_t* dst = row + j * word_stride;
+        const uint64_t keep = maskw[j];
+        int64_t phase = PL % SW, pos = PL / SW;
+        for (int64_t w = 0; w < W; ++w, in += GW * 2) {
+          const uint64_t z = static_cast<uint64_t>(in[1]) & keep;
+          const int64_t at = phase * Wq + pos;
+          dst[at] = static_cast<int64_t>(static_cast<uint64_t>(in[0]) & z);
+          dst[plane + at] = static_cast<int64_t>(z);
+          if (++phase == SW) {
+            phase = 0;
+            ++pos;
+          }
         }
       }
     }
