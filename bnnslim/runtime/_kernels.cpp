@@ -1803,16 +1803,19 @@ BNN_AVX2 void conv_avx2(const ConvArgs& a, int64_t n, int64_t gi, int64_t vb, in
 // Where popcounts are the cost (AVX2 and the scalar kernels) that made every
 // layer tried 1.0-1.5x faster; with AVX-512 VPOPCNTDQ, whose popcounts are
 // cheap, building the second image cost more than it saved on grouped convs on
-// small images or at stride 2 (0.86-0.90x), so that kernel keeps one tap per word
-// (benchmarks/runtime_paired_taps.md).
+// small images or at stride 2 (0.86-0.93x on a Zen 5 and a Zen 4 EPYC), while
+// ungrouped convs gained there too (1.01-1.21x on Zen 5, 1.02-1.29x on Zen 4,
+// whose 512-bit popcounts take two passes): that kernel pairs ungrouped convs
+// only (benchmarks/runtime_paired_taps.md, runtime_paired_taps_zen4.md).
 // set_pair_taps(mode), for A/B timing and tests: 0 never, 1 where it pays (the default), 2 with every kernel
 enum PairMode : int64_t { PAIR_NEVER = 0, PAIR_AUTO = 1, PAIR_ALWAYS = 2 };
 std::atomic<int64_t> g_pair_mode{PAIR_AUTO};
 
 bool pairs_taps(const Geo& g, int64_t isa) {
   const int64_t mode = g_pair_mode.load();
-  return (mode == PAIR_ALWAYS || (mode == PAIR_AUTO && isa != ISA_AVX512)) && g.Cg <= 32 && g.NWg == 1 &&
-         g.KW >= 2 && g.DW == 1;
+  const bool pays = isa != ISA_AVX512 || g.G == 1;  // AVX-512 VPOPCNTDQ: ungrouped convs only (comment above)
+  return (mode == PAIR_ALWAYS || (mode == PAIR_AUTO && pays)) && g.Cg <= 32 && g.NWg == 1 && g.KW >= 2 &&
+         g.DW == 1;
 }
 
 int64_t set_pair_taps_op(int64_t mode) {
