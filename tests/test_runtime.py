@@ -596,7 +596,7 @@ def test_residual_blocks_run_a_planned_graph_that_equals_their_own_forward(isa: 
     shortcut and clamps as it finishes) and the shortcut's layers without their sequence: the output is the
     blocks' own forward's, bit for bit, and the emulation's; the state dict, the classes and a hook on a skipped
     layer are as before."""
-    from bnnslim.runtime.blocks import BlockForward, plan_block
+    from bnnslim.runtime.blocks import BlockForward, plan_block, plan_graph
 
     model, x, _ = binary_example("resnet18", trained_bn=False, width=0.25, batch=1)
     runtime = to_runtime(model)
@@ -608,19 +608,24 @@ def test_residual_blocks_run_a_planned_graph_that_equals_their_own_forward(isa: 
         assert torch.equal(first, want) and torch.equal(runtime(x), want) and torch.equal(runtime(x), want)
         assert torch.equal(runtime(x), with_emulation(runtime)(x))
         assert list(runtime.state_dict()) == list(_as_written(runtime).state_dict())  # the plans hold no state
-        planned = plan_block(block)
+        planned = plan_graph(block)
         assert planned is not None
-        run, bypassed = planned
+        graph, bypassed = planned
         # the shortcut's sequence is inlined (its folded batch norm dropped), and the convs reading floats (conv1,
         # the shortcut's) call their kernel objects too: no child is called as a module
         assert {id(m) for m in bypassed} == {id(m) for m in (block.bn1, block.act1, block.conv2, block.bn2,
                                                              block.shortcut, block.shortcut[1], block.conv1,
                                                              block.shortcut[0])}
-        code = run.__self__.code  # type: ignore[attr-defined]
+        code = graph.code
         assert ".add_clamp(" in code and "act2" not in code and "bn1" not in code  # the kernel adds and clamps
-        root = plan_block(runtime)
+        # so the block runs as one C++ call: conv1 and the shortcut's conv on the input's floats, conv2 with the add
+        program = plan_block(block)[0]  # type: ignore[index]
+        assert isinstance(program, build.available_ops().BlockProgram)  # type: ignore[union-attr]
+        assert [kind for kind, *_ in program.steps] == [0, 0, 1]
+        root = plan_graph(runtime)
         assert root is not None  # sequences of blocks and the stem stay calls: their own plans run them
-        assert "self.layer1(" in root[0].__self__.code and "self.stem(" in root[0].__self__.code  # type: ignore
+        assert "self.layer1(" in root[0].code and "self.stem(" in root[0].code
+        assert not isinstance(plan_block(runtime)[0], type(program))  # type: ignore[index]  # it calls modules
         runtime(x)
         assert _runs_a_plan(block)
         # a hook on a skipped layer: the block calls its layers as written while the hook is there
@@ -648,6 +653,43 @@ def test_residual_blocks_run_a_planned_graph_that_equals_their_own_forward(isa: 
         assert torch.equal(twin(x), got) and torch.equal(twin(x), got)
 
 
+def test_a_stage_of_residual_blocks_is_one_cpp_call_that_follows_the_blocks(kernels: build.KernelStatus) -> None:
+    """Blocks whose planned graph is all kernel calls and residual adds run as one C++ program each, and a
+    sequence of them (a ResNet stage) as one call: the output is the blocks' own forward's, bit for bit; an input
+    the program was not made for, and a child replaced after planning, run the block as written; the model is
+    still freed when dropped (the programs hold no cycle the collector cannot see)."""
+    import gc
+    import weakref
+
+    model, x, _ = binary_example("resnet18", trained_bn=False, width=0.25, batch=1)
+    runtime = to_runtime(model)
+    program_type = build.available_ops().BlockProgram  # type: ignore[union-attr]
+    with torch.no_grad():
+        want = _as_written(runtime)(x)
+        for _ in range(3):  # kernel objects, then the blocks' plans, then the stages' plans
+            assert torch.equal(runtime(x), want)
+        stage = runtime.layer2
+        steps = stage.__dict__["_plan"][1]
+        assert len(steps) == 1 and len(steps[0]) == 2  # one chain of the two blocks' programs
+        assert all(isinstance(b.forward.__dict__["_made"][1][0], program_type) for b in stage)
+        assert torch.equal(runtime(x), want)
+        # an input the program was not made for: the block as written (float64 all the way)
+        feats = _as_written(runtime).layer1(_as_written(runtime).stem(x))
+        got64 = stage(feats.double())
+        assert got64.dtype == torch.float64
+        assert torch.equal(got64, _as_written(runtime).layer2(feats.double()))
+        # a child replaced after planning (a plain block does not report it): the stage's chain notices
+        runtime(x)
+        block = runtime.layer2[1]
+        block.act2 = nn.ReLU()
+        got = runtime(x)  # (before _as_written: copying a runtime model makes every plan anew)
+        assert torch.equal(got, _as_written(runtime)(x)) and not torch.equal(got, want)
+    refs = [weakref.ref(m) for m in runtime.modules()]
+    del runtime, stage, block, steps
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
 class _SharedReluBlock(nn.Module):
     """torchvision's BasicBlock pattern: one ReLU module called twice, ``out += identity``; with ``alias`` the
     conv output is also read after the in-place add (which must then see the sum)."""
@@ -673,7 +715,7 @@ def test_in_place_residual_adds_and_shared_activations_are_planned_only_where_ex
         alias: bool, kernels: build.KernelStatus) -> None:
     """A shared ReLU fused away after the first conv still clamps after the add, and ``out += x`` becomes the
     fused add; where ``out`` is read again after the in-place add the block keeps its own forward."""
-    from bnnslim.runtime.blocks import plan_block
+    from bnnslim.runtime.blocks import plan_graph
 
     model = nn.Sequential(_SharedReluBlock(alias)).eval()
     _random_bn(model, seed=4)
@@ -685,8 +727,8 @@ def test_in_place_residual_adds_and_shared_activations_are_planned_only_where_ex
         # the aliased block's graph (torch.fx records ``out += x`` as ``out + x``) disagrees with its forward:
         # the check on the first planned call drops it
         assert _runs_a_plan(runtime[0]) is not alias
-        planned = plan_block(runtime[0])
-        code = planned[0].__self__.code if planned is not None else ""  # type: ignore[attr-defined]
+        planned = plan_graph(runtime[0])
+        code = planned[0].code if planned is not None else ""
         assert "act" not in code and "relu" not in code  # the ReLU after the add is the clamp in both
         assert (".add_clamp(" in code) is not alias  # in place only where nothing else reads the output
 
@@ -1250,7 +1292,7 @@ def test_an_activation_called_as_a_function_is_applied_by_the_conv_epilogue(kern
     """conv -> bn -> F.relu in a block's forward (and conv -> Hardtanh without a batch norm): the conv's float
     epilogue clamps, the functional call stays in the forward (changing nothing) and the planned block skips it;
     outputs equal the block as written, bit for bit, and the unfused model."""
-    from bnnslim.runtime.blocks import plan_block
+    from bnnslim.runtime.blocks import plan_graph
 
     torch.manual_seed(11)
     model = nn.Sequential(_BasicConv(8, 16, 3), _BasicConv(16, 16, 1), binary_conv(16, 8, 3, padding=1),
@@ -1264,8 +1306,8 @@ def test_an_activation_called_as_a_function_is_applied_by_the_conv_epilogue(kern
         want = _as_written(runtime)(x)
         assert torch.equal(runtime(x), want) and torch.equal(runtime(x), want)
         torch.testing.assert_close(want, to_runtime(model, fuse=False)(x), rtol=1e-5, atol=1e-5)
-        planned = plan_block(runtime[1])
-        assert planned is not None and "relu" not in planned[0].__self__.code  # type: ignore[attr-defined]
+        planned = plan_graph(runtime[1])
+        assert planned is not None and "relu" not in planned[0].code
         assert _runs_a_plan(runtime[1])
 
 

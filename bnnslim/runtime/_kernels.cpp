@@ -40,6 +40,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <variant>
 #include <vector>
 
@@ -2080,6 +2081,52 @@ struct PackedConvCall {
   }
 };
 
+// A block with a forward of its own (a ResNet BasicBlock), its planned graph (blocks.py) as one call: packed
+// convs' kernel objects and residual adds on numbered values, value 0 the block's input. Each step is
+// (kind, conv, src, residual, lo, hi); kinds: 0 conv(src); 1 clamp(conv(src) + residual) into the conv's output;
+// 2 clamp(src + residual) into src (a fresh conv output nothing else reads); 3 clamp(src + residual) as a new
+// tensor. Where the input is not what the convs reading it were made for (float32, 4-d, `in_channels` of them,
+// on the CPU, no autograd) or a child of the block was replaced since the plan (`children`, the block's
+// `_modules` then), the block's own forward runs instead (`fallback`, a Python callable).
+struct BlockProgram {
+  std::vector<PackedConvCall> convs;
+  std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, double, double>> steps;
+  int64_t in_channels;  // -1: no conv reads the input as floats
+  int64_t out;          // the value returned
+  pybind11::dict modules;
+  std::vector<pybind11::object> children;  // strong references: a replaced child cannot come back at its address
+  pybind11::object fallback;
+
+  bool children_unchanged() const {
+    if (static_cast<size_t>(PyDict_Size(modules.ptr())) != children.size()) return false;
+    Py_ssize_t pos = 0;
+    PyObject *key = nullptr, *value = nullptr;
+    size_t i = 0;
+    while (PyDict_Next(modules.ptr(), &pos, &key, &value))
+      if (value != children[i++].ptr()) return false;
+    return true;
+  }
+
+  at::Tensor operator()(const at::Tensor& x) const {
+    const bool fits = x.scalar_type() == at::kFloat && x.dim() == 4 && x.is_cpu() &&
+                      (in_channels < 0 || x.size(1) == in_channels) &&
+                      !(x.requires_grad() && at::GradMode::is_enabled());
+    if (!fits || !children_unchanged()) return fallback(x).cast<at::Tensor>();
+    std::vector<at::Tensor> v;
+    v.reserve(steps.size() + 1);
+    v.push_back(x);
+    for (const auto& [kind, conv, src, residual, lo, hi] : steps) {
+      switch (kind) {
+        case 0: v.push_back(convs[conv](v[src])); break;
+        case 1: v.push_back(convs[conv].add_clamp(v[src], v[residual], lo, hi)); break;
+        case 2: v.push_back(add_clamp_into_op(v[src], v[residual], lo, hi)); break;
+        default: v.push_back(at::add(v[src], v[residual]).clamp_(lo, hi)); break;
+      }
+    }
+    return v[out];
+  }
+};
+
 // A bit max pooling's fixed arguments (PackedMaxPool2d's step in a plan).
 struct PackedPoolCall {
   std::vector<int64_t> kernel, stride, padding, dilation;
@@ -2090,16 +2137,18 @@ struct PackedPoolCall {
   }
 };
 
-// Consecutive steps of a plan that read and write packed bits (segments.py), run in one call: at batch 1 each
-// step called from Python costs a microsecond or two of argument conversion and tensor wrapping, as much as a
-// 2x2 layer's arithmetic or a whole bit max pooling; here the intermediate tensors never reach Python.
+// Consecutive C++ steps of a plan (segments.py: convs and bit poolings on packed bits, planned blocks), run in
+// one call: at batch 1 each step called from Python costs a microsecond or two of argument conversion and tensor
+// wrapping, as much as a 2x2 layer's arithmetic or a whole bit max pooling; here the intermediate tensors never
+// reach Python.
 struct PackedChain {
-  std::vector<std::variant<PackedConvCall, PackedPoolCall>> steps;
+  std::vector<std::variant<PackedConvCall, PackedPoolCall, BlockProgram>> steps;
 
   explicit PackedChain(const std::vector<pybind11::object>& calls) {
     for (const pybind11::object& call : calls) {
       if (pybind11::isinstance<PackedConvCall>(call)) steps.emplace_back(call.cast<PackedConvCall>());
-      else steps.emplace_back(call.cast<PackedPoolCall>());
+      else if (pybind11::isinstance<PackedPoolCall>(call)) steps.emplace_back(call.cast<PackedPoolCall>());
+      else steps.emplace_back(call.cast<BlockProgram>());
     }
   }
 
@@ -2303,6 +2352,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
                           bool>())
       .def("__call__", &PackedPoolCall::operator());
+  pybind11::class_<BlockProgram>(m, "BlockProgram")
+      .def(pybind11::init<std::vector<PackedConvCall>,
+                          std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, double, double>>, int64_t,
+                          int64_t, pybind11::dict, std::vector<pybind11::object>, pybind11::object>())
+      .def("__call__", &BlockProgram::operator())
+      .def_readonly("steps", &BlockProgram::steps);
   pybind11::class_<PackedChain>(m, "PackedChain")
       .def(pybind11::init<const std::vector<pybind11::object>&>())
       .def("__call__", &PackedChain::operator())

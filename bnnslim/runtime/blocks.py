@@ -46,6 +46,7 @@ change them on a runtime model and call ``to_runtime`` again.
 from __future__ import annotations
 
 import operator
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeGuard
 
@@ -57,6 +58,7 @@ from bnnslim.runtime.changes import changed
 from bnnslim.runtime.fuse import CLAMPS, FoldedAway, FusedAway, functional_clamp
 from bnnslim.runtime.layers import PackedBinaryConv2d
 from bnnslim.runtime.segments import (
+    NotPlannedYet,
     PackedSequential,
     gives_bits,
     hook_tables,
@@ -97,10 +99,6 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
-class _NotYet(Exception):
-    """A packed conv the plan would call directly has not made its kernel object yet (its first call does)."""
-
-
 class _LeafTracer(fx.Tracer):
     """Every submodule is a leaf: the block's own forward is what gets traced."""
 
@@ -132,7 +130,7 @@ class BlockForward:
         if made is None or made[0] != key:
             try:
                 plan = plan_block(block)
-            except _NotYet:
+            except NotPlannedYet:
                 return None
             if plan is not None and not self._agrees(plan[0], x):
                 plan = None
@@ -143,6 +141,23 @@ class BlockForward:
             return None
         run, tables = ready
         return None if hooked(tables) else run
+
+    def planned_program(self) -> Any | None:
+        """For a sequence's plan (:mod:`bnnslim.runtime.segments`): the block's plan where it is made for the
+        runtime as it is now and is one C++ call (a ``BlockProgram``, which checks its input and the block's
+        children itself), None where the block is to be called as a module; raises
+        :class:`~bnnslim.runtime.segments.NotPlannedYet` where a call would make the plan first."""
+        block = self.block
+        if block.training:
+            return None
+        made = self.__dict__.get("_made")
+        if made is None or made[0] != (*plan_key(), *map(id, block._modules.values())):
+            raise NotPlannedYet
+        ops = build.available_ops()
+        ready = made[1]
+        if ready is None or ops is None or not isinstance(ready[0], ops.BlockProgram):
+            return None
+        return ready[0]
 
     def _agrees(self, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> bool:
         """Whether the plan gives the class forward's output on copies of ``x``, and leaves its copy as the class
@@ -169,8 +184,20 @@ def _attribute(block: nn.Module, target: str) -> Any:
 
 
 def plan_block(block: nn.Module) -> Plan | None:
-    """(the rewritten forward, the children it no longer calls as modules), or None where the class's forward
-    must run (torch.fx cannot trace it); raises :class:`_NotYet` where a packed conv has no kernel object yet."""
+    """(the planned forward: one C++ call where :func:`_program` can make one, else the rewritten graph's
+    generated forward; the children it no longer calls as modules), or None where the class's forward must run
+    (torch.fx cannot trace it); raises :class:`NotPlannedYet` where a packed conv has no kernel object yet."""
+    planned = plan_graph(block)
+    if planned is None:
+        return None
+    module, bypassed = planned
+    program = _program(module, block, build.available_ops())
+    return (module.forward if program is None else program), bypassed
+
+
+def plan_graph(block: nn.Module) -> tuple[fx.GraphModule, list[nn.Module]] | None:
+    """(the rewritten graph, the children it no longer calls as modules), or None where the class's forward must
+    run; raises :class:`NotPlannedYet` where a packed conv has no kernel object yet."""
     try:
         graph = _LeafTracer().trace(block)
     except Exception:  # any tracing failure: the block runs as written
@@ -204,7 +231,7 @@ def plan_block(block: nn.Module) -> Plan | None:
             if reads_bits_on_kernel(m, src in bits, ops):
                 call = m.kernel_call()
                 if call is None:
-                    raise _NotYet
+                    raise NotPlannedYet
                 name = f"_kernel_{len(attrs)}"
                 attrs[name] = call
                 with graph.inserting_before(node):
@@ -235,8 +262,83 @@ def plan_block(block: nn.Module) -> Plan | None:
         if n.op == "get_attr" and str(n.target) not in attrs:
             root[str(n.target)] = _attribute(block, str(n.target))
     root.update(attrs)
-    module = fx.GraphModule(root, graph, class_name=f"Planned{type(block).__name__}")
-    return module.forward, bypassed
+    return fx.GraphModule(root, graph, class_name=f"Planned{type(block).__name__}"), bypassed
+
+
+def _program(module: fx.GraphModule, block: nn.Module, ops: Any) -> Any | None:
+    """The planned graph as one C++ call (``BlockProgram``), where every node is a packed conv's kernel object
+    (reading floats or bits, with the residual add and clamp or without) or a residual add and clamp; None
+    otherwise (the generated forward runs). Its input is checked as :func:`run_on_floats` checks it, and the
+    block's children against the plan's: otherwise the block's own forward runs (through a weak reference, so
+    that the program, which the block's plan holds, keeps no cycle through C++ that the collector cannot see)."""
+    if ops is None:
+        return None
+    graph = module.graph
+    attrs = {str(n.target): getattr(module, str(n.target)) for n in graph.nodes if n.op == "get_attr"}
+    values: dict[fx.Node, int] = {}
+    convs: list[Any] = []
+    steps: list[tuple[int, int, int, int, float, float]] = []
+    in_channels = -1
+    out = -1
+
+    def conv_index(kernel: object) -> int:
+        if not (isinstance(kernel, fx.Node) and kernel.op == "get_attr" and str(kernel.target) in attrs):
+            raise LookupError
+        convs.append(attrs[str(kernel.target)])
+        return len(convs) - 1
+
+    def value(n: object) -> int:
+        if not isinstance(n, fx.Node) or n not in values:
+            raise LookupError
+        return values[n]
+
+    try:
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                values[node] = 0
+                continue
+            if node.op == "get_attr":
+                continue  # kernel objects and their layers, read by the calls below (anything else: not a value)
+            if node.op == "output":
+                out = value(node.args[0])
+                continue
+            if node.op == "call_function" and node.target is run_on_floats:
+                kernel, layer, src = node.args
+                if value(src) == 0:
+                    channels = attrs[str(layer.target)].in_channels
+                    if in_channels not in (-1, channels):
+                        return None
+                    in_channels = channels
+                steps.append((0, conv_index(kernel), value(src), -1, 0.0, 0.0))
+            elif node.op == "call_method" and node.target == "__call__" and len(node.args) == 2:
+                steps.append((0, conv_index(node.args[0]), value(node.args[1]), -1, 0.0, 0.0))
+            elif node.op == "call_method" and node.target == "add_clamp":
+                kernel, src, residual, lo, hi = node.args
+                steps.append((1, conv_index(kernel), value(src), value(residual), float(lo), float(hi)))
+            elif node.op == "call_function" and node.target in (add_clamp_into, add_clamp):
+                a, b, lo, hi = node.args
+                kind = 2 if node.target is add_clamp_into else 3
+                steps.append((kind, -1, value(a), value(b), float(lo), float(hi)))
+            else:
+                return None
+            values[node] = len(steps)
+    except (LookupError, ValueError, TypeError, AttributeError):
+        return None
+    if out < 0 or not steps:
+        return None
+    ref = weakref.ref(block)
+
+    def as_written(x: torch.Tensor) -> Any:
+        b = ref()
+        if b is None:
+            raise RuntimeError("bnnslim runtime: the block of this planned call no longer exists")
+        return type(b).forward(b, x)
+
+    try:
+        return ops.BlockProgram(convs, steps, in_channels, out, block._modules, list(block._modules.values()),
+                                as_written)
+    except TypeError:  # an attribute the graph reads that is not a conv's kernel object
+        return None
 
 
 def _inline_sequences(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[nn.Module]:

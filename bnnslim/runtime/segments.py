@@ -126,7 +126,7 @@ def run_on_floats(call: Callable[[torch.Tensor], torch.Tensor], layer: PackedBin
 def _direct_step(child: nn.Module, bits: bool, ops: object) -> Step | None:
     """What a plan calls in place of ``child`` (given whether its input is packed bits), or None for a module call:
     a packed conv's kernel object (reading floats: guarded by :func:`run_on_floats`), a bit max pooling's op, a
-    sign packing's or a pooled tail's bound op; raises :class:`_NotYet` for a conv reading bits before its first
+    sign packing's or a pooled tail's bound op; raises :class:`NotPlannedYet` for a conv reading bits before its first
     call has made its kernel object."""
     if ops is None:
         return None
@@ -134,7 +134,7 @@ def _direct_step(child: nn.Module, bits: bool, ops: object) -> Step | None:
         assert isinstance(child, PackedBinaryConv2d)
         direct = child.kernel_call()
         if direct is None:
-            raise _NotYet
+            raise NotPlannedYet
         return direct
     if isinstance(child, PackedBinaryConv2d) and not bits and not child.input_bits and child.mode == "kernel":
         call = child.kernel_call()
@@ -143,11 +143,15 @@ def _direct_step(child: nn.Module, bits: bool, ops: object) -> Step | None:
         return ops.PackedPoolCall(*child.pool_geometry)  # type: ignore[attr-defined]
     if isinstance(child, (PackSigns, PooledLinear)):
         return child.direct_call()
+    planned = getattr(child.__dict__.get("forward"), "planned_program", None)  # a block's BlockForward
+    if planned is not None and not bits:
+        return planned()
     return None
 
 
-class _NotYet(Exception):
-    """A packed conv that a plan would call directly has not made its kernel object yet."""
+class NotPlannedYet(Exception):
+    """A layer or block that a plan would call directly has not made its kernel object or its own plan yet (its
+    next call as a module does)."""
 
 
 def _flattened(children: list[nn.Module], bypassed: list[nn.Module]) -> list[nn.Module]:
@@ -177,11 +181,13 @@ def plan_steps(children: list[nn.Module]) -> tuple[list[Step], list[nn.Module]] 
             continue
         try:
             direct = _direct_step(child, bits, ops)
-        except _NotYet:
+        except NotPlannedYet:
             return None
         if direct is not None:
             steps.append(direct)
-            bypassed.append(child)
+            # a block's program calls none of the block's layers as modules: a hook on any of them stops the plan
+            program = ops is not None and isinstance(direct, ops.BlockProgram)
+            bypassed += list(child.modules()) if program else [child]
         else:
             steps.append(child)
         bits = gives_bits(child, bits)
@@ -193,7 +199,7 @@ def _chained(steps: list[Step], ops: object) -> list[Step]:
     one ``PackedChain``: one call from Python for the run, its intermediate tensors never wrapped for Python."""
     if ops is None:
         return steps
-    native = (ops.PackedConvCall, ops.PackedPoolCall)  # type: ignore[attr-defined]
+    native = (ops.PackedConvCall, ops.PackedPoolCall, ops.BlockProgram)  # type: ignore[attr-defined]
     out: list[Step] = []
     run: list[Step] = []
     for step in [*steps, None]:
