@@ -29,6 +29,15 @@ every child a leaf, and runs the rewritten graph:
   ``add_clamp`` does both as it finishes, one C++ call and one pass over the
   output (``benchmarks/runtime_planned_blocks.md``).
 
+Where the rewritten graph is then only kernel calls and residual adds (a ResNet
+``BasicBlock``, torchvision's ``BasicConv2d``), :func:`_program` makes it one C++
+call (``BlockProgram``): no generated Python forward runs, and a
+:class:`~bnnslim.runtime.segments.PackedSequential` of such blocks (a ResNet
+stage) takes them as steps of its own plan, chained into one call
+(:meth:`BlockForward.planned_program`). The program checks its input as
+:func:`run_on_floats` does and the block's children against the plan's, and runs
+the block as written otherwise (``runtime_planned_blocks_zen4.md``).
+
 A new plan is checked once against the block's own forward on (copies of)
 the input at hand, and dropped if they differ: torch.fx records ``out += y`` as
 ``out + y`` and an in-place activation as a new value, so a block that reads a

@@ -10,8 +10,10 @@ children into steps (a packed conv reading bits calls its kernel object
 directly, a bit max pooling its kernel, a sign packing and a pooled tail their
 bound op, a packed conv reading floats its kernel object behind a check of the
 input, a layer folded or fused away is skipped, everything else is called as
-the module it is; sequences nested in it are flattened into its plan; a run of
-steps on packed bits, convs and bit poolings, is one C++ call) and
+the module it is, except a block planned as one C++ call
+(:mod:`bnnslim.runtime.blocks`), which is a step itself; sequences nested in it
+are flattened into its plan; a run of C++ steps, convs and bit poolings on
+packed bits and planned blocks, is one C++ call) and
 replans whenever a
 packed layer or the sequence changes (an attribute assigned or a conversion such as ``.half()``:
 :class:`~bnnslim.runtime.changes.ChangeTracked` calls :func:`bnnslim.runtime.changes.changed`), when the kernel
