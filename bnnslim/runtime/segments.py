@@ -197,8 +197,9 @@ def plan_steps(children: list[nn.Module]) -> tuple[list[Step], list[nn.Module]] 
 
 
 def _chained(steps: list[Step], ops: object) -> list[Step]:
-    """``steps`` with each run of two or more C++ calls on packed bits (convs' kernel objects, bit poolings) made
-    one ``PackedChain``: one call from Python for the run, its intermediate tensors never wrapped for Python."""
+    """``steps`` with each run of two or more C++ calls (convs' kernel objects on packed bits, bit poolings, blocks
+    planned as one call) made one ``PackedChain``: one call from Python for the run, its intermediate tensors
+    never wrapped for Python."""
     if ops is None:
         return steps
     native = (ops.PackedConvCall, ops.PackedPoolCall, ops.BlockProgram)  # type: ignore[attr-defined]
