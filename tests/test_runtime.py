@@ -42,6 +42,7 @@ from bnnslim.runtime import (
     with_emulation,
 )
 from bnnslim.runtime.bits import apply_thresholds
+from bnnslim.runtime.changes import generation
 from bnnslim.runtime.fuse import ComputedByPackSigns, DirectRealConv, fuse_binary_chains, unfuse, unpack_input
 
 ALL_ISAS = ["avx512", "avx2", "popcnt", "scalar"]
@@ -682,10 +683,17 @@ def test_a_stage_of_residual_blocks_is_one_cpp_call_that_follows_the_blocks(kern
         runtime(x)
         block = runtime.layer2[1]
         block.act2 = nn.ReLU()
+        before = generation()
         got = runtime(x)  # (before _as_written: copying a runtime model makes every plan anew)
+        assert generation() > before  # the stale program ran the block as written and had every plan made anew
         assert torch.equal(got, _as_written(runtime)(x)) and not torch.equal(got, want)
+        runtime(x)
+        runtime(x)  # the block's new plan, then the stage's: a program again, with the ReLU's clamp
+        made = block.forward.__dict__["_made"][1][0]
+        assert isinstance(made, program_type) and made.steps[-1][4:] == (0.0, float("inf"))
+        assert torch.equal(runtime(x), got)
     refs = [weakref.ref(m) for m in runtime.modules()]
-    del runtime, stage, block, steps
+    del runtime, stage, block, steps, made
     gc.collect()
     assert all(r() is None for r in refs)
 

@@ -2087,7 +2087,8 @@ struct PackedConvCall {
 // 2 clamp(src + residual) into src (a fresh conv output nothing else reads); 3 clamp(src + residual) as a new
 // tensor. Where the input is not what the convs reading it were made for (float32, 4-d, `in_channels` of them,
 // on the CPU, no autograd) or a child of the block was replaced since the plan (`children`, the block's
-// `_modules` then), the block's own forward runs instead (`fallback`, a Python callable).
+// `_modules` then), the block's own forward runs instead: `fallback(x, stale)`, a Python callable, told whether
+// the plan is stale (then every plan is made anew).
 struct BlockProgram {
   std::vector<PackedConvCall> convs;
   std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, double, double>> steps;
@@ -2111,7 +2112,8 @@ struct BlockProgram {
     const bool fits = x.scalar_type() == at::kFloat && x.dim() == 4 && x.is_cpu() &&
                       (in_channels < 0 || x.size(1) == in_channels) &&
                       !(x.requires_grad() && at::GradMode::is_enabled());
-    if (!fits || !children_unchanged()) return fallback(x).cast<at::Tensor>();
+    const bool stale = !children_unchanged();
+    if (!fits || stale) return fallback(x, stale).cast<at::Tensor>();
     std::vector<at::Tensor> v;
     v.reserve(steps.size() + 1);
     v.push_back(x);

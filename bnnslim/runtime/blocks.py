@@ -337,10 +337,12 @@ def _program(module: fx.GraphModule, block: nn.Module, ops: Any) -> Any | None:
         return None
     ref = weakref.ref(block)
 
-    def as_written(x: torch.Tensor) -> Any:
+    def as_written(x: torch.Tensor, stale: bool) -> Any:
         b = ref()
         if b is None:
             raise RuntimeError("bnnslim runtime: the block of this planned call no longer exists")
+        if stale:  # a child replaced: plain blocks do not report it, so the sequences holding this program replan
+            changed()
         return type(b).forward(b, x)
 
     try:
