@@ -698,6 +698,59 @@ def test_a_stage_of_residual_blocks_is_one_cpp_call_that_follows_the_blocks(kern
     assert all(r() is None for r in refs)
 
 
+class _ConvNormAct(nn.Sequential):
+    """torchvision's Conv2dNormActivation: a Sequential subclass with Sequential's forward."""
+
+    def __init__(self, cin: int, cout: int, k: int, groups: int = 1, act: bool = True) -> None:
+        super().__init__(binary_conv(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
+                         *([nn.ReLU()] if act else []))
+
+
+class _Transform(nn.Sequential):
+    """RegNet's BottleneckTransform: sequences of conv, norm and activation in a sequence subclass."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(_ConvNormAct(c, c, 1), _ConvNormAct(c, c, 3, groups=2), _ConvNormAct(c, c, 1, act=False))
+
+
+class _ResBottleneck(nn.Module):
+    """RegNet's ResBottleneckBlock: ``activation(x + f(x))``."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.f = _Transform(c)
+        self.activation = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(x + self.f(x))
+
+
+def test_sequence_subclasses_inside_a_block_are_inlined_into_its_program(kernels: build.KernelStatus) -> None:
+    """Sequences nested in a block (torchvision's Conv2dNormActivation inside RegNet's BottleneckTransform) run
+    their layers from the block's own plan: the block is one C++ program, equal to its forward as written bit for
+    bit, and a hook on a layer nested two sequences deep still fires."""
+    from bnnslim.runtime.blocks import plan_graph
+
+    torch.manual_seed(5)
+    model = nn.Sequential(_ResBottleneck(64), _ResBottleneck(64)).eval()
+    _random_bn(model, seed=6)
+    runtime = to_runtime(model)
+    x = torch.randn(1, 64, 8, 8)
+    with torch.no_grad():
+        want = _as_written(runtime)(x)
+        for _ in range(3):
+            assert torch.equal(runtime(x), want)
+        block = runtime[0]
+        graph = plan_graph(block)
+        assert graph is not None and "self.f" not in graph[0].code  # the nested sequences are inlined
+        assert isinstance(block.forward.__dict__["_made"][1][0], build.available_ops().BlockProgram)  # type: ignore[union-attr]
+        seen: list[int] = []
+        handle = block.f[1][0].register_forward_hook(lambda m, i, o: seen.append(1))
+        assert torch.equal(runtime(x), want) and seen == [1]
+        handle.remove()
+        assert torch.equal(runtime(x), want)
+
+
 class _SharedReluBlock(nn.Module):
     """torchvision's BasicBlock pattern: one ReLU module called twice, ``out += identity``; with ``alias`` the
     conv output is also read after the in-place add (which must then see the sum)."""

@@ -353,25 +353,39 @@ def _program(module: fx.GraphModule, block: nn.Module, ops: Any) -> Any | None:
 
 
 def _inline_sequences(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[nn.Module]:
-    """Replace each call of a :class:`PackedSequential` child of packed convs and layers folded into them (a
-    ResNet's shortcut: a 1x1 conv and its folded batch norm) by calls of its layers in turn, so that the plan
-    drops the ones that pass their input on and the sequence's own call (a few microseconds at batch 1) goes;
-    returns the sequences inlined. Other sequences (of blocks, or with poolings and sign packing, which the
-    sequence's own plan runs without module calls) stay calls."""
+    """Replace each call of a sequence child by calls of its layers in turn, so that the plan drops the ones that
+    pass their input on and the sequence's own call (a few microseconds at batch 1) goes; returns the sequences
+    inlined. Inlined: a :class:`PackedSequential` of packed convs and layers folded into them (a ResNet's shortcut:
+    a 1x1 conv and its folded batch norm), and any ``nn.Sequential`` subclass that keeps ``Sequential``'s forward
+    (torchvision's ``Conv2dNormActivation``, RegNet's ``BottleneckTransform``), nested ones too. Other packed
+    sequences (of blocks, or with poolings and sign packing, which the sequence's own plan runs without module
+    calls) stay calls."""
     inlined: list[nn.Module] = []
-    for node in list(graph.nodes):
+    work = list(graph.nodes)
+    while work:
+        node = work.pop(0)
         seq = modules.get(str(node.target)) if node.op == "call_module" else None
-        if not isinstance(seq, PackedSequential) or len(node.args) != 1 or node.kwargs \
-                or not all(isinstance(m, _INLINED) for m in seq):
+        if not _inlined_here(seq) or len(node.args) != 1 or node.kwargs:
             continue
+        assert isinstance(seq, nn.Sequential)
         value = node.args[0]
+        calls = []
         with graph.inserting_before(node):
             for name, _ in seq.named_children():
                 value = graph.call_module(f"{node.target}.{name}", (value,))
+                calls.append(value)
         node.replace_all_uses_with(value)
         graph.erase_node(node)
         inlined.append(seq)
+        work = calls + work  # a sequence inside it is inlined in turn
     return inlined
+
+
+def _inlined_here(seq: nn.Module | None) -> bool:
+    """Whether a block's plan runs ``seq``'s layers itself (:func:`_inline_sequences`)."""
+    if isinstance(seq, PackedSequential):
+        return all(isinstance(m, _INLINED) for m in seq)
+    return isinstance(seq, nn.Sequential) and type(seq).forward is nn.Sequential.forward and len(seq) > 0
 
 
 def _clamped_already(node: fx.Node, floats: dict[fx.Node, PackedBinaryConv2d]) -> bool:
