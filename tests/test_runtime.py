@@ -751,6 +751,63 @@ def test_sequence_subclasses_inside_a_block_are_inlined_into_its_program(kernels
         assert torch.equal(runtime(x), want)
 
 
+class _Stage(nn.Sequential):
+    """RegNet's AnyStage: a Sequential subclass of residual blocks (a block of its own, not a plain sequence)."""
+
+
+class _TakesAList(nn.Module):
+    """DenseNet's dense layer: called with several tensors at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = binary_conv(64, 64, 3, padding=1, bias=False)
+
+    def forward(self, xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.conv(torch.cat(xs, 1))
+
+
+class _CallsAListTaker(nn.Module):
+    """DenseNet's dense block: calls its layer with one value (traced as one node) holding several tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = _TakesAList()
+        self.bn = nn.BatchNorm2d(64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.layer(torch.split(x, 32, dim=1)))
+
+
+def test_blocks_of_planned_blocks_are_programs_of_programs(kernels: build.KernelStatus) -> None:
+    """A block whose children are blocks planned as one C++ call (RegNet's AnyStage of ResBottleneckBlocks) calls
+    their programs from its own, without their module calls: equal to its forward as written bit for bit, hooks on a
+    layer three blocks deep still fire. A child called with what a plan does not take (several tensors, as
+    DenseNet's layers are) is called as a module and does not stop its parent's plan."""
+    from bnnslim.runtime.blocks import plan_graph
+
+    torch.manual_seed(7)
+    model = nn.Sequential(_Stage(_ResBottleneck(64), _ResBottleneck(64)), _CallsAListTaker()).eval()
+    _random_bn(model, seed=8)
+    runtime = to_runtime(model)
+    x = torch.randn(1, 64, 8, 8)
+    program_type = build.available_ops().BlockProgram  # type: ignore[union-attr]
+    with torch.no_grad():
+        want = _as_written(runtime)(x)
+        for _ in range(5):  # kernel objects, then each level of blocks plans once the level below has
+            assert torch.equal(runtime(x), want)
+        stage = runtime[0]
+        program = stage.forward.__dict__["_made"][1][0]
+        assert isinstance(program, program_type) and [kind for kind, *_ in program.steps] == [4, 4]
+        assert isinstance(runtime.__dict__["_plan"][1][0], program_type)  # the outer sequence calls it directly
+        taker = runtime[1]
+        assert plan_graph(taker) is not None and "self.layer(" in plan_graph(taker)[0].code  # type: ignore[index]
+        seen: list[int] = []
+        handle = stage[1].f[2][0].register_forward_hook(lambda m, i, o: seen.append(1))
+        assert torch.equal(runtime(x), want) and seen == [1]
+        handle.remove()
+        assert torch.equal(runtime(x), want)
+
+
 class _SharedReluBlock(nn.Module):
     """torchvision's BasicBlock pattern: one ReLU module called twice, ``out += identity``; with ``alias`` the
     conv output is also read after the in-place add (which must then see the sum)."""

@@ -2085,12 +2085,13 @@ struct PackedConvCall {
 // convs' kernel objects and residual adds on numbered values, value 0 the block's input. Each step is
 // (kind, conv, src, residual, lo, hi); kinds: 0 conv(src); 1 clamp(conv(src) + residual) into the conv's output;
 // 2 clamp(src + residual) into src (a fresh conv output nothing else reads); 3 clamp(src + residual) as a new
-// tensor. Where the input is not what the convs reading it were made for (float32, 4-d, `in_channels` of them,
+// tensor; 4 the program of a child block (`subs[conv]`) on src. Where the input is not what the convs reading it were made for (float32, 4-d, `in_channels` of them,
 // on the CPU, no autograd) or a child of the block was replaced since the plan (`children`, the block's
 // `_modules` then), the block's own forward runs instead: `fallback(x, stale)`, a Python callable, told whether
 // the plan is stale (then every plan is made anew).
 struct BlockProgram {
   std::vector<PackedConvCall> convs;
+  std::vector<BlockProgram> subs;
   std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, double, double>> steps;
   int64_t in_channels;  // -1: no conv reads the input as floats
   int64_t out;          // the value returned
@@ -2122,6 +2123,7 @@ struct BlockProgram {
         case 0: v.push_back(convs[conv](v[src])); break;
         case 1: v.push_back(convs[conv].add_clamp(v[src], v[residual], lo, hi)); break;
         case 2: v.push_back(add_clamp_into_op(v[src], v[residual], lo, hi)); break;
+        case 4: v.push_back(subs[conv](v[src])); break;
         default: v.push_back(at::add(v[src], v[residual]).clamp_(lo, hi)); break;
       }
     }
@@ -2355,7 +2357,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           bool>())
       .def("__call__", &PackedPoolCall::operator());
   pybind11::class_<BlockProgram>(m, "BlockProgram")
-      .def(pybind11::init<std::vector<PackedConvCall>,
+      .def(pybind11::init<std::vector<PackedConvCall>, std::vector<BlockProgram>,
                           std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, double, double>>, int64_t,
                           int64_t, pybind11::dict, std::vector<pybind11::object>, pybind11::object>())
       .def("__call__", &BlockProgram::operator())

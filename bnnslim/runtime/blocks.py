@@ -34,7 +34,9 @@ Where the rewritten graph is then only kernel calls and residual adds (a ResNet
 call (``BlockProgram``): no generated Python forward runs, and a
 :class:`~bnnslim.runtime.segments.PackedSequential` of such blocks (a ResNet
 stage) takes them as steps of its own plan, chained into one call
-(:meth:`BlockForward.planned_program`). The program checks its input as
+(:meth:`BlockForward.planned_program`); so does a block that calls such blocks
+(RegNet's ``AnyStage``): their programs become steps of its plan (:func:`run_block`),
+and of its program where nothing else is left. The program checks its input as
 :func:`run_on_floats` does and the block's children against the plan's, and runs
 the block as written otherwise (``runtime_planned_blocks_zen4.md``).
 
@@ -125,10 +127,13 @@ class BlockForward:
         block = self.block
         if len(args) == 1 and not kwargs and not block.training:
             x = args[0]
-            if isinstance(x, torch.Tensor) and not (x.requires_grad and torch.is_grad_enabled()):
-                plan = self._plan(x)
-                if plan is not None:
-                    return plan(x)
+            if isinstance(x, torch.Tensor):
+                if not (x.requires_grad and torch.is_grad_enabled()):
+                    plan = self._plan(x)
+                    if plan is not None:
+                        return plan(x)
+            elif "_called_as_written" not in self.__dict__:
+                self.__dict__["_called_as_written"] = True  # not one tensor (DenseNet's list): see planned_program
         return type(block).forward(block, *args, **kwargs)
 
     def _plan(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -160,6 +165,8 @@ class BlockForward:
         if block.training:
             return None
         made = self.__dict__.get("_made")
+        if made is None and self.__dict__.get("_called_as_written"):
+            return None  # called with what a plan does not take: a module call, not a wait for a plan
         if made is None or made[0] != (*plan_key(), *map(id, block._modules.values())):
             raise NotPlannedYet
         ops = build.available_ops()
@@ -236,6 +243,17 @@ def plan_graph(block: nn.Module) -> tuple[fx.GraphModule, list[nn.Module]] | Non
             graph.erase_node(node)
             bypassed.append(m)
             continue
+        child_program = getattr(m.__dict__.get("forward"), "planned_program", None)  # a child block's BlockForward
+        program = child_program() if child_program is not None and src not in bits else None  # may raise NotPlannedYet
+        if program is not None:  # the child block's own plan is one C++ call: called without the module call
+            name = f"_kernel_{len(attrs)}"
+            attrs[name] = program
+            with graph.inserting_before(node):
+                direct = graph.call_function(run_block, (graph.get_attr(name), src))
+            node.replace_all_uses_with(direct)
+            graph.erase_node(node)
+            bypassed += list(m.modules())
+            continue
         if isinstance(m, PackedBinaryConv2d):
             if reads_bits_on_kernel(m, src in bits, ops):
                 call = m.kernel_call()
@@ -274,6 +292,11 @@ def plan_graph(block: nn.Module) -> tuple[fx.GraphModule, list[nn.Module]] | Non
     return fx.GraphModule(root, graph, class_name=f"Planned{type(block).__name__}"), bypassed
 
 
+def run_block(program: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """A child block's program called from its parent's plan (the program checks its input itself)."""
+    return program(x)
+
+
 def _program(module: fx.GraphModule, block: nn.Module, ops: Any) -> Any | None:
     """The planned graph as one C++ call (``BlockProgram``), where every node is a packed conv's kernel object
     (reading floats or bits, with the residual add and clamp or without) or a residual add and clamp; None
@@ -286,6 +309,7 @@ def _program(module: fx.GraphModule, block: nn.Module, ops: Any) -> Any | None:
     attrs = {str(n.target): getattr(module, str(n.target)) for n in graph.nodes if n.op == "get_attr"}
     values: dict[fx.Node, int] = {}
     convs: list[Any] = []
+    subs: list[Any] = []
     steps: list[tuple[int, int, int, int, float, float]] = []
     in_channels = -1
     out = -1
@@ -319,6 +343,10 @@ def _program(module: fx.GraphModule, block: nn.Module, ops: Any) -> Any | None:
                         return None
                     in_channels = channels
                 steps.append((0, conv_index(kernel), value(src), -1, 0.0, 0.0))
+            elif node.op == "call_function" and node.target is run_block:
+                program, src = node.args
+                subs.append(attrs[str(program.target)])
+                steps.append((4, len(subs) - 1, value(src), -1, 0.0, 0.0))
             elif node.op == "call_method" and node.target == "__call__" and len(node.args) == 2:
                 steps.append((0, conv_index(node.args[0]), value(node.args[1]), -1, 0.0, 0.0))
             elif node.op == "call_method" and node.target == "add_clamp":
@@ -346,8 +374,8 @@ def _program(module: fx.GraphModule, block: nn.Module, ops: Any) -> Any | None:
         return type(b).forward(b, x)
 
     try:
-        return ops.BlockProgram(convs, steps, in_channels, out, block._modules, list(block._modules.values()),
-                                as_written)
+        return ops.BlockProgram(convs, subs, steps, in_channels, out, block._modules,
+                                list(block._modules.values()), as_written)
     except TypeError:  # an attribute the graph reads that is not a conv's kernel object
         return None
 
