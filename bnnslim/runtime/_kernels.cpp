@@ -157,6 +157,24 @@ void pack_rows_generic(const Geo& g, const float* x, int64_t sN, int64_t sC, int
   }
 }
 
+// The padded column iw = w + PL of an input row, w = 0, 1, ..., in the phase-split layout: phase iw % SW,
+// position iw / SW, at word phase * Wq + position. Stepped along instead of divided per pixel, and held in
+// locals as the packers keep Geo's fields: stores through int64_t pointers could alias them and make the compiler
+// reload them after every store (the division and the reloads doubled a channels-last pack's time).
+struct PhaseColumns {
+  int64_t phase, pos;
+  const int64_t SW, Wq;
+  explicit PhaseColumns(const Geo& g) : phase(g.PL % g.SW), pos(g.PL / g.SW), SW(g.SW), Wq(g.Wq) {}
+  BNN_INLINE int64_t next() {  // this column's word offset; moves to the next column
+    const int64_t at = phase * Wq + pos;
+    if (++phase == SW) {
+      phase = 0;
+      ++pos;
+    }
+    return at;
+  }
+};
+
 #if BNN_X86
 #define BNN_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512vpopcntdq,popcnt,bmi2")))
 #define BNN_AVX2 __attribute__((target("avx2,popcnt,bmi2")))
@@ -230,10 +248,8 @@ BNN_AVX512 void pack_rows_avx512_nchw(const Geo& g, const float* x, int64_t sN, 
 BNN_AVX512 void pack_rows_avx512_nhwc(const Geo& g, const float* x, int64_t sN, int64_t sH, int64_t sW,
                                       const bool* mask, const int64_t* maskw, int64_t* out,
                                       int64_t task_begin, int64_t task_end) {
-  // the geometry in locals: stores through `out` (int64_t) could alias Geo's fields, so reading them in the
-  // loops would reload them after every store
-  const int64_t H = g.H, W = g.W, Cg = g.Cg, NWg = g.NWg, GW = g.GW, SW = g.SW, Wq = g.Wq, plane = g.plane;
-  const int64_t word_stride = g.word_stride, PL = g.PL;
+  // the geometry in locals (see PhaseColumns), word by word
+  const int64_t H = g.H, W = g.W, Cg = g.Cg, NWg = g.NWg, GW = g.GW, plane = g.plane, word_stride = g.word_stride;
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t t = task_begin; t < task_end; ++t) {
     const int64_t n = t / H, ih = t % H;
@@ -251,8 +267,7 @@ BNN_AVX512 void pack_rows_avx512_nhwc(const Geo& g, const float* x, int64_t sN, 
       }
       const uint64_t keep = mask != nullptr ? static_cast<uint64_t>(maskw[word]) : ~uint64_t{0};
       int64_t* dst = row + word * word_stride;
-      // padded column iw = w + PL lands at phase iw % SW, position iw / SW: stepped along, not divided per pixel
-      int64_t phase = PL % SW, pos = PL / SW;
+      PhaseColumns column(g);
       for (int64_t w = 0; w < W; ++w) {
         const float* xp = xrow + w * sW + c0;
         uint64_t s = 0, z = 0;
@@ -262,13 +277,9 @@ BNN_AVX512 void pack_rows_avx512_nhwc(const Geo& g, const float* x, int64_t sN, 
           z |= static_cast<uint64_t>(_mm512_cmp_ps_mask(v, zero, _CMP_NEQ_OQ)) << (16 * q);
         }
         z &= keep;
-        const int64_t at = phase * Wq + pos;
+        const int64_t at = column.next();
         dst[at] = static_cast<int64_t>(s & z);
         dst[plane + at] = static_cast<int64_t>(z);
-        if (++phase == SW) {
-          phase = 0;
-          ++pos;
-        }
       }
     }
   }
@@ -331,9 +342,8 @@ BNN_AVX2 void pack_rows_avx2_nchw(const Geo& g, const float* x, int64_t sN, int6
 // AVX2, channels-last rows: one word per pixel from eight 8-float compares.
 BNN_AVX2 void pack_rows_avx2_nhwc(const Geo& g, const float* x, int64_t sN, int64_t sH, int64_t sW,
                                   const int64_t* maskw, int64_t* out, int64_t task_begin, int64_t task_end) {
-  // locals, word by word, the column stepped along: as in pack_rows_avx512_nhwc
-  const int64_t H = g.H, W = g.W, Cg = g.Cg, NWg = g.NWg, GW = g.GW, SW = g.SW, Wq = g.Wq, plane = g.plane;
-  const int64_t word_stride = g.word_stride, PL = g.PL;
+  // the geometry in locals (see PhaseColumns), word by word
+  const int64_t H = g.H, W = g.W, Cg = g.Cg, NWg = g.NWg, GW = g.GW, plane = g.plane, word_stride = g.word_stride;
   const __m256 zero = _mm256_setzero_ps();
   alignas(32) float tail[8];
   for (int64_t t = task_begin; t < task_end; ++t) {
@@ -347,7 +357,7 @@ BNN_AVX2 void pack_rows_avx2_nhwc(const Geo& g, const float* x, int64_t sN, int6
       const int64_t full = kmax / 8, rest = kmax % 8;  // whole 8-float loads, then a partial one
       const uint64_t keep = maskw != nullptr ? static_cast<uint64_t>(maskw[word]) : ~uint64_t{0};
       int64_t* dst = row + word * word_stride;
-      int64_t phase = PL % SW, pos = PL / SW;
+      PhaseColumns column(g);
       for (int64_t w = 0; w < W; ++w) {
         const float* xp = xrow + w * sW + c0;
         uint64_t s = 0, z = 0;
@@ -364,13 +374,9 @@ BNN_AVX2 void pack_rows_avx2_nhwc(const Geo& g, const float* x, int64_t sN, int6
           z |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_OQ))) << (8 * q);
         }
         z &= keep;
-        const int64_t at = phase * Wq + pos;
+        const int64_t at = column.next();
         dst[at] = static_cast<int64_t>(s & z);
         dst[plane + at] = static_cast<int64_t>(z);
-        if (++phase == SW) {
-          phase = 0;
-          ++pos;
-        }
       }
     }
   }
@@ -489,10 +495,9 @@ at::Tensor pack_from_bits(const at::Tensor& bits_in, const Geo& g, const c10::op
   }
   at::Tensor out = zeros_long({images * g.N, g.Hp, g.GW, 2, g.SW, g.Wq});
   int64_t* op = out.data_ptr<int64_t>();
-  // the geometry in locals (stores through int64_t pointers could alias Geo's fields), word by word, the
-  // padded column iw = w + PL's phase iw % SW and position iw / SW stepped along rather than divided per pixel
-  const int64_t H = g.H, W = g.W, GW = g.GW, SW = g.SW, Wq = g.Wq, plane = g.plane, word_stride = g.word_stride;
-  const int64_t PL = g.PL, PT = g.PT, img_stride = g.img_stride, row_stride = g.row_stride;
+  // the geometry in locals (see PhaseColumns), word by word
+  const int64_t H = g.H, W = g.W, GW = g.GW, plane = g.plane, word_stride = g.word_stride;
+  const int64_t PT = g.PT, img_stride = g.img_stride, row_stride = g.row_stride;
   at::parallel_for(0, g.N * H, 8, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t / H, ih = t % H;
@@ -501,16 +506,12 @@ at::Tensor pack_from_bits(const at::Tensor& bits_in, const Geo& g, const c10::op
         const int64_t* in = src + t * W * GW * 2 + 2 * j;
         int64_t* dst = row + j * word_stride;
         const uint64_t keep = maskw[j];
-        int64_t phase = PL % SW, pos = PL / SW;
+        PhaseColumns column(g);
         for (int64_t w = 0; w < W; ++w, in += GW * 2) {
           const uint64_t z = static_cast<uint64_t>(in[1]) & keep;
-          const int64_t at = phase * Wq + pos;
+          const int64_t at = column.next();
           dst[at] = static_cast<int64_t>(static_cast<uint64_t>(in[0]) & z);
           dst[plane + at] = static_cast<int64_t>(z);
-          if (++phase == SW) {
-            phase = 0;
-            ++pos;
-          }
         }
       }
     }

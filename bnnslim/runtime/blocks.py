@@ -71,6 +71,7 @@ from bnnslim.runtime.layers import PackedBinaryConv2d
 from bnnslim.runtime.segments import (
     NotPlannedYet,
     PackedSequential,
+    block_program,
     gives_bits,
     hook_tables,
     hooked,
@@ -243,8 +244,7 @@ def plan_graph(block: nn.Module) -> tuple[fx.GraphModule, list[nn.Module]] | Non
             graph.erase_node(node)
             bypassed.append(m)
             continue
-        child_program = getattr(m.__dict__.get("forward"), "planned_program", None)  # a child block's BlockForward
-        program = child_program() if child_program is not None and src not in bits else None  # may raise NotPlannedYet
+        program = block_program(m, src in bits)  # may raise NotPlannedYet
         if program is not None:  # the child block's own plan is one C++ call: called without the module call
             name = f"_kernel_{len(attrs)}"
             attrs[name] = program

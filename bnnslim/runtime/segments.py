@@ -145,10 +145,16 @@ def _direct_step(child: nn.Module, bits: bool, ops: object) -> Step | None:
         return ops.PackedPoolCall(*child.pool_geometry)  # type: ignore[attr-defined]
     if isinstance(child, (PackSigns, PooledLinear)):
         return child.direct_call()
-    planned = getattr(child.__dict__.get("forward"), "planned_program", None)  # a block's BlockForward
-    if planned is not None and not bits:
-        return planned()
-    return None
+    return block_program(child, bits)
+
+
+def block_program(child: nn.Module, bits: bool) -> Step | None:
+    """``child``'s plan where it is a block planned as one C++ call (its ``BlockForward.planned_program``, in
+    :mod:`bnnslim.runtime.blocks`), for a plan that would otherwise call it as a module; None where it is to be
+    called as a module (not a block, its input packed bits, or its plan not one call); raises
+    :class:`NotPlannedYet` where its next call makes that plan."""
+    planned = getattr(child.__dict__.get("forward"), "planned_program", None)
+    return planned() if planned is not None and not bits else None
 
 
 class NotPlannedYet(Exception):
