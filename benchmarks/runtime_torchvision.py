@@ -10,6 +10,9 @@ Per layer: the plan's packed and float times of every binary conv (the float
 conv of the same shape is what the original runs there).
 
     python benchmarks/runtime_torchvision.py      # writes runtime_torchvision.md beside it
+
+``--without-avx512`` runs it on this CPU with AVX-512 hidden from bnnslim and
+torch alike (``cpuid_without_avx512.c``): what an AVX2-only CPU would run.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torchvision
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import header, interleaved_times, write_record  # noqa: E402
+from _common import header, interleaved_times, rerun_without_avx512, write_record  # noqa: E402
 
 from bnnslim.bench import per_layer_times  # noqa: E402
 from bnnslim.binary.convert import apply_binarization, plan_binarization  # noqa: E402
@@ -84,7 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--inner", type=int, default=5)
     parser.add_argument("--out", type=Path, default=HERE / "runtime_torchvision.md")
+    parser.add_argument("--without-avx512", action="store_true",
+                        help="run on this CPU with AVX-512 and VNNI hidden from bnnslim and torch alike (CPUID "
+                             "masked: an AVX2-only CPU of this microarchitecture)")
     args = parser.parse_args(argv)
+    if args.without_avx512:
+        rerun_without_avx512(argv)
     warnings.simplefilter("ignore")
     set_threads(1)
     started, load = time.perf_counter(), os.getloadavg()[0]

@@ -17,9 +17,13 @@ calls each:
 
 Ratios are contender time / bnnslim fused time (> 1: bnnslim is faster), the
 median of per-round ratios. Each ISA runs in its own process: ``auto`` (this
-CPU's best) and ``avx2`` (``BNNSLIM_RUNTIME_ISA=avx2``, torch's
-``ATEN_CPU_CAPABILITY=avx2`` and ``ONEDNN_MAX_CPU_ISA=AVX2``; ONNX Runtime's
-MLAS and LCE pick their kernels themselves and cannot be capped).
+CPU's best) and ``avx2``: on an AVX-512 CPU whose kernel offers CPUID faulting,
+every engine of that run (bnnslim, torch, ONNX Runtime, LCE) sees the CPU
+without AVX-512 and VNNI (``cpuid_without_avx512.c``, LD_PRELOADed: they all
+pick their kernels from CPUID), which is an AVX2-only CPU of this
+microarchitecture as far as software can tell; elsewhere only bnnslim
+(``BNNSLIM_RUNTIME_ISA=avx2``) and torch (``ATEN_CPU_CAPABILITY=avx2``,
+``ONEDNN_MAX_CPU_ISA=AVX2``) are held, and the record says so.
 
     BNNSLIM_ORT_PYTHON=/work/venvs/ort/bin/python BNNSLIM_LCE_PYTHON=/work/venvs/lce/bin/python \\
         python benchmarks/runtime_vs_peers.py          # writes runtime_vs_peers.md beside it
@@ -43,8 +47,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import write_record  # noqa: E402
+from _common import without_avx512_env, write_record  # noqa: E402
 
+#: how each ISA is held where CPUID cannot be masked (bnnslim and torch only)
 ISA_ENV = {"auto": {}, "avx2": {"BNNSLIM_RUNTIME_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
                                  "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 NETWORKS = ["nin", "vgg11", "resnet18"]
@@ -59,11 +64,10 @@ LABELS = {
 TARGETS = {"lce_indirect_bgemm": 1.5, "ort_int8:original": 3.0, "ort_int8:slim": 3.0, "torch_original": 8.0}
 LIMITS = """## What limits the figures where a target is missed
 
-- The "avx2" section holds only bnnslim (`BNNSLIM_RUNTIME_ISA`) and torch (`ATEN_CPU_CAPABILITY`,
-  `ONEDNN_MAX_CPU_ISA`) to AVX2. ONNX Runtime's MLAS and LCE's kernels pick their code from the CPU's flags
-  and have no switch we found, so there they still use AVX-512 and VNNI int8 dot products (their medians are
-  the same in both sections): that section's ratios against them are lower bounds for a CPU without AVX-512.
-  `runtime_vs_peers_avx2.md` is a run on a real AVX2-only machine (an older revision).
+- The "avx2" section is this CPU with AVX-512 and VNNI hidden from every engine where CPUID faulting allows
+  (its first line says which): the same cores, caches and clock as the "auto" section, running each engine's
+  AVX2 code. A real AVX2-only CPU is an older core (Zen 3, Skylake client), so its absolute times differ;
+  `runtime_vs_peers_avx2.md` is one such run (an older revision).
 - AVX2 machines: the XNOR-popcount peak with AVX2 is about a third of AVX-512 VPOPCNTDQ's
   (`runtime_popcount_peak.md`: 420 vs 1307 G bit-ops/s on one EPYC), and the AVX2 3x3 kernels reach 65-77 %
   of the Harley-Seal peak in their best rounds; Harley-Seal inside the conv gave nothing (9-36 words per
@@ -144,7 +148,12 @@ def measure(isa: str, rounds: int, inner: int, networks: list[str]) -> dict[str,
     warnings.simplefilter("ignore")
     set_threads(1)
     forced = os.environ.get("BNNSLIM_RUNTIME_ISA")
-    out: dict[str, object] = {"isa": isa, "kernel": forced or kernel_status().isa, "cpu": cpu_model(),
+    masked = "cpuid_without_avx512" in os.environ.get("LD_PRELOAD", "")
+    kernel = forced or kernel_status().isa
+    if masked and (kernel != "avx2" or torch.backends.cpu.get_cpu_capability() != "AVX2"):
+        raise SystemExit(f"the CPUID mask did not hold: bnnslim picked {kernel}, torch "
+                         f"{torch.backends.cpu.get_cpu_capability()}")
+    out: dict[str, object] = {"isa": isa, "kernel": kernel, "cpu": cpu_model(), "masked": masked,
                               "flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "popcnt"))),
                               "networks": {}}
     for name in networks:
@@ -152,7 +161,7 @@ def measure(isa: str, rounds: int, inner: int, networks: list[str]) -> dict[str,
         fused = to_runtime(binary)
         local = {"torch_original": floats["original"], "torch_slim": floats["slim"],
                  "unfused": to_runtime(binary, fuse=False), "fused": fused}
-        peers = start_peers(floats, binary, x, env=ISA_ENV[isa])  # type: ignore[arg-type]
+        peers = start_peers(floats, binary, x)  # type: ignore[arg-type]  # (they inherit this process's env)
         with peers, torch.no_grad():
             remote = peers.runners()
             names = list(local) + list(remote)
@@ -200,8 +209,15 @@ def report(results: list[dict[str, object]], args: argparse.Namespace, seconds: 
              f"- load average (1 min) at start {load:.1f}, at end {os.getloadavg()[0]:.1f} (a 2-core VM shared with "
              f"other engineers' processes); whole run {seconds:.0f} s", ""]
     for res in results:
-        lines += [f"## ISA: {res['isa']} (bnnslim kernel `{res['kernel']}`)", "",
-                  "Contender time / bnnslim fused time (> 1: bnnslim faster):", ""]
+        lines += [f"## ISA: {res['isa']} (bnnslim kernel `{res['kernel']}`)", ""]
+        if res["isa"] != "auto":
+            lines += [("Every engine saw this CPU without AVX-512 and VNNI (CPUID masked by "
+                       "`cpuid_without_avx512.c`): bnnslim, torch, ONNX Runtime and LCE all ran their AVX2 code."
+                       if res.get("masked") else
+                       "Only bnnslim and torch were held to AVX2 (CPUID could not be masked: "
+                       f"{res.get('unmasked_why', '?')}); ONNX Runtime and LCE kept their AVX-512 and VNNI kernels, "
+                       "so the ratios against them are lower bounds for an AVX2-only CPU."), ""]
+        lines += ["Contender time / bnnslim fused time (> 1: bnnslim faster):", ""]
         nets = res["networks"]  # type: ignore[assignment]
         cols = [c for c in LABELS if c != "fused" and any(c in nets[n]["ratio_vs_fused"] for n in nets)]
         lines += ["| network | " + " | ".join(LABELS[c] for c in cols) + " |", "|---|" + "---|" * len(cols)]
@@ -245,11 +261,12 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for isa in args.isas:
             out = Path(tmp) / f"{isa}.json"
-            # torch reads ATEN_CPU_CAPABILITY when it loads: a fresh process per ISA
+            env, why = ({}, "") if isa == "auto" else without_avx512_env()
+            # torch reads its CPU capability when it loads: a fresh process per ISA
             subprocess.run([sys.executable, __file__, "--one-isa", isa, "--json-out", str(out), "--rounds",
                             str(args.rounds), "--inner", str(args.inner), "--networks", *args.networks],
-                           env={**os.environ, "OMP_NUM_THREADS": "1", **ISA_ENV[isa]}, check=True)
-            results.append(json.loads(out.read_text(encoding="utf-8")))
+                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or ISA_ENV[isa])}, check=True)
+            results.append({**json.loads(out.read_text(encoding="utf-8")), "unmasked_why": why})
     text = report(results, args, time.perf_counter() - started, load)
     print(text)
     write_record(args.out, text)  # keeps the hand-written notes of the record it replaces
