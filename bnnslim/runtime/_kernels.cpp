@@ -1677,35 +1677,41 @@ std::vector<int16_t> short_thresholds(const Geo& g, const int32_t* thr) {
 
 BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t vb, int64_t ve) {
   const Geo& g = *a.g;
-  const int64_t vpr = ceil_div(g.OW, 4);
+  // what the loops read, in locals: the output bytes are stored through uint8_t*, which may alias anything, so
+  // the compiler would load each field of `a` and `g` again after every store
+  const int64_t OW = g.OW, OBg = g.OBg, Og = g.Og, plane = g.plane, kk = a.kk, row_step = g.SH * g.row_stride;
+  const int64_t vpr = ceil_div(OW, 4), pixel_bytes = a.NWo * 16;
   const int64_t* img = a.act + n * g.img_stride + gi * g.NWg * g.word_stride;
-  const __m256i zero = _mm256_setzero_si256();
-  const int64_t kk = a.kk;
   const int64_t* offs = a.offs;
+  const int64_t* wts = a.wts + gi * OBg * kk * NB;
+  const int16_t* thr16 = a.thr16 == nullptr ? nullptr : a.thr16 + gi * OBg * 6 * 16;
+  uint8_t* bits = reinterpret_cast<uint8_t*>(a.bits);
+  const int64_t pix_base = n * g.OH * OW;
+  const __m256i zero = _mm256_setzero_si256();
   for (int64_t v = vb; v < ve; ++v) {
     const int64_t oh = v / vpr, ow0 = (v % vpr) * 4;
-    const int64_t* base = img + oh * g.SH * g.row_stride + ow0;
-    const int64_t pix0 = oh * g.OW + ow0;
-    const int nl = static_cast<int>(std::min<int64_t>(4, g.OW - ow0));
-    const __m256i valid16 = spread16_avx2(nonzero_counts_avx2(base, offs, kk, g.plane));
-    for (int64_t ob = 0; ob < g.OBg; ++ob) {
-      const int64_t* wb = a.wts + (gi * g.OBg + ob) * kk * NB;
+    const int64_t* base = img + oh * row_step + ow0;
+    const int64_t pix0 = oh * OW + ow0;
+    const int nl = static_cast<int>(std::min<int64_t>(4, OW - ow0));
+    const __m256i valid16 = spread16_avx2(nonzero_counts_avx2(base, offs, kk, plane));
+    for (int64_t ob = 0; ob < OBg; ++ob) {
+      const int64_t* wb = wts + ob * kk * NB;
       __m256i clo = zero, chi = zero;  // 16-bit counts, channels 0-3 and 4-7
       // byte counters hold at most 8 per word: fold them every 31 words
       for (int64_t i0 = 0; i0 < kk; i0 += 31) {
         const int64_t i1 = std::min<int64_t>(kk, i0 + 31);
         __m256i bytes[NB];
-        xnor_bytes_avx2(base, offs, i0, i1, g.plane, wb, bytes);
+        xnor_bytes_avx2(base, offs, i0, i1, plane, wb, bytes);
         wb += (i1 - i0) * NB;
         clo = _mm256_add_epi16(clo, join4_avx2(bytes));
         chi = _mm256_add_epi16(chi, join4_avx2(bytes + 4));
       }
       const __m256i dlo = _mm256_sub_epi16(valid16, _mm256_slli_epi16(clo, 1));
       const __m256i dhi = _mm256_sub_epi16(valid16, _mm256_slli_epi16(chi, 1));
-      const int nvalid = static_cast<int>(std::min<int64_t>(NB, g.Og - ob * NB));
-      const int64_t oc0 = gi * g.Og + ob * NB;
-      if (a.thr16 != nullptr && oc0 % 8 == 0) {
-        const __m256i* tb = reinterpret_cast<const __m256i*>(a.thr16 + (gi * g.OBg + ob) * 6 * 16);
+      const int nvalid = static_cast<int>(std::min<int64_t>(NB, Og - ob * NB));
+      const int64_t oc0 = gi * Og + ob * NB;
+      if (thr16 != nullptr && oc0 % 8 == 0) {
+        const __m256i* tb = reinterpret_cast<const __m256i*>(thr16 + ob * 6 * 16);
         const __m256i lo_l = _mm256_cmpgt_epi16(_mm256_loadu_si256(tb + 0), dlo);  // dot < a
         const __m256i lo_h = _mm256_cmpgt_epi16(_mm256_loadu_si256(tb + 1), dhi);
         const __m256i ones = _mm256_set1_epi16(-1);
@@ -1713,16 +1719,19 @@ BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t 
         const __m256i hi_h = _mm256_xor_si256(_mm256_cmpgt_epi16(_mm256_loadu_si256(tb + 3), dhi), ones);
         const __m256i s_l = _mm256_blendv_epi8(hi_l, lo_l, _mm256_loadu_si256(tb + 4));  // flip: sign = lo
         const __m256i s_h = _mm256_blendv_epi8(hi_h, lo_h, _mm256_loadu_si256(tb + 5));
-        // packs: per 128-bit lane, 8 bytes of lo (2 pixels x channels 0-3) then 8 of hi (channels 4-7)
-        const uint32_t ms = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_packs_epi16(s_l, s_h)));
+        const __m256i z_l = _mm256_or_si256(lo_l, hi_l), z_h = _mm256_or_si256(lo_h, hi_h);
+        // lanes 16 * (4 * pixel + channel % 4), channels 0-3 in _l, 4-7 in _h: a pixel's 4 + 4 lanes side by
+        // side (unpack), then to bytes (packs, per 128-bit lane: pixels 0, 1 then 2, 3), so that byte l of the
+        // mask holds pixel l's 8 channels
+        const uint32_t ms = static_cast<uint32_t>(_mm256_movemask_epi8(
+            _mm256_packs_epi16(_mm256_unpacklo_epi64(s_l, s_h), _mm256_unpackhi_epi64(s_l, s_h))));
         const uint32_t mz = static_cast<uint32_t>(_mm256_movemask_epi8(
-            _mm256_packs_epi16(_mm256_or_si256(lo_l, hi_l), _mm256_or_si256(lo_h, hi_h))));
+            _mm256_packs_epi16(_mm256_unpacklo_epi64(z_l, z_h), _mm256_unpackhi_epi64(z_l, z_h))));
         const uint32_t keep = (1u << nvalid) - 1u;
-        for (int l = 0; l < nl; ++l) {
-          const int sh = 16 * (l / 2) + 4 * (l % 2);  // pixel l's channels 0-3 at bit sh, 4-7 at sh + 8
-          uint8_t* w = reinterpret_cast<uint8_t*>(a.bits + ((n * g.OH * g.OW + pix0 + l) * a.NWo + oc0 / 64) * 2);
-          w[(oc0 % 64) / 8] = static_cast<uint8_t>((((ms >> sh) & 0xf) | (((ms >> (sh + 8)) & 0xf) << 4)) & keep);
-          w[8 + (oc0 % 64) / 8] = static_cast<uint8_t>((((mz >> sh) & 0xf) | (((mz >> (sh + 8)) & 0xf) << 4)) & keep);
+        uint8_t* out = bits + (pix_base + pix0) * pixel_bytes + (oc0 / 64) * 16 + (oc0 % 64) / 8;
+        for (int l = 0; l < nl; ++l, out += pixel_bytes) {
+          out[0] = static_cast<uint8_t>((ms >> (8 * l)) & keep);
+          out[8] = static_cast<uint8_t>((mz >> (8 * l)) & keep);
         }
         continue;
       }
