@@ -40,6 +40,8 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <tuple>
 #include <variant>
 #include <vector>
@@ -1132,6 +1134,8 @@ struct ConvArgs {
   int64_t* bits;        // [N, OH, OW, NWo, 2] packed ternary output when thr is set (zeroed)
   int64_t NWo;          // words per output pixel: ceil(O / 64)
   const int16_t* thr16 = nullptr;  // thresholds as 16-bit lanes for conv_avx2_short (see short_thresholds)
+  const int64_t* wnib = nullptr;   // for conv_avx2_short: [G, OBg, kk, 2, NB] weights' low then high nibbles
+  const int64_t* wor = nullptr;    // for conv_avx2_short: [G, kk] OR of a group's weights per word
   const int16_t* thr_blocks = nullptr;  // [G * OBg, 2, 8] thresholds a, b per weight block (block_thresholds)
   const uint8_t* flip_blocks = nullptr;  // [G * OBg] the block's flip bits
 };
@@ -1675,6 +1679,76 @@ std::vector<int16_t> short_thresholds(const Geo& g, const int32_t* thr) {
   return tv;
 }
 
+// For conv_avx2_short: each weight word's low and high nibbles (w & 0x0f.., (w >> 4) & 0x0f..), [G, OBg, kk, 2,
+// NB], and per group and word the OR of its weights over all output channels (for the dense test).
+void nibble_weights(const Geo& g, const int64_t* wts, int64_t kk, std::vector<int64_t>& wnib,
+                    std::vector<int64_t>& wor) {
+  constexpr uint64_t LOW = 0x0F0F0F0F0F0F0F0FULL;
+  wnib.resize(g.G * g.OBg * kk * 2 * NB);
+  wor.assign(g.G * kk, 0);
+  const uint64_t* src = reinterpret_cast<const uint64_t*>(wts);
+  uint64_t* dst = reinterpret_cast<uint64_t*>(wnib.data());
+  for (int64_t gi = 0; gi < g.G; ++gi) {
+    uint64_t* any = reinterpret_cast<uint64_t*>(wor.data()) + gi * kk;
+    for (int64_t ob = 0; ob < g.OBg; ++ob)
+      for (int64_t i = 0; i < kk; ++i, src += NB, dst += 2 * NB) {
+        uint64_t all = 0;
+        for (int o = 0; o < NB; ++o) {
+          dst[o] = src[o] & LOW;
+          dst[NB + o] = (src[o] >> 4) & LOW;
+          all |= src[o];
+        }
+        any[i] |= all;
+      }
+  }
+}
+
+// The nibbles of (s ^ w) & z, for the lookup: s ^ (w & z), since a sign bit is only set where its nonzero bit is
+// (every packer and threshold writes them so); the nibble split commutes with ^ and &, so s's and z's halves are
+// split once per word for all channels and w's once per call (ConvArgs::wnib). Where no weight bit of the block
+// meets a zero input (dense: no padding, no zero activation under a weight bit), & z changes nothing and is left
+// out: 6 vector ops per channel and word instead of 9 (xor, and, 3 to split, 2 lookups, 2 adds).
+struct NibbleWord {
+  __m256i s_lo, s_hi, z_lo, z_hi;
+};
+
+template <bool DENSE, int C0>
+BNN_AVX2 BNN_INLINE void xnor_nibble_bytes_avx2(const NibbleWord* words, int64_t i0, int64_t i1, const int64_t* wn,
+                                                __m256i* bytes) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  for (int o = 0; o < 4; ++o) bytes[o] = _mm256_setzero_si256();
+  for (int64_t i = i0; i < i1; ++i, wn += 2 * NB) {
+    const NibbleWord& x = words[i];
+    for (int o = 0; o < 4; ++o) {
+      __m256i w_lo = _mm256_set1_epi64x(wn[C0 + o]), w_hi = _mm256_set1_epi64x(wn[NB + C0 + o]);
+      if (!DENSE) {
+        w_lo = _mm256_and_si256(w_lo, x.z_lo);
+        w_hi = _mm256_and_si256(w_hi, x.z_hi);
+      }
+      bytes[o] = _mm256_add_epi8(bytes[o], _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_xor_si256(x.s_lo, w_lo)),
+                                                           _mm256_shuffle_epi8(lut, _mm256_xor_si256(x.s_hi, w_hi))));
+    }
+  }
+}
+
+// 16-bit counts of popcount((s ^ w) & z) of a block's channels 0-3 (lo) and 4-7 (hi) over all kk words
+template <bool DENSE>
+BNN_AVX2 BNN_INLINE void xnor_counts_avx2(const NibbleWord* words, int64_t kk, const int64_t* wn, __m256i& clo,
+                                          __m256i& chi) {
+  clo = chi = _mm256_setzero_si256();
+  // byte counters hold at most 8 per word: fold them every 31 words; four channels at a time (eight byte
+  // counters with s's and z's halves and the lookup table are more than the 16 registers)
+  for (int64_t i0 = 0; i0 < kk; i0 += 31) {
+    const int64_t i1 = std::min<int64_t>(kk, i0 + 31);
+    __m256i bytes[4];
+    xnor_nibble_bytes_avx2<DENSE, 0>(words, i0, i1, wn + i0 * 2 * NB, bytes);
+    clo = _mm256_add_epi16(clo, join4_avx2(bytes));
+    xnor_nibble_bytes_avx2<DENSE, 4>(words, i0, i1, wn + i0 * 2 * NB, bytes);
+    chi = _mm256_add_epi16(chi, join4_avx2(bytes));
+  }
+}
+
 BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t vb, int64_t ve) {
   const Geo& g = *a.g;
   // what the loops read, in locals: the output bytes are stored through uint8_t*, which may alias anything, so
@@ -1683,28 +1757,35 @@ BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t 
   const int64_t vpr = ceil_div(OW, 4), pixel_bytes = a.NWo * 16;
   const int64_t* img = a.act + n * g.img_stride + gi * g.NWg * g.word_stride;
   const int64_t* offs = a.offs;
-  const int64_t* wts = a.wts + gi * OBg * kk * NB;
+  const int64_t* wnib = a.wnib + gi * OBg * kk * 2 * NB;
+  const int64_t* wor = a.wor + gi * kk;
   const int16_t* thr16 = a.thr16 == nullptr ? nullptr : a.thr16 + gi * OBg * 6 * 16;
   uint8_t* bits = reinterpret_cast<uint8_t*>(a.bits);
   const int64_t pix_base = n * g.OH * OW;
-  const __m256i zero = _mm256_setzero_si256();
+  const __m256i zero = _mm256_setzero_si256(), low = _mm256_set1_epi8(0x0f);
+  NibbleWord words[SHORT_WORDS];
   for (int64_t v = vb; v < ve; ++v) {
     const int64_t oh = v / vpr, ow0 = (v % vpr) * 4;
     const int64_t* base = img + oh * row_step + ow0;
     const int64_t pix0 = oh * OW + ow0;
     const int nl = static_cast<int>(std::min<int64_t>(4, OW - ow0));
+    __m256i stray = zero;  // weight bits over zero inputs, any channel: 0 where the block is dense
+    for (int64_t i = 0; i < kk; ++i) {
+      const __m256i sv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + offs[i]));
+      const __m256i zv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + offs[i] + plane));
+      words[i] = {_mm256_and_si256(sv, low), _mm256_and_si256(_mm256_srli_epi16(sv, 4), low),
+                  _mm256_and_si256(zv, low), _mm256_and_si256(_mm256_srli_epi16(zv, 4), low)};
+      stray = _mm256_or_si256(stray, _mm256_andnot_si256(zv, _mm256_set1_epi64x(wor[i])));
+    }
+    const bool dense = _mm256_testz_si256(stray, stray) != 0;
     const __m256i valid16 = spread16_avx2(nonzero_counts_avx2(base, offs, kk, plane));
     for (int64_t ob = 0; ob < OBg; ++ob) {
-      const int64_t* wb = wts + ob * kk * NB;
-      __m256i clo = zero, chi = zero;  // 16-bit counts, channels 0-3 and 4-7
-      // byte counters hold at most 8 per word: fold them every 31 words
-      for (int64_t i0 = 0; i0 < kk; i0 += 31) {
-        const int64_t i1 = std::min<int64_t>(kk, i0 + 31);
-        __m256i bytes[NB];
-        xnor_bytes_avx2(base, offs, i0, i1, plane, wb, bytes);
-        wb += (i1 - i0) * NB;
-        clo = _mm256_add_epi16(clo, join4_avx2(bytes));
-        chi = _mm256_add_epi16(chi, join4_avx2(bytes + 4));
+      const int64_t* wn = wnib + ob * kk * 2 * NB;
+      __m256i clo, chi;  // 16-bit counts, channels 0-3 and 4-7
+      if (dense) {
+        xnor_counts_avx2<true>(words, kk, wn, clo, chi);
+      } else {
+        xnor_counts_avx2<false>(words, kk, wn, clo, chi);
       }
       const __m256i dlo = _mm256_sub_epi16(valid16, _mm256_slli_epi16(clo, 1));
       const __m256i dhi = _mm256_sub_epi16(valid16, _mm256_slli_epi16(chi, 1));
@@ -1903,10 +1984,19 @@ std::vector<int64_t> pair_weight_words(const int64_t* w, const Geo& g) {
   return out;
 }
 
+// Weight forms a layer's kernels derive from its packed weights, made on its first call and kept by its
+// PackedConvCall (a layer called through the plain ops derives them on every call): for the AVX2 short kernel,
+// the nibbles and the per-word OR (nibble_weights), one set for the plain and one for the paired-taps layout.
+struct DerivedWeights {
+  std::once_flag made[2];
+  std::vector<int64_t> wnib[2], wor[2];
+};
+
 at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& wwords,
                      const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& bias, bool counts,
                      bool nhwc, int64_t isa, const c10::optional<at::Tensor>& thresholds,
-                     const c10::optional<at::Tensor>& clamp, bool paired = false) {
+                     const c10::optional<at::Tensor>& clamp, bool paired = false,
+                     DerivedWeights* derived = nullptr) {
   TORCH_CHECK(wwords.device().is_cpu() && wwords.scalar_type() == at::kLong && wwords.is_contiguous() &&
                   wwords.dim() == 6,
               "bnnslim runtime: packed weights must be contiguous int64 [G, OBg, KH, KW, NWg, 8] on the CPU");
@@ -1960,10 +2050,24 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
   }
   std::vector<int16_t> thr16, thr_blocks;
   std::vector<uint8_t> flip_blocks;
+  std::vector<int64_t> wnib, wor;
 #if BNN_X86
-  if (isa == ISA_AVX2 && args.kk <= SHORT_WORDS && args.thr != nullptr) {
-    thr16 = short_thresholds(g, args.thr);
-    args.thr16 = thr16.data();
+  if (isa == ISA_AVX2 && args.kk <= SHORT_WORDS) {
+    if (args.thr != nullptr) {
+      thr16 = short_thresholds(g, args.thr);
+      args.thr16 = thr16.data();
+    }
+    if (derived != nullptr) {
+      std::call_once(derived->made[paired], [&] {
+        nibble_weights(g, args.wts, args.kk, derived->wnib[paired], derived->wor[paired]);
+      });
+      args.wnib = derived->wnib[paired].data();
+      args.wor = derived->wor[paired].data();
+    } else {
+      nibble_weights(g, args.wts, args.kk, wnib, wor);
+      args.wnib = wnib.data();
+      args.wor = wor.data();
+    }
   }
 #endif
   // Work items: (image, group, range of pixel vectors); each covers all output
@@ -2037,18 +2141,44 @@ at::Tensor pack_input_op(const at::Tensor& x, at::IntArrayRef padding, int64_t s
   return pack_impl(x, g, in_mask, isa);
 }
 
-at::Tensor binary_conv2d_op(const at::Tensor& x, const at::Tensor& wwords, const c10::optional<at::Tensor>& alpha,
-                            const c10::optional<at::Tensor>& bias, int64_t out_channels, int64_t kh, int64_t kw,
-                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                            int64_t groups, const c10::optional<at::Tensor>& in_mask, bool counts, int64_t isa,
-                            const c10::optional<at::Tensor>& thresholds, const c10::optional<at::Tensor>& clamp) {
+at::Tensor binary_conv2d_impl(const at::Tensor& x, const at::Tensor& wwords, const c10::optional<at::Tensor>& alpha,
+                              const c10::optional<at::Tensor>& bias, int64_t out_channels, int64_t kh, int64_t kw,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t groups, const c10::optional<at::Tensor>& in_mask, bool counts, int64_t isa,
+                              const c10::optional<at::Tensor>& thresholds, const c10::optional<at::Tensor>& clamp,
+                              DerivedWeights* derived) {
   isa = resolve_isa(isa);
   const Geo g = make_geo(x, out_channels, kh, kw, stride, padding, dilation, groups);
   const bool paired = pairs_taps(g, isa);
   const at::Tensor packed = pack_impl(x, g, in_mask, isa, paired ? 2 : 1);
   // like torch's conv: the output keeps a channels-last input's memory format
   const bool nhwc = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  return conv_impl(packed, g, wwords, alpha, bias, counts, nhwc, isa, thresholds, clamp, paired);
+  return conv_impl(packed, g, wwords, alpha, bias, counts, nhwc, isa, thresholds, clamp, paired, derived);
+}
+
+at::Tensor binary_conv2d_op(const at::Tensor& x, const at::Tensor& wwords, const c10::optional<at::Tensor>& alpha,
+                            const c10::optional<at::Tensor>& bias, int64_t out_channels, int64_t kh, int64_t kw,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                            int64_t groups, const c10::optional<at::Tensor>& in_mask, bool counts, int64_t isa,
+                            const c10::optional<at::Tensor>& thresholds, const c10::optional<at::Tensor>& clamp) {
+  return binary_conv2d_impl(x, wwords, alpha, bias, out_channels, kh, kw, stride, padding, dilation, groups, in_mask,
+                            counts, isa, thresholds, clamp, nullptr);
+}
+
+at::Tensor binary_conv2d_bits_impl(const at::Tensor& bits, int64_t in_channels, const at::Tensor& wwords,
+                                   const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& bias,
+                                   int64_t out_channels, int64_t kh, int64_t kw, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                   const c10::optional<at::Tensor>& in_mask, bool counts, int64_t isa,
+                                   const c10::optional<at::Tensor>& thresholds,
+                                   const c10::optional<at::Tensor>& clamp, DerivedWeights* derived) {
+  isa = resolve_isa(isa);
+  TORCH_CHECK(bits.dim() == 5, "bnnslim runtime: packed activations must be int64 [N, H, W, NW, 2]");
+  const Geo g = make_geo_dims(bits.size(0), in_channels, bits.size(1), bits.size(2), out_channels, kh, kw, stride,
+                              padding, dilation, groups);
+  const bool paired = pairs_taps(g, isa);
+  const at::Tensor packed = pack_from_bits(bits, g, in_mask, paired ? 2 : 1);
+  return conv_impl(packed, g, wwords, alpha, bias, counts, /*nhwc=*/true, isa, thresholds, clamp, paired, derived);
 }
 
 at::Tensor binary_conv2d_bits_op(const at::Tensor& bits, int64_t in_channels, const at::Tensor& wwords,
@@ -2058,13 +2188,8 @@ at::Tensor binary_conv2d_bits_op(const at::Tensor& bits, int64_t in_channels, co
                                  const c10::optional<at::Tensor>& in_mask, bool counts, int64_t isa,
                                  const c10::optional<at::Tensor>& thresholds,
                                  const c10::optional<at::Tensor>& clamp) {
-  isa = resolve_isa(isa);
-  TORCH_CHECK(bits.dim() == 5, "bnnslim runtime: packed activations must be int64 [N, H, W, NW, 2]");
-  const Geo g = make_geo_dims(bits.size(0), in_channels, bits.size(1), bits.size(2), out_channels, kh, kw, stride,
-                              padding, dilation, groups);
-  const bool paired = pairs_taps(g, isa);
-  const at::Tensor packed = pack_from_bits(bits, g, in_mask, paired ? 2 : 1);
-  return conv_impl(packed, g, wwords, alpha, bias, counts, /*nhwc=*/true, isa, thresholds, clamp, paired);
+  return binary_conv2d_bits_impl(bits, in_channels, wwords, alpha, bias, out_channels, kh, kw, stride, padding,
+                                 dilation, groups, in_mask, counts, isa, thresholds, clamp, nullptr);
 }
 
 // clamp(out + residual, lo, hi) written into `out`, a fresh conv output: a residual add and the activation
@@ -2100,13 +2225,14 @@ struct PackedConvCall {
   c10::optional<at::Tensor> in_mask;
   int64_t isa;
   c10::optional<at::Tensor> thresholds, clamp;
+  std::shared_ptr<DerivedWeights> derived = std::make_shared<DerivedWeights>();  // shared by copies
 
   at::Tensor operator()(const at::Tensor& x) const {
     if (input_bits)
-      return binary_conv2d_bits_op(x, in_channels, wwords, alpha, bias, out_channels, kh, kw, stride, padding,
-                                   dilation, groups, in_mask, false, isa, thresholds, clamp);
-    return binary_conv2d_op(x, wwords, alpha, bias, out_channels, kh, kw, stride, padding, dilation, groups, in_mask,
-                            false, isa, thresholds, clamp);
+      return binary_conv2d_bits_impl(x, in_channels, wwords, alpha, bias, out_channels, kh, kw, stride, padding,
+                                     dilation, groups, in_mask, false, isa, thresholds, clamp, derived.get());
+    return binary_conv2d_impl(x, wwords, alpha, bias, out_channels, kh, kw, stride, padding, dilation, groups,
+                              in_mask, false, isa, thresholds, clamp, derived.get());
   }
 
   // clamp(conv(x) + residual, lo, hi): a ResNet block's last conv, its residual add and the activation after it
