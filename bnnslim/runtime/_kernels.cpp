@@ -1984,12 +1984,14 @@ std::vector<int64_t> pair_weight_words(const int64_t* w, const Geo& g) {
   return out;
 }
 
-// Weight forms a layer's kernels derive from its packed weights, made on its first call and kept by its
-// PackedConvCall (a layer called through the plain ops derives them on every call): for the AVX2 short kernel,
-// the nibbles and the per-word OR (nibble_weights), one set for the plain and one for the paired-taps layout.
+// What a layer's kernels derive from its packed weights and thresholds, made on its first call and kept by its
+// PackedConvCall (a layer called through the plain ops derives them on every call): the paired-taps weights
+// (pair_weight_words), and for the AVX2 short kernel the nibbles and the per-word OR (nibble_weights), one set
+// for the plain and one for the paired-taps layout, and the 16-bit threshold table (short_thresholds).
 struct DerivedWeights {
-  std::once_flag made[2];
-  std::vector<int64_t> wnib[2], wor[2];
+  std::once_flag paired_made, nibbles_made[2], thr16_made;
+  std::vector<int64_t> pair_words, wnib[2], wor[2];
+  std::vector<int16_t> thr16;
 };
 
 at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& wwords,
@@ -2009,8 +2011,13 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
   const int64_t* weights = wwords.data_ptr<int64_t>();
   if (paired) {  // the packed input has the paired image after its own (see fill_pair_image)
     fill_pair_image(packed.data_ptr<int64_t>(), g);
-    pair_words = pair_weight_words(weights, g);
-    weights = pair_words.data();
+    if (derived != nullptr) {
+      std::call_once(derived->paired_made, [&] { derived->pair_words = pair_weight_words(weights, g); });
+      weights = derived->pair_words.data();
+    } else {
+      pair_words = pair_weight_words(weights, g);
+      weights = pair_words.data();
+    }
     for (int64_t kh = 0; kh < g.KH; ++kh)
       for (int64_t kw = 0; kw < g.KW; kw += 2)
         offs.push_back(tap_offset(g, kh, kw, 0) + (kw + 1 < g.KW ? g.N * g.img_stride : 0));
@@ -2053,12 +2060,15 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
   std::vector<int64_t> wnib, wor;
 #if BNN_X86
   if (isa == ISA_AVX2 && args.kk <= SHORT_WORDS) {
-    if (args.thr != nullptr) {
+    if (args.thr != nullptr && derived != nullptr) {
+      std::call_once(derived->thr16_made, [&] { derived->thr16 = short_thresholds(g, args.thr); });
+      args.thr16 = derived->thr16.data();
+    } else if (args.thr != nullptr) {
       thr16 = short_thresholds(g, args.thr);
       args.thr16 = thr16.data();
     }
     if (derived != nullptr) {
-      std::call_once(derived->made[paired], [&] {
+      std::call_once(derived->nibbles_made[paired], [&] {
         nibble_weights(g, args.wts, args.kk, derived->wnib[paired], derived->wor[paired]);
       });
       args.wnib = derived->wnib[paired].data();
