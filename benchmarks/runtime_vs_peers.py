@@ -68,10 +68,12 @@ LIMITS = """## What limits the figures where a target is missed
   (its first line says which): the same cores, caches and clock as the "auto" section, running each engine's
   AVX2 code. A real AVX2-only CPU is an older core (Zen 3, Skylake client), so its absolute times differ;
   `runtime_vs_peers_avx2.md` is one such run (an older revision).
-- AVX2 machines: the XNOR-popcount peak with AVX2 is about a third of AVX-512 VPOPCNTDQ's
-  (`runtime_popcount_peak.md`: 420 vs 1307 G bit-ops/s on one EPYC), and the AVX2 3x3 kernels reach 65-77 %
-  of the Harley-Seal peak in their best rounds; Harley-Seal inside the conv gave nothing (9-36 words per
-  output are too few to amortise its carry-save tree). Layers with 33-63 input channels per group fill part
+- AVX2 machines: the XNOR-popcount peak with AVX2 is a third (Zen 5) to three quarters (Zen 4) of AVX-512
+  VPOPCNTDQ's (`runtime_popcount_peak*.md`). The AVX2 kernel counts bits by nibble lookups; it splits the
+  input words into nibbles once for all output channels and the weights once per layer, and drops the
+  zero-input mask where no weight bit meets a zero input: 6 vector operations per channel and word (two of
+  them lookups on the two shuffle ports) instead of 9; Harley-Seal inside the conv gave nothing (9-36 words
+  per output are too few to amortise its carry-save tree). Layers with 33-63 input channels per group fill part
   of each 64-bit word and run at that fraction of it; those with at most 32 (ResNet-18's first stage at
   width 0.5, VGG-11's second conv) read two taps of a kernel row from one word (`runtime_paired_taps.md`).
 - Batch 1 on a slow, shared VM: a torch call on a small tensor costs 10-50 us whatever its size (a batch
