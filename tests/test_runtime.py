@@ -140,8 +140,10 @@ SHAPES = [
     # narrow outputs: the AVX-512 kernel puts output channels in its lanes there
     (64, 24, 3, 1, 1, 4, 4, 2, True, "xnor"),
     (100, 20, 3, 2, 1, 6, 5, 1, False, "sign"),
-    # over 62 words per output: the AVX2 kernel's long path (byte counters folded 3 times)
+    # 81 words per output: past AVX-512's short path; AVX2's short path folds its byte counters 3 times
     (520, 12, 3, 1, 1, 5, 6, 1, True, "xnor"),
+    # 153 words per output: past AVX2's short path too (its long path)
+    (1040, 12, 3, 1, 1, 4, 5, 1, True, "xnor"),
 ]
 
 
@@ -1155,7 +1157,8 @@ def test_fused_chains_are_exact(name: str, isa: str) -> None:
     (96, 80, 1, 1, 32),    # NIN's 1x1 convs: two output words, short dot products
     (40, 100, 3, 1, 13),   # a partial last block of channels, a partial last vector of pixels
     (64, 20, 3, 2, 9),     # grouped: blocks of 10 channels straddle bytes
-    (448, 72, 3, 1, 6),    # 63 words per output: past the short path
+    (448, 72, 3, 1, 6),    # 63 words per output: past AVX-512's short path
+    (1040, 20, 3, 1, 5),   # 153 words per output: past AVX2's short path
 ])
 def test_thresholded_outputs_of_every_shape_are_exact(cin: int, cout: int, k: int, groups: int, width: int,
                                                       isa: str) -> None:

@@ -1614,13 +1614,15 @@ BNN_AVX2 BNN_INLINE void xnor_bytes_avx2(const int64_t* base, const int64_t* off
   }
 }
 
-// Short dot products (kk <= SHORT_WORDS = 62 words: 1x1 convs, 3x3 up to 384 channels): the
-// per-output epilogue, not the popcounts, dominates. |dot| <= 64 * 62 < 4096 fits 16 bits, so the
+// Short dot products (kk <= SHORT_WORDS = 62 words: 1x1 convs, 3x3 up to 384 channels; with AVX2 up to
+// AVX2_SHORT_WORDS = 126: 3x3 up to 896 channels): the per-output epilogue, not the popcounts, dominates.
+// |dot| <= 64 * 126 < 8192 fits 16 bits (and so does twice a count), so the
 // 8 channels x 4 pixels of a block travel as two vectors of 16-bit lanes
 // (lane 16 * (4 * pixel + channel % 4), channels 0-3 in `lo`, 4-7 in `hi`):
 // thresholds are 2 compares per vector and one movemask, float outputs 8
 // consecutive channels per pixel (mul then add, as the scalar path).
 constexpr int64_t SHORT_WORDS = 62;
+constexpr int64_t AVX2_SHORT_WORDS = 126;
 
 BNN_AVX2 inline __m256i spread16_avx2(__m256i v) {  // 4 x u64 (< 2^16) -> each repeated in its 4 x 16-bit lanes
   v = _mm256_or_si256(v, _mm256_slli_epi64(v, 16));
@@ -1635,9 +1637,9 @@ BNN_AVX2 inline __m256i join4_avx2(const __m256i* b) {  // byte counters of 4 ch
                       _mm256_slli_epi64(_mm256_sad_epu8(b[3], zero), 48)));
 }
 
-// A threshold as int16 for a short dot product: |dot| <= 64 * SHORT_WORDS < 4096, so clamping to +-4096 keeps
-// every comparison.
-inline int16_t short_threshold(int32_t t) { return static_cast<int16_t>(std::min(std::max(t, -4096), 4096)); }
+// A threshold as int16 for a short dot product: |dot| <= 64 * AVX2_SHORT_WORDS < 8192, so clamping to +-8192
+// keeps every comparison.
+inline int16_t short_threshold(int32_t t) { return static_cast<int16_t>(std::min(std::max(t, -8192), 8192)); }
 
 // Per weight block, for finish_bits_short_avx512: the thresholds a and b of its 8 channels (short_threshold;
 // lanes past the group's channels never fire) and its flip bits.
@@ -1647,7 +1649,7 @@ void block_thresholds(const Geo& g, const int32_t* thr, std::vector<int16_t>& ab
   for (int64_t blk = 0; blk < g.G * g.OBg; ++blk) {
     const int64_t gi = blk / g.OBg, ob = blk % g.OBg;
     for (int o = 0; o < NB; ++o) {
-      int16_t a = -4096, b = 4096;
+      int16_t a = -8192, b = 8192;
       if (ob * NB + o < g.Og) {
         const int32_t* t = thr + 3 * (gi * g.Og + ob * NB + o);
         a = short_threshold(t[0]);
@@ -1661,8 +1663,7 @@ void block_thresholds(const Geo& g, const int32_t* thr, std::vector<int16_t>& ab
 }
 
 // Per block of 8 channels, 6 rows of 16 x int16: thresholds a and b, then the flip
-// mask, each for channels 0-3 then 4-7, repeated for the 4 pixels. |dot| <= 64 * 62 < 4096,
-// so clamping the thresholds to +-4096 keeps every comparison.
+// mask, each for channels 0-3 then 4-7, repeated for the 4 pixels (short_threshold clamps them).
 std::vector<int16_t> short_thresholds(const Geo& g, const int32_t* thr) {
   std::vector<int16_t> tv(g.G * g.OBg * 6 * 16, 0);
   for (int64_t gi = 0; gi < g.G; ++gi)
@@ -1763,7 +1764,7 @@ BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t 
   uint8_t* bits = reinterpret_cast<uint8_t*>(a.bits);
   const int64_t pix_base = n * g.OH * OW;
   const __m256i zero = _mm256_setzero_si256(), low = _mm256_set1_epi8(0x0f);
-  NibbleWord words[SHORT_WORDS];
+  NibbleWord words[AVX2_SHORT_WORDS];
   for (int64_t v = vb; v < ve; ++v) {
     const int64_t oh = v / vpr, ow0 = (v % vpr) * 4;
     const int64_t* base = img + oh * row_step + ow0;
@@ -2059,7 +2060,7 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
   std::vector<uint8_t> flip_blocks;
   std::vector<int64_t> wnib, wor;
 #if BNN_X86
-  if (isa == ISA_AVX2 && args.kk <= SHORT_WORDS) {
+  if (isa == ISA_AVX2 && args.kk <= AVX2_SHORT_WORDS) {
     if (args.thr != nullptr && derived != nullptr) {
       std::call_once(derived->thr16_made, [&] { derived->thr16 = short_thresholds(g, args.thr); });
       args.thr16 = derived->thr16.data();
@@ -2116,7 +2117,7 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
           }
           break;
         case ISA_AVX2:
-          if (args.kk <= SHORT_WORDS) {
+          if (args.kk <= AVX2_SHORT_WORDS) {
             conv_avx2_short(args, n, gi, vb, ve);
           } else {
             conv_avx2(args, n, gi, vb, ve);
