@@ -17,19 +17,24 @@ from _helpers import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 from _common import without_avx512_env
 
-MASK_ENV, WHY_NOT = without_avx512_env()
-needs_mask = pytest.mark.skipif(bool(WHY_NOT), reason=f"no CPUID mask here: {WHY_NOT}")
+
+@pytest.fixture(scope="module")
+def mask_env() -> dict[str, str]:
+    """LD_PRELOAD of the built mask (built and checked once, when a test here first runs)."""
+    env, why_not = without_avx512_env()
+    if why_not:
+        pytest.skip(f"no CPUID mask here: {why_not}")
+    return env
 
 
-def run_masked(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **MASK_ENV}, capture_output=True,
-                          text=True, timeout=300)
+def run_masked(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=300)
 
 
-@needs_mask
-def test_the_runtime_and_torch_pick_their_avx2_code_under_the_mask() -> None:
+def test_the_runtime_and_torch_pick_their_avx2_code_under_the_mask(mask_env: dict[str, str]) -> None:
     done = run_masked("import torch; from bnnslim.runtime import kernel_status; "
-                      "print(kernel_status().isa, torch.backends.cpu.get_cpu_capability())")
+                      "print(kernel_status().isa, torch.backends.cpu.get_cpu_capability())", mask_env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["avx2", "AVX2"]
 
@@ -43,25 +48,22 @@ CPUID_LEAF7_EBX = ("import ctypes, mmap\n"
                    "leaf7_ebx = ctypes.CFUNCTYPE(ctypes.c_uint32)(address)\n")
 
 
-@needs_mask
-def test_cpuid_hides_avx512_even_after_the_program_installs_its_own_crash_handler() -> None:
+def test_cpuid_hides_avx512_even_after_the_program_installs_its_own_crash_handler(mask_env: dict[str, str]) -> None:
     # faulthandler installs its SIGSEGV handler after the mask's, which answers each CPUID from that signal
     done = run_masked(CPUID_LEAF7_EBX + "import faulthandler; faulthandler.enable()\n"
-                      "print((leaf7_ebx() >> 16) & 1, (leaf7_ebx() >> 5) & 1)")
+                      "print((leaf7_ebx() >> 16) & 1, (leaf7_ebx() >> 5) & 1)", mask_env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["0", "1"]  # AVX512F hidden, AVX2 kept
 
 
-@needs_mask
-def test_a_real_crash_still_reaches_the_programs_own_handler() -> None:
-    done = run_masked("import faulthandler, ctypes; faulthandler.enable(); ctypes.string_at(0)")
+def test_a_real_crash_still_reaches_the_programs_own_handler(mask_env: dict[str, str]) -> None:
+    done = run_masked("import faulthandler, ctypes; faulthandler.enable(); ctypes.string_at(0)", mask_env)
     assert done.returncode == -11
     assert "Fatal Python error: Segmentation fault" in done.stderr
 
 
-@needs_mask
 @pytest.mark.slow
-def test_a_benchmark_run_without_avx512_says_so_in_its_record(tmp_path: Path) -> None:
+def test_a_benchmark_run_without_avx512_says_so_in_its_record(mask_env: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "report.md"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "runtime_torchvision.py"), "--models",
                            "resnet18", "--rounds", "1", "--inner", "1", "--without-avx512", "--out", str(out)],
