@@ -1718,9 +1718,10 @@ void nibble_weights(const Geo& g, const int64_t* wts, int64_t kk, std::vector<in
 
 // The nibbles of (s ^ w) & z, for the lookup: s ^ (w & z), since a sign bit is only set where its nonzero bit is
 // (every packer and threshold writes them so); the nibble split commutes with ^ and &, so s's and z's halves are
-// split once per word for all channels and w's once per call (ConvArgs::wnib). Where no weight bit of the block
-// meets a zero input (dense: no padding, no zero activation under a weight bit), & z changes nothing and is left
-// out: 6 vector ops per channel and word instead of 9 (xor, and, 3 to split, 2 lookups, 2 adds).
+// split once per word for all channels and w's once per layer (ConvArgs::wnib, kept by its PackedConvCall). Where
+// no weight bit of the group meets a zero input of the 4 pixels (dense: no padding, no zero activation under a
+// weight bit), & z changes nothing and is left out: 6 vector ops per channel and word instead of 9 (xor, and,
+// 3 to split, 2 lookups, 2 adds).
 struct NibbleWord {
   __m256i s_lo, s_hi, z_lo, z_hi;
 };
