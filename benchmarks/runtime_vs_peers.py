@@ -47,7 +47,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import without_avx512_env, write_record  # noqa: E402
+from _common import avx512_hidden, without_avx512_env, write_record  # noqa: E402
 
 #: how each ISA is held where CPUID cannot be masked (bnnslim and torch only)
 ISA_ENV = {"auto": {}, "avx2": {"BNNSLIM_RUNTIME_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
@@ -150,7 +150,7 @@ def measure(isa: str, rounds: int, inner: int, networks: list[str]) -> dict[str,
     warnings.simplefilter("ignore")
     set_threads(1)
     forced = os.environ.get("BNNSLIM_RUNTIME_ISA")
-    masked = "cpuid_without_avx512" in os.environ.get("LD_PRELOAD", "")
+    masked = avx512_hidden()
     kernel = forced or kernel_status().isa
     if masked and (kernel != "avx2" or torch.backends.cpu.get_cpu_capability() != "AVX2"):
         raise SystemExit(f"the CPUID mask did not hold: bnnslim picked {kernel}, torch "

@@ -1999,13 +1999,15 @@ std::vector<int64_t> pair_weight_words(const int64_t* w, const Geo& g) {
 }
 
 // What a layer's kernels derive from its packed weights and thresholds, made on its first call and kept by its
-// PackedConvCall (a layer called through the plain ops derives them on every call): the paired-taps weights
+// PackedConvCall (conv_impl makes a fresh one for each call through the plain ops): the paired-taps weights
 // (pair_weight_words), and for the AVX2 short kernel the nibbles and the per-word OR (nibble_weights), one set
-// for the plain and one for the paired-taps layout, and the 16-bit threshold table (short_thresholds).
+// for the plain and one for the paired-taps layout, and the 16-bit threshold tables of the AVX2 and AVX-512
+// short kernels (short_thresholds, block_thresholds).
 struct DerivedWeights {
-  std::once_flag paired_made, nibbles_made[2], thr16_made;
+  std::once_flag paired_made, nibbles_made[2], thr16_made, blocks_made;
   std::vector<int64_t> pair_words, wnib[2], wor[2];
-  std::vector<int16_t> thr16;
+  std::vector<int16_t> thr16, thr_blocks;
+  std::vector<uint8_t> flip_blocks;
 };
 
 at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& wwords,
@@ -2021,17 +2023,14 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
               "bnnslim runtime: packed weights ", wwords.sizes(), " do not match the layer (groups ", g.G,
               ", ", g.Cg, " inputs per group, ", g.O, " outputs, kernel ", g.KH, "x", g.KW, ")");
   at::Tensor a_t, b_t;
-  std::vector<int64_t> offs, pair_words;
+  std::vector<int64_t> offs;
+  DerivedWeights per_call;  // a layer called through the plain ops derives them on every call
+  if (derived == nullptr) derived = &per_call;
   const int64_t* weights = wwords.data_ptr<int64_t>();
   if (paired) {  // the packed input has the paired image after its own (see fill_pair_image)
     fill_pair_image(packed.data_ptr<int64_t>(), g);
-    if (derived != nullptr) {
-      std::call_once(derived->paired_made, [&] { derived->pair_words = pair_weight_words(weights, g); });
-      weights = derived->pair_words.data();
-    } else {
-      pair_words = pair_weight_words(weights, g);
-      weights = pair_words.data();
-    }
+    std::call_once(derived->paired_made, [&] { derived->pair_words = pair_weight_words(weights, g); });
+    weights = derived->pair_words.data();
     for (int64_t kh = 0; kh < g.KH; ++kh)
       for (int64_t kw = 0; kw < g.KW; kw += 2)
         offs.push_back(tap_offset(g, kh, kw, 0) + (kw + 1 < g.KW ? g.N * g.img_stride : 0));
@@ -2069,29 +2068,17 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
       args.out = out.data_ptr<float>();
     }
   }
-  std::vector<int16_t> thr16, thr_blocks;
-  std::vector<uint8_t> flip_blocks;
-  std::vector<int64_t> wnib, wor;
 #if BNN_X86
   if (isa == ISA_AVX2 && args.kk <= AVX2_SHORT_WORDS) {
-    if (args.thr != nullptr && derived != nullptr) {
+    if (args.thr != nullptr) {
       std::call_once(derived->thr16_made, [&] { derived->thr16 = short_thresholds(g, args.thr); });
       args.thr16 = derived->thr16.data();
-    } else if (args.thr != nullptr) {
-      thr16 = short_thresholds(g, args.thr);
-      args.thr16 = thr16.data();
     }
-    if (derived != nullptr) {
-      std::call_once(derived->nibbles_made[paired], [&] {
-        nibble_weights(g, args.wts, args.kk, derived->wnib[paired], derived->wor[paired]);
-      });
-      args.wnib = derived->wnib[paired].data();
-      args.wor = derived->wor[paired].data();
-    } else {
-      nibble_weights(g, args.wts, args.kk, wnib, wor);
-      args.wnib = wnib.data();
-      args.wor = wor.data();
-    }
+    std::call_once(derived->nibbles_made[paired], [&] {
+      nibble_weights(g, args.wts, args.kk, derived->wnib[paired], derived->wor[paired]);
+    });
+    args.wnib = derived->wnib[paired].data();
+    args.wor = derived->wor[paired].data();
   }
 #endif
   // Work items: (image, group, range of pixel vectors); each covers all output
@@ -2103,9 +2090,10 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
     channel_lanes = use_channel_lanes(g);
     unit = channel_lanes ? 1 : 8;
     if (!channel_lanes && args.kk <= SHORT_WORDS && args.thr != nullptr) {
-      block_thresholds(g, args.thr, thr_blocks, flip_blocks);
-      args.thr_blocks = thr_blocks.data();
-      args.flip_blocks = flip_blocks.data();
+      std::call_once(derived->blocks_made,
+                     [&] { block_thresholds(g, args.thr, derived->thr_blocks, derived->flip_blocks); });
+      args.thr_blocks = derived->thr_blocks.data();
+      args.flip_blocks = derived->flip_blocks.data();
     }
   }
   if (isa == ISA_AVX2) unit = 4;
