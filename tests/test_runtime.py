@@ -144,6 +144,12 @@ SHAPES = [
     (520, 12, 3, 1, 1, 5, 6, 1, True, "xnor"),
     # 153 words per output: past AVX2's short path too (its long path)
     (1040, 12, 3, 1, 1, 4, 5, 1, True, "xnor"),
+    # outputs narrower than a vector: AVX2's 4-pixel blocks span rows (2x2: one block) and leave out the taps
+    # that are padding for all their pixels (a 1x1 output keeps only the centre tap; a single row of 3 pixels
+    # keeps 6 of 9 taps, 54 of 81 words, past the byte counters' fold at 31)
+    (64, 16, 3, 1, 1, 2, 2, 1, True, "xnor"),
+    (256, 16, 3, 1, 1, 1, 1, 3, False, "sign"),
+    (520, 12, 3, 1, 1, 1, 3, 2, True, "xnor"),
 ]
 
 

@@ -1726,16 +1726,20 @@ struct NibbleWord {
   __m256i s_lo, s_hi, z_lo, z_hi;
 };
 
-template <bool DENSE, int C0>
-BNN_AVX2 BNN_INLINE void xnor_nibble_bytes_avx2(const NibbleWord* words, int64_t i0, int64_t i1, const int64_t* wn,
-                                                __m256i* bytes) {
+// Byte counters of popcount((s ^ w) & z) for channels C0..C0 + 3 of a weight block over words i0..i1 (at most 31:
+// a byte holds 8 per word). Word i's weights are at wn + i * 2 * NB, or (INDEXED: the block kept only some words)
+// at wn + widx[i].
+template <bool DENSE, bool INDEXED, int C0>
+BNN_AVX2 BNN_INLINE void xnor_nibble_bytes_avx2(const NibbleWord* words, const int32_t* widx, int64_t i0, int64_t i1,
+                                                const int64_t* wn, __m256i* bytes) {
   const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                        0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
   for (int o = 0; o < 4; ++o) bytes[o] = _mm256_setzero_si256();
-  for (int64_t i = i0; i < i1; ++i, wn += 2 * NB) {
+  for (int64_t i = i0; i < i1; ++i) {
     const NibbleWord& x = words[i];
+    const int64_t* wi = INDEXED ? wn + widx[i] : wn + i * 2 * NB;
     for (int o = 0; o < 4; ++o) {
-      __m256i w_lo = _mm256_set1_epi64x(wn[C0 + o]), w_hi = _mm256_set1_epi64x(wn[NB + C0 + o]);
+      __m256i w_lo = _mm256_set1_epi64x(wi[C0 + o]), w_hi = _mm256_set1_epi64x(wi[NB + C0 + o]);
       if (!DENSE) {
         w_lo = _mm256_and_si256(w_lo, x.z_lo);
         w_hi = _mm256_and_si256(w_hi, x.z_hi);
@@ -1746,60 +1750,100 @@ BNN_AVX2 BNN_INLINE void xnor_nibble_bytes_avx2(const NibbleWord* words, int64_t
   }
 }
 
-// 16-bit counts of popcount((s ^ w) & z) of a block's channels 0-3 (lo) and 4-7 (hi) over all kk words
-template <bool DENSE>
-BNN_AVX2 BNN_INLINE void xnor_counts_avx2(const NibbleWord* words, int64_t kk, const int64_t* wn, __m256i& clo,
-                                          __m256i& chi) {
+// 16-bit counts of popcount((s ^ w) & z) of a block's channels 0-3 (lo) and 4-7 (hi) over the m words kept
+template <bool DENSE, bool INDEXED>
+BNN_AVX2 BNN_INLINE void xnor_counts_avx2(const NibbleWord* words, const int32_t* widx, int64_t m, const int64_t* wn,
+                                          __m256i& clo, __m256i& chi) {
   clo = chi = _mm256_setzero_si256();
   // byte counters hold at most 8 per word: fold them every 31 words; four channels at a time (eight byte
   // counters with s's and z's halves and the lookup table are more than the 16 registers)
-  for (int64_t i0 = 0; i0 < kk; i0 += 31) {
-    const int64_t i1 = std::min<int64_t>(kk, i0 + 31);
+  for (int64_t i0 = 0; i0 < m; i0 += 31) {
+    const int64_t i1 = std::min<int64_t>(m, i0 + 31);
     __m256i bytes[4];
-    xnor_nibble_bytes_avx2<DENSE, 0>(words, i0, i1, wn + i0 * 2 * NB, bytes);
+    xnor_nibble_bytes_avx2<DENSE, INDEXED, 0>(words, widx, i0, i1, wn, bytes);
     clo = _mm256_add_epi16(clo, join4_avx2(bytes));
-    xnor_nibble_bytes_avx2<DENSE, 4>(words, i0, i1, wn + i0 * 2 * NB, bytes);
+    xnor_nibble_bytes_avx2<DENSE, INDEXED, 4>(words, widx, i0, i1, wn, bytes);
     chi = _mm256_add_epi16(chi, join4_avx2(bytes));
   }
 }
+
+// Pixel blocks of conv_avx2_short: 4 consecutive output pixels in row-major order, so a row narrower than 4 pixels,
+// or one whose width is not a multiple of 4, still fills every lane (a 2x2 output is one block, not two half-empty
+// ones); a block that crosses rows gathers its 4 lanes' words one by one.
+inline int64_t avx2_short_blocks(const Geo& g) { return ceil_div(g.OH * g.OW, 4); }
 
 BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t vb, int64_t ve) {
   const Geo& g = *a.g;
   // what the loops read, in locals: the output bytes are stored through uint8_t*, which may alias anything, so
   // the compiler would load each field of `a` and `g` again after every store
   const int64_t OW = g.OW, OBg = g.OBg, Og = g.Og, plane = g.plane, kk = a.kk, row_step = g.SH * g.row_stride;
-  const int64_t vpr = ceil_div(OW, 4), pixel_bytes = a.NWo * 16;
+  const int64_t npix = g.OH * OW, pixel_bytes = a.NWo * 16;
   const int64_t* img = a.act + n * g.img_stride + gi * g.NWg * g.word_stride;
   const int64_t* offs = a.offs;
   const int64_t* wnib = a.wnib + gi * OBg * kk * 2 * NB;
   const int64_t* wor = a.wor + gi * kk;
   const int16_t* thr16 = a.thr16 == nullptr ? nullptr : a.thr16 + gi * OBg * 6 * 16;
   uint8_t* bits = reinterpret_cast<uint8_t*>(a.bits);
-  const int64_t pix_base = n * g.OH * OW;
+  const int64_t pix_base = n * npix;
   const __m256i zero = _mm256_setzero_si256(), low = _mm256_set1_epi8(0x0f);
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
   NibbleWord words[AVX2_SHORT_WORDS];
+  int32_t widx[AVX2_SHORT_WORDS];  // the kept words' weight offsets (in words of wnib's block)
   for (int64_t v = vb; v < ve; ++v) {
-    const int64_t oh = v / vpr, ow0 = (v % vpr) * 4;
-    const int64_t* base = img + oh * row_step + ow0;
-    const int64_t pix0 = oh * OW + ow0;
-    const int nl = static_cast<int>(std::min<int64_t>(4, OW - ow0));
-    __m256i stray = zero;  // weight bits over zero inputs, any channel: 0 where the block is dense
-    for (int64_t i = 0; i < kk; ++i) {
-      const __m256i sv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + offs[i]));
-      const __m256i zv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + offs[i] + plane));
-      words[i] = {_mm256_and_si256(sv, low), _mm256_and_si256(_mm256_srli_epi16(sv, 4), low),
-                  _mm256_and_si256(zv, low), _mm256_and_si256(_mm256_srli_epi16(zv, 4), low)};
-      stray = _mm256_or_si256(stray, _mm256_andnot_si256(zv, _mm256_set1_epi64x(wor[i])));
+    const int64_t pix0 = 4 * v;
+    const int nl = static_cast<int>(std::min<int64_t>(4, npix - pix0));
+    const int64_t oh0 = pix0 / OW, ow0 = pix0 % OW;
+    const bool one_row = ow0 + nl <= OW;  // else gather: lanes past nl repeat the last pixel
+    const int64_t* base = img + oh0 * row_step + ow0;
+    const int64_t* lane[4];
+    for (int l = 0; l < 4; ++l) {
+      const int64_t p = pix0 + std::min(l, nl - 1);
+      lane[l] = img + (p / OW) * row_step + p % OW;
     }
-    const bool dense = _mm256_testz_si256(stray, stray) != 0;
-    const __m256i valid16 = spread16_avx2(nonzero_counts_avx2(base, offs, kk, plane));
+    // The block's input words, split into nibbles. A word that is zero in every lane's nonzero plane (a padding
+    // tap of all 4 pixels: a small image's border, a 1x1 output of a 3x3 conv) contributes nothing and is left
+    // out, so it costs no popcounts and does not make the block sparse.
+    __m256i stray = zero;  // weight bits over zero inputs, any channel: 0 where the block is dense
+    __m256i vbytes = zero, valid = zero;  // the lanes' nonzero input bits: byte counters, folded every 31 words
+    int64_t m = 0;
+    for (int64_t i = 0; i < kk; ++i) {
+      const int64_t o = offs[i];
+      __m256i sv, zv;
+      if (one_row) {
+        sv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + o));
+        zv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + o + plane));
+      } else {
+        sv = _mm256_set_epi64x(lane[3][o], lane[2][o], lane[1][o], lane[0][o]);
+        zv = _mm256_set_epi64x(lane[3][o + plane], lane[2][o + plane], lane[1][o + plane], lane[0][o + plane]);
+      }
+      if (_mm256_testz_si256(zv, zv)) continue;
+      const __m256i z_lo = _mm256_and_si256(zv, low), z_hi = _mm256_and_si256(_mm256_srli_epi16(zv, 4), low);
+      words[m] = {_mm256_and_si256(sv, low), _mm256_and_si256(_mm256_srli_epi16(sv, 4), low), z_lo, z_hi};
+      widx[m] = static_cast<int32_t>(i * 2 * NB);
+      stray = _mm256_or_si256(stray, _mm256_andnot_si256(zv, _mm256_set1_epi64x(wor[i])));
+      vbytes = _mm256_add_epi8(vbytes, _mm256_add_epi8(_mm256_shuffle_epi8(lut, z_lo), _mm256_shuffle_epi8(lut, z_hi)));
+      if (++m % 31 == 0) {
+        valid = _mm256_add_epi64(valid, _mm256_sad_epu8(vbytes, zero));
+        vbytes = zero;
+      }
+    }
+    valid = _mm256_add_epi64(valid, _mm256_sad_epu8(vbytes, zero));
+    const bool dense = _mm256_testz_si256(stray, stray) != 0, all_words = m == kk;
+    const __m256i valid16 = spread16_avx2(valid);
     for (int64_t ob = 0; ob < OBg; ++ob) {
       const int64_t* wn = wnib + ob * kk * 2 * NB;
       __m256i clo, chi;  // 16-bit counts, channels 0-3 and 4-7
-      if (dense) {
-        xnor_counts_avx2<true>(words, kk, wn, clo, chi);
+      if (all_words) {
+        if (dense) {
+          xnor_counts_avx2<true, false>(words, widx, m, wn, clo, chi);
+        } else {
+          xnor_counts_avx2<false, false>(words, widx, m, wn, clo, chi);
+        }
+      } else if (dense) {
+        xnor_counts_avx2<true, true>(words, widx, m, wn, clo, chi);
       } else {
-        xnor_counts_avx2<false>(words, kk, wn, clo, chi);
+        xnor_counts_avx2<false, true>(words, widx, m, wn, clo, chi);
       }
       const __m256i dlo = _mm256_sub_epi16(valid16, _mm256_slli_epi16(clo, 1));
       const __m256i dhi = _mm256_sub_epi16(valid16, _mm256_slli_epi16(chi, 1));
@@ -2097,8 +2141,11 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
     }
   }
   if (isa == ISA_AVX2) unit = 4;
+  const bool avx2_short = isa == ISA_AVX2 && args.kk <= AVX2_SHORT_WORDS;
+#else
+  const bool avx2_short = false;
 #endif
-  const int64_t nvec = g.OH * ceil_div(g.OW, unit);
+  const int64_t nvec = avx2_short ? avx2_short_blocks(g) : g.OH * ceil_div(g.OW, unit);
   const int64_t chunk = std::min<int64_t>(nvec, channel_lanes ? 2 * NPCH : 2 * NP512);
   const int64_t items_per_img = ceil_div(nvec, chunk);
   const int64_t total = g.N * g.G * items_per_img;
@@ -2118,7 +2165,7 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
           }
           break;
         case ISA_AVX2:
-          if (args.kk <= AVX2_SHORT_WORDS) {
+          if (avx2_short) {
             conv_avx2_short(args, n, gi, vb, ve);
           } else {
             conv_avx2(args, n, gi, vb, ve);
