@@ -1148,6 +1148,7 @@ struct ConvArgs {
   const int16_t* thr16 = nullptr;  // thresholds as 16-bit lanes for conv_avx2_short (see short_thresholds)
   const int64_t* wnib = nullptr;   // for conv_avx2_short: [G, OBg, kk, 2, NB] weights' low then high nibbles
   const int64_t* wor = nullptr;    // for conv_avx2_short: [G, kk] OR of a group's weights per word
+  const int64_t* wpop = nullptr;   // for conv_avx2_short: [G, OBg, kk, 2] popcounts of a block's words (16-bit)
   const int16_t* thr_blocks = nullptr;  // [G * OBg, 2, 8] thresholds a, b per weight block (block_thresholds)
   const uint8_t* flip_blocks = nullptr;  // [G * OBg] the block's flip bits
 };
@@ -1693,23 +1694,28 @@ std::vector<int16_t> short_thresholds(const Geo& g, const int32_t* thr) {
 }
 
 // For conv_avx2_short: each weight word's low and high nibbles (w & 0x0f.., (w >> 4) & 0x0f..), [G, OBg, kk, 2,
-// NB], and per group and word the OR of its weights over all output channels (for the dense test).
+// NB]; per group and word the OR of its weights over all output channels (for the dense test); and per weight
+// block and word the popcounts of its channels 0-3 and 4-7 as the 16-bit quarters of two words, [G, OBg, kk, 2]
+// (what the dense count adds for an input word that is all zero: see conv_avx2_short).
 void nibble_weights(const Geo& g, const int64_t* wts, int64_t kk, std::vector<int64_t>& wnib,
-                    std::vector<int64_t>& wor) {
+                    std::vector<int64_t>& wor, std::vector<int64_t>& wpop) {
   constexpr uint64_t LOW = 0x0F0F0F0F0F0F0F0FULL;
   wnib.resize(g.G * g.OBg * kk * 2 * NB);
   wor.assign(g.G * kk, 0);
+  wpop.assign(g.G * g.OBg * kk * 2, 0);
   const uint64_t* src = reinterpret_cast<const uint64_t*>(wts);
   uint64_t* dst = reinterpret_cast<uint64_t*>(wnib.data());
+  uint64_t* pop = reinterpret_cast<uint64_t*>(wpop.data());
   for (int64_t gi = 0; gi < g.G; ++gi) {
     uint64_t* any = reinterpret_cast<uint64_t*>(wor.data()) + gi * kk;
     for (int64_t ob = 0; ob < g.OBg; ++ob)
-      for (int64_t i = 0; i < kk; ++i, src += NB, dst += 2 * NB) {
+      for (int64_t i = 0; i < kk; ++i, src += NB, dst += 2 * NB, pop += 2) {
         uint64_t all = 0;
         for (int o = 0; o < NB; ++o) {
           dst[o] = src[o] & LOW;
           dst[NB + o] = (src[o] >> 4) & LOW;
           all |= src[o];
+          pop[o / 4] |= static_cast<uint64_t>(__builtin_popcountll(src[o])) << (16 * (o % 4));
         }
         any[i] |= all;
       }
@@ -1782,6 +1788,7 @@ BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t 
   const int64_t* offs = a.offs;
   const int64_t* wnib = a.wnib + gi * OBg * kk * 2 * NB;
   const int64_t* wor = a.wor + gi * kk;
+  const int64_t* wpop = a.wpop + gi * OBg * kk * 2;
   const int16_t* thr16 = a.thr16 == nullptr ? nullptr : a.thr16 + gi * OBg * 6 * 16;
   uint8_t* bits = reinterpret_cast<uint8_t*>(a.bits);
   const int64_t pix_base = n * npix;
@@ -1790,6 +1797,8 @@ BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t 
                                        0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
   NibbleWord words[AVX2_SHORT_WORDS];
   int32_t widx[AVX2_SHORT_WORDS];  // the kept words' weight offsets (in words of wnib's block)
+  __m256i empty_lanes[AVX2_SHORT_WORDS];  // per kept word with some all-zero lanes: those lanes (64-bit masks)
+  int32_t empty_word[AVX2_SHORT_WORDS];   // and the word's index
   for (int64_t v = vb; v < ve; ++v) {
     const int64_t pix0 = 4 * v;
     const int nl = static_cast<int>(std::min<int64_t>(4, npix - pix0));
@@ -1803,10 +1812,13 @@ BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t 
     }
     // The block's input words, split into nibbles. A word that is zero in every lane's nonzero plane (a padding
     // tap of all 4 pixels: a small image's border, a 1x1 output of a 3x3 conv) contributes nothing and is left
-    // out, so it costs no popcounts and does not make the block sparse.
-    __m256i stray = zero;  // weight bits over zero inputs, any channel: 0 where the block is dense
+    // out, so it costs no popcounts. One that is zero in some lanes only (a padding tap of the block's pixels at
+    // the image's edge) does not make the block sparse either: its sign bits are zero there too, so the dense
+    // count, popcount(s ^ w) without the & z, counts exactly popcount(w) too many in those lanes, which is
+    // taken off afterwards from the layer's per-word popcounts (wpop).
+    __m256i stray = zero;  // weight bits over zero inputs of lanes not all zero, any channel: 0 where dense
     __m256i vbytes = zero, valid = zero;  // the lanes' nonzero input bits: byte counters, folded every 31 words
-    int64_t m = 0;
+    int64_t m = 0, ne = 0;
     for (int64_t i = 0; i < kk; ++i) {
       const int64_t o = offs[i];
       __m256i sv, zv;
@@ -1821,7 +1833,12 @@ BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t 
       const __m256i z_lo = _mm256_and_si256(zv, low), z_hi = _mm256_and_si256(_mm256_srli_epi16(zv, 4), low);
       words[m] = {_mm256_and_si256(sv, low), _mm256_and_si256(_mm256_srli_epi16(sv, 4), low), z_lo, z_hi};
       widx[m] = static_cast<int32_t>(i * 2 * NB);
-      stray = _mm256_or_si256(stray, _mm256_andnot_si256(zv, _mm256_set1_epi64x(wor[i])));
+      const __m256i empty = _mm256_cmpeq_epi64(zv, zero);
+      if (!_mm256_testz_si256(empty, empty)) {
+        empty_lanes[ne] = empty;
+        empty_word[ne++] = static_cast<int32_t>(i);
+      }
+      stray = _mm256_or_si256(stray, _mm256_andnot_si256(empty, _mm256_andnot_si256(zv, _mm256_set1_epi64x(wor[i]))));
       vbytes = _mm256_add_epi8(vbytes, _mm256_add_epi8(_mm256_shuffle_epi8(lut, z_lo), _mm256_shuffle_epi8(lut, z_hi)));
       if (++m % 31 == 0) {
         valid = _mm256_add_epi64(valid, _mm256_sad_epu8(vbytes, zero));
@@ -1844,6 +1861,14 @@ BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t 
         xnor_counts_avx2<true, true>(words, widx, m, wn, clo, chi);
       } else {
         xnor_counts_avx2<false, true>(words, widx, m, wn, clo, chi);
+      }
+      if (dense && ne > 0) {  // the all-zero lanes' popcount(w), counted by the dense count
+        const int64_t* wp = wpop + ob * kk * 2;
+        for (int64_t j = 0; j < ne; ++j) {
+          const int64_t* pj = wp + 2 * empty_word[j];
+          clo = _mm256_sub_epi16(clo, _mm256_and_si256(_mm256_set1_epi64x(pj[0]), empty_lanes[j]));
+          chi = _mm256_sub_epi16(chi, _mm256_and_si256(_mm256_set1_epi64x(pj[1]), empty_lanes[j]));
+        }
       }
       const __m256i dlo = _mm256_sub_epi16(valid16, _mm256_slli_epi16(clo, 1));
       const __m256i dhi = _mm256_sub_epi16(valid16, _mm256_slli_epi16(chi, 1));
@@ -2049,7 +2074,7 @@ std::vector<int64_t> pair_weight_words(const int64_t* w, const Geo& g) {
 // short kernels (short_thresholds, block_thresholds).
 struct DerivedWeights {
   std::once_flag paired_made, nibbles_made[2], thr16_made, blocks_made;
-  std::vector<int64_t> pair_words, wnib[2], wor[2];
+  std::vector<int64_t> pair_words, wnib[2], wor[2], wpop[2];
   std::vector<int16_t> thr16, thr_blocks;
   std::vector<uint8_t> flip_blocks;
 };
@@ -2119,10 +2144,11 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
       args.thr16 = derived->thr16.data();
     }
     std::call_once(derived->nibbles_made[paired], [&] {
-      nibble_weights(g, args.wts, args.kk, derived->wnib[paired], derived->wor[paired]);
+      nibble_weights(g, args.wts, args.kk, derived->wnib[paired], derived->wor[paired], derived->wpop[paired]);
     });
     args.wnib = derived->wnib[paired].data();
     args.wor = derived->wor[paired].data();
+    args.wpop = derived->wpop[paired].data();
   }
 #endif
   // Work items: (image, group, range of pixel vectors); each covers all output
