@@ -1799,16 +1799,25 @@ BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t 
   int32_t widx[AVX2_SHORT_WORDS];  // the kept words' weight offsets (in words of wnib's block)
   __m256i empty_lanes[AVX2_SHORT_WORDS];  // per kept word with some all-zero lanes: those lanes (64-bit masks)
   int32_t empty_word[AVX2_SHORT_WORDS];   // and the word's index
-  for (int64_t v = vb; v < ve; ++v) {
+  // the block's first pixel (oh0, ow0), stepped along rather than divided per block (a division costs as much as
+  // a 1x1 conv's block of popcounts)
+  int64_t oh0 = (4 * vb) / OW, ow0 = (4 * vb) % OW;
+  for (int64_t v = vb; v < ve; ++v, ow0 += 4) {
+    for (; ow0 >= OW; ow0 -= OW) ++oh0;
     const int64_t pix0 = 4 * v;
     const int nl = static_cast<int>(std::min<int64_t>(4, npix - pix0));
-    const int64_t oh0 = pix0 / OW, ow0 = pix0 % OW;
     const bool one_row = ow0 + nl <= OW;  // else gather: lanes past nl repeat the last pixel
     const int64_t* base = img + oh0 * row_step + ow0;
     const int64_t* lane[4];
-    for (int l = 0; l < 4; ++l) {
-      const int64_t p = pix0 + std::min(l, nl - 1);
-      lane[l] = img + (p / OW) * row_step + p % OW;
+    if (!one_row) {
+      int64_t oh = oh0, ow = ow0;
+      for (int l = 0; l < 4; ++l) {
+        lane[l] = img + oh * row_step + ow;
+        if (l + 1 < nl && ++ow == OW) {
+          ow = 0;
+          ++oh;
+        }
+      }
     }
     // The block's input words, split into nibbles. A word that is zero in every lane's nonzero plane (a padding
     // tap of all 4 pixels: a small image's border, a 1x1 output of a 3x3 conv) contributes nothing and is left
