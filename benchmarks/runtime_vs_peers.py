@@ -73,9 +73,14 @@ LIMITS = """## What limits the figures where a target is missed
   input words into nibbles once for all output channels and the weights once per layer, and drops the
   zero-input mask where no weight bit meets a zero input: 6 vector operations per channel and word (two of
   them lookups on the two shuffle ports) instead of 9; Harley-Seal inside the conv gave nothing (9-36 words
-  per output are too few to amortise its carry-save tree). Layers with 33-63 input channels per group fill part
-  of each 64-bit word and run at that fraction of it; those with at most 32 (ResNet-18's first stage at
-  width 0.5, VGG-11's second conv) read two taps of a kernel row from one word (`runtime_paired_taps.md`).
+  per output are too few to amortise its carry-save tree). Its blocks of 4 pixels run in row-major order across
+  rows (a 2x2 output is one full block), leave out input words that are padding for all 4 pixels, and count
+  a border block as dense (a padding tap's popcount(w) taken off afterwards). Layers with 33-63 input channels
+  per group fill part of each 64-bit word and run at that fraction of it; those with at most 32 (ResNet-18's
+  first stage at width 0.5, VGG-11's second conv) read two taps of a kernel row from one word
+  (`runtime_paired_taps.md`). 1x1 convs over one or two words per output (NIN's 96 -> 80 and 80 -> 48 at
+  32x32) run at a third of the 3x3 convs' rate: per block of 8 channels the folding of byte counters, the
+  thresholds and the stores cost as much as the popcounts.
 - Batch 1 on a slow, shared VM: a torch call on a small tensor costs 10-50 us whatever its size (a batch
   norm on 256x2x2 about 35 us, a Hardtanh 11-19 us), so every float layer left between binary convs costs
   about as much as a small binary conv. Batch norms after binary and real convs, the clamp activations after
@@ -97,12 +102,13 @@ LIMITS = """## What limits the figures where a target is missed
   about 3 GHz); ONNX Runtime int8 runs it with int8 dot products (VNNI on this CPU).
 - ONNX Runtime int8 of the *slim* model is a strong contender: the slim float model is already small and
   int8 dot products (VNNI where the CPU has it) make its convs cheap; against int8 of the original model (what
-  a user without bnnslim would quantize) the packed runtime is faster. The 3x target against it is out of
-  reach with AVX2 while the first conv stays real (bnnslim's default and the paper's, and what the exact match
-  with the emulation needs): for NIN it allows a third of ORT int8's time (0.64-0.71 ms on this machine), at
-  most 0.24 ms, of which that first conv alone takes 0.155 ms at the FMA peak, before the binary convs' 0.3 ms
-  at 60-80 % of AVX2's XNOR-popcount peak; for VGG-11 it allows about 0.10 ms, where the first conv takes
-  0.024 ms and the binary convs about 0.2 ms.
+  a user without bnnslim would quantize) the packed runtime is faster. With AVX2 the 3x target is out of reach
+  for NIN while its first conv stays real (bnnslim's default and the paper's, and what the exact match with the
+  emulation needs): on a Zen 4 EPYC held to AVX2 (2026-12-04) a third of ORT int8's time is 0.43-0.44 ms, and
+  bnnslim takes 0.44-0.50 ms, of which the first conv takes 0.16 ms at the FMA peak and the binary convs about
+  0.28 ms (the two 1x1 convs at 32x32 0.1 ms of it). An int16 first conv (twice the multiply rate) with a
+  float recount of the outputs near their threshold was estimated, not built: with the error bound 16-bit inputs
+  and weights allow, about 1-2 % of the outputs would need the recount, which costs more than it saves.
 """
 
 
