@@ -44,7 +44,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from _common import header  # noqa: E402
+from _common import header, write_record  # noqa: E402
 
 import bnnslim  # noqa: E402
 from bnnslim.bench import float_original, median_ratio, time_round_robin  # noqa: E402
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(root, ignore_errors=True)
     text = report(results, args, cifar_data, time.perf_counter() - started)
     print(text)
-    args.out.write_text(text, encoding="utf-8")
+    write_record(args.out, text)
 
 
 if __name__ == "__main__":

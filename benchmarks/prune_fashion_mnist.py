@@ -26,7 +26,7 @@ from bnnslim.train import TrainConfig
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import header  # noqa: E402
+from _common import header, write_record  # noqa: E402
 
 STRATEGIES = ["subsidiary", "l1", "alpha", "bn", "random", "greedy"]
 
@@ -142,8 +142,8 @@ def main() -> None:
                         f"{100 * (r.accuracy_after - trained.test_accuracy):+.2f} pt | {time.perf_counter() - t:.0f} |")
                 out.append(line)
                 print(example, line, flush=True)
-                args.out.write_text("\n".join(out) + "\n\n(partial: still running)\n")
-    args.out.write_text("\n".join(out) + "\n")
+                write_record(args.out, "\n".join(out) + "\n\n(partial: still running)\n")
+    write_record(args.out, "\n".join(out) + "\n")
     print("\n".join(out))
 
 

@@ -40,7 +40,7 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import header  # noqa: E402
+from _common import header, write_record  # noqa: E402
 from export_sizes_latency import make_run, register_datasets, run_path  # noqa: E402
 
 import bnnslim  # noqa: E402
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(root, ignore_errors=True)
     text = report(results, args, cifar_data, load, time.perf_counter() - started)
     print(text)
-    args.out.write_text(text, encoding="utf-8")
+    write_record(args.out, text)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import write_record
 
 from bnnslim.binary.layers import BinaryConv2d
 from bnnslim.default_plugins.schemes import bnnslim_schemes
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(args, results, isas, command, examples)
     print(text)
     if args.out is not None:
-        args.out.write_text(text, encoding="utf-8")
+        write_record(args.out, text)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import header  # noqa: E402
+from _common import header, write_record  # noqa: E402
 
 from bnnslim.binary.layers import BinaryConv2d  # noqa: E402
 from bnnslim.plugins import get_scheme  # noqa: E402
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     lines += ["", NOTE]
     text = "\n".join(lines) + "\n"
     print(text)
-    args.out.write_text(text, encoding="utf-8")
+    write_record(args.out, text)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from bnnslim.train import TrainConfig, make_loader, make_optimizer, train_step
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import header  # noqa: E402
+from _common import header, write_record  # noqa: E402
 
 
 def model(width: float, device: torch.device) -> torch.nn.Module:
@@ -125,7 +125,7 @@ def main() -> None:
         f"\nMedian ratio bnnslim / plain: **{ratios[len(ratios) // 2]:.3f}** (target: at least 0.9).\n",
     ])
     out = args.out or HERE / f"train_throughput_{device.type}.md"
-    out.write_text(text)
+    write_record(out, text)
     print(text)
 
 
