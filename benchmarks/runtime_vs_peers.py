@@ -106,9 +106,11 @@ LIMITS = """## What limits the figures where a target is missed
   for NIN while its first conv stays real (bnnslim's default and the paper's, and what the exact match with the
   emulation needs): on a Zen 4 EPYC held to AVX2 (2026-12-04) a third of ORT int8's time is 0.43-0.44 ms, and
   bnnslim takes 0.44-0.50 ms, of which the first conv takes 0.16 ms at the FMA peak and the binary convs about
-  0.28 ms (the two 1x1 convs at 32x32 0.1 ms of it). An int16 first conv (twice the multiply rate) with a
-  float recount of the outputs near their threshold was estimated, not built: with the error bound 16-bit inputs
-  and weights allow, about 1-2 % of the outputs would need the recount, which costs more than it saves.
+  0.28 ms (the two 1x1 convs at 32x32 0.1 ms of it). The lever left is that first conv in 16-bit integers
+  (vpmaddwd on two taps of a kernel row: 45 instructions for the 75 multiply-adds of a 5x5 tap set over 3
+  channels, about 1.6x the FMA loop) with a float recount of the outputs whose integer result lies within its
+  error bound of the threshold (12-bit inputs and weights keep 75 products in int32 and leave about 0.5-1 % of
+  the outputs to recount, by estimate); estimated, not built: about 0.05 ms of NIN's time.
 """
 
 
