@@ -1589,9 +1589,13 @@ inline bool use_channel_lanes(const Geo& g) {
 
 // ---- AVX2: lanes are 4 pixels; popcount by nibble lookup (pshufb) into byte
 // counters, folded into 64-bit counters with psadbw every 31 words.
+// pshufb's table: the popcount of each nibble value 0-15, in both 128-bit lanes
+BNN_AVX2 inline __m256i nibble_popcounts_avx2() {
+  return _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+}
+
 BNN_AVX2 inline __m256i popcnt_bytes_avx2(__m256i v) {
-  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i lut = nibble_popcounts_avx2();
   const __m256i low = _mm256_set1_epi8(0x0f);
   const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, low));
   const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
@@ -1738,8 +1742,7 @@ struct NibbleWord {
 template <bool DENSE, bool INDEXED, int C0>
 BNN_AVX2 BNN_INLINE void xnor_nibble_bytes_avx2(const NibbleWord* words, const int32_t* widx, int64_t i0, int64_t i1,
                                                 const int64_t* wn, __m256i* bytes) {
-  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i lut = nibble_popcounts_avx2();
   for (int o = 0; o < 4; ++o) bytes[o] = _mm256_setzero_si256();
   for (int64_t i = i0; i < i1; ++i) {
     const NibbleWord& x = words[i];
@@ -1793,8 +1796,7 @@ BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t 
   uint8_t* bits = reinterpret_cast<uint8_t*>(a.bits);
   const int64_t pix_base = n * npix;
   const __m256i zero = _mm256_setzero_si256(), low = _mm256_set1_epi8(0x0f);
-  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i lut = nibble_popcounts_avx2();
   NibbleWord words[AVX2_SHORT_WORDS];
   int32_t widx[AVX2_SHORT_WORDS];  // the kept words' weight offsets (in words of wnib's block)
   __m256i empty_lanes[AVX2_SHORT_WORDS];  // per kept word with some all-zero lanes: those lanes (64-bit masks)
