@@ -11,6 +11,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -95,6 +96,17 @@ def reference_counts(layer: BinaryConv2d, x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(xb, signs, None, layer.stride, 0, layer.dilation, layer.groups).round().int()
 
 
+@contextmanager
+def avx2_lut(mode: int) -> Iterator[None]:
+    """AVX2's kernel for thresholded bits within the block: 0 pixel lanes, 2 nibble tables wherever they run."""
+    ops = build.fast_ops()
+    was = ops.set_avx2_lut(mode)
+    try:
+        yield
+    finally:
+        ops.set_avx2_lut(was)
+
+
 def check_layer(layer: BinaryConv2d, x: torch.Tensor, force_kernel: bool = False) -> None:
     packed = PackedBinaryConv2d.from_binary_conv(layer)
     if force_kernel:
@@ -121,7 +133,10 @@ def check_layer(layer: BinaryConv2d, x: torch.Tensor, force_kernel: bool = False
     thresholds = torch.stack([low, low + torch.randint(0, 3, low.shape, generator=g),
                               torch.randint(0, 2, low.shape, generator=g)], dim=1).to(torch.int32)
     packed.out_thresholds = thresholds
-    assert torch.equal(packed(x_cl), apply_thresholds(counts.to(torch.int64), thresholds))
+    want_bits = apply_thresholds(counts.to(torch.int64), thresholds)
+    for mode in (0, 2):  # AVX2 has two kernels for bits: nibble tables (by default) and pixel lanes
+        with avx2_lut(mode):
+            assert torch.equal(packed(x_cl), want_bits)
 
 
 # (cin, cout, k, stride, padding, H, W, batch, bias, scheme): channels off multiples of 64 and 8,
@@ -234,6 +249,47 @@ def test_paired_taps_count_exactly(shape: tuple, isa: str) -> None:
         assert torch.equal(packed.counts(x), paired)
     finally:
         ops.set_pair_taps(was)
+
+
+# (cin, cout, kernel, stride, padding, groups, H, W): AVX2's nibble-table kernel on thresholded outputs: two
+# output words with a half-empty last chunk (80 = 64 + 16), groups of one output word each, byte counters folded
+# (5x5 over 48 channels: 300 input nibbles), stride 2, rows narrower than a block of 4 pixels, 16 outputs
+LUT_GEOMETRIES = [
+    (96, 80, 1, 1, 0, 1, 7, 9),
+    (128, 128, 3, 1, 1, 2, 6, 5),
+    (48, 96, 5, 2, 2, 1, 9, 11),
+    (200, 40, 3, 1, 1, 1, 3, 2),
+    (20, 16, 3, 1, 1, 1, 8, 8),
+]
+
+
+@pytest.mark.parametrize("geometry", LUT_GEOMETRIES, ids=lambda g: "c{}-o{}-k{}-s{}-p{}-g{}-{}x{}".format(*g))
+@pytest.mark.parametrize("zeros", [False, True], ids=["signs", "ternary"])
+def test_avx2_nibble_table_kernel_thresholds_exactly(geometry: tuple, zeros: bool, kernels: build.KernelStatus,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both AVX2 kernels give a conv's thresholded bits exactly (ternary inputs, a channel mask and padding count
+    as zeros), and so do the fused layers a chain runs: the same bits as thresholds on the exact counts."""
+    if "avx2" not in cpu_isas():
+        pytest.skip("this CPU cannot run the avx2 kernels")
+    monkeypatch.setenv(build.ENV_ISA, "avx2")
+    cin, cout, k, stride, padding, groups, h, w = geometry
+    layer = binary_conv(cin, cout, k, stride=stride, padding=padding, groups=groups)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, cin, h, w, generator=gen)
+    if zeros:
+        x[torch.rand(x.shape, generator=gen) < 0.2] = 0.0
+        layer.input_mask = (torch.rand(cin, generator=gen) > 0.2).float()
+    packed = PackedBinaryConv2d.from_binary_conv(layer)
+    counts = reference_counts(layer, x).to(torch.int64)
+    low = counts.float().mean((0, 2, 3)).round().to(torch.int32)  # thresholds where the counts are
+    packed.out_thresholds = torch.stack([low, low + torch.randint(0, 3, low.shape, generator=gen, dtype=torch.int32),
+                                         torch.randint(0, 2, low.shape, generator=gen, dtype=torch.int32)], dim=1)
+    want = apply_thresholds(counts, packed.out_thresholds)
+    assert want[..., 1].any() and (~want[..., 1]).any()  # some outputs fire, some do not
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    for mode in (2, 0):
+        with avx2_lut(mode):
+            assert torch.equal(packed(x_cl), want)
 
 
 BITS_GEOMETRIES = [  # cin, cout, kernel, stride, padding, groups, masked

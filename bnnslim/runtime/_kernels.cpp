@@ -37,6 +37,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -1781,12 +1782,57 @@ BNN_AVX2 BNN_INLINE void xnor_counts_avx2(const NibbleWord* words, const int32_t
 // ones); a block that crosses rows gathers its 4 lanes' words one by one.
 inline int64_t avx2_short_blocks(const Geo& g) { return ceil_div(g.OH * g.OW, 4); }
 
+// Walks blocks vb, vb + 1, ... of an image's packed input (img: the group's first word): each block's first pixel
+// (oh0, ow0) is stepped along rather than divided per block (a division costs as much as a 1x1 conv's block of
+// popcounts); words(o) loads the block's 4 lanes of the word at offset o (sign plane, and nonzero plane `plane`
+// words on), in one load where the block lies in one row, else gathered (lanes past nl repeat the last pixel).
+struct PixelBlock4 {
+  const int64_t* img;
+  int64_t OW, npix, row_step, plane;
+  int64_t oh0, ow0, pix0 = 0;
+  int nl = 0;
+  bool one_row = true;
+  const int64_t* base = nullptr;
+  const int64_t* lane[4] = {};
+
+  PixelBlock4(const int64_t* img_, const Geo& g, int64_t vb)
+      : img(img_), OW(g.OW), npix(g.OH * g.OW), row_step(g.SH * g.row_stride), plane(g.plane),
+        oh0((4 * vb) / g.OW), ow0((4 * vb) % g.OW - 4) {}
+
+  void next() {  // to the next block (the first call: to block vb)
+    for (ow0 += 4; ow0 >= OW; ow0 -= OW) ++oh0;
+    pix0 = oh0 * OW + ow0;
+    nl = static_cast<int>(std::min<int64_t>(4, npix - pix0));
+    one_row = ow0 + nl <= OW;
+    base = img + oh0 * row_step + ow0;
+    if (one_row) return;
+    int64_t oh = oh0, ow = ow0;
+    for (int l = 0; l < 4; ++l) {
+      lane[l] = img + oh * row_step + ow;
+      if (l + 1 < nl && ++ow == OW) {
+        ow = 0;
+        ++oh;
+      }
+    }
+  }
+
+  BNN_AVX2 BNN_INLINE void words(int64_t o, __m256i& sv, __m256i& zv) const {
+    if (one_row) {
+      sv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + o));
+      zv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + o + plane));
+    } else {
+      sv = _mm256_set_epi64x(lane[3][o], lane[2][o], lane[1][o], lane[0][o]);
+      zv = _mm256_set_epi64x(lane[3][o + plane], lane[2][o + plane], lane[1][o + plane], lane[0][o + plane]);
+    }
+  }
+};
+
 BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t vb, int64_t ve) {
   const Geo& g = *a.g;
   // what the loops read, in locals: the output bytes are stored through uint8_t*, which may alias anything, so
   // the compiler would load each field of `a` and `g` again after every store
-  const int64_t OW = g.OW, OBg = g.OBg, Og = g.Og, plane = g.plane, kk = a.kk, row_step = g.SH * g.row_stride;
-  const int64_t npix = g.OH * OW, pixel_bytes = a.NWo * 16;
+  const int64_t OBg = g.OBg, Og = g.Og, kk = a.kk;
+  const int64_t npix = g.OH * g.OW, pixel_bytes = a.NWo * 16;
   const int64_t* img = a.act + n * g.img_stride + gi * g.NWg * g.word_stride;
   const int64_t* offs = a.offs;
   const int64_t* wnib = a.wnib + gi * OBg * kk * 2 * NB;
@@ -1801,26 +1847,11 @@ BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t 
   int32_t widx[AVX2_SHORT_WORDS];  // the kept words' weight offsets (in words of wnib's block)
   __m256i empty_lanes[AVX2_SHORT_WORDS];  // per kept word with some all-zero lanes: those lanes (64-bit masks)
   int32_t empty_word[AVX2_SHORT_WORDS];   // and the word's index
-  // the block's first pixel (oh0, ow0), stepped along rather than divided per block (a division costs as much as
-  // a 1x1 conv's block of popcounts)
-  int64_t oh0 = (4 * vb) / OW, ow0 = (4 * vb) % OW;
-  for (int64_t v = vb; v < ve; ++v, ow0 += 4) {
-    for (; ow0 >= OW; ow0 -= OW) ++oh0;
-    const int64_t pix0 = 4 * v;
-    const int nl = static_cast<int>(std::min<int64_t>(4, npix - pix0));
-    const bool one_row = ow0 + nl <= OW;  // else gather: lanes past nl repeat the last pixel
-    const int64_t* base = img + oh0 * row_step + ow0;
-    const int64_t* lane[4];
-    if (!one_row) {
-      int64_t oh = oh0, ow = ow0;
-      for (int l = 0; l < 4; ++l) {
-        lane[l] = img + oh * row_step + ow;
-        if (l + 1 < nl && ++ow == OW) {
-          ow = 0;
-          ++oh;
-        }
-      }
-    }
+  PixelBlock4 block(img, g, vb);
+  for (int64_t v = vb; v < ve; ++v) {
+    block.next();
+    const int64_t pix0 = block.pix0;
+    const int nl = block.nl;
     // The block's input words, split into nibbles. A word that is zero in every lane's nonzero plane (a padding
     // tap of all 4 pixels: a small image's border, a 1x1 output of a 3x3 conv) contributes nothing and is left
     // out, so it costs no popcounts. One that is zero in some lanes only (a padding tap of the block's pixels at
@@ -1831,15 +1862,8 @@ BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t 
     __m256i vbytes = zero, valid = zero;  // the lanes' nonzero input bits: byte counters, folded every 31 words
     int64_t m = 0, ne = 0;
     for (int64_t i = 0; i < kk; ++i) {
-      const int64_t o = offs[i];
       __m256i sv, zv;
-      if (one_row) {
-        sv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + o));
-        zv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + o + plane));
-      } else {
-        sv = _mm256_set_epi64x(lane[3][o], lane[2][o], lane[1][o], lane[0][o]);
-        zv = _mm256_set_epi64x(lane[3][o + plane], lane[2][o + plane], lane[1][o + plane], lane[0][o + plane]);
-      }
+      block.words(offs[i], sv, zv);
       if (_mm256_testz_si256(zv, zv)) continue;
       const __m256i z_lo = _mm256_and_si256(zv, low), z_hi = _mm256_and_si256(_mm256_srli_epi16(zv, 4), low);
       words[m] = {_mm256_and_si256(sv, low), _mm256_and_si256(_mm256_srli_epi16(sv, 4), low), z_lo, z_hi};
@@ -1930,6 +1954,218 @@ BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t 
         int64_t dots[NB];
         for (int o = 0; o < NB; ++o) dots[o] = d16[o / 4][4 * l + o % 4];
         finish_block(a, n, oc0, nvalid, pix0 + l, dots);
+      }
+    }
+  }
+}
+
+// ---- AVX2, nibble tables with output channels in the lanes (thresholded outputs). The popcount of
+// (s ^ w) & z over 4 input channels (a nibble of s, w and z) depends on w only through its nibble, so for the
+// pixel's (s, z) nibble pair a 16-byte table holds it for all 16 weight nibbles; vpshufb with 32 output
+// channels' weight nibbles as the index then gives those 32 counts in one instruction, added into byte counters
+// that are already per output channel: no xor, no horizontal sums, and the thresholds' compare masks come out
+// in channel order, a packed output word's bit order (the table-lookup GEMM of T-MAC, Wei et al., EuroSys 2025,
+// with the roles of its operands swapped). Per input nibble and 32 output channels: one shuffle and one add,
+// where the short kernel's pixel lanes spend six vector operations per word and channel for 4 pixels, half of
+// which counts inputs against one output channel, plus the byte sums and a shuffle of the compares into bytes.
+// The 256 tables (one per (s, z) nibble pair, index s | z << 4): popcount((s ^ w) & z) for w = 0..15.
+const uint8_t* nibble_pair_tables() {
+  static const std::array<uint8_t, 256 * 16> tables = [] {
+    std::array<uint8_t, 256 * 16> t{};
+    for (int idx = 0; idx < 256; ++idx)
+      for (int w = 0; w < 16; ++w) t[idx * 16 + w] = static_cast<uint8_t>(__builtin_popcount(((idx & 15) ^ w) & (idx >> 4)));
+    return t;
+  }();
+  return tables.data();
+}
+
+// What conv_avx2_lut reads besides the input, made once per layer: per group and output word (64 channels) the
+// weight nibbles of every live input nibble (one holding at least one real input channel, not only the padding
+// of a group's last word), 64 bytes each; per live nibble its place in the block's table-index buffer; per output
+// word the thresholds as 16-bit lanes in the order that unpacking bytes to 16 bits leaves them in (channels
+// 0-7 and 16-23 of each 32, then 8-15 and 24-31: packing back to bytes restores the order), a and b - 1, and the
+// flips as bytes in channel order. Channels past the group's never fire (a = -8192, b - 1 = 8192).
+struct LutWeights {
+  int64_t npos = 0, words_out = 0;  // live nibbles, output words per group
+  std::vector<uint8_t> nibbles;     // [G, words_out, npos, 64]
+  std::vector<int32_t> pos;         // [npos]: 16-bit entries into the index buffer, (i * 2 + h) * 32 + b
+  std::vector<int16_t> thr;         // [G, words_out, 2 chunks, 4 (a lo, a hi, b-1 lo, b-1 hi), 16]
+  std::vector<uint8_t> flips;       // [G, words_out, 64]: 0xff where the sign is the lo side
+};
+
+LutWeights lut_weights(const Geo& g, const int64_t* wts, int64_t kk, const int32_t* thr) {
+  LutWeights lw;
+  lw.words_out = ceil_div(g.Og, 64);
+  for (int64_t i = 0; i < kk; ++i) {  // word i is packed word i % NWg of its tap (conv_impl's offs order)
+    const int64_t first = 64 * (i % g.NWg);
+    for (int64_t q = 0; q < 16; ++q)
+      if (first + 4 * q < g.Cg) lw.pos.push_back(static_cast<int32_t>((i * 2 + (q & 1)) * 32 + (q >> 1)));
+  }
+  lw.npos = static_cast<int64_t>(lw.pos.size());
+  lw.nibbles.assign(g.G * lw.words_out * lw.npos * 64, 0);
+  lw.thr.assign(g.G * lw.words_out * 2 * 4 * 16, 0);
+  lw.flips.assign(g.G * lw.words_out * 64, 0);
+  for (int64_t gi = 0; gi < g.G; ++gi)
+    for (int64_t wo = 0; wo < lw.words_out; ++wo) {
+      const int64_t blk = gi * lw.words_out + wo;
+      uint8_t* nib = lw.nibbles.data() + blk * lw.npos * 64;
+      for (int64_t i = 0, t = 0; i < kk; ++i) {
+        const int64_t first = 64 * (i % g.NWg);
+        for (int64_t q = 0; q < 16; ++q) {
+          if (first + 4 * q >= g.Cg) continue;
+          for (int64_t c = 0; c < 64; ++c) {
+            const int64_t o = wo * 64 + c;
+            if (o >= g.Og) break;
+            const uint64_t w = static_cast<uint64_t>(wts[((gi * g.OBg + o / NB) * kk + i) * NB + o % NB]);
+            nib[t * 64 + c] = static_cast<uint8_t>((w >> (4 * q)) & 15);
+          }
+          ++t;
+        }
+      }
+      int16_t* tv = lw.thr.data() + blk * 2 * 4 * 16;
+      for (int64_t c = 0; c < 64; ++c) {
+        const int64_t o = wo * 64 + c, chunk = c / 32, k = c % 32;
+        // lane of channel k in the unpacked vectors: lo holds k = 0-7, 16-23; hi k = 8-15, 24-31
+        const int64_t half = (k / 8) % 2, lane = (k / 16) * 8 + k % 8;
+        int16_t a = -8192, bm = 8192;
+        if (o < g.Og) {
+          const int32_t* t = thr + 3 * (gi * g.Og + o);
+          a = short_threshold(t[0]);
+          bm = static_cast<int16_t>(short_threshold(t[1]) - 1);
+          if (t[2]) lw.flips[blk * 64 + c] = 0xff;
+        }
+        tv[(chunk * 4 + half) * 16 + lane] = a;
+        tv[(chunk * 4 + 2 + half) * 16 + lane] = bm;
+      }
+    }
+  return lw;
+}
+
+// The bits of NC chunks of 32 output channels (one output word) at P pixels from their byte counters (bytes)
+// and, after folds, their 16-bit sums so far (wide, or null): dot = V - 2 P against the thresholds.
+template <int NC>
+BNN_AVX2 BNN_INLINE void finish_lut_pixel(const __m256i* bytes, const __m256i* wide, int64_t valid, const int16_t* tv,
+                                          const uint8_t* flips, int64_t* word) {
+  const __m256i zero = _mm256_setzero_si256(), v16 = _mm256_set1_epi16(static_cast<int16_t>(valid));
+  uint64_t ms = 0, mz = 0;
+  BNN_UNROLL
+  for (int c = 0; c < NC; ++c) {
+    __m256i lo = _mm256_unpacklo_epi8(bytes[c], zero), hi = _mm256_unpackhi_epi8(bytes[c], zero);
+    if (wide != nullptr) {
+      lo = _mm256_add_epi16(lo, wide[2 * c]);
+      hi = _mm256_add_epi16(hi, wide[2 * c + 1]);
+    }
+    const __m256i dlo = _mm256_sub_epi16(v16, _mm256_add_epi16(lo, lo));
+    const __m256i dhi = _mm256_sub_epi16(v16, _mm256_add_epi16(hi, hi));
+    const __m256i* t = reinterpret_cast<const __m256i*>(tv + c * 4 * 16);
+    const __m256i below = _mm256_packs_epi16(_mm256_cmpgt_epi16(_mm256_loadu_si256(t + 0), dlo),  // dot < a
+                                             _mm256_cmpgt_epi16(_mm256_loadu_si256(t + 1), dhi));
+    const __m256i above = _mm256_packs_epi16(_mm256_cmpgt_epi16(dlo, _mm256_loadu_si256(t + 2)),  // dot >= b
+                                             _mm256_cmpgt_epi16(dhi, _mm256_loadu_si256(t + 3)));
+    const __m256i f = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(flips + 32 * c));
+    ms |= static_cast<uint64_t>(static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_blendv_epi8(above, below, f))))
+          << (32 * c);
+    mz |= static_cast<uint64_t>(static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_or_si256(below, above))))
+          << (32 * c);
+  }
+  word[0] = static_cast<int64_t>(ms);
+  word[1] = static_cast<int64_t>(mz);
+}
+
+// One output word (NC chunks of 32 channels) of a block of 4 pixels: idx holds each pixel's table offsets (in
+// bytes, (s | z << 4) * 16) in the layout of LutWeights::pos, 8 per pixel; nib the word's weight nibbles.
+template <int NC>
+BNN_AVX2 BNN_INLINE void lut_word_avx2(const uint8_t* tables, const uint16_t* idx, const int32_t* pos, int64_t npos, const uint8_t* nib,
+                                       const int64_t* valid, const int16_t* tv, const uint8_t* flips, int nl,
+                                       int64_t* out, int64_t pixel_words) {
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i acc[4][NC];
+  alignas(32) __m256i wide[4][2 * NC];
+  bool folded = false;
+  for (int64_t t0 = 0; t0 < npos; t0 += 63) {  // a byte counter takes at most 4 per nibble: fold every 63
+    const int64_t t1 = std::min<int64_t>(npos, t0 + 63);
+    BNN_UNROLL
+    for (int p = 0; p < 4; ++p)
+      BNN_UNROLL
+      for (int c = 0; c < NC; ++c) acc[p][c] = zero;
+    for (int64_t t = t0; t < t1; ++t) {
+      __m256i w[NC];
+      BNN_UNROLL
+      for (int c = 0; c < NC; ++c) w[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nib + t * 64 + 32 * c));
+      const uint16_t* at = idx + pos[t];
+      BNN_UNROLL
+      for (int p = 0; p < 4; ++p) {
+        const __m256i tab = _mm256_broadcastsi128_si256(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(tables + at[8 * p])));
+        BNN_UNROLL
+        for (int c = 0; c < NC; ++c) acc[p][c] = _mm256_add_epi8(acc[p][c], _mm256_shuffle_epi8(tab, w[c]));
+      }
+    }
+    if (t1 < npos || folded) {
+      BNN_UNROLL
+      for (int p = 0; p < 4; ++p)
+        BNN_UNROLL
+        for (int c = 0; c < NC; ++c) {
+          const __m256i lo = _mm256_unpacklo_epi8(acc[p][c], zero), hi = _mm256_unpackhi_epi8(acc[p][c], zero);
+          wide[p][2 * c] = folded ? _mm256_add_epi16(wide[p][2 * c], lo) : lo;
+          wide[p][2 * c + 1] = folded ? _mm256_add_epi16(wide[p][2 * c + 1], hi) : hi;
+          acc[p][c] = zero;
+        }
+      folded = true;
+    }
+  }
+  BNN_UNROLL
+  for (int p = 0; p < 4; ++p)
+    if (p < nl) finish_lut_pixel<NC>(acc[p], folded ? wide[p] : nullptr, valid[p], tv, flips, out + p * pixel_words);
+}
+
+BNN_AVX2 void conv_avx2_lut(const ConvArgs& a, const LutWeights& lw, int64_t n, int64_t gi, int64_t vb,
+                            int64_t ve) {
+  const Geo& g = *a.g;
+  const int64_t kk = a.kk, npix = g.OH * g.OW;
+  const int64_t* img = a.act + n * g.img_stride + gi * g.NWg * g.word_stride;
+  const int64_t* offs = a.offs;
+  const int64_t pixel_words = a.NWo * 2;
+  const int64_t word0 = gi * g.Og / 64;  // the group's first output word (groups start on a word: conv_impl)
+  const __m256i low = _mm256_set1_epi8(0x0f), high = _mm256_set1_epi8(static_cast<char>(0xf0));
+  const uint8_t* tables = nibble_pair_tables();
+  std::vector<uint16_t> idx_buf(kk * 2 * 4 * 8);
+  uint16_t* idx = idx_buf.data();
+  PixelBlock4 block(img, g, vb);
+  for (int64_t v = vb; v < ve; ++v) {
+    block.next();
+    // each word's table offsets: even nibbles (s & 15) | (z & 15) << 4, odd ones (s >> 4 & 15) | (z & 0xf0), per
+    // byte of the word, times 16 as 16-bit numbers; and the pixels' counts of nonzero inputs
+    __m256i vbytes = _mm256_setzero_si256(), valid = _mm256_setzero_si256();
+    for (int64_t i = 0; i < kk; ++i) {
+      __m256i sv, zv;
+      block.words(offs[i], sv, zv);
+      const __m256i even = _mm256_or_si256(_mm256_and_si256(sv, low), _mm256_slli_epi16(_mm256_and_si256(zv, low), 4));
+      const __m256i odd = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(sv, 4), low), _mm256_and_si256(zv, high));
+      __m256i* dst = reinterpret_cast<__m256i*>(idx + i * 64);
+      _mm256_storeu_si256(dst + 0, _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(even)), 4));
+      _mm256_storeu_si256(dst + 1, _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(even, 1)), 4));
+      _mm256_storeu_si256(dst + 2, _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(odd)), 4));
+      _mm256_storeu_si256(dst + 3, _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(odd, 1)), 4));
+      vbytes = _mm256_add_epi8(vbytes, popcnt_bytes_avx2(zv));
+      if ((i + 1) % 31 == 0 || i + 1 == kk) {
+        valid = _mm256_add_epi64(valid, _mm256_sad_epu8(vbytes, _mm256_setzero_si256()));
+        vbytes = _mm256_setzero_si256();
+      }
+    }
+    alignas(32) int64_t vv[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(vv), valid);
+    int64_t* out = a.bits + (n * npix + block.pix0) * pixel_words;
+    for (int64_t wo = 0; wo < lw.words_out; ++wo) {
+      const int64_t blk = gi * lw.words_out + wo;
+      const uint8_t* nib = lw.nibbles.data() + blk * lw.npos * 64;
+      const int16_t* tv = lw.thr.data() + blk * 2 * 4 * 16;
+      const uint8_t* fl = lw.flips.data() + blk * 64;
+      int64_t* ow_out = out + (word0 + wo) * 2;
+      if (g.Og - 64 * wo > 32) {
+        lut_word_avx2<2>(tables, idx, lw.pos.data(), lw.npos, nib, vv, tv, fl, block.nl, ow_out, pixel_words);
+      } else {
+        lut_word_avx2<1>(tables, idx, lw.pos.data(), lw.npos, nib, vv, tv, fl, block.nl, ow_out, pixel_words);
       }
     }
   }
@@ -2028,6 +2264,26 @@ bool pairs_taps(const Geo& g, int64_t isa) {
          g.DW == 1;
 }
 
+// set_avx2_lut(mode), for A/B timing and tests: 0 never, 1 where it pays (the default), 2 wherever it can run.
+// conv_avx2_lut writes whole output words of thresholded bits (a group's channels must start on a word) for dot
+// products that fit its 16-bit compares (kk <= AVX2_SHORT_WORDS); it reads one tap per word, so a layer it runs
+// is not paired.
+enum LutMode : int64_t { LUT_NEVER = 0, LUT_AUTO = 1, LUT_ALWAYS = 2 };
+std::atomic<int64_t> g_lut_mode{LUT_AUTO};
+
+// Where it pays: measured 1.1-1.9x the short kernel's speed on 1x1, 3x3 and 5x5 convs of 24 to 512 channels
+// (Zen 4, one thread); with 16 outputs or fewer half of each 32-channel lookup is idle and it was level (0.96x).
+bool uses_avx2_lut(const Geo& g, int64_t isa, bool thresholds) {
+  const int64_t mode = g_lut_mode.load();
+  return (mode == LUT_ALWAYS || (mode == LUT_AUTO && g.Og > 16)) && isa == ISA_AVX2 && thresholds &&
+         g.KH * g.KW * g.NWg <= AVX2_SHORT_WORDS && (g.G == 1 || g.Og % 64 == 0);
+}
+
+int64_t set_avx2_lut_op(int64_t mode) {
+  TORCH_CHECK(mode >= LUT_NEVER && mode <= LUT_ALWAYS, "bnnslim runtime: set_avx2_lut takes 0, 1 or 2");
+  return g_lut_mode.exchange(mode);
+}
+
 int64_t set_pair_taps_op(int64_t mode) {
   TORCH_CHECK(mode >= PAIR_NEVER && mode <= PAIR_ALWAYS, "bnnslim runtime: set_pair_taps takes 0, 1 or 2");
   return g_pair_mode.exchange(mode);
@@ -2088,6 +2344,10 @@ struct DerivedWeights {
   std::vector<int64_t> pair_words, wnib[2], wor[2], wpop[2];
   std::vector<int16_t> thr16, thr_blocks;
   std::vector<uint8_t> flip_blocks;
+#if BNN_X86
+  std::once_flag lut_made;
+  LutWeights lut;  // conv_avx2_lut's weight nibbles and thresholds
+#endif
 };
 
 at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& wwords,
@@ -2179,6 +2439,9 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
   }
   if (isa == ISA_AVX2) unit = 4;
   const bool avx2_short = isa == ISA_AVX2 && args.kk <= AVX2_SHORT_WORDS;
+  const bool avx2_lut = !paired && uses_avx2_lut(g, isa, args.thr != nullptr);
+  if (avx2_lut)
+    std::call_once(derived->lut_made, [&] { derived->lut = lut_weights(g, args.wts, args.kk, args.thr); });
 #else
   const bool avx2_short = false;
 #endif
@@ -2202,7 +2465,9 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
           }
           break;
         case ISA_AVX2:
-          if (avx2_short) {
+          if (avx2_lut) {
+            conv_avx2_lut(args, derived->lut, n, gi, vb, ve);
+          } else if (avx2_short) {
             conv_avx2_short(args, n, gi, vb, ve);
           } else {
             conv_avx2(args, n, gi, vb, ve);
@@ -2245,7 +2510,8 @@ at::Tensor binary_conv2d_impl(const at::Tensor& x, const at::Tensor& wwords, con
                               DerivedWeights* derived) {
   isa = resolve_isa(isa);
   const Geo g = make_geo(x, out_channels, kh, kw, stride, padding, dilation, groups);
-  const bool paired = pairs_taps(g, isa);
+  const bool has_thresholds = thresholds.has_value() && thresholds->defined();
+  const bool paired = pairs_taps(g, isa) && !uses_avx2_lut(g, isa, has_thresholds);
   const at::Tensor packed = pack_impl(x, g, in_mask, isa, paired ? 2 : 1);
   // like torch's conv: the output keeps a channels-last input's memory format
   const bool nhwc = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
@@ -2272,7 +2538,8 @@ at::Tensor binary_conv2d_bits_impl(const at::Tensor& bits, int64_t in_channels, 
   TORCH_CHECK(bits.dim() == 5, "bnnslim runtime: packed activations must be int64 [N, H, W, NW, 2]");
   const Geo g = make_geo_dims(bits.size(0), in_channels, bits.size(1), bits.size(2), out_channels, kh, kw, stride,
                               padding, dilation, groups);
-  const bool paired = pairs_taps(g, isa);
+  const bool has_thresholds = thresholds.has_value() && thresholds->defined();
+  const bool paired = pairs_taps(g, isa) && !uses_avx2_lut(g, isa, has_thresholds);
   const at::Tensor packed = pack_from_bits(bits, g, in_mask, paired ? 2 : 1);
   return conv_impl(packed, g, wwords, alpha, bias, counts, /*nhwc=*/true, isa, thresholds, clamp, paired, derived);
 }
@@ -2630,5 +2897,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_small_float", &conv_small_float_op);
   m.def("pooled_linear", &pooled_linear_op);
   m.def("popcount_peak", &popcount_peak_op);
-  m.def("set_pair_taps", &set_pair_taps_op);  // 0 never, 1 where it pays, 2 always; returns the previous mode
+  m.def("set_pair_taps", &set_pair_taps_op);
+  m.def("set_avx2_lut", &set_avx2_lut_op);  // 0 never, 1 where it pays, 2 wherever it can; returns the previous mode  // 0 never, 1 where it pays, 2 always; returns the previous mode
 }
