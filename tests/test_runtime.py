@@ -124,9 +124,11 @@ def check_layer(layer: BinaryConv2d, x: torch.Tensor, force_kernel: bool = False
     assert torch.equal(got, emulated), "kernel and emulation must agree bit for bit"
     assert got.stride() == emulated.stride(), "and on the memory format"
     x_cl = x.contiguous(memory_format=torch.channels_last)  # the runtime's format: other output paths
-    got_cl = packed(x_cl)
     emulated_cl = packed.emulate(x_cl)
-    assert torch.equal(got_cl, emulated_cl) and got_cl.stride() == emulated_cl.stride()
+    for mode in (0, 2):  # AVX2 has two kernels for channels-last outputs: nibble tables (mostly) and pixel lanes
+        with avx2_lut(mode):
+            got_cl = packed(x_cl)
+            assert torch.equal(got_cl, emulated_cl) and got_cl.stride() == emulated_cl.stride()
     # a fused layer's bits output: random per-channel thresholds (a, b, flip) near the typical dot products
     g = torch.Generator().manual_seed(0)
     low = torch.randint(-4, 5, (packed.out_channels,), generator=g)
@@ -134,7 +136,7 @@ def check_layer(layer: BinaryConv2d, x: torch.Tensor, force_kernel: bool = False
                               torch.randint(0, 2, low.shape, generator=g)], dim=1).to(torch.int32)
     packed.out_thresholds = thresholds
     want_bits = apply_thresholds(counts.to(torch.int64), thresholds)
-    for mode in (0, 2):  # AVX2 has two kernels for bits: nibble tables (by default) and pixel lanes
+    for mode in (0, 2):
         with avx2_lut(mode):
             assert torch.equal(packed(x_cl), want_bits)
 

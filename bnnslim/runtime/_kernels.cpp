@@ -2023,7 +2023,7 @@ LutWeights lut_weights(const Geo& g, const int64_t* wts, int64_t kk, const int32
         }
       }
       int16_t* tv = lw.thr.data() + blk * 2 * 4 * 16;
-      for (int64_t c = 0; c < 64; ++c) {
+      for (int64_t c = 0; c < 64 && thr != nullptr; ++c) {
         const int64_t o = wo * 64 + c, chunk = c / 32, k = c % 32;
         // lane of channel k in the unpacked vectors: lo holds k = 0-7, 16-23; hi k = 8-15, 24-31
         const int64_t half = (k / 8) % 2, lane = (k / 16) * 8 + k % 8;
@@ -2041,43 +2041,99 @@ LutWeights lut_weights(const Geo& g, const int64_t* wts, int64_t kk, const int32
   return lw;
 }
 
-// The bits of NC chunks of 32 output channels (one output word) at P pixels from their byte counters (bytes)
-// and, after folds, their 16-bit sums so far (wide, or null): dot = V - 2 P against the thresholds.
-template <int NC>
-BNN_AVX2 BNN_INLINE void finish_lut_pixel(const __m256i* bytes, const __m256i* wide, int64_t valid, const int16_t* tv,
-                                          const uint8_t* flips, int64_t* word) {
-  const __m256i zero = _mm256_setzero_si256(), v16 = _mm256_set1_epi16(static_cast<int16_t>(valid));
-  uint64_t ms = 0, mz = 0;
-  BNN_UNROLL
-  for (int c = 0; c < NC; ++c) {
-    __m256i lo = _mm256_unpacklo_epi8(bytes[c], zero), hi = _mm256_unpackhi_epi8(bytes[c], zero);
-    if (wide != nullptr) {
-      lo = _mm256_add_epi16(lo, wide[2 * c]);
-      hi = _mm256_add_epi16(hi, wide[2 * c + 1]);
-    }
-    const __m256i dlo = _mm256_sub_epi16(v16, _mm256_add_epi16(lo, lo));
-    const __m256i dhi = _mm256_sub_epi16(v16, _mm256_add_epi16(hi, hi));
-    const __m256i* t = reinterpret_cast<const __m256i*>(tv + c * 4 * 16);
-    const __m256i below = _mm256_packs_epi16(_mm256_cmpgt_epi16(_mm256_loadu_si256(t + 0), dlo),  // dot < a
-                                             _mm256_cmpgt_epi16(_mm256_loadu_si256(t + 1), dhi));
-    const __m256i above = _mm256_packs_epi16(_mm256_cmpgt_epi16(dlo, _mm256_loadu_si256(t + 2)),  // dot >= b
-                                             _mm256_cmpgt_epi16(dhi, _mm256_loadu_si256(t + 3)));
-    const __m256i f = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(flips + 32 * c));
-    ms |= static_cast<uint64_t>(static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_blendv_epi8(above, below, f))))
-          << (32 * c);
-    mz |= static_cast<uint64_t>(static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_or_si256(below, above))))
-          << (32 * c);
+// A pixel's 16-bit dot products V - 2 P of chunk c (32 output channels) from its byte counters (bytes) and, after
+// folds, the 16-bit sums so far (wide, or null): channels 0-7 and 16-23 of the chunk in `lo`, 8-15 and 24-31 in
+// `hi` (the order unpacking bytes leaves them in).
+BNN_AVX2 BNN_INLINE void lut_dots(const __m256i* bytes, const __m256i* wide, __m256i v16, int c, __m256i& lo,
+                                  __m256i& hi) {
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i plo = _mm256_unpacklo_epi8(bytes[c], zero), phi = _mm256_unpackhi_epi8(bytes[c], zero);
+  if (wide != nullptr) {
+    plo = _mm256_add_epi16(plo, wide[2 * c]);
+    phi = _mm256_add_epi16(phi, wide[2 * c + 1]);
   }
-  word[0] = static_cast<int64_t>(ms);
-  word[1] = static_cast<int64_t>(mz);
+  lo = _mm256_sub_epi16(v16, _mm256_add_epi16(plo, plo));
+  hi = _mm256_sub_epi16(v16, _mm256_add_epi16(phi, phi));
 }
+
+// conv_avx2_lut's output of one word of 64 channels at pixel p of a block: packed bits by the thresholds (tv and
+// flips as in LutWeights) ...
+struct LutBitsOut {
+  const int16_t* tv;
+  const uint8_t* flips;
+  int64_t* out;  // the word of the block's first pixel
+  int64_t pixel_words;
+
+  template <int NC>
+  BNN_AVX2 BNN_INLINE void finish(int p, const __m256i* bytes, const __m256i* wide, int64_t valid) const {
+    const __m256i v16 = _mm256_set1_epi16(static_cast<int16_t>(valid));
+    uint64_t ms = 0, mz = 0;
+    BNN_UNROLL
+    for (int c = 0; c < NC; ++c) {
+      __m256i dlo, dhi;
+      lut_dots(bytes, wide, v16, c, dlo, dhi);
+      const __m256i* t = reinterpret_cast<const __m256i*>(tv + c * 4 * 16);
+      const __m256i below = _mm256_packs_epi16(_mm256_cmpgt_epi16(_mm256_loadu_si256(t + 0), dlo),  // dot < a
+                                               _mm256_cmpgt_epi16(_mm256_loadu_si256(t + 1), dhi));
+      const __m256i above = _mm256_packs_epi16(_mm256_cmpgt_epi16(dlo, _mm256_loadu_si256(t + 2)),  // dot >= b
+                                               _mm256_cmpgt_epi16(dhi, _mm256_loadu_si256(t + 3)));
+      const __m256i f = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(flips + 32 * c));
+      ms |= static_cast<uint64_t>(static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_blendv_epi8(above, below, f))))
+            << (32 * c);
+      mz |= static_cast<uint64_t>(static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_or_si256(below, above))))
+            << (32 * c);
+    }
+    int64_t* word = out + p * pixel_words;
+    word[0] = static_cast<int64_t>(ms);
+    word[1] = static_cast<int64_t>(mz);
+  }
+};
+
+// ... or channels-last values: float(dot) * alpha + bias (mul then add, as finish_one) or the int32 counts, for
+// the word's nvalid channels from oc0.
+struct LutValuesOut {
+  const float* alpha;  // from channel oc0, or null
+  const float* bias;   // from channel oc0, or null
+  float* out;          // the block's first pixel at channel oc0, or null
+  int32_t* counts;     // the same for counts, or null
+  int64_t pixel_stride;
+  int nvalid;
+
+  template <int NC>
+  BNN_AVX2 BNN_INLINE void finish(int p, const __m256i* bytes, const __m256i* wide, int64_t valid) const {
+    const __m256i v16 = _mm256_set1_epi16(static_cast<int16_t>(valid));
+    BNN_UNROLL
+    for (int c = 0; c < NC; ++c) {
+      __m256i dlo, dhi;
+      lut_dots(bytes, wide, v16, c, dlo, dhi);
+      const __m128i part[4] = {_mm256_castsi256_si128(dlo), _mm256_castsi256_si128(dhi),
+                               _mm256_extracti128_si256(dlo, 1), _mm256_extracti128_si256(dhi, 1)};
+      BNN_UNROLL
+      for (int q = 0; q < 4; ++q) {  // channels 32 c + 8 q .. + 7
+        const int ch = 32 * c + 8 * q;
+        if (ch >= nvalid) break;
+        const __m256i dots = _mm256_cvtepi16_epi32(part[q]);
+        const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(nvalid - ch),
+                                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const int64_t at = p * pixel_stride + ch;
+        if (counts != nullptr) {
+          _mm256_maskstore_epi32(counts + at, lanes, dots);
+          continue;
+        }
+        __m256 y = _mm256_cvtepi32_ps(dots);
+        if (alpha != nullptr) y = _mm256_mul_ps(y, _mm256_maskload_ps(alpha + ch, lanes));
+        if (bias != nullptr) y = _mm256_add_ps(y, _mm256_maskload_ps(bias + ch, lanes));
+        _mm256_maskstore_ps(out + at, lanes, y);
+      }
+    }
+  }
+};
 
 // One output word (NC chunks of 32 channels) of a block of 4 pixels: idx holds each pixel's table offsets (in
 // bytes, (s | z << 4) * 16) in the layout of LutWeights::pos, 8 per pixel; nib the word's weight nibbles.
-template <int NC>
-BNN_AVX2 BNN_INLINE void lut_word_avx2(const uint8_t* tables, const uint16_t* idx, const int32_t* pos, int64_t npos, const uint8_t* nib,
-                                       const int64_t* valid, const int16_t* tv, const uint8_t* flips, int nl,
-                                       int64_t* out, int64_t pixel_words) {
+template <int NC, typename Out>
+BNN_AVX2 BNN_INLINE void lut_word_avx2(const uint8_t* tables, const uint16_t* idx, const int32_t* pos, int64_t npos,
+                                       const uint8_t* nib, const int64_t* valid, int nl, const Out& out) {
   const __m256i zero = _mm256_setzero_si256();
   __m256i acc[4][NC];
   alignas(32) __m256i wide[4][2 * NC];
@@ -2116,7 +2172,19 @@ BNN_AVX2 BNN_INLINE void lut_word_avx2(const uint8_t* tables, const uint16_t* id
   }
   BNN_UNROLL
   for (int p = 0; p < 4; ++p)
-    if (p < nl) finish_lut_pixel<NC>(acc[p], folded ? wide[p] : nullptr, valid[p], tv, flips, out + p * pixel_words);
+    if (p < nl) out.template finish<NC>(p, acc[p], folded ? wide[p] : nullptr, valid[p]);
+}
+
+// One output word of the block, to Out's finish
+template <typename Out>
+BNN_AVX2 BNN_INLINE void lut_word_to(const uint8_t* tables, const uint16_t* idx, const LutWeights& lw, int64_t blk,
+                                     int64_t channels, const int64_t* valid, int nl, const Out& out) {
+  const uint8_t* nib = lw.nibbles.data() + blk * lw.npos * 64;
+  if (channels > 32) {
+    lut_word_avx2<2>(tables, idx, lw.pos.data(), lw.npos, nib, valid, nl, out);
+  } else {
+    lut_word_avx2<1>(tables, idx, lw.pos.data(), lw.npos, nib, valid, nl, out);
+  }
 }
 
 BNN_AVX2 void conv_avx2_lut(const ConvArgs& a, const LutWeights& lw, int64_t n, int64_t gi, int64_t vb,
@@ -2126,7 +2194,6 @@ BNN_AVX2 void conv_avx2_lut(const ConvArgs& a, const LutWeights& lw, int64_t n, 
   const int64_t* img = a.act + n * g.img_stride + gi * g.NWg * g.word_stride;
   const int64_t* offs = a.offs;
   const int64_t pixel_words = a.NWo * 2;
-  const int64_t word0 = gi * g.Og / 64;  // the group's first output word (groups start on a word: conv_impl)
   const __m256i low = _mm256_set1_epi8(0x0f), high = _mm256_set1_epi8(static_cast<char>(0xf0));
   const uint8_t* tables = nibble_pair_tables();
   std::vector<uint16_t> idx_buf(kk * 2 * 4 * 8);
@@ -2155,17 +2222,19 @@ BNN_AVX2 void conv_avx2_lut(const ConvArgs& a, const LutWeights& lw, int64_t n, 
     }
     alignas(32) int64_t vv[4];
     _mm256_store_si256(reinterpret_cast<__m256i*>(vv), valid);
-    int64_t* out = a.bits + (n * npix + block.pix0) * pixel_words;
     for (int64_t wo = 0; wo < lw.words_out; ++wo) {
-      const int64_t blk = gi * lw.words_out + wo;
-      const uint8_t* nib = lw.nibbles.data() + blk * lw.npos * 64;
-      const int16_t* tv = lw.thr.data() + blk * 2 * 4 * 16;
-      const uint8_t* fl = lw.flips.data() + blk * 64;
-      int64_t* ow_out = out + (word0 + wo) * 2;
-      if (g.Og - 64 * wo > 32) {
-        lut_word_avx2<2>(tables, idx, lw.pos.data(), lw.npos, nib, vv, tv, fl, block.nl, ow_out, pixel_words);
+      const int64_t blk = gi * lw.words_out + wo, oc0 = gi * g.Og + 64 * wo;
+      const int64_t channels = std::min<int64_t>(64, g.Og - 64 * wo), pix = n * npix + block.pix0;
+      if (a.bits != nullptr) {
+        const LutBitsOut out{lw.thr.data() + blk * 2 * 4 * 16, lw.flips.data() + blk * 64,
+                             a.bits + pix * pixel_words + (oc0 / 64) * 2, pixel_words};
+        lut_word_to(tables, idx, lw, blk, channels, vv, block.nl, out);
       } else {
-        lut_word_avx2<1>(tables, idx, lw.pos.data(), lw.npos, nib, vv, tv, fl, block.nl, ow_out, pixel_words);
+        const LutValuesOut out{a.alpha == nullptr ? nullptr : a.alpha + oc0, a.bias == nullptr ? nullptr : a.bias + oc0,
+                               a.out == nullptr ? nullptr : a.out + pix * g.O + oc0,
+                               a.counts == nullptr ? nullptr : a.counts + pix * g.O + oc0, g.O,
+                               static_cast<int>(channels)};
+        lut_word_to(tables, idx, lw, blk, channels, vv, block.nl, out);
       }
     }
   }
@@ -2273,9 +2342,9 @@ std::atomic<int64_t> g_lut_mode{LUT_AUTO};
 
 // Where it pays: measured 1.1-1.9x the short kernel's speed on 1x1, 3x3 and 5x5 convs of 24 to 512 channels
 // (Zen 4, one thread); with 16 outputs or fewer half of each 32-channel lookup is idle and it was level (0.96x).
-bool uses_avx2_lut(const Geo& g, int64_t isa, bool thresholds) {
+bool uses_avx2_lut(const Geo& g, int64_t isa, bool channels_last_out) {
   const int64_t mode = g_lut_mode.load();
-  return (mode == LUT_ALWAYS || (mode == LUT_AUTO && g.Og > 16)) && isa == ISA_AVX2 && thresholds &&
+  return (mode == LUT_ALWAYS || (mode == LUT_AUTO && g.Og > 16)) && isa == ISA_AVX2 && channels_last_out &&
          g.KH * g.KW * g.NWg <= AVX2_SHORT_WORDS && (g.G == 1 || g.Og % 64 == 0);
 }
 
@@ -2439,7 +2508,7 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
   }
   if (isa == ISA_AVX2) unit = 4;
   const bool avx2_short = isa == ISA_AVX2 && args.kk <= AVX2_SHORT_WORDS;
-  const bool avx2_lut = !paired && uses_avx2_lut(g, isa, args.thr != nullptr);
+  const bool avx2_lut = !paired && uses_avx2_lut(g, isa, args.thr != nullptr || nhwc);
   if (avx2_lut)
     std::call_once(derived->lut_made, [&] { derived->lut = lut_weights(g, args.wts, args.kk, args.thr); });
 #else
@@ -2510,11 +2579,11 @@ at::Tensor binary_conv2d_impl(const at::Tensor& x, const at::Tensor& wwords, con
                               DerivedWeights* derived) {
   isa = resolve_isa(isa);
   const Geo g = make_geo(x, out_channels, kh, kw, stride, padding, dilation, groups);
-  const bool has_thresholds = thresholds.has_value() && thresholds->defined();
-  const bool paired = pairs_taps(g, isa) && !uses_avx2_lut(g, isa, has_thresholds);
-  const at::Tensor packed = pack_impl(x, g, in_mask, isa, paired ? 2 : 1);
   // like torch's conv: the output keeps a channels-last input's memory format
   const bool nhwc = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  const bool has_thresholds = thresholds.has_value() && thresholds->defined();
+  const bool paired = pairs_taps(g, isa) && !uses_avx2_lut(g, isa, has_thresholds || nhwc);
+  const at::Tensor packed = pack_impl(x, g, in_mask, isa, paired ? 2 : 1);
   return conv_impl(packed, g, wwords, alpha, bias, counts, nhwc, isa, thresholds, clamp, paired, derived);
 }
 
@@ -2538,8 +2607,7 @@ at::Tensor binary_conv2d_bits_impl(const at::Tensor& bits, int64_t in_channels, 
   TORCH_CHECK(bits.dim() == 5, "bnnslim runtime: packed activations must be int64 [N, H, W, NW, 2]");
   const Geo g = make_geo_dims(bits.size(0), in_channels, bits.size(1), bits.size(2), out_channels, kh, kw, stride,
                               padding, dilation, groups);
-  const bool has_thresholds = thresholds.has_value() && thresholds->defined();
-  const bool paired = pairs_taps(g, isa) && !uses_avx2_lut(g, isa, has_thresholds);
+  const bool paired = pairs_taps(g, isa) && !uses_avx2_lut(g, isa, /*channels_last_out=*/true);
   const at::Tensor packed = pack_from_bits(bits, g, in_mask, paired ? 2 : 1);
   return conv_impl(packed, g, wwords, alpha, bias, counts, /*nhwc=*/true, isa, thresholds, clamp, paired, derived);
 }
