@@ -2965,6 +2965,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_small_float", &conv_small_float_op);
   m.def("pooled_linear", &pooled_linear_op);
   m.def("popcount_peak", &popcount_peak_op);
-  m.def("set_pair_taps", &set_pair_taps_op);
-  m.def("set_avx2_lut", &set_avx2_lut_op);  // 0 never, 1 where it pays, 2 wherever it can; returns the previous mode  // 0 never, 1 where it pays, 2 always; returns the previous mode
+  m.def("set_pair_taps", &set_pair_taps_op);  // 0 never, 1 where it pays, 2 always; returns the previous mode
+  m.def("set_avx2_lut", &set_avx2_lut_op);  // 0 never, 1 where it pays, 2 wherever it can; returns the previous mode
 }
