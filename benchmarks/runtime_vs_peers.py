@@ -78,9 +78,15 @@ LIMITS = """## What limits the figures where a target is missed
   a border block as dense (a padding tap's popcount(w) taken off afterwards). Layers with 33-63 input channels
   per group fill part of each 64-bit word and run at that fraction of it; those with at most 32 (ResNet-18's
   first stage at width 0.5, VGG-11's second conv) read two taps of a kernel row from one word
-  (`runtime_paired_taps.md`). 1x1 convs over one or two words per output (NIN's 96 -> 80 and 80 -> 48 at
-  32x32) run at a third of the 3x3 convs' rate: per block of 8 channels the folding of byte counters, the
-  thresholds and the stores cost as much as the popcounts.
+  (`runtime_paired_taps.md`). A conv writing bits or channels-last floats with more than 16 outputs runs a
+  second AVX2 kernel instead, nibble tables with output channels in the lanes: one shuffle and one add per
+  input nibble and 32 output channels, no horizontal sums, compare masks already in the packed bits' order
+  (1.1-1.9x the pixel-lane kernel per layer; 1x1 convs over two words, where the pixel-lane kernel's
+  epilogue cost as much as its popcounts, gain most; NIN and VGG-11 1.2x end to end, ResNet-18 1.08x,
+  `runtime_revisions.md`). It is bound by vector operations (a shuffle, an add and a share of a table
+  broadcast per 32 x 4 bit products) and by the loads of each pixel's tables. With AVX-512 the VPOPCNTDQ
+  kernel stays: in a per-layer A/B on this Zen 4 (not a record) it was 1.5x the nibble tables on 3x3 convs
+  and level on 1x1.
 - Batch 1 on a slow, shared VM: a torch call on a small tensor costs 10-50 us whatever its size (a batch
   norm on 256x2x2 about 35 us, a Hardtanh 11-19 us), so every float layer left between binary convs costs
   about as much as a small binary conv. Batch norms after binary and real convs, the clamp activations after
@@ -99,18 +105,18 @@ LIMITS = """## What limits the figures where a target is missed
   binary conv reading floats and per block, about 1-2 us each.
 - NIN: its real 3->96 5x5 first conv (7.4 M multiply-adds at 32x32) runs at one core's float FMA peak (about
   77 us with AVX-512 and 155 us with AVX2 tiles, `runtime_first_conv.md`: 8 or 16 lanes on 2 FMA units at
-  about 3 GHz); ONNX Runtime int8 runs it with int8 dot products (VNNI on this CPU).
+  about 3 GHz), about 40 % of NIN's time with AVX2; ONNX Runtime int8 runs it with int8 dot products (VNNI
+  on this CPU).
 - ONNX Runtime int8 of the *slim* model is a strong contender: the slim float model is already small and
   int8 dot products (VNNI where the CPU has it) make its convs cheap; against int8 of the original model (what
-  a user without bnnslim would quantize) the packed runtime is faster. With AVX2 the 3x target is out of reach
-  for NIN while its first conv stays real (bnnslim's default and the paper's, and what the exact match with the
-  emulation needs): on a Zen 4 EPYC held to AVX2 (2026-12-04) a third of ORT int8's time is 0.43-0.44 ms, and
-  bnnslim takes 0.44-0.50 ms, of which the first conv takes 0.16 ms at the FMA peak and the binary convs about
-  0.28 ms (the two 1x1 convs at 32x32 0.1 ms of it). The lever left is that first conv in 16-bit integers
-  (vpmaddwd on two taps of a kernel row: 45 instructions for the 75 multiply-adds of a 5x5 tap set over 3
-  channels, about 1.6x the FMA loop) with a float recount of the outputs whose integer result lies within its
-  error bound of the threshold (12-bit inputs and weights keep 75 products in int32 and leave about 0.5-1 % of
-  the outputs to recount, by estimate); estimated, not built: about 0.05 ms of NIN's time.
+  a user without bnnslim would quantize) the packed runtime is faster. NIN with AVX2 is the closest: on a Zen 4
+  EPYC held to AVX2 (2026-12-05) ORT int8 of the slim NIN takes 1.2-1.3 ms and bnnslim 0.37-0.40 ms (0.44-0.50
+  before the nibble-table kernel: 2.7x then), of which the real first conv takes 0.16 ms at the FMA peak. The
+  lever left there is that first conv in 16-bit integers (vpmaddwd on two taps of a kernel row: 45
+  instructions for the 75 multiply-adds of a 5x5 tap set over 3 channels, about 1.6x the FMA loop) with a
+  float recount of the outputs whose integer result lies within its error bound of the threshold (12-bit
+  inputs and weights keep 75 products in int32 and leave about 0.5-1 % of the outputs to recount, by
+  estimate); estimated, not built: about 0.05 ms of NIN's time.
 """
 
 
