@@ -9,6 +9,9 @@ examples end to end: batch 1, one thread, interleaved rounds (the path switched
 between rounds with the kernels' ``set_pair_taps``), each ISA in its own
 process (``BNNSLIM_RUNTIME_ISA``). The runtime pairs taps with the AVX2 and
 scalar kernels only; the AVX-512 rows force pairing on to show why not there.
+AVX2's nibble-table kernel (runtime_avx2_kernels.py), which reads one tap per
+word and runs most layers that write bits or channels-last floats, is switched
+off here (``set_avx2_lut(0)``): the AVX2 rows time the pixel-lane kernel.
 
     python benchmarks/runtime_paired_taps.py       # writes runtime_paired_taps.md beside it
 """
@@ -80,10 +83,11 @@ def measure(rounds: int, inner: int) -> dict[str, object]:
 
     from bnnslim.binary.layers import BinaryConv2d
     from bnnslim.plugins import get_scheme
-    from bnnslim.runtime import kernel_status, set_threads, to_runtime
+    from bnnslim.runtime import build, kernel_status, set_threads, to_runtime
     from bnnslim.runtime.layers import PackedBinaryConv2d
 
     set_threads(1)
+    build.fast_ops().set_avx2_lut(0)  # the pixel-lane kernel, which pairs taps (the docstring)
     torch.manual_seed(0)
     out: dict[str, object] = {"kernel": os.environ.get("BNNSLIM_RUNTIME_ISA") or kernel_status().isa, "layers": {},
                               "networks": {}}

@@ -31,6 +31,7 @@ SMOKE_ARGS: dict[str, list[str]] = {
                               "--inner", "1", "--workdir", "{tmp}/work"],
     "runtime_first_conv.py": ["--rounds", "1", "--inner", "1"],
     "runtime_paired_taps.py": ["--rounds", "1", "--inner", "1"],
+    "runtime_avx2_kernels.py": ["--rounds", "1", "--inner", "1"],
     "runtime_planned_blocks.py": ["--rounds", "1", "--inner", "1"],
     "runtime_popcount_peak.py": ["--rounds", "1"],
     "runtime_torchvision.py": ["--models", "resnet18", "--rounds", "1", "--inner", "1"],

@@ -2113,9 +2113,20 @@ struct LutValuesOut {
         const int ch = 32 * c + 8 * q;
         if (ch >= nvalid) break;
         const __m256i dots = _mm256_cvtepi16_epi32(part[q]);
+        const int64_t at = p * pixel_stride + ch;
+        if (ch + 8 <= nvalid) {  // plain loads and stores (masked stores are slow on AMD cores)
+          if (counts != nullptr) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(counts + at), dots);
+            continue;
+          }
+          __m256 y = _mm256_cvtepi32_ps(dots);
+          if (alpha != nullptr) y = _mm256_mul_ps(y, _mm256_loadu_ps(alpha + ch));
+          if (bias != nullptr) y = _mm256_add_ps(y, _mm256_loadu_ps(bias + ch));
+          _mm256_storeu_ps(out + at, y);
+          continue;
+        }
         const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(nvalid - ch),
                                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        const int64_t at = p * pixel_stride + ch;
         if (counts != nullptr) {
           _mm256_maskstore_epi32(counts + at, lanes, dots);
           continue;
