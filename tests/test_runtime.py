@@ -321,10 +321,17 @@ def test_a_conv_reading_packed_bits_counts_as_on_their_values(geometry: tuple, i
     assert torch.equal(packed.counts(pack_ternary(values)), want)
 
 
-def test_threads_give_the_same_result(kernels: build.KernelStatus) -> None:
+@pytest.mark.parametrize("output", ["floats", "channels_last", "bits"])
+def test_threads_give_the_same_result(output: str, isa: str) -> None:
+    """Work split over threads gives what one thread gives: NCHW floats, channels-last floats and thresholded
+    bits (on AVX2 the last two run the nibble-table kernel)."""
     layer = binary_conv(96, 40, 3, padding=1)
     packed = PackedBinaryConv2d.from_binary_conv(layer)
     x = torch.randn(3, 96, 14, 14)
+    if output != "floats":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if output == "bits":
+        packed.out_thresholds = torch.tensor([[-2, 1, i % 2] for i in range(40)], dtype=torch.int32)
     one = packed(x)
     before = torch.get_num_threads()
     torch.set_num_threads(2)

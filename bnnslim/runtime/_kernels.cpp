@@ -2140,11 +2140,13 @@ struct LutValuesOut {
   }
 };
 
-// One output word (NC chunks of 32 channels) of a block of 4 pixels: idx holds each pixel's table offsets (in
-// bytes, (s | z << 4) * 16) in the layout of LutWeights::pos, 8 per pixel; nib the word's weight nibbles.
+// NC chunks of 32 output channels of a block of 4 pixels: idx holds each pixel's table offsets (in bytes,
+// (s | z << 4) * 16) in the layout of LutWeights::pos, 8 per pixel; chunks 0 and 1 are an output word's (weight
+// nibbles nib0, finished by out0), chunk 2 the next word's (nib1, out1).
 template <int NC, typename Out>
-BNN_AVX2 BNN_INLINE void lut_word_avx2(const uint8_t* tables, const uint16_t* idx, const int32_t* pos, int64_t npos,
-                                       const uint8_t* nib, const int64_t* valid, int nl, const Out& out) {
+BNN_AVX2 BNN_INLINE void lut_chunks_avx2(const uint8_t* tables, const uint16_t* idx, const int32_t* pos, int64_t npos,
+                                         const uint8_t* nib0, const uint8_t* nib1, const int64_t* valid, int nl,
+                                         const Out& out0, const Out& out1) {
   const __m256i zero = _mm256_setzero_si256();
   __m256i acc[4][NC];
   alignas(32) __m256i wide[4][2 * NC];
@@ -2158,7 +2160,8 @@ BNN_AVX2 BNN_INLINE void lut_word_avx2(const uint8_t* tables, const uint16_t* id
     for (int64_t t = t0; t < t1; ++t) {
       __m256i w[NC];
       BNN_UNROLL
-      for (int c = 0; c < NC; ++c) w[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nib + t * 64 + 32 * c));
+      for (int c = 0; c < NC; ++c)
+        w[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>((c < 2 ? nib0 + 32 * c : nib1) + t * 64));
       const uint16_t* at = idx + pos[t];
       BNN_UNROLL
       for (int p = 0; p < 4; ++p) {
@@ -2182,20 +2185,32 @@ BNN_AVX2 BNN_INLINE void lut_word_avx2(const uint8_t* tables, const uint16_t* id
     }
   }
   BNN_UNROLL
-  for (int p = 0; p < 4; ++p)
-    if (p < nl) out.template finish<NC>(p, acc[p], folded ? wide[p] : nullptr, valid[p]);
+  for (int p = 0; p < 4; ++p) {
+    if (p >= nl) break;
+    out0.template finish<(NC < 2 ? NC : 2)>(p, acc[p], folded ? wide[p] : nullptr, valid[p]);
+    if constexpr (NC > 2) out1.template finish<NC - 2>(p, acc[p] + 2, folded ? wide[p] + 4 : nullptr, valid[p]);
+  }
 }
 
-// One output word of the block, to Out's finish
-template <typename Out>
-BNN_AVX2 BNN_INLINE void lut_word_to(const uint8_t* tables, const uint16_t* idx, const LutWeights& lw, int64_t blk,
-                                     int64_t channels, const int64_t* valid, int nl, const Out& out) {
-  const uint8_t* nib = lw.nibbles.data() + blk * lw.npos * 64;
-  if (channels > 32) {
-    lut_word_avx2<2>(tables, idx, lw.pos.data(), lw.npos, nib, valid, nl, out);
-  } else {
-    lut_word_avx2<1>(tables, idx, lw.pos.data(), lw.npos, nib, valid, nl, out);
+// One pass over the block's tables for the output channels from word wo on (`left` of them): one word (1 or 2
+// chunks of 32), or the last two words where they hold at most 96 channels (3 chunks: each pixel's tables are
+// broadcast once for all three, where two passes, 2 + 1 chunks, broadcast them twice). make(w) gives word w's
+// output. Returns the words done.
+template <typename MakeOut>
+BNN_AVX2 BNN_INLINE int64_t lut_pass(const uint8_t* tables, const uint16_t* idx, const LutWeights& lw, int64_t gi,
+                                     int64_t wo, int64_t left, const int64_t* valid, int nl, const MakeOut& make) {
+  const uint8_t* nib = lw.nibbles.data() + (gi * lw.words_out + wo) * lw.npos * 64;
+  const int32_t* pos = lw.pos.data();
+  if (left > 64 && left <= 96) {
+    lut_chunks_avx2<3>(tables, idx, pos, lw.npos, nib, nib + lw.npos * 64, valid, nl, make(wo), make(wo + 1));
+    return 2;
   }
+  if (left > 32) {
+    lut_chunks_avx2<2>(tables, idx, pos, lw.npos, nib, nib, valid, nl, make(wo), make(wo));
+  } else {
+    lut_chunks_avx2<1>(tables, idx, pos, lw.npos, nib, nib, valid, nl, make(wo), make(wo));
+  }
+  return 1;
 }
 
 BNN_AVX2 void conv_avx2_lut(const ConvArgs& a, const LutWeights& lw, int64_t n, int64_t gi, int64_t vb,
@@ -2233,19 +2248,23 @@ BNN_AVX2 void conv_avx2_lut(const ConvArgs& a, const LutWeights& lw, int64_t n, 
     }
     alignas(32) int64_t vv[4];
     _mm256_store_si256(reinterpret_cast<__m256i*>(vv), valid);
-    for (int64_t wo = 0; wo < lw.words_out; ++wo) {
-      const int64_t blk = gi * lw.words_out + wo, oc0 = gi * g.Og + 64 * wo;
-      const int64_t channels = std::min<int64_t>(64, g.Og - 64 * wo), pix = n * npix + block.pix0;
+    const int64_t pix = n * npix + block.pix0;
+    for (int64_t wo = 0; wo < lw.words_out;) {
+      const int64_t left = g.Og - 64 * wo;
       if (a.bits != nullptr) {
-        const LutBitsOut out{lw.thr.data() + blk * 2 * 4 * 16, lw.flips.data() + blk * 64,
-                             a.bits + pix * pixel_words + (oc0 / 64) * 2, pixel_words};
-        lut_word_to(tables, idx, lw, blk, channels, vv, block.nl, out);
+        wo += lut_pass(tables, idx, lw, gi, wo, left, vv, block.nl, [&](int64_t w) {
+          const int64_t blk = gi * lw.words_out + w;
+          return LutBitsOut{lw.thr.data() + blk * 2 * 4 * 16, lw.flips.data() + blk * 64,
+                            a.bits + pix * pixel_words + (gi * g.Og / 64 + w) * 2, pixel_words};
+        });
       } else {
-        const LutValuesOut out{a.alpha == nullptr ? nullptr : a.alpha + oc0, a.bias == nullptr ? nullptr : a.bias + oc0,
-                               a.out == nullptr ? nullptr : a.out + pix * g.O + oc0,
-                               a.counts == nullptr ? nullptr : a.counts + pix * g.O + oc0, g.O,
-                               static_cast<int>(channels)};
-        lut_word_to(tables, idx, lw, blk, channels, vv, block.nl, out);
+        wo += lut_pass(tables, idx, lw, gi, wo, left, vv, block.nl, [&](int64_t w) {
+          const int64_t oc0 = gi * g.Og + 64 * w;
+          return LutValuesOut{a.alpha == nullptr ? nullptr : a.alpha + oc0, a.bias == nullptr ? nullptr : a.bias + oc0,
+                              a.out == nullptr ? nullptr : a.out + pix * g.O + oc0,
+                              a.counts == nullptr ? nullptr : a.counts + pix * g.O + oc0, g.O,
+                              static_cast<int>(std::min<int64_t>(64, g.Og - 64 * w))};
+        });
       }
     }
   }
