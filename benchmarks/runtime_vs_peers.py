@@ -81,9 +81,9 @@ LIMITS = """## What limits the figures where a target is missed
   (`runtime_paired_taps.md`). A conv writing bits or channels-last floats with more than 16 outputs runs a
   second AVX2 kernel instead, nibble tables with output channels in the lanes: one shuffle and one add per
   input nibble and 32 output channels, no horizontal sums, compare masks already in the packed bits' order
-  (1.1-1.9x the pixel-lane kernel per layer; 1x1 convs over two words, where the pixel-lane kernel's
-  epilogue cost as much as its popcounts, gain most; NIN and VGG-11 1.2x end to end, ResNet-18 1.08x,
-  `runtime_revisions.md`). It is bound by vector operations (a shuffle, an add and a share of a table
+  (1.1-1.6x the pixel-lane kernel per layer, 2.8x over 8 input channels, `runtime_avx2_kernels.md`; 1x1
+  convs over two words, where the pixel-lane kernel's epilogue cost as much as its popcounts, gain most; the
+  three examples 1.2x end to end, `runtime_revisions.md`). It is bound by vector operations (a shuffle, an add and a share of a table
   broadcast per 32 x 4 bit products) and by the loads of each pixel's tables. With AVX-512 the VPOPCNTDQ
   kernel stays: in a per-layer A/B on this Zen 4 (not a record) it was 1.5x the nibble tables on 3x3 convs
   and level on 1x1.
