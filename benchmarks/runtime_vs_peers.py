@@ -83,10 +83,10 @@ LIMITS = """## What limits the figures where a target is missed
   input nibble and 32 output channels, no horizontal sums, compare masks already in the packed bits' order
   (1.1-1.6x the pixel-lane kernel per layer, 2.8x over 8 input channels, `runtime_avx2_kernels.md`; 1x1
   convs over two words, where the pixel-lane kernel's epilogue cost as much as its popcounts, gain most; the
-  three examples 1.2x end to end, `runtime_revisions.md`). It is bound by vector operations (a shuffle, an add and a share of a table
-  broadcast per 32 x 4 bit products) and by the loads of each pixel's tables. With AVX-512 the VPOPCNTDQ
-  kernel stays: in a per-layer A/B on this Zen 4 (not a record) it was 1.5x the nibble tables on 3x3 convs
-  and level on 1x1.
+  three examples 1.2x end to end, `runtime_revisions.md`). It is bound by vector operations (a shuffle, an
+  add and a share of a table broadcast per 32 x 4 bit products) and by the loads of each pixel's tables.
+  With AVX-512 the VPOPCNTDQ kernel stays: in a per-layer A/B on this Zen 4 (not a record) it was 1.5x the
+  nibble tables on 3x3 convs and level on 1x1.
 - Batch 1 on a slow, shared VM: a torch call on a small tensor costs 10-50 us whatever its size (a batch
   norm on 256x2x2 about 35 us, a Hardtanh 11-19 us), so every float layer left between binary convs costs
   about as much as a small binary conv. Batch norms after binary and real convs, the clamp activations after
