@@ -1959,15 +1959,15 @@ BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t 
   }
 }
 
-// ---- AVX2, nibble tables with output channels in the lanes (outputs as bits or channels-last values). The
-// count popcount((s ^ w) & z) over 4 input channels (a nibble of s, w and z) depends on w only through its
-// nibble, so for the pixel's (s, z) nibble pair a 16-byte table holds it for all 16 weight nibbles; vpshufb with
-// 32 output channels' weight nibbles as the index gives those 32 counts in one instruction, added into byte
-// counters that are already per output channel: no xor, no horizontal sums, and the thresholds' compare masks
-// come out in channel order, a packed output word's bit order (the table lookups of T-MAC, Wei et al., EuroSys
-// 2025, with the roles of activations and weights swapped). Per input nibble and 32 output channels: one
-// shuffle and one add (and a share of the table's broadcast); conv_avx2_short spends as many shuffles on the
-// same bits, with an xor more for each, then byte sums per pixel and a shuffle of the compares into bytes.
+// ---- AVX2, nibble tables with output channels in the lanes (thresholded outputs). The popcount of
+// (s ^ w) & z over 4 input channels (a nibble of s, w and z) depends on w only through its nibble, so for the
+// pixel's (s, z) nibble pair a 16-byte table holds it for all 16 weight nibbles; vpshufb with 32 output
+// channels' weight nibbles as the index then gives those 32 counts in one instruction, added into byte counters
+// that are already per output channel: no xor, no horizontal sums, and the thresholds' compare masks come out
+// in channel order, a packed output word's bit order (the table-lookup GEMM of T-MAC, Wei et al., EuroSys 2025,
+// with the roles of its operands swapped). Per input nibble and 32 output channels: one shuffle and one add,
+// where the short kernel's pixel lanes spend six vector operations per word and channel for 4 pixels, half of
+// which counts inputs against one output channel, plus the byte sums and a shuffle of the compares into bytes.
 // The 256 tables (one per (s, z) nibble pair, index s | z << 4): popcount((s ^ w) & z) for w = 0..15.
 const uint8_t* nibble_pair_tables() {
   static const std::array<uint8_t, 256 * 16> tables = [] {
@@ -1991,12 +1991,6 @@ struct LutWeights {
   std::vector<int32_t> pos;         // [npos]: 16-bit entries into the index buffer, (i * 2 + h) * 32 + b
   std::vector<int16_t> thr;         // [G, words_out, 2 chunks, 4 (a lo, a hi, b-1 lo, b-1 hi), 16]
   std::vector<uint8_t> flips;       // [G, words_out, 64]: 0xff where the sign is the lo side
-  // For a dense pixel (every input nonzero: V = vfull) whose counts fit the byte counters (npos <= 63), the
-  // thresholds on the counts P themselves: lo (dot < a) <=> P >= A1, hi (dot >= b) <=> P < B1, with
-  // A1 = floor((vfull - a) / 2) + 1 and B1 = floor((vfull - b) / 2) + 1 clamped to bytes (P <= 252)
-  int64_t vfull = 0;
-  std::vector<uint8_t> thr8;        // [G, words_out, 2 chunks, 2 (A1, B1), 32]
-  std::vector<uint64_t> flip_bits;  // [G, words_out]: the flips as a word's bits
 };
 
 LutWeights lut_weights(const Geo& g, const int64_t* wts, int64_t kk, const int32_t* thr) {
@@ -2011,12 +2005,6 @@ LutWeights lut_weights(const Geo& g, const int64_t* wts, int64_t kk, const int32
   lw.nibbles.assign(g.G * lw.words_out * lw.npos * 64, 0);
   lw.thr.assign(g.G * lw.words_out * 2 * 4 * 16, 0);
   lw.flips.assign(g.G * lw.words_out * 64, 0);
-  lw.vfull = g.KH * g.KW * g.Cg;
-  lw.thr8.assign(g.G * lw.words_out * 2 * 2 * 32, 0);
-  lw.flip_bits.assign(g.G * lw.words_out, 0);
-  const auto count_threshold = [&](int64_t t) {  // floor((vfull - t) / 2) + 1 as a byte
-    return static_cast<uint8_t>(std::min<int64_t>(255, std::max<int64_t>(0, ((lw.vfull - t) >> 1) + 1)));
-  };
   for (int64_t gi = 0; gi < g.G; ++gi)
     for (int64_t wo = 0; wo < lw.words_out; ++wo) {
       const int64_t blk = gi * lw.words_out + wo;
@@ -2040,22 +2028,14 @@ LutWeights lut_weights(const Geo& g, const int64_t* wts, int64_t kk, const int32
         // lane of channel k in the unpacked vectors: lo holds k = 0-7, 16-23; hi k = 8-15, 24-31
         const int64_t half = (k / 8) % 2, lane = (k / 16) * 8 + k % 8;
         int16_t a = -8192, bm = 8192;
-        uint8_t a1 = 255, b1 = 0;  // never lo, never hi
         if (o < g.Og) {
           const int32_t* t = thr + 3 * (gi * g.Og + o);
           a = short_threshold(t[0]);
           bm = static_cast<int16_t>(short_threshold(t[1]) - 1);
-          a1 = count_threshold(t[0]);
-          b1 = count_threshold(t[1]);
-          if (t[2]) {
-            lw.flips[blk * 64 + c] = 0xff;
-            lw.flip_bits[blk] |= uint64_t{1} << c;
-          }
+          if (t[2]) lw.flips[blk * 64 + c] = 0xff;
         }
         tv[(chunk * 4 + half) * 16 + lane] = a;
         tv[(chunk * 4 + 2 + half) * 16 + lane] = bm;
-        lw.thr8[(blk * 2 + chunk) * 64 + k] = a1;
-        lw.thr8[(blk * 2 + chunk) * 64 + 32 + k] = b1;
       }
     }
   return lw;
@@ -2083,31 +2063,9 @@ struct LutBitsOut {
   const uint8_t* flips;
   int64_t* out;  // the word of the block's first pixel
   int64_t pixel_words;
-  const uint8_t* thr8;  // LutWeights::thr8 of the word
-  uint64_t flip_bits;
-  int64_t vfull;
 
   template <int NC>
   BNN_AVX2 BNN_INLINE void finish(int p, const __m256i* bytes, const __m256i* wide, int64_t valid) const {
-    int64_t* word = out + p * pixel_words;
-    if (wide == nullptr && valid == vfull) {  // compare the byte counters themselves (unsigned: max(P, X) == P)
-      uint64_t lo = 0, not_hi = 0;
-      BNN_UNROLL
-      for (int c = 0; c < NC; ++c) {
-        const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(thr8 + 64 * c));
-        const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(thr8 + 64 * c + 32));
-        lo |= static_cast<uint64_t>(static_cast<uint32_t>(
-                  _mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_max_epu8(bytes[c], a1), bytes[c]))))
-              << (32 * c);
-        not_hi |= static_cast<uint64_t>(static_cast<uint32_t>(
-                      _mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_max_epu8(bytes[c], b1), bytes[c]))))
-                  << (32 * c);
-      }
-      const uint64_t hi = ~not_hi & (NC == 2 ? ~uint64_t{0} : uint64_t{0xffffffff});
-      word[0] = static_cast<int64_t>((flip_bits & lo) | (~flip_bits & hi));
-      word[1] = static_cast<int64_t>(lo | hi);
-      return;
-    }
     const __m256i v16 = _mm256_set1_epi16(static_cast<int16_t>(valid));
     uint64_t ms = 0, mz = 0;
     BNN_UNROLL
@@ -2125,6 +2083,7 @@ struct LutBitsOut {
       mz |= static_cast<uint64_t>(static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_or_si256(below, above))))
             << (32 * c);
     }
+    int64_t* word = out + p * pixel_words;
     word[0] = static_cast<int64_t>(ms);
     word[1] = static_cast<int64_t>(mz);
   }
@@ -2296,8 +2255,7 @@ BNN_AVX2 void conv_avx2_lut(const ConvArgs& a, const LutWeights& lw, int64_t n, 
         wo += lut_pass(tables, idx, lw, gi, wo, left, vv, block.nl, [&](int64_t w) {
           const int64_t blk = gi * lw.words_out + w;
           return LutBitsOut{lw.thr.data() + blk * 2 * 4 * 16, lw.flips.data() + blk * 64,
-                            a.bits + pix * pixel_words + (gi * g.Og / 64 + w) * 2, pixel_words,
-                            lw.thr8.data() + blk * 2 * 64, lw.flip_bits[blk], lw.vfull};
+                            a.bits + pix * pixel_words + (gi * g.Og / 64 + w) * 2, pixel_words};
         });
       } else {
         wo += lut_pass(tables, idx, lw, gi, wo, left, vv, block.nl, [&](int64_t w) {
