@@ -1959,15 +1959,15 @@ BNN_AVX2 void conv_avx2_short(const ConvArgs& a, int64_t n, int64_t gi, int64_t 
   }
 }
 
-// ---- AVX2, nibble tables with output channels in the lanes (thresholded outputs). The popcount of
-// (s ^ w) & z over 4 input channels (a nibble of s, w and z) depends on w only through its nibble, so for the
-// pixel's (s, z) nibble pair a 16-byte table holds it for all 16 weight nibbles; vpshufb with 32 output
-// channels' weight nibbles as the index then gives those 32 counts in one instruction, added into byte counters
-// that are already per output channel: no xor, no horizontal sums, and the thresholds' compare masks come out
-// in channel order, a packed output word's bit order (the table-lookup GEMM of T-MAC, Wei et al., EuroSys 2025,
-// with the roles of its operands swapped). Per input nibble and 32 output channels: one shuffle and one add,
-// where the short kernel's pixel lanes spend six vector operations per word and channel for 4 pixels, half of
-// which counts inputs against one output channel, plus the byte sums and a shuffle of the compares into bytes.
+// ---- AVX2, nibble tables with output channels in the lanes (outputs as bits or channels-last values). The
+// count popcount((s ^ w) & z) over 4 input channels (a nibble of s, w and z) depends on w only through its
+// nibble, so for the pixel's (s, z) nibble pair a 16-byte table holds it for all 16 weight nibbles; vpshufb with
+// 32 output channels' weight nibbles as the index gives those 32 counts in one instruction, added into byte
+// counters that are already per output channel: no xor, no horizontal sums, and the thresholds' compare masks
+// come out in channel order, a packed output word's bit order (the table lookups of T-MAC, Wei et al., EuroSys
+// 2025, with the roles of activations and weights swapped). Per input nibble and 32 output channels: one
+// shuffle and one add (and a share of the table's broadcast); conv_avx2_short spends as many shuffles on the
+// same bits, with an xor more for each, then byte sums per pixel and a shuffle of the compares into bytes.
 // The 256 tables (one per (s, z) nibble pair, index s | z << 4): popcount((s ^ w) & z) for w = 0..15.
 const uint8_t* nibble_pair_tables() {
   static const std::array<uint8_t, 256 * 16> tables = [] {
