@@ -2222,8 +2222,7 @@ BNN_AVX2 void conv_avx2_lut(const ConvArgs& a, const LutWeights& lw, int64_t n, 
   const int64_t pixel_words = a.NWo * 2;
   const __m256i low = _mm256_set1_epi8(0x0f), high = _mm256_set1_epi8(static_cast<char>(0xf0));
   const uint8_t* tables = nibble_pair_tables();
-  std::vector<uint16_t> idx_buf(kk * 2 * 4 * 8);
-  uint16_t* idx = idx_buf.data();
+  uint16_t idx[AVX2_SHORT_WORDS * 2 * 4 * 8];  // per word: 2 halves x 4 pixels x 8 bytes (uses_avx2_lut: kk fits)
   PixelBlock4 block(img, g, vb);
   for (int64_t v = vb; v < ve; ++v) {
     block.next();
@@ -2364,18 +2363,23 @@ bool pairs_taps(const Geo& g, int64_t isa) {
 }
 
 // set_avx2_lut(mode), for A/B timing and tests: 0 never, 1 where it pays (the default), 2 wherever it can run.
-// conv_avx2_lut writes whole output words of thresholded bits (a group's channels must start on a word) for dot
-// products that fit its 16-bit compares (kk <= AVX2_SHORT_WORDS); it reads one tap per word, so a layer it runs
-// is not paired.
+// conv_avx2_lut writes whole output words of thresholded bits or channels-last values (a group's channels must
+// start on a word) for dot products that fit its 16-bit compares (kk <= AVX2_SHORT_WORDS); it reads one tap per
+// word, so a layer it runs is not paired.
 enum LutMode : int64_t { LUT_NEVER = 0, LUT_AUTO = 1, LUT_ALWAYS = 2 };
 std::atomic<int64_t> g_lut_mode{LUT_AUTO};
 
-// Where it pays: measured 1.1-1.9x the short kernel's speed on 1x1, 3x3 and 5x5 convs of 24 to 512 channels
-// (Zen 4, one thread); with 16 outputs or fewer half of each 32-channel lookup is idle and it was level (0.96x).
+// Where it pays: 1.15-1.6x the pixel-lane kernel on 1x1, 3x3 and 5x5 convs of 32 to 256 outputs, 2.9x over 8
+// input channels (benchmarks/runtime_avx2_kernels.md, Zen 4); with 16 outputs or fewer half of each 32-channel
+// lookup is idle and it was level (0.98x).
 bool uses_avx2_lut(const Geo& g, int64_t isa, bool channels_last_out) {
+#if BNN_X86
   const int64_t mode = g_lut_mode.load();
   return (mode == LUT_ALWAYS || (mode == LUT_AUTO && g.Og > 16)) && isa == ISA_AVX2 && channels_last_out &&
          g.KH * g.KW * g.NWg <= AVX2_SHORT_WORDS && (g.G == 1 || g.Og % 64 == 0);
+#else
+  return false;  // the portable build has no AVX2 kernels
+#endif
 }
 
 int64_t set_avx2_lut_op(int64_t mode) {
@@ -2508,7 +2512,13 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
     }
   }
 #if BNN_X86
-  if (isa == ISA_AVX2 && args.kk <= AVX2_SHORT_WORDS) {
+  // AVX2 dot products of up to AVX2_SHORT_WORDS run on blocks of 4 pixels: on the nibble tables where they run,
+  // else on the pixel lanes (conv_avx2_short); each kernel derives its weights and thresholds once per layer
+  const bool avx2_short = isa == ISA_AVX2 && args.kk <= AVX2_SHORT_WORDS;
+  const bool avx2_lut = !paired && uses_avx2_lut(g, isa, args.thr != nullptr || nhwc);
+  if (avx2_lut) {
+    std::call_once(derived->lut_made, [&] { derived->lut = lut_weights(g, args.wts, args.kk, args.thr); });
+  } else if (avx2_short) {
     if (args.thr != nullptr) {
       std::call_once(derived->thr16_made, [&] { derived->thr16 = short_thresholds(g, args.thr); });
       args.thr16 = derived->thr16.data();
@@ -2537,10 +2547,6 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
     }
   }
   if (isa == ISA_AVX2) unit = 4;
-  const bool avx2_short = isa == ISA_AVX2 && args.kk <= AVX2_SHORT_WORDS;
-  const bool avx2_lut = !paired && uses_avx2_lut(g, isa, args.thr != nullptr || nhwc);
-  if (avx2_lut)
-    std::call_once(derived->lut_made, [&] { derived->lut = lut_weights(g, args.wts, args.kk, args.thr); });
 #else
   const bool avx2_short = false;
 #endif
