@@ -321,6 +321,24 @@ def test_a_conv_reading_packed_bits_counts_as_on_their_values(geometry: tuple, i
     assert torch.equal(packed.counts(pack_ternary(values)), want)
 
 
+@pytest.mark.slow
+def test_the_portable_kernels_compile() -> None:
+    """On a CPU that is not x86 (ARM: Graviton, Apple silicon) the kernels build their portable path only: with
+    BNN_PORTABLE defined the source must still compile (the x86-only kernels, constants and choices left out)."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
+    done = subprocess.run([compiler, "-fsyntax-only", "-std=c++20", "-DBNN_PORTABLE",
+                           "-DTORCH_EXTENSION_NAME=bnnslim_rt_portable", *includes, str(build.SOURCE)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.parametrize("output", ["floats", "channels_last", "bits"])
 def test_threads_give_the_same_result(output: str, isa: str) -> None:
     """Work split over threads gives what one thread gives: NCHW floats, channels-last floats and thresholded

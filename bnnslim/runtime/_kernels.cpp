@@ -48,8 +48,9 @@
 #include <vector>
 
 // The SIMD paths use GCC/Clang target attributes and CPU builtins; other
-// compilers (MSVC) build the portable scalar path only.
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+// compilers (MSVC), other CPUs and builds with BNN_PORTABLE defined (a test checks that it compiles) build the
+// portable scalar path only.
+#if !defined(BNN_PORTABLE) && (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define BNN_X86 1
 #include <immintrin.h>
 #else
@@ -2533,9 +2534,9 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
 #endif
   // Work items: (image, group, range of pixel vectors); each covers all output
   // channels of its group so its packed rows stay in L1 while weights stream.
+#if BNN_X86
   int64_t unit = 1;  // pixels per work unit
   bool channel_lanes = false;
-#if BNN_X86
   if (isa == ISA_AVX512) {
     channel_lanes = use_channel_lanes(g);
     unit = channel_lanes ? 1 : 8;
@@ -2547,11 +2548,11 @@ at::Tensor conv_impl(const at::Tensor& packed, const Geo& g, const at::Tensor& w
     }
   }
   if (isa == ISA_AVX2) unit = 4;
-#else
-  const bool avx2_short = false;
-#endif
   const int64_t nvec = avx2_short ? avx2_short_blocks(g) : g.OH * ceil_div(g.OW, unit);
   const int64_t chunk = std::min<int64_t>(nvec, channel_lanes ? 2 * NPCH : 2 * NP512);
+#else
+  const int64_t nvec = g.OH * g.OW, chunk = std::min<int64_t>(nvec, 4);  // the portable kernel: pixel by pixel
+#endif
   const int64_t items_per_img = ceil_div(nvec, chunk);
   const int64_t total = g.N * g.G * items_per_img;
   at::parallel_for(0, total, 1, [&](int64_t b, int64_t e) {
