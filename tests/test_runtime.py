@@ -98,7 +98,8 @@ def reference_counts(layer: BinaryConv2d, x: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def avx2_lut(mode: int) -> Iterator[None]:
-    """AVX2's kernel for thresholded bits within the block: 0 pixel lanes, 2 nibble tables wherever they run."""
+    """AVX2's kernel for bits and channels-last outputs within the block: 0 pixel lanes, 2 nibble tables wherever
+    they run."""
     ops = build.fast_ops()
     was = ops.set_avx2_lut(mode)
     try:
